@@ -1,0 +1,187 @@
+//! The audit (KVM's `mmu_audit.c`): checks, at a quiescent point, every invariant that
+//! ties the tables, the reverse maps, the parent links and the counters together.
+//!
+//! Checked:
+//! - every present leaf SPTE has exactly one reverse-map entry, and every reverse-map
+//!   entry names a present leaf of its level mapping its gfn;
+//! - every reverse map is well formed (descriptor counts, tail counts, no duplicates);
+//! - every present non-leaf SPTE points at the page recorded as its child, whose
+//!   `parent_ptes` names it, whose level is one below and whose gfn matches; every
+//!   `parent_ptes` entry names such an SPTE;
+//! - each page's present and MMIO counters match its table;
+//! - no present leaf maps a gfn outside the memslots; no writable SPTE in a READONLY slot;
+//!   no huge leaf in a slot that logs dirty pages; every leaf's pfn is aligned to its level;
+//! - no page is waiting for a flush (the audit runs at quiescent points);
+//! - the descriptor pool's in-use count equals the descriptors the heads hold.
+
+use alloc::format;
+use alloc::string::String;
+use core::fmt;
+
+use crate::memslot::Memslots;
+use crate::rmap::{self, SpteRef};
+use crate::shadow::ShadowMmu;
+use crate::table::TableAllocator;
+use crate::types::{Level, SPTE_ENT_PER_PAGE};
+
+/// What the audit looked at.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AuditReport {
+    /// Shadow pages checked.
+    pub pages: usize,
+    /// Present leaf SPTEs.
+    pub leaves: usize,
+    /// Present non-leaf SPTEs.
+    pub nonleaves: usize,
+    /// MMIO SPTEs.
+    pub mmio: usize,
+    /// Reverse-map entries.
+    pub rmap_entries: usize,
+}
+
+/// A broken invariant, with a description precise enough to debug from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AuditError(pub String);
+
+impl fmt::Display for AuditError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MMU audit failed: {}", self.0)
+    }
+}
+
+macro_rules! ensure {
+    ($cond:expr, $($arg:tt)*) => {
+        if !$cond {
+            return Err(AuditError(format!($($arg)*)));
+        }
+    };
+}
+
+/// Check every invariant of `mmu` against `slots`.
+pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<AuditReport, AuditError> {
+    let mut rep = AuditReport::default();
+    let pages = mmu.pages();
+    let pool = mmu.pool();
+    ensure!(mmu.invalid_pages() == 0, "{} pages wait for a flush at a quiescent point", mmu.invalid_pages());
+
+    for (id, sp) in pages.iter() {
+        rep.pages += 1;
+        let level = sp.role.level();
+        let (mut present, mut mmio) = (0u32, 0u32);
+        for i in 0..SPTE_ENT_PER_PAGE {
+            let spte = sp.table().get(i);
+            let sref = SpteRef::new(id, i);
+            if spte.is_mmio() {
+                mmio += 1;
+                ensure!(level == Level::L4K, "MMIO SPTE {sref:?} above 4K");
+                ensure!(sp.child(i) == 0, "MMIO SPTE {sref:?} has a child recorded");
+                continue;
+            }
+            if !spte.is_shadow_present() {
+                ensure!(spte.0 == 0, "non-present SPTE {sref:?} is not zero: {spte:?}");
+                ensure!(sp.child(i) == 0, "empty SPTE {sref:?} has a child recorded");
+                continue;
+            }
+            present += 1;
+            let gfn = sp.gfn_at(i);
+            if spte.is_leaf(level) {
+                rep.leaves += 1;
+                ensure!(level <= Level::L1G, "leaf {sref:?} at level {level:?}");
+                ensure!(sp.child(i) == 0, "leaf {sref:?} has a child recorded");
+                ensure!(
+                    spte.pfn().0 % level.pages() == 0,
+                    "leaf {sref:?} pfn {:?} not aligned to {}",
+                    spte.pfn(),
+                    level.name()
+                );
+                let slot = slots.lookup(gfn);
+                ensure!(slot.is_some(), "leaf {sref:?} maps gfn {gfn:?} outside every memslot");
+                let slot = slot.expect("checked");
+                ensure!(
+                    slot.contains(crate::types::Gfn(gfn.0 + level.pages() - 1)),
+                    "leaf {sref:?} ({}) at gfn {gfn:?} extends past memslot {}",
+                    level.name(),
+                    slot.id
+                );
+                ensure!(
+                    !(slot.is_readonly() && spte.is_writable()),
+                    "writable leaf {sref:?} in READONLY memslot {}",
+                    slot.id
+                );
+                ensure!(
+                    !(slot.is_logging() && level > Level::L4K),
+                    "huge leaf {sref:?} in memslot {} while dirty logging",
+                    slot.id
+                );
+                let n = rmap::iter(slot.rmap_head(gfn, level), pool)
+                    .filter(|&r| r == sref)
+                    .count();
+                ensure!(n == 1, "leaf {sref:?} appears {n} times in the rmap of gfn {gfn:?}");
+            } else {
+                rep.nonleaves += 1;
+                let child = sp.child(i);
+                let csp = pages.try_get(child);
+                ensure!(csp.is_some(), "non-leaf {sref:?} has no child page (id {child})");
+                let csp = csp.expect("checked");
+                ensure!(csp.frame == spte.pfn(), "non-leaf {sref:?} frame differs from child {child}");
+                ensure!(Some(csp.role.level()) == level.below(), "child {child} of {sref:?} has the wrong level");
+                ensure!(csp.gfn == gfn, "child {child} of {sref:?} has gfn {:?}, expected {gfn:?}", csp.gfn);
+                ensure!(
+                    rmap::iter(csp.parent_ptes, pool).any(|p| p == sref),
+                    "child {child} does not list parent {sref:?}"
+                );
+            }
+        }
+        ensure!(present == sp.present as u32, "page {id}: present count {} but {present} present", sp.present);
+        ensure!(mmio == sp.mmio as u32, "page {id}: mmio count {} but {mmio} MMIO", sp.mmio);
+        rmap::check(sp.parent_ptes, pool).map_err(|e| AuditError(format!("page {id} parent_ptes: {e}")))?;
+        for p in rmap::iter(sp.parent_ptes, pool) {
+            let parent = pages.try_get(p.table_id());
+            ensure!(parent.is_some(), "page {id} names a missing parent {p:?}");
+            ensure!(parent.expect("checked").child(p.index()) == id, "parent {p:?} does not point at page {id}");
+        }
+        if id == mmu.root_id() {
+            ensure!(sp.parent_ptes.is_empty(), "the root has parents");
+        } else {
+            ensure!(!sp.parent_ptes.is_empty(), "page {id} is unreachable but not zapped");
+        }
+    }
+
+    let mut descs = 0;
+    for slot in slots.iter() {
+        for level in Level::LEAF_LEVELS {
+            let shift = level.gfn_shift();
+            for (k, &head) in slot.rmaps(level).iter().enumerate() {
+                let n = rmap::check(head, pool)
+                    .map_err(|e| AuditError(format!("slot {} rmap {} #{k}: {e}", slot.id, level.name())))?;
+                descs += rmap::desc_count(head, pool);
+                let gfn = crate::types::Gfn(((slot.base_gfn.0 >> shift) + k as u64) << shift);
+                for sref in rmap::iter(head, pool) {
+                    let sp = pages.try_get(sref.table_id());
+                    ensure!(sp.is_some(), "rmap entry {sref:?} names a missing page");
+                    let sp = sp.expect("checked");
+                    let spte = sp.table().get(sref.index());
+                    ensure!(
+                        spte.is_shadow_present() && spte.is_leaf(level) && sp.role.level() == level,
+                        "rmap entry {sref:?} for gfn {gfn:?} is not a present {} leaf: {spte:?}",
+                        level.name()
+                    );
+                    ensure!(sp.gfn_at(sref.index()) == gfn, "rmap entry {sref:?} maps another gfn");
+                }
+                rep.rmap_entries += n;
+            }
+        }
+    }
+    ensure!(
+        rep.rmap_entries == rep.leaves,
+        "{} rmap entries for {} present leaves",
+        rep.rmap_entries,
+        rep.leaves
+    );
+    for (_, sp) in pages.iter() {
+        descs += rmap::desc_count(sp.parent_ptes, pool);
+    }
+    ensure!(descs == pool.in_use(), "pool has {} descriptors in use, heads hold {descs}", pool.in_use());
+    rep.mmio = pages.iter().map(|(_, p)| p.mmio as usize).sum();
+    Ok(rep)
+}

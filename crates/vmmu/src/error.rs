@@ -1,0 +1,169 @@
+//! Every error the public API returns, in one enum.
+//!
+//! An operation that returns an error has changed nothing: inputs are validated before
+//! any state is touched.
+
+use core::fmt;
+
+use crate::types::{Gpa, Hva};
+
+/// An error from the vmmu public API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Error {
+    /// The slot id is outside the id space.
+    InvalidSlotId {
+        /// The id given.
+        slot: u32,
+        /// Ids must be below this.
+        limit: u32,
+    },
+    /// Flags other than LOG_DIRTY_PAGES and READONLY were given.
+    InvalidFlags(u32),
+    /// guest_phys_addr is not 4 KiB-aligned.
+    UnalignedGuestPhysAddr(u64),
+    /// memory_size is not a multiple of 4 KiB.
+    UnalignedSize(u64),
+    /// userspace_addr is not 4 KiB-aligned.
+    UnalignedUserspaceAddr(u64),
+    /// A slot was created with memory_size 0 (0 means delete, and the slot does not exist).
+    ZeroSize {
+        /// The slot id.
+        slot: u32,
+    },
+    /// guest_phys_addr + memory_size (or userspace_addr + memory_size) overflows.
+    AddressOverflow,
+    /// The region ends beyond the configured guest-physical address width.
+    BeyondGuestPhysWidth {
+        /// First byte past the region.
+        end: u64,
+        /// Configured width in bits.
+        width_bits: u8,
+    },
+    /// The region overlaps another slot.
+    Overlap {
+        /// The slot being set.
+        slot: u32,
+        /// The slot it overlaps.
+        other: u32,
+    },
+    /// No slot has this id.
+    NoSuchSlot(u32),
+    /// Creating another slot would exceed the configured number of slots.
+    TooManySlots {
+        /// Configured maximum.
+        max: u32,
+    },
+    /// An existing slot's size cannot change (delete and re-create it).
+    SlotResize {
+        /// The slot id.
+        slot: u32,
+    },
+    /// An existing slot's userspace_addr cannot change.
+    SlotHvaChange {
+        /// The slot id.
+        slot: u32,
+    },
+    /// READONLY cannot be toggled on an existing slot.
+    ReadonlyFlagChange {
+        /// The slot id.
+        slot: u32,
+    },
+    /// A gfn range is empty, reversed, or outside the guest-physical address width.
+    InvalidRange {
+        /// First gfn.
+        start: u64,
+        /// One past the last gfn.
+        end: u64,
+    },
+    /// The host has nothing mapped at the address backing this guest page.
+    NoHostMapping {
+        /// Faulting guest-physical address.
+        gpa: Gpa,
+        /// Host-virtual address backing it.
+        hva: Hva,
+    },
+    /// A write to a page the host maps read-only.
+    HostReadOnly {
+        /// Faulting guest-physical address.
+        gpa: Gpa,
+        /// Host-virtual address backing it.
+        hva: Hva,
+    },
+    /// The table allocator is out of frames (or the 22-bit table id space is used up).
+    OutOfTableMemory,
+    /// A guest access kept faulting without making progress (an MMU bug or a livelock).
+    FaultLoop {
+        /// The address that kept faulting.
+        gpa: Gpa,
+    },
+    /// A vCPU limit was reached.
+    TooManyVcpus {
+        /// Configured maximum.
+        max: u32,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidSlotId { slot, limit } => {
+                write!(f, "memslot id {slot} is invalid: ids must be below {limit}")
+            }
+            Error::InvalidFlags(fl) => write!(
+                f,
+                "memslot flags {fl:#x} are invalid: only LOG_DIRTY_PAGES (0x1) and READONLY (0x2) exist"
+            ),
+            Error::UnalignedGuestPhysAddr(a) => {
+                write!(f, "guest_phys_addr {a:#x} is not 4 KiB-aligned")
+            }
+            Error::UnalignedSize(s) => write!(f, "memory_size {s:#x} is not a multiple of 4 KiB"),
+            Error::UnalignedUserspaceAddr(a) => {
+                write!(f, "userspace_addr {a:#x} is not 4 KiB-aligned")
+            }
+            Error::ZeroSize { slot } => write!(
+                f,
+                "memslot {slot} does not exist and memory_size is 0 (a zero size deletes a slot)"
+            ),
+            Error::AddressOverflow => write!(f, "address + memory_size overflows 64 bits"),
+            Error::BeyondGuestPhysWidth { end, width_bits } => write!(
+                f,
+                "region ends at {end:#x}, beyond the {width_bits}-bit guest-physical address width"
+            ),
+            Error::Overlap { slot, other } => {
+                write!(f, "memslot {slot} would overlap memslot {other}")
+            }
+            Error::NoSuchSlot(s) => write!(f, "memslot {s} does not exist"),
+            Error::TooManySlots { max } => write!(f, "too many memslots: at most {max}"),
+            Error::SlotResize { slot } => write!(
+                f,
+                "memslot {slot}: memory_size of an existing slot cannot change; delete it first"
+            ),
+            Error::SlotHvaChange { slot } => write!(
+                f,
+                "memslot {slot}: userspace_addr of an existing slot cannot change; delete it first"
+            ),
+            Error::ReadonlyFlagChange { slot } => write!(
+                f,
+                "memslot {slot}: READONLY cannot be changed on an existing slot"
+            ),
+            Error::InvalidRange { start, end } => write!(
+                f,
+                "gfn range [{start:#x}, {end:#x}) is empty, reversed or beyond the guest-physical width"
+            ),
+            Error::NoHostMapping { gpa, hva } => {
+                write!(f, "no host memory at hva {hva} backing gpa {gpa}")
+            }
+            Error::HostReadOnly { gpa, hva } => {
+                write!(f, "write to gpa {gpa}, backed by read-only host memory at hva {hva}")
+            }
+            Error::OutOfTableMemory => write!(f, "out of page-table memory"),
+            Error::FaultLoop { gpa } => {
+                write!(f, "guest access to gpa {gpa} kept faulting without progress")
+            }
+            Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for Error {}

@@ -1,0 +1,10 @@
+//! The CPU's view: an EPT walker that sets A/D bits, a per-vCPU TLB, and the vCPU mode
+//! protocol that makes remote TLB flushes wait for vCPUs in guest mode.
+
+mod tlb;
+mod vcpu;
+mod walk;
+
+pub use tlb::{Tlb, TlbEntry};
+pub use vcpu::{Vcpu, VcpuShared};
+pub use walk::{ept_walk, leaf_pfn, WalkExit};

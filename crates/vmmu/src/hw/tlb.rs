@@ -1,0 +1,151 @@
+//! A per-vCPU TLB: translations stay cached until the vCPU handles a flush request, so a
+//! missing flush shows up as a stale translation, as on hardware.
+//!
+//! Three direct-mapped arrays, one per page size. An entry caches the leaf's permissions
+//! and whether its dirty bit was already set: a write through an entry filled by a read
+//! re-walks to set D, as x86 CPUs do.
+
+use alloc::boxed::Box;
+use alloc::vec;
+
+use crate::types::{AccessKind, Gfn, Level, Pfn};
+
+/// A cached translation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TlbEntry {
+    /// First gfn of the leaf page, plus one (0 = empty slot).
+    tag: u64,
+    /// First pfn of the leaf page.
+    pub pfn: Pfn,
+    /// Leaf level.
+    pub level: Level,
+    /// Writable.
+    pub writable: bool,
+    /// Executable.
+    pub executable: bool,
+    /// The leaf's D bit was set when the entry was filled.
+    pub dirty: bool,
+}
+
+const EMPTY: TlbEntry = TlbEntry {
+    tag: 0,
+    pfn: Pfn(0),
+    level: Level::L4K,
+    writable: false,
+    executable: false,
+    dirty: false,
+};
+
+const SETS: [usize; 3] = [1024, 64, 8];
+
+/// The TLB.
+pub struct Tlb {
+    sets: [Box<[TlbEntry]>; 3],
+    hits: u64,
+    misses: u64,
+    flushes: u64,
+}
+
+impl Default for Tlb {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Tlb {
+    /// An empty TLB.
+    pub fn new() -> Self {
+        Tlb {
+            sets: SETS.map(|n| vec![EMPTY; n].into_boxed_slice()),
+            hits: 0,
+            misses: 0,
+            flushes: 0,
+        }
+    }
+
+    #[inline]
+    fn slot(level: Level, gfn: Gfn) -> (usize, u64) {
+        let page = gfn.0 >> level.gfn_shift();
+        ((page as usize) & (SETS[level.leaf_index()] - 1), (page << level.gfn_shift()) + 1)
+    }
+
+    /// A translation of `gfn` that allows `kind`, if cached. Returns the pfn of `gfn`.
+    #[inline]
+    pub fn lookup(&mut self, gfn: Gfn, kind: AccessKind) -> Option<Pfn> {
+        for level in Level::LEAF_LEVELS {
+            let (i, tag) = Self::slot(level, gfn);
+            let e = &self.sets[level.leaf_index()][i];
+            if e.tag == tag {
+                let ok = match kind {
+                    AccessKind::Read => true,
+                    AccessKind::Write => e.writable && e.dirty,
+                    AccessKind::Fetch => e.executable,
+                };
+                if ok {
+                    self.hits += 1;
+                    return Some(Pfn(e.pfn.0 + (gfn.0 & (level.pages() - 1))));
+                }
+                break;
+            }
+        }
+        self.misses += 1;
+        None
+    }
+
+    /// Cache a translation of the leaf page of `level` containing `gfn`.
+    #[inline]
+    pub fn fill(&mut self, gfn: Gfn, entry: TlbEntry) {
+        let (i, tag) = Self::slot(entry.level, gfn);
+        self.sets[entry.level.leaf_index()][i] = TlbEntry { tag, ..entry };
+    }
+
+    /// A new entry (tag filled in by [`fill`](Self::fill)).
+    pub fn entry(pfn: Pfn, level: Level, writable: bool, executable: bool, dirty: bool) -> TlbEntry {
+        TlbEntry {
+            tag: 0,
+            pfn,
+            level,
+            writable,
+            executable,
+            dirty,
+        }
+    }
+
+    /// Drop every translation.
+    pub fn flush(&mut self) {
+        for set in &mut self.sets {
+            set.fill(EMPTY);
+        }
+        self.flushes += 1;
+    }
+
+    /// (hits, misses, flushes) so far.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        (self.hits, self.misses, self.flushes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hits_misses_and_flush() {
+        let mut t = Tlb::new();
+        assert_eq!(t.lookup(Gfn(5), AccessKind::Read), None);
+        t.fill(Gfn(5), Tlb::entry(Pfn(100), Level::L4K, true, false, false));
+        assert_eq!(t.lookup(Gfn(5), AccessKind::Read), Some(Pfn(100)));
+        // Writable but D clear: a write must re-walk.
+        assert_eq!(t.lookup(Gfn(5), AccessKind::Write), None);
+        assert_eq!(t.lookup(Gfn(5), AccessKind::Fetch), None);
+        t.fill(Gfn(0x200 + 7), Tlb::entry(Pfn(0x400), Level::L2M, true, true, true));
+        assert_eq!(t.lookup(Gfn(0x200 + 9), AccessKind::Write), Some(Pfn(0x409)));
+        assert_eq!(t.lookup(Gfn(0x400), AccessKind::Read), None);
+        t.flush();
+        assert_eq!(t.lookup(Gfn(5), AccessKind::Read), None);
+        assert_eq!(t.lookup(Gfn(0x209), AccessKind::Read), None);
+        let (h, m, f) = t.counters();
+        assert_eq!((h, f), (2, 1));
+        assert!(m >= 5);
+    }
+}

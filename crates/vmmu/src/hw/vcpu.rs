@@ -1,0 +1,95 @@
+//! A vCPU and the mode/request protocol of KVM's `vcpu->mode` and `kvm_make_all_cpus_request`.
+//!
+//! # Protocol
+//! A vCPU enters guest mode by storing `IN_GUEST_MODE` and then reading its requests, both
+//! `SeqCst`; a flusher sets the request bit and then reads the mode, both `SeqCst`. In any
+//! interleaving, either the vCPU sees the request (and flushes its TLB before using it) or
+//! the flusher sees the vCPU in guest mode and waits until it leaves. Hence, when
+//! [`VcpuShared::request_flush_and_wait`] returns for every vCPU, no vCPU is using a
+//! translation or a table that was removed before the call: tables unlinked before it can
+//! be freed.
+//!
+//! A vCPU stays in guest mode for the duration of one access (its walk and TLB use), so a
+//! flusher never waits long.
+
+use alloc::sync::Arc;
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+
+use super::tlb::Tlb;
+use crate::types::Pfn;
+
+const OUTSIDE_GUEST_MODE: u8 = 0;
+const IN_GUEST_MODE: u8 = 1;
+
+/// Request: flush the TLB before the next guest access.
+pub const REQ_TLB_FLUSH: u32 = 1;
+
+/// The part of a vCPU other threads touch.
+#[derive(Debug, Default)]
+pub struct VcpuShared {
+    mode: AtomicU8,
+    requests: AtomicU32,
+}
+
+impl VcpuShared {
+    /// Ask the vCPU to flush its TLB, and wait until it is not in guest mode with its old
+    /// translations (KVM's `kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)` with wait).
+    pub fn request_flush_and_wait(&self) {
+        self.requests.fetch_or(REQ_TLB_FLUSH, Ordering::SeqCst);
+        while self.mode.load(Ordering::SeqCst) == IN_GUEST_MODE {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// A virtual CPU: its TLB and its current root. Owned by the thread that runs it.
+pub struct Vcpu {
+    /// vCPU index.
+    pub id: u32,
+    pub(crate) shared: Arc<VcpuShared>,
+    pub(crate) tlb: Tlb,
+    pub(crate) root: Pfn,
+    /// Guest accesses made.
+    pub accesses: u64,
+    /// Exits to the MMU (EPT violations and misconfigurations).
+    pub exits: u64,
+}
+
+impl Vcpu {
+    pub(crate) fn new(id: u32, shared: Arc<VcpuShared>, root: Pfn) -> Self {
+        Vcpu {
+            id,
+            shared,
+            tlb: Tlb::new(),
+            root,
+            accesses: 0,
+            exits: 0,
+        }
+    }
+
+    /// Enter guest mode, first handling pending requests (KVM's `vcpu_enter_guest`).
+    #[inline]
+    pub(crate) fn enter_guest(&mut self) {
+        loop {
+            self.shared.mode.store(IN_GUEST_MODE, Ordering::SeqCst);
+            if self.shared.requests.load(Ordering::SeqCst) == 0 {
+                return;
+            }
+            self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+            if self.shared.requests.swap(0, Ordering::AcqRel) & REQ_TLB_FLUSH != 0 {
+                self.tlb.flush();
+            }
+        }
+    }
+
+    /// Leave guest mode (a VM exit).
+    #[inline]
+    pub(crate) fn exit_guest(&mut self) {
+        self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+    }
+
+    /// The TLB.
+    pub fn tlb(&self) -> &Tlb {
+        &self.tlb
+    }
+}

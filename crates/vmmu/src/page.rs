@@ -1,0 +1,370 @@
+//! Shadow pages (KVM's `struct kvm_mmu_page`): one page table plus what the MMU knows
+//! about it, and the store that names them by compact table ids.
+//!
+//! # Invariants (checked by `audit`)
+//! - `present` equals the number of shadow-present entries in the table and `mmio` the
+//!   number of MMIO entries; an entry is one or the other or zero.
+//! - For a non-leaf page, `children[i]` is the id of the page whose frame entry `i` holds,
+//!   and is 0 exactly when entry `i` is not a present non-leaf SPTE.
+//! - `parent_ptes` holds one [`SpteRef`] for every non-leaf SPTE that points at this page.
+//! - A page's frame stays allocated for as long as the page is in the store; the store
+//!   gives frames back only through [`Pages::free`], which the MMU calls after a flush.
+//!
+//! # Locking
+//! The store lives inside the MMU lock. The tables themselves are also read by CPU
+//! walkers without the lock; that is why entries are atomics (see [`crate::table`]).
+
+use alloc::boxed::Box;
+use alloc::vec::Vec;
+use core::fmt;
+use core::ptr::NonNull;
+
+use crate::rmap::{RmapHead, SpteRef};
+use crate::spte::Spte;
+use crate::table::{Table, TableAllocator};
+use crate::types::{AccessFlags, Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
+
+/// What a shadow page shadows, packed as KVM's `kvm_mmu_page_role` word.
+///
+/// Bits 0..=3 level, bit 4 direct, bits 5..=7 access, bit 8 invalid.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Role(u32);
+
+impl Role {
+    const LEVEL_MASK: u32 = 0xf;
+    const DIRECT: u32 = 1 << 4;
+    const ACCESS_SHIFT: u32 = 5;
+    const INVALID: u32 = 1 << 8;
+
+    /// A direct-map role (the page maps a contiguous gfn range; KVM's `role.direct`).
+    pub const fn direct(level: Level) -> Role {
+        Role(level as u32 | Self::DIRECT | ((AccessFlags::ALL.bits() as u32) << Self::ACCESS_SHIFT))
+    }
+    /// The level of the table.
+    pub fn level(self) -> Level {
+        Level::from_u8((self.0 & Self::LEVEL_MASK) as u8).expect("role level")
+    }
+    /// Whether the page maps gfns directly (no guest table behind it).
+    pub const fn is_direct(self) -> bool {
+        self.0 & Self::DIRECT != 0
+    }
+    /// Access rights the page grants its children.
+    pub const fn access(self) -> AccessFlags {
+        AccessFlags::from_bits_truncate((self.0 >> Self::ACCESS_SHIFT) as u8)
+    }
+    /// Whether the page has been zapped while still referenced (a root in use).
+    pub const fn is_invalid(self) -> bool {
+        self.0 & Self::INVALID != 0
+    }
+    /// The same role marked invalid.
+    pub const fn invalidated(self) -> Role {
+        Role(self.0 | Self::INVALID)
+    }
+    /// Raw word.
+    pub const fn word(self) -> u32 {
+        self.0
+    }
+}
+
+impl fmt::Debug for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Role({} {}{}{:?})",
+            self.level().name(),
+            if self.is_direct() { "direct " } else { "" },
+            if self.is_invalid() { "invalid " } else { "" },
+            self.access()
+        )
+    }
+}
+
+/// A shadow page: one table and its metadata.
+pub struct ShadowPage {
+    table: NonNull<Table>,
+    /// Frame of the table, as hardware sees it.
+    pub frame: Pfn,
+    /// What the page shadows.
+    pub role: Role,
+    /// First gfn the page maps (direct pages).
+    pub gfn: Gfn,
+    /// Reverse map of the non-leaf SPTEs that point at this page.
+    pub parent_ptes: RmapHead,
+    /// vCPUs using the page as their root.
+    pub root_count: u32,
+    /// Shadow-present entries.
+    pub present: u16,
+    /// MMIO entries.
+    pub mmio: u16,
+    /// MMU generation the page was created in (KVM's `mmu_valid_gen`).
+    pub mmu_valid_gen: u64,
+    children: Option<Box<[u32; SPTE_ENT_PER_PAGE]>>,
+}
+
+// SAFETY: the table pointer is owned by the page (the frame is allocated for the page's
+// life) and the table's entries are atomics; all other fields are plain data.
+unsafe impl Send for ShadowPage {}
+// SAFETY: as above; shared access only reads plain fields or uses atomics.
+unsafe impl Sync for ShadowPage {}
+
+impl ShadowPage {
+    /// The page's table.
+    #[inline]
+    pub fn table(&self) -> &Table {
+        // SAFETY: the frame is allocated for as long as the page exists (module invariant).
+        unsafe { self.table.as_ref() }
+    }
+    /// Entries in use (present or MMIO).
+    #[inline]
+    pub fn used(&self) -> u32 {
+        self.present as u32 + self.mmio as u32
+    }
+    /// The child page id under entry `i` (0 if none).
+    #[inline]
+    pub fn child(&self, i: usize) -> u32 {
+        self.children.as_ref().map_or(0, |c| c[i])
+    }
+    /// Record (or clear, with 0) the child page id under entry `i`.
+    #[inline]
+    pub fn set_child(&mut self, i: usize, id: u32) {
+        self.children.as_mut().expect("leaf page has no children")[i] = id;
+    }
+    /// Install `new` in entry `i`, which holds no shadow-present SPTE (KVM's
+    /// `mmu_spte_set`). A non-present entry has no bits a CPU could set, so a plain store
+    /// loses nothing.
+    #[inline]
+    pub fn spte_set(&mut self, i: usize, new: Spte) {
+        let old = self.table().get(i);
+        debug_assert!(!old.is_shadow_present(), "spte_set over a present SPTE");
+        self.table().set(i, new);
+        self.account(old, new);
+    }
+
+    /// Replace the shadow-present entry `i` with `new`, returning the old value with every
+    /// bit the CPU set until the replacement (KVM's `mmu_spte_update`).
+    #[inline]
+    pub fn spte_update(&mut self, i: usize, new: Spte) -> Spte {
+        let t = self.table();
+        let old = t.get(i);
+        let old = if old.has_volatile_bits() {
+            t.swap(i, new)
+        } else {
+            t.set(i, new);
+            old
+        };
+        self.account(old, new);
+        old
+    }
+
+    /// Clear entry `i`, returning the old value with every bit the CPU set until the
+    /// clear (KVM's `mmu_spte_clear_track_bits`).
+    #[inline]
+    pub fn spte_clear(&mut self, i: usize) -> Spte {
+        self.spte_update(i, Spte::NONE)
+    }
+
+    #[inline]
+    fn account(&mut self, old: Spte, new: Spte) {
+        self.present = self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
+        self.mmio = self.mmio + new.is_mmio() as u16 - old.is_mmio() as u16;
+    }
+
+    /// The gfn mapped by entry `i` of a direct page.
+    #[inline]
+    pub fn gfn_at(&self, i: usize) -> Gfn {
+        Gfn(self.gfn.0 + ((i as u64) << self.role.level().gfn_shift()))
+    }
+}
+
+impl fmt::Debug for ShadowPage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ShadowPage")
+            .field("frame", &self.frame)
+            .field("role", &self.role)
+            .field("gfn", &self.gfn)
+            .field("present", &self.present)
+            .field("mmio", &self.mmio)
+            .field("root_count", &self.root_count)
+            .finish()
+    }
+}
+
+/// All shadow pages, by table id (ids start at 1 so a [`SpteRef`] is never zero).
+pub struct Pages {
+    slots: Vec<Option<ShadowPage>>,
+    free_ids: Vec<u32>,
+    live: usize,
+    created: u64,
+    freed: u64,
+}
+
+impl Default for Pages {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Pages {
+    /// An empty store.
+    pub fn new() -> Self {
+        Pages {
+            slots: alloc::vec![None],
+            free_ids: Vec::new(),
+            live: 0,
+            created: 0,
+            freed: 0,
+        }
+    }
+
+    /// Allocate a table and create a page for it. `None` when the allocator is out of
+    /// frames or the id space (22 bits) is exhausted.
+    pub fn create(&mut self, alloc: &dyn TableAllocator, role: Role, gfn: Gfn, gen: u64) -> Option<u32> {
+        let id = match self.free_ids.pop() {
+            Some(id) => id,
+            None => {
+                let id = self.slots.len() as u32;
+                if id > SpteRef::MAX_TABLE_ID {
+                    return None;
+                }
+                self.slots.push(None);
+                id
+            }
+        };
+        let Some(frame) = alloc.alloc_table() else {
+            self.free_ids.push(id);
+            return None;
+        };
+        let children = (role.level() > Level::L4K).then(|| Box::new([0u32; SPTE_ENT_PER_PAGE]));
+        self.slots[id as usize] = Some(ShadowPage {
+            table: alloc.table_ptr(frame),
+            frame,
+            role,
+            gfn,
+            parent_ptes: RmapHead::default(),
+            root_count: 0,
+            present: 0,
+            mmio: 0,
+            mmu_valid_gen: gen,
+            children,
+        });
+        self.live += 1;
+        self.created += 1;
+        Some(id)
+    }
+
+    /// The page with id `id`.
+    ///
+    /// # Panics
+    /// If no such page exists: a dangling id is an MMU bug.
+    #[inline]
+    pub fn get(&self, id: u32) -> &ShadowPage {
+        self.slots[id as usize].as_ref().expect("dangling table id")
+    }
+
+    /// The page with id `id`, mutably.
+    #[inline]
+    pub fn get_mut(&mut self, id: u32) -> &mut ShadowPage {
+        self.slots[id as usize].as_mut().expect("dangling table id")
+    }
+
+    /// The page with id `id`, if it exists.
+    #[inline]
+    pub fn try_get(&self, id: u32) -> Option<&ShadowPage> {
+        self.slots.get(id as usize).and_then(|s| s.as_ref())
+    }
+
+    /// Remove the page and give its frame back.
+    ///
+    /// # Safety
+    /// Nothing may read the table any more: it is unlinked and a TLB flush since the
+    /// unlink has made every vCPU leave guest mode.
+    pub unsafe fn free(&mut self, alloc: &dyn TableAllocator, id: u32) {
+        let sp = self.slots[id as usize].take().expect("double free of a shadow page");
+        // SAFETY: forwarded from the caller.
+        unsafe { alloc.free_table(sp.frame) };
+        self.free_ids.push(id);
+        self.live -= 1;
+        self.freed += 1;
+    }
+
+    /// Pages in the store.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether the store is empty.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Pages created and freed over the store's life.
+    pub fn created_freed(&self) -> (u64, u64) {
+        (self.created, self.freed)
+    }
+
+    /// Every (id, page).
+    pub fn iter(&self) -> impl Iterator<Item = (u32, &ShadowPage)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+    }
+
+    /// Ids of every page.
+    pub fn ids(&self) -> Vec<u32> {
+        self.iter().map(|(id, _)| id).collect()
+    }
+
+    /// Bytes of metadata the store holds (page structs, child arrays), not counting tables.
+    pub fn metadata_bytes(&self) -> usize {
+        self.slots.capacity() * core::mem::size_of::<Option<ShadowPage>>()
+            + self.free_ids.capacity() * 4
+            + self
+                .iter()
+                .filter(|(_, p)| p.children.is_some())
+                .count()
+                * core::mem::size_of::<[u32; SPTE_ENT_PER_PAGE]>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::HeapTableAllocator;
+
+    #[test]
+    fn role_packs_fields() {
+        let r = Role::direct(Level::L2M);
+        assert_eq!(r.level(), Level::L2M);
+        assert!(r.is_direct());
+        assert!(!r.is_invalid());
+        assert!(r.invalidated().is_invalid());
+        assert_eq!(r.access(), AccessFlags::ALL);
+    }
+
+    #[test]
+    fn store_reuses_ids_and_frees_frames() {
+        let a = HeapTableAllocator::new();
+        let mut pages = Pages::new();
+        let x = pages.create(&a, Role::direct(Level::L4K), Gfn(0), 0).unwrap();
+        let y = pages.create(&a, Role::direct(Level::L2M), Gfn(0), 0).unwrap();
+        assert_ne!(x, 0);
+        assert_ne!(x, y);
+        assert_eq!(pages.get(x).child(3), 0);
+        pages.get_mut(y).set_child(3, x);
+        assert_eq!(pages.get(y).child(3), x);
+        assert_eq!(pages.get(y).gfn_at(2), Gfn(1024));
+        // SAFETY: nothing reads the tables.
+        unsafe { pages.free(&a, x) };
+        assert!(pages.try_get(x).is_none());
+        let z = pages.create(&a, Role::direct(Level::L4K), Gfn(0), 0).unwrap();
+        assert_eq!(z, x, "freed ids are reused");
+        assert_eq!(pages.len(), 2);
+        for id in pages.ids() {
+            // SAFETY: as above.
+            unsafe { pages.free(&a, id) };
+        }
+        assert_eq!(a.allocated(), a.freed());
+        assert_eq!(pages.created_freed(), (3, 3));
+    }
+}

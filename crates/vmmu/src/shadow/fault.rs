@@ -1,0 +1,184 @@
+//! The direct-map fault path (KVM's `direct_page_fault` / `direct_map`).
+//!
+//! memslot lookup -> host page lookup (pfn, mapping level) -> pick the level -> walk down
+//! from the root creating tables -> install the leaf -> reverse-map add.
+//!
+//! A gfn outside every memslot gets an MMIO SPTE tagged with the memslot generation, so
+//! the next access is recognised from the SPTE alone (an EPT misconfiguration) until a
+//! memslot update changes the generation.
+
+use crate::error::Error;
+use crate::flush::Flush;
+use crate::host::HostMemory;
+use crate::memslot::Memslots;
+use crate::page::Role;
+use crate::rmap::{self, SpteRef};
+use crate::spte::{LeafAttrs, Spte};
+use crate::table::TableAllocator;
+use crate::types::{ErrorCode, Gfn, Gpa, Level, Pfn};
+
+use super::ShadowMmu;
+
+/// What a fault did.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum FaultOutcome {
+    /// A leaf was installed (or made writable) at this level; retry the access.
+    Mapped(Level),
+    /// The mapping the access needs was already there; retry the access.
+    Spurious,
+    /// The gpa is outside every memslot: an MMIO SPTE was installed; the access goes to
+    /// the VMM (KVM_EXIT_MMIO).
+    Mmio,
+    /// A write to a READONLY memslot: not mapped writable; the access goes to the VMM.
+    ReadOnlyWrite,
+}
+
+impl<A: TableAllocator> ShadowMmu<A> {
+    /// Handle a fault at `gpa` with error code `ec`, in direct mode.
+    ///
+    /// Returns the outcome and whether a flush is owed (when a mapping was replaced: a huge
+    /// page split into a table, or a table replaced by a huge page). On `Err`, nothing the
+    /// guest can see has changed (intermediate tables may have been created).
+    pub fn direct_page_fault<H: HostMemory + ?Sized>(
+        &mut self,
+        slots: &mut Memslots,
+        host: &H,
+        gpa: Gpa,
+        ec: ErrorCode,
+    ) -> Result<(FaultOutcome, Flush), Error> {
+        self.stats.faults += 1;
+        let gfn = gpa.gfn();
+        let write = ec.contains(ErrorCode::WRITE);
+        let mut flush = Flush::NONE;
+        let generation = slots.generation();
+        let Some(slot) = slots.lookup(gfn) else {
+            let id = self.walk_to(slots, gfn, Level::L4K, &mut flush)?;
+            let i = gfn.index_at(Level::L4K);
+            let sp = self.pages.get_mut(id);
+            let old = sp.table().get(i);
+            let mmio = Spte::new_mmio(gfn, generation);
+            if old.is_mmio() {
+                sp.spte_update(i, mmio);
+            } else {
+                debug_assert!(old == Spte::NONE, "non-MMIO SPTE for a gfn outside every slot");
+                sp.spte_set(i, mmio);
+            }
+            self.stats.mmio_faults += 1;
+            return Ok((FaultOutcome::Mmio, flush));
+        };
+        if write && slot.is_readonly() {
+            return Ok((FaultOutcome::ReadOnlyWrite, flush));
+        }
+        let hva = slot.gfn_to_hva(gfn);
+        let host_page = host.translate(hva).ok_or(Error::NoHostMapping { gpa, hva })?;
+        if write && !host_page.writable {
+            return Err(Error::HostReadOnly { gpa, hva });
+        }
+        let level = slot.max_mapping_level(gfn, self.max_level.min(host_page.level));
+        let logging = slot.is_logging();
+        let mmu_writable = !slot.is_readonly() && host_page.writable;
+        // While logging, only a write fault maps W, so every write is seen (and logged) by
+        // a fault; otherwise map W at once, as KVM does, to spare a second fault.
+        let writable = mmu_writable && (write || !logging);
+        let base_gfn = gfn.align_down(level);
+        let pfn = Pfn(host_page.pfn.0 & !(level.pages() - 1));
+        let new = Spte::new_leaf(
+            pfn,
+            level,
+            LeafAttrs {
+                writable,
+                executable: true,
+                host_writable: host_page.writable,
+                mmu_writable,
+                accessed: true,
+                dirty: write,
+                ..LeafAttrs::default()
+            },
+        );
+
+        let id = self.walk_to(slots, gfn, level, &mut flush)?;
+        let i = gfn.index_at(level);
+        let old = self.pages.get(id).table().get(i);
+        if old.is_shadow_present() {
+            if !old.is_leaf(level) {
+                // A table where a huge page now fits: zap the subtree, map huge.
+                let child = self.unlink_child(id, i);
+                self.zap_page(slots, child);
+                flush.set();
+            } else if old.pfn() == pfn {
+                if !write || old.is_writable() {
+                    self.stats.spurious_faults += 1;
+                    return Ok((FaultOutcome::Spurious, flush));
+                }
+                if !old.is_mmu_writable() {
+                    return Ok((FaultOutcome::ReadOnlyWrite, flush));
+                }
+                // Write to a present read-only leaf that may become writable.
+                let upgraded = old.with_bits(crate::spte::bits::WRITABLE | crate::spte::bits::DIRTY);
+                self.pages.get_mut(id).spte_update(i, upgraded);
+                self.mark_dirty(slots, gfn, write);
+                return Ok((FaultOutcome::Mapped(level), flush));
+            } else {
+                // The host moved the page under us without an invalidation: replace it.
+                self.drop_leaf(slots, id, i, level);
+                flush.set();
+            }
+        } else if old.is_mmio() {
+            self.pages.get_mut(id).spte_clear(i);
+        }
+        self.pages.get_mut(id).spte_set(i, new);
+        let slot = slots.lookup_mut(gfn).expect("slot found above");
+        rmap::add(slot.rmap_head_mut(base_gfn, level), SpteRef::new(id, i), &mut self.pool);
+        self.stats.leaves_installed += 1;
+        self.mark_dirty(slots, gfn, write);
+        Ok((FaultOutcome::Mapped(level), flush))
+    }
+
+    #[inline]
+    fn mark_dirty(&self, slots: &Memslots, gfn: Gfn, write: bool) {
+        if !write {
+            return;
+        }
+        if let Some(slot) = slots.lookup(gfn) {
+            if let Some(bitmap) = slot.dirty_bitmap() {
+                bitmap.mark(gfn.0 - slot.base_gfn.0);
+            }
+        }
+    }
+
+    /// Walk from the root to the table of `level` that maps `gfn`, creating missing tables
+    /// and dropping huge leaves in the way (KVM's `for_each_shadow_entry` with
+    /// `kvm_mmu_get_child_sp`). This is the shadow MMU's one walker toward an address.
+    /// Returns the id of the table at `level`.
+    pub(crate) fn walk_to(&mut self, slots: &mut Memslots, gfn: Gfn, level: Level, flush: &mut Flush) -> Result<u32, Error> {
+        let mut id = self.root;
+        let mut cur = Level::ROOT;
+        while cur > level {
+            let i = gfn.index_at(cur);
+            let sp = self.pages.get(id);
+            let spte = sp.table().get(i);
+            if spte.is_shadow_present() {
+                if !spte.is_large() {
+                    id = sp.child(i);
+                    cur = cur.below().expect("above target level");
+                    continue;
+                }
+                // A huge page in the way of a smaller mapping (dirty logging started, or
+                // a disallow count appeared): drop it and build a table.
+                self.drop_leaf(slots, id, i, cur);
+                flush.set();
+            } else if spte.is_mmio() {
+                self.pages.get_mut(id).spte_clear(i);
+            }
+            let below = cur.below().expect("above target level");
+            let child = self
+                .pages
+                .create(&self.alloc, Role::direct(below), gfn.align_down(cur), 0)
+                .ok_or(Error::OutOfTableMemory)?;
+            self.link_child(id, i, child);
+            id = child;
+            cur = below;
+        }
+        Ok(id)
+    }
+}

@@ -1,0 +1,178 @@
+//! The shadow MMU (KVM's `mmu.c`), driven in direct mode: every shadow page is
+//! `role.direct` and maps a contiguous gfn range, as KVM ran EPT before its TDP MMU.
+//!
+//! # Locking
+//! Everything here runs under the VM's MMU lock, held exclusively, as KVM's `mmu_lock`.
+//! The only concurrent actors are CPUs walking the tables (they set A/D bits with
+//! compare-exchange, see `hw`), which is why SPTE changes go through the page's
+//! `spte_set`/`spte_update`/`spte_clear` funnels.
+//!
+//! # Invariants (checked by `audit`)
+//! - Every shadow-present leaf SPTE has exactly one entry in the reverse map of its gfn at
+//!   its level, and every reverse-map entry names a present leaf for that gfn.
+//! - Every present non-leaf SPTE points at a page whose `parent_ptes` names it.
+//! - Pages unlinked from the tree sit on `invalid_list` until a remote TLB flush has
+//!   completed; only then are their frames freed ([`ShadowMmu::free_invalid_pages`]).
+//! - The root page lives as long as the MMU.
+
+mod fault;
+mod zap;
+
+use alloc::vec::Vec;
+
+pub use fault::FaultOutcome;
+
+use crate::error::Error;
+use crate::memslot::Memslots;
+use crate::page::{Pages, Role};
+use crate::rmap::{self, DescPool, SpteRef};
+use crate::spte::Spte;
+use crate::table::TableAllocator;
+use crate::types::{Gfn, Level, Pfn};
+
+/// Counters of MMU work, for benchmarks and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuStats {
+    /// Faults handled under the lock.
+    pub faults: u64,
+    /// Faults that found the mapping already there (another vCPU, or a stale TLB).
+    pub spurious_faults: u64,
+    /// Faults on gpas outside every memslot (an MMIO SPTE was installed).
+    pub mmio_faults: u64,
+    /// Leaf SPTEs installed.
+    pub leaves_installed: u64,
+    /// Leaf SPTEs zapped.
+    pub leaves_zapped: u64,
+    /// Shadow pages freed after a flush.
+    pub pages_freed: u64,
+}
+
+/// The shadow MMU's state: pages, reverse-map descriptors, the root.
+pub struct ShadowMmu<A: TableAllocator> {
+    pub(crate) alloc: A,
+    pub(crate) pages: Pages,
+    pub(crate) pool: DescPool,
+    root: u32,
+    invalid_list: Vec<u32>,
+    max_level: Level,
+    pub(crate) stats: MmuStats,
+}
+
+impl<A: TableAllocator> ShadowMmu<A> {
+    /// A new MMU with an empty root table; huge mappings up to `max_level`.
+    pub fn new(alloc: A, max_level: Level) -> Result<Self, Error> {
+        let mut pages = Pages::new();
+        let root = pages
+            .create(&alloc, Role::direct(Level::ROOT), Gfn(0), 0)
+            .ok_or(Error::OutOfTableMemory)?;
+        pages.get_mut(root).root_count = 1;
+        Ok(ShadowMmu {
+            alloc,
+            pages,
+            pool: DescPool::new(),
+            root,
+            invalid_list: Vec::new(),
+            max_level: max_level.min(Level::L1G),
+            stats: MmuStats::default(),
+        })
+    }
+
+    /// The root table's frame (what a vCPU loads as its EPT pointer).
+    pub fn root_frame(&self) -> Pfn {
+        self.pages.get(self.root).frame
+    }
+    /// The root page's id.
+    pub fn root_id(&self) -> u32 {
+        self.root
+    }
+    /// The shadow pages.
+    pub fn pages(&self) -> &Pages {
+        &self.pages
+    }
+    /// The reverse-map descriptor pool.
+    pub fn pool(&self) -> &DescPool {
+        &self.pool
+    }
+    /// Work counters.
+    pub fn stats(&self) -> MmuStats {
+        self.stats
+    }
+    /// The table allocator.
+    pub fn allocator(&self) -> &A {
+        &self.alloc
+    }
+    /// Pages unlinked and waiting for a flush.
+    pub fn invalid_pages(&self) -> usize {
+        self.invalid_list.len()
+    }
+
+    /// Read the SPTE `sref` names.
+    #[inline]
+    pub fn spte(&self, sref: SpteRef) -> Spte {
+        self.pages.get(sref.table_id()).table().get(sref.index())
+    }
+
+    /// Clear the leaf SPTE at (`id`, `i`) of `level` and take it out of its gfn's reverse
+    /// map (KVM's `drop_spte`). The caller owes a flush.
+    pub(crate) fn drop_leaf(&mut self, slots: &mut Memslots, id: u32, i: usize, level: Level) -> Spte {
+        let sp = self.pages.get_mut(id);
+        let gfn = sp.gfn_at(i);
+        let old = sp.spte_clear(i);
+        debug_assert!(old.is_shadow_present() && old.is_leaf(level));
+        let slot = slots
+            .lookup_mut(gfn)
+            .expect("present leaf SPTE outside every memslot");
+        let removed = rmap::remove(slot.rmap_head_mut(gfn, level), SpteRef::new(id, i), &mut self.pool);
+        debug_assert!(removed, "leaf SPTE missing from its reverse map");
+        self.stats.leaves_zapped += 1;
+        old
+    }
+
+    /// Link a new child page under entry `i` of page `id` (KVM's `link_shadow_page`).
+    fn link_child(&mut self, id: u32, i: usize, child: u32) {
+        let frame = self.pages.get(child).frame;
+        let parent = self.pages.get_mut(id);
+        parent.set_child(i, child);
+        parent.spte_set(i, Spte::new_nonleaf(frame));
+        let sp = self.pages.get_mut(child);
+        rmap::add(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
+    }
+
+    /// Unlink the child under entry `i` of page `id`: clear the parent SPTE and drop it
+    /// from the child's `parent_ptes`. Returns the child's id.
+    fn unlink_child(&mut self, id: u32, i: usize) -> u32 {
+        let parent = self.pages.get_mut(id);
+        let child = parent.child(i);
+        parent.spte_clear(i);
+        parent.set_child(i, 0);
+        let sp = self.pages.get_mut(child);
+        let removed = rmap::remove(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
+        debug_assert!(removed, "child page does not name its parent");
+        child
+    }
+
+    /// Free the frames of every page unlinked since the last flush.
+    ///
+    /// # Safety
+    /// A remote TLB flush has completed since the pages were unlinked, so no vCPU is still
+    /// walking them.
+    pub unsafe fn free_invalid_pages(&mut self) {
+        for id in self.invalid_list.drain(..) {
+            // SAFETY: forwarded from the caller.
+            unsafe { self.pages.free(&self.alloc, id) };
+            self.stats.pages_freed += 1;
+        }
+    }
+
+    /// Tear everything down, root included. Used when the VM goes away.
+    ///
+    /// # Safety
+    /// No vCPU will run again.
+    pub unsafe fn destroy(&mut self, slots: &mut Memslots) {
+        let _ = self.zap_all(slots);
+        let root = self.root;
+        self.invalid_list.push(root);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.free_invalid_pages() };
+    }
+}

@@ -1,0 +1,199 @@
+//! Page-table memory: 4 KiB-aligned frames of 512 atomic SPTEs, and the allocator that
+//! supplies them.
+//!
+//! A table is what the hardware loads: non-leaf SPTEs hold the child table's frame
+//! number, and a CPU walker goes from frame to table through
+//! [`TableAllocator::table_ptr`] exactly as hardware goes through physical memory.
+//!
+//! # Why atomics
+//! The CPU model sets accessed and dirty bits in live tables while the MMU changes them
+//! (and, later, lockless fast-path faults compare-exchange them). A `&mut` to a live SPTE
+//! would be a lie, so every entry is an [`AtomicU64`] and every change says which ordering
+//! it needs.
+//!
+//! # Lifetime
+//! A table is freed only after the MMU has unlinked it and a remote TLB flush has made
+//! every vCPU leave guest mode (see `hw`), so no walker can still be reading it.
+
+use core::alloc::Layout;
+use core::ptr::NonNull;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::spte::Spte;
+use crate::types::{Pfn, PAGE_SHIFT, SPTE_ENT_PER_PAGE};
+
+/// One page table: 512 SPTEs in one 4 KiB-aligned frame.
+#[repr(C, align(4096))]
+pub struct Table {
+    entries: [AtomicU64; SPTE_ENT_PER_PAGE],
+}
+
+const _: () = assert!(core::mem::size_of::<Table>() == 4096);
+
+impl Table {
+    /// Read entry `i`.
+    ///
+    /// `Acquire` pairs with the `Release` that published a child table, so a walker that
+    /// sees a non-leaf SPTE also sees the child's (zeroed or filled) contents.
+    #[inline]
+    pub fn get(&self, i: usize) -> Spte {
+        Spte(self.entries[i].load(Ordering::Acquire))
+    }
+
+    /// Store entry `i` (the MMU holds the lock; no concurrent writer can change bits the
+    /// store would lose, because the old value had no volatile bits or is being replaced
+    /// wholesale on a non-present entry).
+    #[inline]
+    pub fn set(&self, i: usize, v: Spte) {
+        self.entries[i].store(v.0, Ordering::Release);
+    }
+
+    /// Exchange entry `i`, returning the old value with every bit a CPU set until now.
+    #[inline]
+    pub fn swap(&self, i: usize, v: Spte) -> Spte {
+        Spte(self.entries[i].swap(v.0, Ordering::AcqRel))
+    }
+
+    /// Compare-exchange entry `i`.
+    #[inline]
+    pub fn compare_exchange(&self, i: usize, old: Spte, new: Spte) -> Result<Spte, Spte> {
+        self.entries[i]
+            .compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+            .map(Spte)
+            .map_err(Spte)
+    }
+
+    /// Atomically set bits in entry `i` (how a CPU sets A/D), returning the old value.
+    #[inline]
+    pub fn fetch_or(&self, i: usize, bits: u64) -> Spte {
+        Spte(self.entries[i].fetch_or(bits, Ordering::AcqRel))
+    }
+
+    /// Atomically clear bits in entry `i`, returning the old value.
+    #[inline]
+    pub fn fetch_and_not(&self, i: usize, bits: u64) -> Spte {
+        Spte(self.entries[i].fetch_and(!bits, Ordering::AcqRel))
+    }
+
+    /// The raw entries, for scans.
+    #[inline]
+    pub fn entries(&self) -> &[AtomicU64; SPTE_ENT_PER_PAGE] {
+        &self.entries
+    }
+}
+
+/// Supplies table frames.
+///
+/// A hypervisor that owns the hardware implements this over its host-physical frame
+/// allocator and its direct map; the `std` build (and any `alloc` user) has
+/// [`HeapTableAllocator`].
+///
+/// # Safety
+/// Implementors promise that `alloc_table` returns a frame not handed out before (or freed
+/// since), whose 4 KiB are zeroed, and that `table_ptr(frame)` points at those 4 KiB for as
+/// long as the frame is allocated. `free_table` is called once per allocated frame.
+pub unsafe trait TableAllocator: Send + Sync {
+    /// A zeroed 4 KiB frame, or `None` when out of memory.
+    fn alloc_table(&self) -> Option<Pfn>;
+    /// Give a frame back.
+    ///
+    /// # Safety
+    /// `frame` came from `alloc_table`, is not freed yet, and nothing reads it any more.
+    unsafe fn free_table(&self, frame: Pfn);
+    /// Where the frame's table is mapped in this address space.
+    fn table_ptr(&self, frame: Pfn) -> NonNull<Table>;
+}
+
+/// Tables from the global heap. The "host-physical" frame number of a table is its
+/// virtual address shifted right by 12, so `table_ptr` is a shift, as a direct map would be.
+#[derive(Default)]
+pub struct HeapTableAllocator {
+    allocated: AtomicU64,
+    freed: AtomicU64,
+}
+
+impl HeapTableAllocator {
+    /// A new allocator.
+    pub const fn new() -> Self {
+        HeapTableAllocator {
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+        }
+    }
+    /// Tables handed out so far.
+    pub fn allocated(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+    /// Tables given back so far.
+    pub fn freed(&self) -> u64 {
+        self.freed.load(Ordering::Relaxed)
+    }
+}
+
+const TABLE_LAYOUT: Layout = Layout::new::<Table>();
+
+// SAFETY: frames are fresh zeroed heap allocations, identity-mapped by construction.
+unsafe impl TableAllocator for HeapTableAllocator {
+    fn alloc_table(&self) -> Option<Pfn> {
+        // SAFETY: the layout has non-zero size.
+        let p = unsafe { alloc::alloc::alloc_zeroed(TABLE_LAYOUT) };
+        if p.is_null() {
+            return None;
+        }
+        self.allocated.fetch_add(1, Ordering::Relaxed);
+        Some(Pfn(p as u64 >> PAGE_SHIFT))
+    }
+
+    unsafe fn free_table(&self, frame: Pfn) {
+        self.freed.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller guarantees frame came from alloc_table with this layout.
+        unsafe { alloc::alloc::dealloc((frame.0 << PAGE_SHIFT) as *mut u8, TABLE_LAYOUT) }
+    }
+
+    #[inline]
+    fn table_ptr(&self, frame: Pfn) -> NonNull<Table> {
+        // The frame number is the address shifted; it is never zero for a live allocation.
+        NonNull::new((frame.0 << PAGE_SHIFT) as *mut Table).expect("null table frame")
+    }
+}
+
+// SAFETY-relevant: a shared allocator behind Arc is still one allocator.
+unsafe impl<A: TableAllocator + ?Sized> TableAllocator for alloc::sync::Arc<A> {
+    fn alloc_table(&self) -> Option<Pfn> {
+        (**self).alloc_table()
+    }
+    unsafe fn free_table(&self, frame: Pfn) {
+        // SAFETY: forwarded contract.
+        unsafe { (**self).free_table(frame) }
+    }
+    fn table_ptr(&self, frame: Pfn) -> NonNull<Table> {
+        (**self).table_ptr(frame)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heap_tables_are_zeroed_aligned_and_counted() {
+        let a = HeapTableAllocator::new();
+        let f = a.alloc_table().unwrap();
+        let t = a.table_ptr(f);
+        assert_eq!(t.as_ptr() as u64 % 4096, 0);
+        // SAFETY: just allocated, not freed.
+        let t = unsafe { t.as_ref() };
+        assert!((0..512).all(|i| t.get(i) == Spte::NONE));
+        t.set(3, Spte(0x1234));
+        assert_eq!(t.fetch_or(3, 1 << 8), Spte(0x1234));
+        assert_eq!(t.get(3), Spte(0x1334));
+        assert_eq!(t.fetch_and_not(3, 1 << 8), Spte(0x1334));
+        assert_eq!(t.compare_exchange(3, Spte(0x1234), Spte(7)), Ok(Spte(0x1234)));
+        assert_eq!(t.compare_exchange(3, Spte(0x1234), Spte(8)), Err(Spte(7)));
+        assert_eq!(t.swap(3, Spte::NONE), Spte(7));
+        assert_eq!((a.allocated(), a.freed()), (1, 0));
+        // SAFETY: allocated above, no reference used after this.
+        unsafe { a.free_table(f) };
+        assert_eq!((a.allocated(), a.freed()), (1, 1));
+    }
+}

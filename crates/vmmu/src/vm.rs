@@ -1,0 +1,369 @@
+//! The VM: memslots, the MMU, vCPUs and the remote TLB flush, behind one API.
+//!
+//! # Locking
+//! `state` is KVM's `mmu_lock` (with `slots_lock` folded in): memslot updates, faults and
+//! zaps take it exclusively. vCPUs take no lock to translate: they walk the tables in
+//! guest mode and take the lock only on an exit. `vcpus` is read by every remote flush
+//! and written only when a vCPU is created.
+//!
+//! Every operation that removes a translation ends with [`Vm::flush_remote_tlbs`] before
+//! it releases the lock, and frees the tables it unlinked only after that flush.
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::error::Error;
+use crate::flush::Flush;
+use crate::host::HostMemory;
+use crate::hw::{ept_walk, leaf_pfn, Vcpu, VcpuShared, WalkExit};
+use crate::memslot::{MemoryRegion, MemslotLimits, Memslots, SlotChange};
+use crate::shadow::{FaultOutcome, MmuStats, ShadowMmu};
+use crate::sync::{Mutex, MutexGuard, RwLock};
+use crate::table::{HeapTableAllocator, TableAllocator};
+use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
+
+/// VM configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct VmConfig {
+    /// Largest mapping level the MMU uses (KVM's max huge page level).
+    pub max_level: Level,
+    /// Memslot limits and guest-physical width.
+    pub limits: MemslotLimits,
+    /// Most vCPUs.
+    pub max_vcpus: u32,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            max_level: Level::L1G,
+            limits: MemslotLimits::default(),
+            max_vcpus: 1024,
+        }
+    }
+}
+
+/// Why a guest access did not complete in memory: it went to the VMM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// MMIO: the gpa is outside every memslot, or a write hit a READONLY slot
+    /// (KVM_EXIT_MMIO).
+    Mmio {
+        /// The address.
+        gpa: Gpa,
+        /// Whether it was a write.
+        write: bool,
+    },
+    /// The MMU could not map the page (the VMM gets the error, as KVM returns -EFAULT).
+    Error(Error),
+}
+
+impl From<Error> for Exit {
+    fn from(e: Error) -> Self {
+        Exit::Error(e)
+    }
+}
+
+/// VM-wide counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct VmStats {
+    /// Remote TLB flushes performed.
+    pub remote_tlb_flushes: u64,
+    /// MMIO exits recognised from the SPTE alone (no memslot lookup).
+    pub fast_mmio_exits: u64,
+    /// MMU work counters.
+    pub mmu: MmuStats,
+    /// Shadow pages now.
+    pub shadow_pages: usize,
+    /// Reverse-map descriptors in use now.
+    pub rmap_descs: usize,
+}
+
+struct VmState<A: TableAllocator> {
+    slots: Memslots,
+    mmu: ShadowMmu<Arc<A>>,
+}
+
+/// A virtual machine's memory virtualization.
+pub struct Vm<H: HostMemory, A: TableAllocator = HeapTableAllocator> {
+    host: H,
+    alloc: Arc<A>,
+    state: Mutex<VmState<A>>,
+    vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    root: crate::types::Pfn,
+    config: VmConfig,
+    remote_flushes: AtomicU64,
+    fast_mmio: AtomicU64,
+    mmio_generation: AtomicU64,
+}
+
+/// Retries of one access before it is declared stuck.
+const MAX_ACCESS_RETRIES: u32 = 64;
+
+impl<H: HostMemory> Vm<H, HeapTableAllocator> {
+    /// A VM whose tables come from the heap.
+    ///
+    /// # Panics
+    /// If the root table cannot be allocated.
+    pub fn new(config: VmConfig, host: H) -> Self {
+        Self::with_allocator(config, host, Arc::new(HeapTableAllocator::new())).expect("allocate the root table")
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
+    /// A VM whose tables come from `alloc`.
+    pub fn with_allocator(config: VmConfig, host: H, alloc: Arc<A>) -> Result<Self, Error> {
+        let mmu = ShadowMmu::new(alloc.clone(), config.max_level)?;
+        let root = mmu.root_frame();
+        Ok(Vm {
+            host,
+            alloc,
+            state: Mutex::new(VmState {
+                slots: Memslots::new(config.limits),
+                mmu,
+            }),
+            vcpus: RwLock::new(Vec::new()),
+            root,
+            config,
+            remote_flushes: AtomicU64::new(0),
+            fast_mmio: AtomicU64::new(0),
+            mmio_generation: AtomicU64::new(0),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> VmConfig {
+        self.config
+    }
+    /// The host memory.
+    pub fn host(&self) -> &H {
+        &self.host
+    }
+    /// The table allocator.
+    pub fn allocator(&self) -> &Arc<A> {
+        &self.alloc
+    }
+
+    /// A new vCPU, with the VM's root loaded.
+    pub fn create_vcpu(&self) -> Result<Vcpu, Error> {
+        let mut vcpus = self.vcpus.write();
+        if vcpus.len() as u32 >= self.config.max_vcpus {
+            return Err(Error::TooManyVcpus {
+                max: self.config.max_vcpus,
+            });
+        }
+        let shared = Arc::new(VcpuShared::default());
+        vcpus.push(shared.clone());
+        Ok(Vcpu::new(vcpus.len() as u32 - 1, shared, self.root))
+    }
+
+    /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
+    /// `kvm_flush_remote_tlbs`).
+    pub fn flush_remote_tlbs(&self) {
+        for v in self.vcpus.read().iter() {
+            v.request_flush_and_wait();
+        }
+        self.remote_flushes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Perform `flush` if owed, then free the tables unlinked before it (KVM's
+    /// `kvm_mmu_commit_zap_page`).
+    fn commit(&self, st: &mut VmState<A>, flush: Flush) {
+        if flush.needed() || st.mmu.invalid_pages() != 0 {
+            self.flush_remote_tlbs();
+        }
+        // SAFETY: the flush above made every vCPU leave guest mode after the unlinks.
+        unsafe { st.mmu.free_invalid_pages() };
+    }
+
+    fn lock(&self) -> MutexGuard<'_, VmState<A>> {
+        self.state.lock()
+    }
+
+    /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change the flags of
+    /// a slot. Invalid input returns an error and changes nothing.
+    pub fn set_user_memory_region(&self, region: MemoryRegion) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let change = st.slots.check(&region)?;
+        let flush = match change {
+            SlotChange::Delete | SlotChange::Move { .. } => {
+                let old = st.slots.by_id(region.slot).expect("checked");
+                let (start, end) = (old.base_gfn, old.end_gfn());
+                st.mmu.zap_gfn_range(&mut st.slots, start, end)
+            }
+            SlotChange::FlagsOnly { old }
+                if !old.contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES)
+                    && region.flags.contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES) =>
+            {
+                // Logging starts: every later write must fault to be logged, and only 4K
+                // mappings may exist. Zapping the slot gives both.
+                let old = st.slots.by_id(region.slot).expect("checked");
+                let (start, end) = (old.base_gfn, old.end_gfn());
+                st.mmu.zap_gfn_range(&mut st.slots, start, end)
+            }
+            _ => Flush::NONE,
+        };
+        self.commit(st, flush);
+        st.slots.apply(&region, change);
+        self.mmio_generation.store(st.slots.generation(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Handle a fault as the MMU's fault handler does, under the lock.
+    pub fn page_fault(&self, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
+        if gpa.0 >> PAGE_SHIFT >= 1u64 << (self.config.limits.gpa_bits - PAGE_SHIFT as u8) {
+            return Err(Error::InvalidRange {
+                start: gpa.gfn().0,
+                end: gpa.gfn().0 + 1,
+            });
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let (outcome, flush) = st.mmu.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
+        self.commit(st, flush);
+        Ok(outcome)
+    }
+
+    /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and
+    /// retry. Returns the host-physical address the access reached.
+    pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
+        vcpu.accesses += 1;
+        let gfn = gpa.gfn();
+        for _ in 0..MAX_ACCESS_RETRIES {
+            vcpu.enter_guest();
+            let result = match vcpu.tlb.lookup(gfn, kind) {
+                Some(pfn) => Ok(pfn),
+                // SAFETY: in guest mode (entered above, left below).
+                None => unsafe { ept_walk(&*self.alloc, vcpu.root, gpa, kind) }.map(|e| {
+                    vcpu.tlb.fill(gfn, e);
+                    leaf_pfn(&e, gfn)
+                }),
+            };
+            vcpu.exit_guest();
+            match result {
+                Ok(pfn) => return Ok(Hpa((pfn.0 << PAGE_SHIFT) | gpa.page_offset())),
+                Err(WalkExit::Violation { gpa, error_code }) => {
+                    vcpu.exits += 1;
+                    match self.page_fault(gpa, error_code)? {
+                        FaultOutcome::Mapped(_) | FaultOutcome::Spurious => {}
+                        FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                            return Err(Exit::Mmio {
+                                gpa,
+                                write: kind == AccessKind::Write,
+                            })
+                        }
+                    }
+                }
+                Err(WalkExit::Misconfig { gpa, spte }) => {
+                    vcpu.exits += 1;
+                    if spte.is_mmio() {
+                        let gen = self.mmio_generation.load(Ordering::Acquire);
+                        if spte.mmio_generation() == gen & crate::spte::MMIO_GEN_MASK {
+                            // KVM's handle_mmio_page_fault: no memslot lookup needed.
+                            self.fast_mmio.fetch_add(1, Ordering::Relaxed);
+                            return Err(Exit::Mmio {
+                                gpa,
+                                write: kind == AccessKind::Write,
+                            });
+                        }
+                    }
+                    // Stale MMIO SPTE: the fault path replaces it.
+                    match self.page_fault(gpa, ErrorCode::for_access(kind))? {
+                        FaultOutcome::Mapped(_) | FaultOutcome::Spurious => {}
+                        FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                            return Err(Exit::Mmio {
+                                gpa,
+                                write: kind == AccessKind::Write,
+                            })
+                        }
+                    }
+                }
+            }
+        }
+        Err(Exit::Error(Error::FaultLoop { gpa }))
+    }
+
+    /// A guest read of `gpa`.
+    pub fn read(&self, vcpu: &mut Vcpu, gpa: Gpa) -> Result<Hpa, Exit> {
+        self.access(vcpu, gpa, AccessKind::Read)
+    }
+    /// A guest write of `gpa`.
+    pub fn write(&self, vcpu: &mut Vcpu, gpa: Gpa) -> Result<Hpa, Exit> {
+        self.access(vcpu, gpa, AccessKind::Write)
+    }
+
+    fn check_range(&self, start: Gfn, end: Gfn) -> Result<(), Error> {
+        let max = 1u64 << (self.config.limits.gpa_bits - PAGE_SHIFT as u8);
+        if start >= end || end.0 > max {
+            return Err(Error::InvalidRange {
+                start: start.0,
+                end: end.0,
+            });
+        }
+        Ok(())
+    }
+
+    /// Zap every mapping of gfns in `[start, end)`, flush, free emptied tables.
+    pub fn zap_gfn_range(&self, start: Gfn, end: Gfn) -> Result<(), Error> {
+        self.check_range(start, end)?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let flush = st.mmu.zap_gfn_range(&mut st.slots, start, end);
+        self.commit(st, flush);
+        Ok(())
+    }
+
+    /// Zap every mapping of memslot `slot` (the slot stays).
+    pub fn zap_memslot(&self, slot: u32) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let (start, end) = (s.base_gfn, s.end_gfn());
+        let flush = st.mmu.zap_gfn_range(&mut st.slots, start, end);
+        self.commit(st, flush);
+        Ok(())
+    }
+
+    /// Zap everything (KVM's `kvm_mmu_zap_all`); the root stays.
+    pub fn zap_all(&self) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let flush = st.mmu.zap_all(&mut st.slots);
+        self.commit(st, flush);
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VmStats {
+        let st = self.lock();
+        VmStats {
+            remote_tlb_flushes: self.remote_flushes.load(Ordering::Relaxed),
+            fast_mmio_exits: self.fast_mmio.load(Ordering::Relaxed),
+            mmu: st.mmu.stats(),
+            shadow_pages: st.mmu.pages().len(),
+            rmap_descs: st.mmu.pool().in_use(),
+        }
+    }
+
+    /// Run the audit (see [`crate::audit`]) under the lock.
+    pub fn audit(&self) -> Result<crate::audit::AuditReport, crate::audit::AuditError> {
+        let st = self.lock();
+        crate::audit::audit(&st.slots, &st.mmu)
+    }
+
+    /// Run `f` with the memslots and the MMU under the lock (for tests, audits and
+    /// benchmarks that look inside).
+    pub fn with_mmu<R>(&self, f: impl FnOnce(&Memslots, &ShadowMmu<Arc<A>>) -> R) -> R {
+        let st = self.lock();
+        f(&st.slots, &st.mmu)
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator> Drop for Vm<H, A> {
+    fn drop(&mut self) {
+        let st = self.state.get_mut();
+        // SAFETY: the VM is going away; vCPUs borrow it, so none can run.
+        unsafe { st.mmu.destroy(&mut st.slots) };
+    }
+}
