@@ -58,11 +58,18 @@ macro_rules! ensure {
 }
 
 /// Check every invariant of `mmu` against `slots`.
-pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<AuditReport, AuditError> {
+pub fn audit<A: TableAllocator>(
+    slots: &Memslots,
+    mmu: &ShadowMmu<A>,
+) -> Result<AuditReport, AuditError> {
     let mut rep = AuditReport::default();
     let pages = mmu.pages();
     let pool = mmu.pool();
-    ensure!(mmu.invalid_pages() == 0, "{} pages wait for a flush at a quiescent point", mmu.invalid_pages());
+    ensure!(
+        mmu.invalid_pages() == 0,
+        "{} pages wait for a flush at a quiescent point",
+        mmu.invalid_pages()
+    );
 
     for (id, sp) in pages.iter() {
         rep.pages += 1;
@@ -78,7 +85,10 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
                 continue;
             }
             if !spte.is_shadow_present() {
-                ensure!(spte.0 == 0, "non-present SPTE {sref:?} is not zero: {spte:?}");
+                ensure!(
+                    spte.0 == 0,
+                    "non-present SPTE {sref:?} is not zero: {spte:?}"
+                );
                 ensure!(sp.child(i) == 0, "empty SPTE {sref:?} has a child recorded");
                 continue;
             }
@@ -95,7 +105,10 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
                     level.name()
                 );
                 let slot = slots.lookup(gfn);
-                ensure!(slot.is_some(), "leaf {sref:?} maps gfn {gfn:?} outside every memslot");
+                ensure!(
+                    slot.is_some(),
+                    "leaf {sref:?} maps gfn {gfn:?} outside every memslot"
+                );
                 let slot = slot.expect("checked");
                 ensure!(
                     slot.contains(crate::types::Gfn(gfn.0 + level.pages() - 1)),
@@ -116,34 +129,65 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
                 let n = rmap::iter(slot.rmap_head(gfn, level), pool)
                     .filter(|&r| r == sref)
                     .count();
-                ensure!(n == 1, "leaf {sref:?} appears {n} times in the rmap of gfn {gfn:?}");
+                ensure!(
+                    n == 1,
+                    "leaf {sref:?} appears {n} times in the rmap of gfn {gfn:?}"
+                );
             } else {
                 rep.nonleaves += 1;
                 let child = sp.child(i);
                 let csp = pages.try_get(child);
-                ensure!(csp.is_some(), "non-leaf {sref:?} has no child page (id {child})");
+                ensure!(
+                    csp.is_some(),
+                    "non-leaf {sref:?} has no child page (id {child})"
+                );
                 let csp = csp.expect("checked");
-                ensure!(csp.frame == spte.pfn(), "non-leaf {sref:?} frame differs from child {child}");
-                ensure!(Some(csp.role.level()) == level.below(), "child {child} of {sref:?} has the wrong level");
-                ensure!(csp.gfn == gfn, "child {child} of {sref:?} has gfn {:?}, expected {gfn:?}", csp.gfn);
+                ensure!(
+                    csp.frame == spte.pfn(),
+                    "non-leaf {sref:?} frame differs from child {child}"
+                );
+                ensure!(
+                    Some(csp.role.level()) == level.below(),
+                    "child {child} of {sref:?} has the wrong level"
+                );
+                ensure!(
+                    csp.gfn == gfn,
+                    "child {child} of {sref:?} has gfn {:?}, expected {gfn:?}",
+                    csp.gfn
+                );
                 ensure!(
                     rmap::iter(csp.parent_ptes, pool).any(|p| p == sref),
                     "child {child} does not list parent {sref:?}"
                 );
             }
         }
-        ensure!(present == sp.present as u32, "page {id}: present count {} but {present} present", sp.present);
-        ensure!(mmio == sp.mmio as u32, "page {id}: mmio count {} but {mmio} MMIO", sp.mmio);
-        rmap::check(sp.parent_ptes, pool).map_err(|e| AuditError(format!("page {id} parent_ptes: {e}")))?;
+        ensure!(
+            present == sp.present as u32,
+            "page {id}: present count {} but {present} present",
+            sp.present
+        );
+        ensure!(
+            mmio == sp.mmio as u32,
+            "page {id}: mmio count {} but {mmio} MMIO",
+            sp.mmio
+        );
+        rmap::check(sp.parent_ptes, pool)
+            .map_err(|e| AuditError(format!("page {id} parent_ptes: {e}")))?;
         for p in rmap::iter(sp.parent_ptes, pool) {
             let parent = pages.try_get(p.table_id());
             ensure!(parent.is_some(), "page {id} names a missing parent {p:?}");
-            ensure!(parent.expect("checked").child(p.index()) == id, "parent {p:?} does not point at page {id}");
+            ensure!(
+                parent.expect("checked").child(p.index()) == id,
+                "parent {p:?} does not point at page {id}"
+            );
         }
         if id == mmu.root_id() {
             ensure!(sp.parent_ptes.is_empty(), "the root has parents");
         } else {
-            ensure!(!sp.parent_ptes.is_empty(), "page {id} is unreachable but not zapped");
+            ensure!(
+                !sp.parent_ptes.is_empty(),
+                "page {id} is unreachable but not zapped"
+            );
         }
     }
 
@@ -152,8 +196,9 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
         for level in Level::LEAF_LEVELS {
             let shift = level.gfn_shift();
             for (k, &head) in slot.rmaps(level).iter().enumerate() {
-                let n = rmap::check(head, pool)
-                    .map_err(|e| AuditError(format!("slot {} rmap {} #{k}: {e}", slot.id, level.name())))?;
+                let n = rmap::check(head, pool).map_err(|e| {
+                    AuditError(format!("slot {} rmap {} #{k}: {e}", slot.id, level.name()))
+                })?;
                 descs += rmap::desc_count(head, pool);
                 let gfn = crate::types::Gfn(((slot.base_gfn.0 >> shift) + k as u64) << shift);
                 for sref in rmap::iter(head, pool) {
@@ -166,7 +211,10 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
                         "rmap entry {sref:?} for gfn {gfn:?} is not a present {} leaf: {spte:?}",
                         level.name()
                     );
-                    ensure!(sp.gfn_at(sref.index()) == gfn, "rmap entry {sref:?} maps another gfn");
+                    ensure!(
+                        sp.gfn_at(sref.index()) == gfn,
+                        "rmap entry {sref:?} maps another gfn"
+                    );
                 }
                 rep.rmap_entries += n;
             }
@@ -181,7 +229,11 @@ pub fn audit<A: TableAllocator>(slots: &Memslots, mmu: &ShadowMmu<A>) -> Result<
     for (_, sp) in pages.iter() {
         descs += rmap::desc_count(sp.parent_ptes, pool);
     }
-    ensure!(descs == pool.in_use(), "pool has {} descriptors in use, heads hold {descs}", pool.in_use());
+    ensure!(
+        descs == pool.in_use(),
+        "pool has {} descriptors in use, heads hold {descs}",
+        pool.in_use()
+    );
     rep.mmio = pages.iter().map(|(_, p)| p.mmio as usize).sum();
     Ok(rep)
 }

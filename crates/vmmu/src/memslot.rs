@@ -110,7 +110,9 @@ pub struct DirtyBitmap {
 impl DirtyBitmap {
     fn new(npages: u64) -> Self {
         DirtyBitmap {
-            words: (0..npages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
+            words: (0..npages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
         }
     }
     /// Mark page `offset` dirty; returns whether it was clean. `Relaxed` is enough: the
@@ -161,7 +163,8 @@ impl Memslot {
         let last = Gfn(base_gfn.0 + npages - 1);
         let hva_page = region.userspace_addr / PAGE_SIZE;
         let count = |l: Level| level_index(last, base_gfn, l) + 1;
-        let rmap = Level::LEAF_LEVELS.map(|l| alloc::vec![RmapHead::default(); count(l)].into_boxed_slice());
+        let rmap = Level::LEAF_LEVELS
+            .map(|l| alloc::vec![RmapHead::default(); count(l)].into_boxed_slice());
         let disallow_lpage = [Level::L2M, Level::L1G].map(|l| {
             let n = count(l);
             let mut d = alloc::vec![0u32; n].into_boxed_slice();
@@ -263,7 +266,9 @@ impl Memslot {
     pub fn account_disallow_lpage(&mut self, gfn: Gfn, delta: i32) {
         for (i, l) in [Level::L2M, Level::L1G].into_iter().enumerate() {
             let c = &mut self.disallow_lpage[i][level_index(gfn, self.base_gfn, l)];
-            *c = c.checked_add_signed(delta).expect("disallow_lpage count underflow");
+            *c = c
+                .checked_add_signed(delta)
+                .expect("disallow_lpage count underflow");
         }
     }
     /// The dirty bitmap, while logging.
@@ -287,7 +292,11 @@ impl Memslot {
     /// Bytes of metadata (reverse-map heads, disallow counts, dirty bitmap).
     pub fn metadata_bytes(&self) -> usize {
         self.rmap.iter().map(|r| r.len() * 4).sum::<usize>()
-            + self.disallow_lpage.iter().map(|d| d.len() * 4).sum::<usize>()
+            + self
+                .disallow_lpage
+                .iter()
+                .map(|d| d.len() * 4)
+                .sum::<usize>()
             + self.dirty_bitmap.as_ref().map_or(0, |b| b.words.len() * 8)
     }
 }
@@ -409,13 +418,13 @@ impl Memslots {
             });
         }
         MemslotFlags::from_bits(r.flags.bits())?;
-        if r.memory_size % PAGE_SIZE != 0 {
+        if !r.memory_size.is_multiple_of(PAGE_SIZE) {
             return Err(Error::UnalignedSize(r.memory_size));
         }
-        if r.guest_phys_addr % PAGE_SIZE != 0 {
+        if !r.guest_phys_addr.is_multiple_of(PAGE_SIZE) {
             return Err(Error::UnalignedGuestPhysAddr(r.guest_phys_addr));
         }
-        if r.userspace_addr % PAGE_SIZE != 0 {
+        if !r.userspace_addr.is_multiple_of(PAGE_SIZE) {
             return Err(Error::UnalignedUserspaceAddr(r.userspace_addr));
         }
         let old = self.by_id(r.slot);
@@ -534,8 +543,14 @@ mod tests {
     #[test]
     fn create_lookup_delete() {
         let mut s = Memslots::new(MemslotLimits::default());
-        assert_eq!(set(&mut s, region(0, 0x10_0000, 0x20_0000)), Ok(SlotChange::Create));
-        assert_eq!(set(&mut s, region(1, 0x100_0000, 0x1000)), Ok(SlotChange::Create));
+        assert_eq!(
+            set(&mut s, region(0, 0x10_0000, 0x20_0000)),
+            Ok(SlotChange::Create)
+        );
+        assert_eq!(
+            set(&mut s, region(1, 0x100_0000, 0x1000)),
+            Ok(SlotChange::Create)
+        );
         assert_eq!(s.generation(), 2);
         assert_eq!(s.lookup(Gfn(0x100)).unwrap().id, 0);
         assert_eq!(s.lookup(Gfn(0x2ff)).unwrap().id, 0);
@@ -555,21 +570,42 @@ mod tests {
         set(&mut s, region(0, 0x10_0000, 0x20_0000)).unwrap();
         let gen = s.generation();
         let cases = [
-            (region(40000, 0, 0x1000), Error::InvalidSlotId { slot: 40000, limit: 32768 }),
-            (region(1, 0x1001, 0x1000), Error::UnalignedGuestPhysAddr(0x1001)),
+            (
+                region(40000, 0, 0x1000),
+                Error::InvalidSlotId {
+                    slot: 40000,
+                    limit: 32768,
+                },
+            ),
+            (
+                region(1, 0x1001, 0x1000),
+                Error::UnalignedGuestPhysAddr(0x1001),
+            ),
             (region(1, 0, 0x1001), Error::UnalignedSize(0x1001)),
             (region(1, 0, 0), Error::ZeroSize { slot: 1 }),
-            (region(1, 0x1f_f000, 0x2000), Error::Overlap { slot: 1, other: 0 }),
+            (
+                region(1, 0x1f_f000, 0x2000),
+                Error::Overlap { slot: 1, other: 0 },
+            ),
             (region(0, 0x10_0000, 0x1000), Error::SlotResize { slot: 0 }),
-            (region(1, 1 << 48, 0x1000), Error::BeyondGuestPhysWidth { end: (1 << 48) + 0x1000, width_bits: 48 }),
-            (region(1, u64::MAX & !0xfff, 0x2000), Error::AddressOverflow),
+            (
+                region(1, 1 << 48, 0x1000),
+                Error::BeyondGuestPhysWidth {
+                    end: (1 << 48) + 0x1000,
+                    width_bits: 48,
+                },
+            ),
+            (region(1, !0xfff, 0x2000), Error::AddressOverflow),
         ];
         for (r, e) in cases {
             assert_eq!(s.check(&r), Err(e));
         }
         let mut bad_hva = region(1, 0, 0x1000);
         bad_hva.userspace_addr += 8;
-        assert_eq!(s.check(&bad_hva), Err(Error::UnalignedUserspaceAddr(bad_hva.userspace_addr)));
+        assert_eq!(
+            s.check(&bad_hva),
+            Err(Error::UnalignedUserspaceAddr(bad_hva.userspace_addr))
+        );
         let mut ro = region(0, 0x10_0000, 0x20_0000);
         ro.flags = MemslotFlags::READONLY;
         assert_eq!(s.check(&ro), Err(Error::ReadonlyFlagChange { slot: 0 }));
@@ -577,7 +613,10 @@ mod tests {
         moved_hva.userspace_addr += 0x1000;
         assert_eq!(s.check(&moved_hva), Err(Error::SlotHvaChange { slot: 0 }));
         set(&mut s, region(1, 0, 0x1000)).unwrap();
-        assert_eq!(s.check(&region(2, 0x100_0000, 0x1000)), Err(Error::TooManySlots { max: 2 }));
+        assert_eq!(
+            s.check(&region(2, 0x100_0000, 0x1000)),
+            Err(Error::TooManySlots { max: 2 })
+        );
         assert_eq!(MemslotFlags::from_bits(4), Err(Error::InvalidFlags(4)));
         assert_eq!(s.generation(), gen + 1);
         assert_eq!(s.len(), 2);
@@ -589,10 +628,20 @@ mod tests {
         set(&mut s, region(3, 0x20_0000, 0x40_0000)).unwrap();
         let mut r = region(3, 0x80_0000, 0x40_0000);
         r.userspace_addr = 0x7f00_0000_0000 + 0x20_0000;
-        assert_eq!(set(&mut s, r), Ok(SlotChange::Move { old_base: Gfn(0x200) }));
+        assert_eq!(
+            set(&mut s, r),
+            Ok(SlotChange::Move {
+                old_base: Gfn(0x200)
+            })
+        );
         assert_eq!(s.by_id(3).unwrap().base_gfn, Gfn(0x800));
         r.flags = MemslotFlags::LOG_DIRTY_PAGES;
-        assert_eq!(set(&mut s, r), Ok(SlotChange::FlagsOnly { old: MemslotFlags::empty() }));
+        assert_eq!(
+            set(&mut s, r),
+            Ok(SlotChange::FlagsOnly {
+                old: MemslotFlags::empty()
+            })
+        );
         let slot = s.by_id(3).unwrap();
         assert!(slot.is_logging());
         assert_eq!(slot.max_mapping_level(Gfn(0x800), Level::L1G), Level::L4K);
@@ -622,7 +671,15 @@ mod tests {
         assert_eq!(slot.rmaps(Level::L2M).len(), 4);
         // Guest and host not congruent modulo 2 MiB: nothing huge.
         let mut s = Memslots::new(MemslotLimits::default());
-        set(&mut s, MemoryRegion { userspace_addr: 0x7f00_0000_1000, guest_phys_addr: 0, ..r }).unwrap();
+        set(
+            &mut s,
+            MemoryRegion {
+                userspace_addr: 0x7f00_0000_1000,
+                guest_phys_addr: 0,
+                ..r
+            },
+        )
+        .unwrap();
         let slot = s.by_id(0).unwrap();
         assert!((0..3).all(|i| slot.max_mapping_level(gfn(2 * i), Level::L1G) == Level::L4K));
     }

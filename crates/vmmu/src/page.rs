@@ -165,7 +165,8 @@ impl ShadowPage {
 
     #[inline]
     fn account(&mut self, old: Spte, new: Spte) {
-        self.present = self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
+        self.present =
+            self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
         self.mmio = self.mmio + new.is_mmio() as u16 - old.is_mmio() as u16;
     }
 
@@ -218,7 +219,13 @@ impl Pages {
 
     /// Allocate a table and create a page for it. `None` when the allocator is out of
     /// frames or the id space (22 bits) is exhausted.
-    pub fn create(&mut self, alloc: &dyn TableAllocator, role: Role, gfn: Gfn, gen: u64) -> Option<u32> {
+    pub fn create(
+        &mut self,
+        alloc: &dyn TableAllocator,
+        role: Role,
+        gfn: Gfn,
+        gen: u64,
+    ) -> Option<u32> {
         let id = match self.free_ids.pop() {
             Some(id) => id,
             None => {
@@ -279,7 +286,9 @@ impl Pages {
     /// Nothing may read the table any more: it is unlinked and a TLB flush since the
     /// unlink has made every vCPU leave guest mode.
     pub unsafe fn free(&mut self, alloc: &dyn TableAllocator, id: u32) {
-        let sp = self.slots[id as usize].take().expect("double free of a shadow page");
+        let sp = self.slots[id as usize]
+            .take()
+            .expect("double free of a shadow page");
         // SAFETY: forwarded from the caller.
         unsafe { alloc.free_table(sp.frame) };
         self.free_ids.push(id);
@@ -319,10 +328,7 @@ impl Pages {
     pub fn metadata_bytes(&self) -> usize {
         self.slots.capacity() * core::mem::size_of::<Option<ShadowPage>>()
             + self.free_ids.capacity() * 4
-            + self
-                .iter()
-                .filter(|(_, p)| p.children.is_some())
-                .count()
+            + self.iter().filter(|(_, p)| p.children.is_some()).count()
                 * core::mem::size_of::<[u32; SPTE_ENT_PER_PAGE]>()
     }
 }
@@ -346,8 +352,12 @@ mod tests {
     fn store_reuses_ids_and_frees_frames() {
         let a = HeapTableAllocator::new();
         let mut pages = Pages::new();
-        let x = pages.create(&a, Role::direct(Level::L4K), Gfn(0), 0).unwrap();
-        let y = pages.create(&a, Role::direct(Level::L2M), Gfn(0), 0).unwrap();
+        let x = pages
+            .create(&a, Role::direct(Level::L4K), Gfn(0), 0)
+            .unwrap();
+        let y = pages
+            .create(&a, Role::direct(Level::L2M), Gfn(0), 0)
+            .unwrap();
         assert_ne!(x, 0);
         assert_ne!(x, y);
         assert_eq!(pages.get(x).child(3), 0);
@@ -357,7 +367,9 @@ mod tests {
         // SAFETY: nothing reads the tables.
         unsafe { pages.free(&a, x) };
         assert!(pages.try_get(x).is_none());
-        let z = pages.create(&a, Role::direct(Level::L4K), Gfn(0), 0).unwrap();
+        let z = pages
+            .create(&a, Role::direct(Level::L4K), Gfn(0), 0)
+            .unwrap();
         assert_eq!(z, x, "freed ids are reused");
         assert_eq!(pages.len(), 2);
         for id in pages.ids() {

@@ -188,7 +188,10 @@ mod tests {
         assert_eq!(t.fetch_or(3, 1 << 8), Spte(0x1234));
         assert_eq!(t.get(3), Spte(0x1334));
         assert_eq!(t.fetch_and_not(3, 1 << 8), Spte(0x1334));
-        assert_eq!(t.compare_exchange(3, Spte(0x1234), Spte(7)), Ok(Spte(0x1234)));
+        assert_eq!(
+            t.compare_exchange(3, Spte(0x1234), Spte(7)),
+            Ok(Spte(0x1234))
+        );
         assert_eq!(t.compare_exchange(3, Spte(0x1234), Spte(8)), Err(Spte(7)));
         assert_eq!(t.swap(3, Spte::NONE), Spte(7));
         assert_eq!((a.allocated(), a.freed()), (1, 0));

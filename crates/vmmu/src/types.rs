@@ -393,6 +393,9 @@ mod tests {
         assert!(AccessFlags::ALL.contains(rw));
         assert!(!AccessFlags::NONE.contains(rw));
         assert_eq!(AccessFlags::ALL.without(rw).bits(), 5);
-        assert_eq!(rw.union(AccessFlags::EXEC).intersect(AccessFlags::EXEC), AccessFlags::EXEC);
+        assert_eq!(
+            rw.union(AccessFlags::EXEC).intersect(AccessFlags::EXEC),
+            AccessFlags::EXEC
+        );
     }
 }

@@ -107,7 +107,8 @@ impl<H: HostMemory> Vm<H, HeapTableAllocator> {
     /// # Panics
     /// If the root table cannot be allocated.
     pub fn new(config: VmConfig, host: H) -> Self {
-        Self::with_allocator(config, host, Arc::new(HeapTableAllocator::new())).expect("allocate the root table")
+        Self::with_allocator(config, host, Arc::new(HeapTableAllocator::new()))
+            .expect("allocate the root table")
     }
 }
 
@@ -195,7 +196,9 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             }
             SlotChange::FlagsOnly { old }
                 if !old.contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES)
-                    && region.flags.contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES) =>
+                    && region
+                        .flags
+                        .contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES) =>
             {
                 // Logging starts: every later write must fault to be logged, and only 4K
                 // mappings may exist. Zapping the slot gives both.
@@ -207,7 +210,8 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         };
         self.commit(st, flush);
         st.slots.apply(&region, change);
-        self.mmio_generation.store(st.slots.generation(), Ordering::Release);
+        self.mmio_generation
+            .store(st.slots.generation(), Ordering::Release);
         Ok(())
     }
 
@@ -221,7 +225,9 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let (outcome, flush) = st.mmu.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
+        let (outcome, flush) = st
+            .mmu
+            .direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
         self.commit(st, flush);
         Ok(outcome)
     }

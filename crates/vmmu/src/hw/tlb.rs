@@ -66,7 +66,10 @@ impl Tlb {
     #[inline]
     fn slot(level: Level, gfn: Gfn) -> (usize, u64) {
         let page = gfn.0 >> level.gfn_shift();
-        ((page as usize) & (SETS[level.leaf_index()] - 1), (page << level.gfn_shift()) + 1)
+        (
+            (page as usize) & (SETS[level.leaf_index()] - 1),
+            (page << level.gfn_shift()) + 1,
+        )
     }
 
     /// A translation of `gfn` that allows `kind`, if cached. Returns the pfn of `gfn`.
@@ -100,7 +103,13 @@ impl Tlb {
     }
 
     /// A new entry (tag filled in by [`fill`](Self::fill)).
-    pub fn entry(pfn: Pfn, level: Level, writable: bool, executable: bool, dirty: bool) -> TlbEntry {
+    pub fn entry(
+        pfn: Pfn,
+        level: Level,
+        writable: bool,
+        executable: bool,
+        dirty: bool,
+    ) -> TlbEntry {
         TlbEntry {
             tag: 0,
             pfn,
@@ -138,8 +147,14 @@ mod tests {
         // Writable but D clear: a write must re-walk.
         assert_eq!(t.lookup(Gfn(5), AccessKind::Write), None);
         assert_eq!(t.lookup(Gfn(5), AccessKind::Fetch), None);
-        t.fill(Gfn(0x200 + 7), Tlb::entry(Pfn(0x400), Level::L2M, true, true, true));
-        assert_eq!(t.lookup(Gfn(0x200 + 9), AccessKind::Write), Some(Pfn(0x409)));
+        t.fill(
+            Gfn(0x200 + 7),
+            Tlb::entry(Pfn(0x400), Level::L2M, true, true, true),
+        );
+        assert_eq!(
+            t.lookup(Gfn(0x200 + 9), AccessKind::Write),
+            Some(Pfn(0x409))
+        );
         assert_eq!(t.lookup(Gfn(0x400), AccessKind::Read), None);
         t.flush();
         assert_eq!(t.lookup(Gfn(5), AccessKind::Read), None);

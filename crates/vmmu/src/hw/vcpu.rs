@@ -75,7 +75,9 @@ impl Vcpu {
             if self.shared.requests.load(Ordering::SeqCst) == 0 {
                 return;
             }
-            self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+            self.shared
+                .mode
+                .store(OUTSIDE_GUEST_MODE, Ordering::Release);
             if self.shared.requests.swap(0, Ordering::AcqRel) & REQ_TLB_FLUSH != 0 {
                 self.tlb.flush();
             }
@@ -85,7 +87,9 @@ impl Vcpu {
     /// Leave guest mode (a VM exit).
     #[inline]
     pub(crate) fn exit_guest(&mut self) {
-        self.shared.mode.store(OUTSIDE_GUEST_MODE, Ordering::Release);
+        self.shared
+            .mode
+            .store(OUTSIDE_GUEST_MODE, Ordering::Release);
     }
 
     /// The TLB.

@@ -89,13 +89,7 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
             } else {
                 spte
             };
-            return Ok(Tlb::entry(
-                spte.pfn(),
-                level,
-                r && w,
-                x,
-                spte.is_dirty(),
-            ));
+            return Ok(Tlb::entry(spte.pfn(), level, r && w, x, spte.is_dirty()));
         }
     }
 }
@@ -106,7 +100,10 @@ fn violation(gpa: Gpa, kind: AccessKind, present: bool) -> WalkExit {
     if present {
         ec = ec | ErrorCode::PRESENT;
     }
-    WalkExit::Violation { gpa, error_code: ec }
+    WalkExit::Violation {
+        gpa,
+        error_code: ec,
+    }
 }
 
 /// The pfn backing `gfn` under a leaf entry.

@@ -60,7 +60,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
             if old.is_mmio() {
                 sp.spte_update(i, mmio);
             } else {
-                debug_assert!(old == Spte::NONE, "non-MMIO SPTE for a gfn outside every slot");
+                debug_assert!(
+                    old == Spte::NONE,
+                    "non-MMIO SPTE for a gfn outside every slot"
+                );
                 sp.spte_set(i, mmio);
             }
             self.stats.mmio_faults += 1;
@@ -70,7 +73,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
             return Ok((FaultOutcome::ReadOnlyWrite, flush));
         }
         let hva = slot.gfn_to_hva(gfn);
-        let host_page = host.translate(hva).ok_or(Error::NoHostMapping { gpa, hva })?;
+        let host_page = host
+            .translate(hva)
+            .ok_or(Error::NoHostMapping { gpa, hva })?;
         if write && !host_page.writable {
             return Err(Error::HostReadOnly { gpa, hva });
         }
@@ -114,7 +119,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     return Ok((FaultOutcome::ReadOnlyWrite, flush));
                 }
                 // Write to a present read-only leaf that may become writable.
-                let upgraded = old.with_bits(crate::spte::bits::WRITABLE | crate::spte::bits::DIRTY);
+                let upgraded =
+                    old.with_bits(crate::spte::bits::WRITABLE | crate::spte::bits::DIRTY);
                 self.pages.get_mut(id).spte_update(i, upgraded);
                 self.mark_dirty(slots, gfn, write);
                 return Ok((FaultOutcome::Mapped(level), flush));
@@ -128,7 +134,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
         }
         self.pages.get_mut(id).spte_set(i, new);
         let slot = slots.lookup_mut(gfn).expect("slot found above");
-        rmap::add(slot.rmap_head_mut(base_gfn, level), SpteRef::new(id, i), &mut self.pool);
+        rmap::add(
+            slot.rmap_head_mut(base_gfn, level),
+            SpteRef::new(id, i),
+            &mut self.pool,
+        );
         self.stats.leaves_installed += 1;
         self.mark_dirty(slots, gfn, write);
         Ok((FaultOutcome::Mapped(level), flush))
@@ -150,7 +160,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// and dropping huge leaves in the way (KVM's `for_each_shadow_entry` with
     /// `kvm_mmu_get_child_sp`). This is the shadow MMU's one walker toward an address.
     /// Returns the id of the table at `level`.
-    pub(crate) fn walk_to(&mut self, slots: &mut Memslots, gfn: Gfn, level: Level, flush: &mut Flush) -> Result<u32, Error> {
+    pub(crate) fn walk_to(
+        &mut self,
+        slots: &mut Memslots,
+        gfn: Gfn,
+        level: Level,
+        flush: &mut Flush,
+    ) -> Result<u32, Error> {
         let mut id = self.root;
         let mut cur = Level::ROOT;
         while cur > level {

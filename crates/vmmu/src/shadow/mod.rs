@@ -114,7 +114,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
 
     /// Clear the leaf SPTE at (`id`, `i`) of `level` and take it out of its gfn's reverse
     /// map (KVM's `drop_spte`). The caller owes a flush.
-    pub(crate) fn drop_leaf(&mut self, slots: &mut Memslots, id: u32, i: usize, level: Level) -> Spte {
+    pub(crate) fn drop_leaf(
+        &mut self,
+        slots: &mut Memslots,
+        id: u32,
+        i: usize,
+        level: Level,
+    ) -> Spte {
         let sp = self.pages.get_mut(id);
         let gfn = sp.gfn_at(i);
         let old = sp.spte_clear(i);
@@ -122,7 +128,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let slot = slots
             .lookup_mut(gfn)
             .expect("present leaf SPTE outside every memslot");
-        let removed = rmap::remove(slot.rmap_head_mut(gfn, level), SpteRef::new(id, i), &mut self.pool);
+        let removed = rmap::remove(
+            slot.rmap_head_mut(gfn, level),
+            SpteRef::new(id, i),
+            &mut self.pool,
+        );
         debug_assert!(removed, "leaf SPTE missing from its reverse map");
         self.stats.leaves_zapped += 1;
         old

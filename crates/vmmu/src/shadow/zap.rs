@@ -108,9 +108,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 continue;
             }
             let mut parents = Vec::new();
-            rmap::for_each_destroy(&mut self.pages.get_mut(id).parent_ptes, &mut self.pool, |p| {
-                parents.push(p)
-            });
+            rmap::for_each_destroy(
+                &mut self.pages.get_mut(id).parent_ptes,
+                &mut self.pool,
+                |p| parents.push(p),
+            );
             for p in parents {
                 let parent = self.pages.get_mut(p.table_id());
                 parent.spte_clear(p.index());
