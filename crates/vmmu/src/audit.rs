@@ -195,6 +195,7 @@ pub fn audit<A: TableAllocator>(
     for slot in slots.iter() {
         for level in Level::LEAF_LEVELS {
             let shift = level.gfn_shift();
+            let mut level_entries = 0u64;
             for (k, &head) in slot.rmaps(level).iter().enumerate() {
                 let n = rmap::check(head, pool).map_err(|e| {
                     AuditError(format!("slot {} rmap {} #{k}: {e}", slot.id, level.name()))
@@ -217,7 +218,15 @@ pub fn audit<A: TableAllocator>(
                     );
                 }
                 rep.rmap_entries += n;
+                level_entries += n as u64;
             }
+            ensure!(
+                level_entries == slot.rmap_entries(level),
+                "slot {} counts {} {} rmap entries, its heads hold {level_entries}",
+                slot.id,
+                slot.rmap_entries(level),
+                level.name()
+            );
         }
     }
     ensure!(

@@ -125,6 +125,9 @@ pub enum HostError {
     TooLarge,
 }
 
+#[cfg(feature = "std")]
+impl std::error::Error for HostError {}
+
 impl fmt::Display for HostError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

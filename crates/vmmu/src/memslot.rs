@@ -19,7 +19,7 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crate::error::Error;
-use crate::rmap::RmapHead;
+use crate::rmap::{self, DescPool, RmapHead, SpteRef};
 use crate::types::{Gfn, Hva, Level, PAGE_SIZE};
 
 /// Memslot flags, as KVM's `KVM_MEM_*`.
@@ -146,6 +146,8 @@ pub struct Memslot {
     /// Flags.
     pub flags: MemslotFlags,
     rmap: [Box<[RmapHead]>; 3],
+    /// Entries in each level's reverse maps, so walks skip levels with nothing mapped.
+    rmap_entries: [u64; 3],
     disallow_lpage: [Box<[u32]>; 2],
     dirty_bitmap: Option<DirtyBitmap>,
 }
@@ -189,6 +191,7 @@ impl Memslot {
             userspace_addr: Hva(region.userspace_addr),
             flags: region.flags,
             rmap,
+            rmap_entries: [0; 3],
             disallow_lpage,
             dirty_bitmap: None,
         };
@@ -235,21 +238,72 @@ impl Memslot {
     pub fn rmap_head(&self, gfn: Gfn, level: Level) -> RmapHead {
         self.rmap[level.leaf_index()][level_index(gfn, self.base_gfn, level)]
     }
-    /// The reverse-map head for `gfn` at `level`, mutably.
-    #[inline]
-    pub fn rmap_head_mut(&mut self, gfn: Gfn, level: Level) -> &mut RmapHead {
-        &mut self.rmap[level.leaf_index()][level_index(gfn, self.base_gfn, level)]
-    }
     /// Every reverse-map head at `level`, the first being the level-page containing
     /// `base_gfn`.
     #[inline]
     pub fn rmaps(&self, level: Level) -> &[RmapHead] {
         &self.rmap[level.leaf_index()]
     }
-    /// Every reverse-map head at `level`, mutably.
+    /// Entries in the reverse maps of `level`.
     #[inline]
-    pub fn rmaps_mut(&mut self, level: Level) -> &mut [RmapHead] {
-        &mut self.rmap[level.leaf_index()]
+    pub fn rmap_entries(&self, level: Level) -> u64 {
+        self.rmap_entries[level.leaf_index()]
+    }
+    /// Add `sref` to the reverse map of `gfn` at `level` (KVM's `rmap_add`).
+    #[inline]
+    pub fn rmap_add(&mut self, gfn: Gfn, level: Level, sref: SpteRef, pool: &mut DescPool) {
+        let l = level.leaf_index();
+        rmap::add(
+            &mut self.rmap[l][level_index(gfn, self.base_gfn, level)],
+            sref,
+            pool,
+        );
+        self.rmap_entries[l] += 1;
+    }
+    /// Remove `sref` from the reverse map of `gfn` at `level` (KVM's `rmap_remove`);
+    /// false if it was not there.
+    #[inline]
+    pub fn rmap_remove(
+        &mut self,
+        gfn: Gfn,
+        level: Level,
+        sref: SpteRef,
+        pool: &mut DescPool,
+    ) -> bool {
+        let l = level.leaf_index();
+        let removed = rmap::remove(
+            &mut self.rmap[l][level_index(gfn, self.base_gfn, level)],
+            sref,
+            pool,
+        );
+        self.rmap_entries[l] -= removed as u64;
+        removed
+    }
+    /// Empty the reverse maps of `level` covering gfns `[lo, hi)` (which must lie in the
+    /// slot), calling `f` on every entry before its list is destroyed in one pass
+    /// (seed 003). Returns the number of entries.
+    pub fn rmap_destroy_range(
+        &mut self,
+        level: Level,
+        lo: Gfn,
+        hi: Gfn,
+        pool: &mut DescPool,
+        mut f: impl FnMut(SpteRef),
+    ) -> u64 {
+        let l = level.leaf_index();
+        if self.rmap_entries[l] == 0 || lo >= hi {
+            return 0;
+        }
+        let first = level_index(lo, self.base_gfn, level);
+        let last = level_index(Gfn(hi.0 - 1), self.base_gfn, level);
+        let mut n = 0u64;
+        for head in &mut self.rmap[l][first..=last] {
+            if !head.is_empty() {
+                n += rmap::for_each_destroy(head, pool, &mut f) as u64;
+            }
+        }
+        self.rmap_entries[l] -= n;
+        n
     }
     /// Reasons not to map the huge page of `level` containing `gfn` (0 = may map huge).
     #[inline]

@@ -20,7 +20,9 @@ use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::spte::Spte;
+use crate::sync::Mutex;
 use crate::types::{Pfn, PAGE_SHIFT, SPTE_ENT_PER_PAGE};
+use alloc::vec::Vec;
 
 /// One page table: 512 SPTEs in one 4 KiB-aligned frame.
 #[repr(C, align(4096))]
@@ -104,18 +106,53 @@ pub unsafe trait TableAllocator: Send + Sync {
     fn table_ptr(&self, frame: Pfn) -> NonNull<Table>;
 }
 
-/// Tables from the global heap. The "host-physical" frame number of a table is its
-/// virtual address shifted right by 12, so `table_ptr` is a shift, as a direct map would be.
-#[derive(Default)]
+/// Tables from the global heap, carved out of 2 MiB chunks and recycled through a free
+/// list, as KVM recycles shadow pages through a kmem cache. The "host-physical" frame
+/// number of a table is its virtual address shifted right by 12, so `table_ptr` is a
+/// shift, as a direct map would be.
+///
+/// Freed frames are kept for reuse and zeroed when handed out again; chunks go back to
+/// the heap when the allocator is dropped (after every table is freed).
 pub struct HeapTableAllocator {
+    pool: Mutex<FramePool>,
     allocated: AtomicU64,
     freed: AtomicU64,
+}
+
+struct FramePool {
+    chunks: Vec<NonNull<u8>>,
+    /// Frames freed and not yet reused (dirty: zeroed on reuse).
+    free: Vec<Pfn>,
+    /// Frames of the newest chunk never handed out (still zero from the chunk's
+    /// allocation): next one and end.
+    fresh: (u64, u64),
+}
+
+// SAFETY: the chunk pointers are owned heap allocations, only touched under the mutex.
+unsafe impl Send for FramePool {}
+
+/// Tables per chunk (2 MiB).
+const CHUNK_TABLES: usize = 512;
+const CHUNK_LAYOUT: Layout = match Layout::from_size_align(CHUNK_TABLES * 4096, 4096) {
+    Ok(l) => l,
+    Err(_) => panic!("chunk layout"),
+};
+
+impl Default for HeapTableAllocator {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl HeapTableAllocator {
     /// A new allocator.
     pub const fn new() -> Self {
         HeapTableAllocator {
+            pool: Mutex::new(FramePool {
+                chunks: Vec::new(),
+                free: Vec::new(),
+                fresh: (0, 0),
+            }),
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
         }
@@ -128,26 +165,53 @@ impl HeapTableAllocator {
     pub fn freed(&self) -> u64 {
         self.freed.load(Ordering::Relaxed)
     }
+    /// Tables handed out and not given back.
+    pub fn live(&self) -> u64 {
+        self.allocated() - self.freed()
+    }
+    /// Bytes of heap the allocator holds (chunks), in use or not.
+    pub fn reserved_bytes(&self) -> usize {
+        self.pool.lock().chunks.len() * CHUNK_LAYOUT.size()
+    }
 }
 
-const TABLE_LAYOUT: Layout = Layout::new::<Table>();
+impl Drop for HeapTableAllocator {
+    fn drop(&mut self) {
+        for c in self.pool.get_mut().chunks.drain(..) {
+            // SAFETY: every chunk was allocated with CHUNK_LAYOUT and is freed once.
+            unsafe { alloc::alloc::dealloc(c.as_ptr(), CHUNK_LAYOUT) }
+        }
+    }
+}
 
-// SAFETY: frames are fresh zeroed heap allocations, identity-mapped by construction.
+// SAFETY: frames are 4 KiB pieces of chunks this allocator owns, zeroed before they are
+// handed out (fresh chunk memory is zero; reused frames are cleared), and identity-mapped.
 unsafe impl TableAllocator for HeapTableAllocator {
     fn alloc_table(&self) -> Option<Pfn> {
-        // SAFETY: the layout has non-zero size.
-        let p = unsafe { alloc::alloc::alloc_zeroed(TABLE_LAYOUT) };
-        if p.is_null() {
-            return None;
-        }
+        let mut pool = self.pool.lock();
+        let frame = if let Some(f) = pool.free.pop() {
+            // SAFETY: a freed frame of a live chunk; nobody else references it.
+            unsafe { core::ptr::write_bytes((f.0 << PAGE_SHIFT) as *mut u8, 0, 4096) };
+            f
+        } else {
+            if pool.fresh.0 == pool.fresh.1 {
+                // SAFETY: the layout has non-zero size.
+                let p = NonNull::new(unsafe { alloc::alloc::alloc_zeroed(CHUNK_LAYOUT) })?;
+                pool.chunks.push(p);
+                let first = p.as_ptr() as u64 >> PAGE_SHIFT;
+                pool.fresh = (first, first + CHUNK_TABLES as u64);
+            }
+            let f = Pfn(pool.fresh.0);
+            pool.fresh.0 += 1;
+            f
+        };
         self.allocated.fetch_add(1, Ordering::Relaxed);
-        Some(Pfn(p as u64 >> PAGE_SHIFT))
+        Some(frame)
     }
 
     unsafe fn free_table(&self, frame: Pfn) {
         self.freed.fetch_add(1, Ordering::Relaxed);
-        // SAFETY: the caller guarantees frame came from alloc_table with this layout.
-        unsafe { alloc::alloc::dealloc((frame.0 << PAGE_SHIFT) as *mut u8, TABLE_LAYOUT) }
+        self.pool.lock().free.push(frame);
     }
 
     #[inline]
@@ -185,6 +249,7 @@ mod tests {
         let t = unsafe { t.as_ref() };
         assert!((0..512).all(|i| t.get(i) == Spte::NONE));
         t.set(3, Spte(0x1234));
+        t.set(511, Spte(0x99));
         assert_eq!(t.fetch_or(3, 1 << 8), Spte(0x1234));
         assert_eq!(t.get(3), Spte(0x1334));
         assert_eq!(t.fetch_and_not(3, 1 << 8), Spte(0x1334));
@@ -198,5 +263,21 @@ mod tests {
         // SAFETY: allocated above, no reference used after this.
         unsafe { a.free_table(f) };
         assert_eq!((a.allocated(), a.freed()), (1, 1));
+        // A reused frame comes back zeroed.
+        let g = a.alloc_table().unwrap();
+        assert_eq!(g, f, "freed frames are reused");
+        // SAFETY: just allocated.
+        let t = unsafe { a.table_ptr(g).as_ref() };
+        assert!((0..512).all(|i| t.get(i) == Spte::NONE));
+        // A chunk's worth and more: every frame distinct and aligned.
+        let frames: Vec<Pfn> = (0..CHUNK_TABLES + 3)
+            .map(|_| a.alloc_table().unwrap())
+            .collect();
+        let mut sorted = frames.clone();
+        sorted.sort();
+        sorted.dedup();
+        assert_eq!(sorted.len(), frames.len());
+        assert_eq!(a.live(), CHUNK_TABLES as u64 + 4);
+        assert_eq!(a.reserved_bytes(), 2 * CHUNK_LAYOUT.size());
     }
 }

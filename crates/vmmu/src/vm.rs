@@ -59,6 +59,22 @@ pub enum Exit {
     Error(Error),
 }
 
+impl core::fmt::Display for Exit {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Exit::Mmio { gpa, write } => write!(
+                f,
+                "MMIO {} at gpa {gpa}: outside every memslot or a write to a READONLY slot",
+                if *write { "write" } else { "read" }
+            ),
+            Exit::Error(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+#[cfg(feature = "std")]
+impl std::error::Error for Exit {}
+
 impl From<Error> for Exit {
     fn from(e: Error) -> Self {
         Exit::Error(e)

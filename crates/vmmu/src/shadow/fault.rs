@@ -12,7 +12,7 @@ use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::page::Role;
-use crate::rmap::{self, SpteRef};
+use crate::rmap::SpteRef;
 use crate::spte::{LeafAttrs, Spte};
 use crate::table::TableAllocator;
 use crate::types::{ErrorCode, Gfn, Gpa, Level, Pfn};
@@ -134,11 +134,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         }
         self.pages.get_mut(id).spte_set(i, new);
         let slot = slots.lookup_mut(gfn).expect("slot found above");
-        rmap::add(
-            slot.rmap_head_mut(base_gfn, level),
-            SpteRef::new(id, i),
-            &mut self.pool,
-        );
+        slot.rmap_add(base_gfn, level, SpteRef::new(id, i), &mut self.pool);
         self.stats.leaves_installed += 1;
         self.mark_dirty(slots, gfn, write);
         Ok((FaultOutcome::Mapped(level), flush))

@@ -128,11 +128,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let slot = slots
             .lookup_mut(gfn)
             .expect("present leaf SPTE outside every memslot");
-        let removed = rmap::remove(
-            slot.rmap_head_mut(gfn, level),
-            SpteRef::new(id, i),
-            &mut self.pool,
-        );
+        let removed = slot.rmap_remove(gfn, level, SpteRef::new(id, i), &mut self.pool);
         debug_assert!(removed, "leaf SPTE missing from its reverse map");
         self.stats.leaves_zapped += 1;
         old

@@ -29,22 +29,14 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 continue;
             }
             for level in Level::LEAF_LEVELS {
-                let shift = level.gfn_shift();
-                let first = ((lo.0 >> shift) - (slot.base_gfn.0 >> shift)) as usize;
-                let last = (((hi.0 - 1) >> shift) - (slot.base_gfn.0 >> shift)) as usize;
                 let pages = &mut self.pages;
-                for head in &mut slot.rmaps_mut(level)[first..=last] {
-                    if head.is_empty() {
-                        continue;
+                zapped += slot.rmap_destroy_range(level, lo, hi, &mut self.pool, |sref| {
+                    let sp = pages.get_mut(sref.table_id());
+                    sp.spte_clear(sref.index());
+                    if sp.used() == 0 {
+                        emptied.push(sref.table_id());
                     }
-                    zapped += rmap::for_each_destroy(head, &mut self.pool, |sref| {
-                        let sp = pages.get_mut(sref.table_id());
-                        sp.spte_clear(sref.index());
-                        if sp.used() == 0 {
-                            emptied.push(sref.table_id());
-                        }
-                    }) as u64;
-                }
+                });
             }
         }
         self.stats.leaves_zapped += zapped;

@@ -1,0 +1,116 @@
+//! The guest most scenarios start from: one VM, one vCPU, one memslot of `--mem-gib` GiB
+//! backed by simulated host memory.
+
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value};
+
+use vmmu::host::{Backing, SimHostMemory};
+use vmmu::hw::Vcpu;
+use vmmu::types::{AccessKind, Gpa, PAGE_SIZE};
+use vmmu::{Exit, MemoryRegion, MemslotFlags, Vm, VmConfig};
+
+use super::{params, BenchConfig, BenchError, Context};
+
+/// Guest-physical address of the slot: above 4 GiB, as a VMM places high memory.
+const SLOT_GPA: u64 = 1 << 32;
+/// The slot every scenario uses.
+pub const SLOT: u32 = 0;
+
+/// How the host backs the slot, as the `backing` param names it.
+#[derive(Clone, Copy, Debug)]
+pub enum HostBacking {
+    /// 4 KiB host pages: the MMU can only map 4 KiB.
+    Page4K,
+    /// Transparent huge pages: the MMU may map 2 MiB.
+    Thp,
+}
+
+impl HostBacking {
+    /// Backings that `fault-in` and `zap` compare.
+    pub const ALL: [HostBacking; 2] = [HostBacking::Page4K, HostBacking::Thp];
+
+    /// Value of the `backing` param.
+    pub fn name(self) -> &'static str {
+        match self {
+            HostBacking::Page4K => "4k",
+            HostBacking::Thp => "2m",
+        }
+    }
+
+    /// The `params` of a record measured on this backing: `backing` and `mem_gib`.
+    pub fn params(self, config: &BenchConfig) -> Map<String, Value> {
+        params([
+            ("backing", json!(self.name())),
+            ("mem_gib", json!(config.mem_gib)),
+        ])
+    }
+
+    fn backing(self) -> Backing {
+        match self {
+            HostBacking::Page4K => Backing::Page4K,
+            HostBacking::Thp => Backing::Thp,
+        }
+    }
+}
+
+/// The VM type scenarios drive: simulated host memory, tables from the heap.
+pub type SimVm = Vm<Arc<SimHostMemory>>;
+
+/// A VM with one memslot, and what is needed to drive it. Dropping it tears the VM and
+/// its host memory down.
+pub struct Guest {
+    /// The VM under test.
+    pub vm: SimVm,
+    /// The vCPU that performs guest accesses.
+    pub vcpu: Vcpu,
+    /// Number of 4 KiB pages in the slot.
+    pub pages: u64,
+}
+
+impl Guest {
+    /// Maps `--mem-gib` GiB of host memory with `backing` and registers it as slot 0.
+    pub fn new(config: &BenchConfig, backing: HostBacking) -> Result<Self, BenchError> {
+        let size = config.mem_bytes();
+        let host = Arc::new(SimHostMemory::new());
+        let hva = host
+            .mmap(size, backing.backing(), true)
+            .context("host mmap")?;
+        let vm = Vm::new(VmConfig::default(), host);
+        vm.set_user_memory_region(MemoryRegion {
+            slot: SLOT,
+            flags: MemslotFlags::empty(),
+            guest_phys_addr: SLOT_GPA,
+            memory_size: size,
+            userspace_addr: hva.0,
+        })
+        .context("set_user_memory_region")?;
+        let vcpu = vm.create_vcpu().context("create_vcpu")?;
+        Ok(Guest {
+            vm,
+            vcpu,
+            pages: size / PAGE_SIZE,
+        })
+    }
+
+    /// Has the guest write every 4 KiB page of the slot once, in address order. On a fresh
+    /// slot each first touch of a mapping faults: EPT violation -> MMU fault -> map -> retry.
+    pub fn write_every_page(&mut self) -> Result<(), BenchError> {
+        for page in 0..self.pages {
+            let gpa = Gpa(SLOT_GPA + page * PAGE_SIZE);
+            self.vm
+                .access(&mut self.vcpu, gpa, AccessKind::Write)
+                .map_err(|exit| exit_error("guest write", exit))?;
+        }
+        Ok(())
+    }
+}
+
+/// A guest access that left guest mode for the VMM instead of completing. Inside the slot
+/// neither exit is expected, so either one ends the scenario.
+fn exit_error(what: &str, exit: Exit) -> BenchError {
+    match exit {
+        Exit::Error(e) => BenchError::new(format!("{what}: {e}")),
+        Exit::Mmio { gpa, .. } => BenchError::new(format!("{what}: unexpected MMIO exit at {gpa}")),
+    }
+}

@@ -1,0 +1,253 @@
+//! `vmmu bench`: the scenario registry, the record format and the run harness.
+//!
+//! A [`Scenario`] is a named function that performs *one run* — fresh state, measure, tear
+//! down — and returns its [`Sample`]s. The harness ([`run`]) calls it `--runs` times and
+//! reduces the samples to their median per (variant, metric, params) key
+//! ([`median::median_by_key`]), giving one [`Record`] per key.
+//!
+//! Adding a scenario is adding a file that defines a `pub const SCENARIO: Scenario` and one
+//! entry in [`SCENARIOS`]. Scenario, variant and metric names are a public contract: once
+//! published they are kept, and new ones are added beside them.
+
+mod fault_in;
+mod guest;
+pub mod median;
+pub mod output;
+mod zap;
+
+use std::fmt;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+/// Every scenario `vmmu bench` knows, in the order `vmmu bench list` prints them.
+pub const SCENARIOS: &[Scenario] = &[fault_in::SCENARIO, zap::SCENARIO];
+
+/// Looks a scenario up by its public name.
+pub fn find(name: &str) -> Option<&'static Scenario> {
+    SCENARIOS.iter().find(|s| s.name == name)
+}
+
+/// A benchmark scenario.
+#[derive(Debug)]
+pub struct Scenario {
+    /// Public name, as typed after `vmmu bench`.
+    pub name: &'static str,
+    /// One line saying what is measured.
+    pub about: &'static str,
+    /// Performs one run: builds its own state, measures, tears it down. Setup and teardown
+    /// are excluded from the values it reports.
+    pub run: fn(&BenchConfig) -> Result<Vec<Sample>, BenchError>,
+}
+
+/// What the command line tells a scenario about the workload.
+#[derive(Clone, Copy, Debug)]
+pub struct BenchConfig {
+    /// Size of the guest memory slot, in GiB.
+    pub mem_gib: u32,
+}
+
+impl BenchConfig {
+    /// Slot size in bytes.
+    pub fn mem_bytes(&self) -> u64 {
+        u64::from(self.mem_gib) << 30
+    }
+}
+
+/// One measured value from one run of a scenario.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Sample {
+    /// Which implementation was measured, e.g. `shadow-direct`.
+    pub variant: String,
+    /// What was measured, e.g. `ns_per_page`.
+    pub metric: String,
+    /// The workload's settings, e.g. `{"backing": "4k", "mem_gib": 1}`.
+    pub params: Map<String, Value>,
+    /// The measurement.
+    pub value: f64,
+    /// Unit of `value`, e.g. `ns`.
+    pub unit: String,
+}
+
+impl Sample {
+    /// A sample from its parts.
+    pub fn new(
+        variant: &str,
+        metric: &str,
+        params: Map<String, Value>,
+        value: f64,
+        unit: &str,
+    ) -> Self {
+        Sample {
+            variant: variant.into(),
+            metric: metric.into(),
+            params,
+            value,
+            unit: unit.into(),
+        }
+    }
+
+    /// Whether two samples measure the same thing, i.e. share (variant, metric, params).
+    pub fn same_key(&self, other: &Sample) -> bool {
+        self.variant == other.variant && self.metric == other.metric && self.params == other.params
+    }
+}
+
+/// One line of `vmmu bench --json` output: a sample's median over the runs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Record {
+    /// The scenario's public name.
+    pub scenario: String,
+    /// See [`Sample::variant`].
+    pub variant: String,
+    /// See [`Sample::metric`].
+    pub metric: String,
+    /// Median of the runs' values.
+    pub value: f64,
+    /// See [`Sample::unit`].
+    pub unit: String,
+    /// See [`Sample::params`].
+    pub params: Map<String, Value>,
+}
+
+impl Record {
+    fn new(scenario: &str, sample: Sample) -> Self {
+        Record {
+            scenario: scenario.into(),
+            variant: sample.variant,
+            metric: sample.metric,
+            value: sample.value,
+            unit: sample.unit,
+            params: sample.params,
+        }
+    }
+}
+
+/// Runs `scenario` `runs` times and reports the median of each key. `on_run(i, runs)` is
+/// called before run `i` (1-based), for progress reporting.
+pub fn run(
+    scenario: &Scenario,
+    config: &BenchConfig,
+    runs: u32,
+    mut on_run: impl FnMut(u32, u32),
+) -> Result<Vec<Record>, BenchError> {
+    let mut samples = Vec::new();
+    for i in 1..=runs {
+        on_run(i, runs);
+        samples.extend((scenario.run)(config)?);
+    }
+    Ok(median::median_by_key(samples)
+        .into_iter()
+        .map(|s| Record::new(scenario.name, s))
+        .collect())
+}
+
+/// Builds a `params` map from `(name, value)` pairs.
+pub fn params<const N: usize>(pairs: [(&str, Value); N]) -> Map<String, Value> {
+    pairs.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+}
+
+/// A scenario failed: the library returned an error, said with what was being done.
+#[derive(Debug)]
+pub struct BenchError(String);
+
+impl BenchError {
+    /// An error with this message.
+    pub fn new(message: impl Into<String>) -> Self {
+        BenchError(message.into())
+    }
+}
+
+impl fmt::Display for BenchError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BenchError {}
+
+/// Attaches what was being done to a library error. Bounded on `Display` rather than
+/// `std::error::Error` because the `no_std` core's errors need not implement the latter.
+pub trait Context<T> {
+    /// Turns the error into a [`BenchError`] that starts with `what`.
+    fn context(self, what: &str) -> Result<T, BenchError>;
+}
+
+impl<T, E: fmt::Display> Context<T> for Result<T, E> {
+    fn context(self, what: &str) -> Result<T, BenchError> {
+        self.map_err(|e| BenchError::new(format!("{what}: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::cell::Cell;
+
+    #[test]
+    fn registry_names_are_unique_and_findable() {
+        for (i, s) in SCENARIOS.iter().enumerate() {
+            assert!(
+                SCENARIOS[..i].iter().all(|t| t.name != s.name),
+                "{}",
+                s.name
+            );
+            assert_eq!(find(s.name).map(|f| f.name), Some(s.name));
+            assert!(!s.about.is_empty() && !s.about.contains('\n'));
+        }
+        assert!(find("fault-in").is_some() && find("zap").is_some());
+        assert!(find("no-such-scenario").is_none());
+    }
+
+    thread_local!(static CALLS: Cell<u32> = const { Cell::new(0) });
+
+    /// Reports 10, 20, 30, ... on successive calls.
+    fn counting(_: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+        let n = CALLS.with(|c| {
+            c.set(c.get() + 1);
+            c.get()
+        });
+        let p = params([("backing", json!("4k"))]);
+        Ok(vec![Sample::new("v", "m", p, f64::from(n) * 10.0, "ns")])
+    }
+
+    #[test]
+    fn harness_runs_r_times_and_reports_the_median() {
+        let scenario = Scenario {
+            name: "counting",
+            about: "test",
+            run: counting,
+        };
+        let mut seen = Vec::new();
+        let records = run(&scenario, &BenchConfig { mem_gib: 1 }, 4, |i, r| {
+            seen.push((i, r))
+        })
+        .unwrap();
+        assert_eq!(seen, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+        assert_eq!(records.len(), 1);
+        assert_eq!(records[0].scenario, "counting");
+        assert_eq!(records[0].value, 25.0);
+    }
+
+    #[test]
+    fn record_serializes_to_the_public_json_shape() {
+        let p = params([("backing", json!("2m")), ("mem_gib", json!(1))]);
+        let r = Record::new("zap", Sample::new("shadow-direct", "us", p, 1.5, "us"));
+        let v: Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v,
+            json!({"scenario": "zap", "variant": "shadow-direct", "metric": "us",
+                   "value": 1.5, "unit": "us", "params": {"backing": "2m", "mem_gib": 1}})
+        );
+    }
+
+    #[test]
+    fn context_names_the_failed_step() {
+        let r: Result<(), &str> = Err("boom");
+        assert_eq!(
+            r.context("host mmap").unwrap_err().to_string(),
+            "host mmap: boom"
+        );
+    }
+}
