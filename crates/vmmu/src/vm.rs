@@ -16,7 +16,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::host::HostMemory;
-use crate::hw::{ept_walk, leaf_pfn, Vcpu, VcpuShared, WalkExit};
+use crate::hw::{ept_walk, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
 use crate::memslot::{MemoryRegion, MemslotLimits, Memslots, SlotChange};
 use crate::shadow::{FaultOutcome, MmuStats, ShadowMmu};
 use crate::sync::{Mutex, MutexGuard, RwLock};
@@ -164,6 +164,8 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 
     /// A new vCPU, with the VM's root loaded.
     pub fn create_vcpu(&self) -> Result<Vcpu, Error> {
+        // Before any vCPU can enter guest mode (see `hw::vcpu`).
+        crate::sync::init_asymmetric_fences();
         let mut vcpus = self.vcpus.write();
         if vcpus.len() as u32 >= self.config.max_vcpus {
             return Err(Error::TooManyVcpus {
@@ -178,9 +180,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
     /// `kvm_flush_remote_tlbs`).
     pub fn flush_remote_tlbs(&self) {
-        for v in self.vcpus.read().iter() {
-            v.request_flush_and_wait();
-        }
+        flush_vcpus(self.vcpus.read().iter().map(|v| &**v));
         self.remote_flushes.fetch_add(1, Ordering::Relaxed);
     }
 

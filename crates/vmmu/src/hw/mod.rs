@@ -6,5 +6,5 @@ mod vcpu;
 mod walk;
 
 pub use tlb::{Tlb, TlbEntry};
-pub use vcpu::{Vcpu, VcpuShared};
+pub use vcpu::{flush_vcpus, Vcpu, VcpuShared};
 pub use walk::{ept_walk, leaf_pfn, WalkExit};

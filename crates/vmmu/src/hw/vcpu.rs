@@ -1,21 +1,23 @@
 //! A vCPU and the mode/request protocol of KVM's `vcpu->mode` and `kvm_make_all_cpus_request`.
 //!
 //! # Protocol
-//! A vCPU enters guest mode by storing `IN_GUEST_MODE` and then reading its requests, both
-//! `SeqCst`; a flusher sets the request bit and then reads the mode, both `SeqCst`. In any
-//! interleaving, either the vCPU sees the request (and flushes its TLB before using it) or
-//! the flusher sees the vCPU in guest mode and waits until it leaves. Hence, when
-//! [`VcpuShared::request_flush_and_wait`] returns for every vCPU, no vCPU is using a
-//! translation or a table that was removed before the call: tables unlinked before it can
-//! be freed.
+//! A vCPU enters guest mode by storing `IN_GUEST_MODE`, then a [`light_fence`], then
+//! reading its requests; a flusher sets the request bit, then a [`heavy_fence`], then
+//! reads the mode. The fence pair orders each side's store before its load (see
+//! [`crate::sync`]), so in any interleaving either the vCPU sees the request (and flushes
+//! its TLB before using it) or the flusher sees the vCPU in guest mode and waits until it
+//! leaves. Hence, when [`flush_vcpus`] returns, no vCPU is using a translation or a table
+//! that was removed before the call: tables unlinked before it can be freed.
 //!
 //! A vCPU stays in guest mode for the duration of one access (its walk and TLB use), so a
-//! flusher never waits long.
+//! flusher never waits long. Leaving guest mode is a `Release` store that the flusher's
+//! `Acquire` load pairs with, so the vCPU's table reads happen before the tables are freed.
 
 use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use super::tlb::Tlb;
+use crate::sync::{heavy_fence, light_fence};
 use crate::types::Pfn;
 
 const OUTSIDE_GUEST_MODE: u8 = 0;
@@ -31,12 +33,15 @@ pub struct VcpuShared {
     requests: AtomicU32,
 }
 
-impl VcpuShared {
-    /// Ask the vCPU to flush its TLB, and wait until it is not in guest mode with its old
-    /// translations (KVM's `kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)` with wait).
-    pub fn request_flush_and_wait(&self) {
-        self.requests.fetch_or(REQ_TLB_FLUSH, Ordering::SeqCst);
-        while self.mode.load(Ordering::SeqCst) == IN_GUEST_MODE {
+/// Ask every vCPU in `vcpus` to flush its TLB and wait until none is in guest mode with
+/// its old translations (KVM's `kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)` with wait).
+pub fn flush_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone) {
+    for v in vcpus.clone() {
+        v.requests.fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
+    }
+    heavy_fence();
+    for v in vcpus {
+        while v.mode.load(Ordering::Acquire) == IN_GUEST_MODE {
             core::hint::spin_loop();
         }
     }
@@ -71,8 +76,9 @@ impl Vcpu {
     #[inline]
     pub(crate) fn enter_guest(&mut self) {
         loop {
-            self.shared.mode.store(IN_GUEST_MODE, Ordering::SeqCst);
-            if self.shared.requests.load(Ordering::SeqCst) == 0 {
+            self.shared.mode.store(IN_GUEST_MODE, Ordering::Relaxed);
+            light_fence();
+            if self.shared.requests.load(Ordering::Relaxed) == 0 {
                 return;
             }
             self.shared

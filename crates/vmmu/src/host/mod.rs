@@ -18,8 +18,11 @@
 use alloc::collections::{BTreeMap, BTreeSet};
 use core::fmt;
 
-use crate::sync::RwLock;
+use crate::sync::{RwLock, RwLockWriteGuard};
+
+mod seqlock;
 use crate::types::{Hva, Level, Pfn, PAGE_SHIFT, PAGE_SIZE};
+use seqlock::{FastRegions, Published};
 
 /// The host's answer for one host-virtual address.
 ///
@@ -334,6 +337,52 @@ impl State {
 /// All methods take `&self`; see the module docs for the locking.
 pub struct SimHostMemory {
     state: RwLock<State>,
+    fast: FastRegions,
+}
+
+/// The state's write guard; dropping it republishes the lock-free region table, so every
+/// change is visible to `translate` by the time the changing call returns.
+struct StateWriter<'a> {
+    guard: RwLockWriteGuard<'a, State>,
+    fast: &'a FastRegions,
+}
+
+impl core::ops::Deref for StateWriter<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.guard
+    }
+}
+
+impl core::ops::DerefMut for StateWriter<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.guard
+    }
+}
+
+impl Drop for StateWriter<'_> {
+    fn drop(&mut self) {
+        let st = &*self.guard;
+        self.fast.publish(st.regions.iter().map(|(&start, r)| {
+            Published {
+                start,
+                end: r.end,
+                pfn: r.pfn,
+                backing: r.backing,
+                writable: r.writable,
+                overrides: st
+                    .remapped
+                    .range(start >> PAGE_SHIFT..r.end >> PAGE_SHIFT)
+                    .next()
+                    .is_some()
+                    || st
+                        .split
+                        .range(start & !(Level::L1G.bytes() - 1)..r.end)
+                        .next()
+                        .is_some(),
+            }
+        }));
+    }
 }
 
 impl Default for SimHostMemory {
@@ -355,9 +404,17 @@ impl fmt::Debug for SimHostMemory {
 }
 
 impl SimHostMemory {
+    fn write(&self) -> StateWriter<'_> {
+        StateWriter {
+            guard: self.state.write(),
+            fast: &self.fast,
+        }
+    }
+
     /// Empty host memory.
     pub fn new() -> Self {
         SimHostMemory {
+            fast: FastRegions::new(),
             state: RwLock::new(State {
                 regions: BTreeMap::new(),
                 remapped: BTreeMap::new(),
@@ -394,7 +451,7 @@ impl SimHostMemory {
     /// [`HostError::Unaligned`]), and of 1 GiB for [`Backing::HugeTlb1G`].
     pub fn mmap(&self, size: u64, backing: Backing, writable: bool) -> Result<Hva, HostError> {
         Self::check_size(size, backing)?;
-        let mut st = self.state.write();
+        let mut st = self.write();
         let hva = st.next_hva;
         match hva.checked_add(size) {
             Some(end) if end <= SIM_HVA_LIMIT => {}
@@ -431,7 +488,7 @@ impl SimHostMemory {
             Some(end) if end <= SIM_HVA_LIMIT => end,
             _ => return Err(HostError::TooLarge),
         };
-        let mut st = self.state.write();
+        let mut st = self.write();
         if let Some((_, r)) = st.regions.range(..end).next_back() {
             if r.end > hva.0 {
                 return Err(HostError::Overlap);
@@ -449,7 +506,7 @@ impl SimHostMemory {
     /// hugetlb region ([`HostError::Unaligned`]). A THP huge page partly unmapped has its
     /// remainder mapped at 4 KiB from now on (THP split).
     pub fn munmap(&self, hva: Hva, size: u64) -> Result<(), HostError> {
-        let mut st = self.state.write();
+        let mut st = self.write();
         let end = st.check_range(hva.0, size)?;
         st.split_region_at(hva.0);
         st.split_region_at(end);
@@ -487,7 +544,7 @@ impl SimHostMemory {
     /// break would; the huge page around it, if any, is split to 4 KiB first. Returns the
     /// new pfn. [`HostError::NotMapped`] if `hva` is not mapped.
     pub fn remap_page(&self, hva: Hva) -> Result<Pfn, HostError> {
-        let mut st = self.state.write();
+        let mut st = self.write();
         let cur = st.translate(hva.0).ok_or(HostError::NotMapped(hva))?;
         let pfn = st.alloc_pfns(1, 1, 0)?;
         if cur.level != Level::L4K {
@@ -502,7 +559,7 @@ impl SimHostMemory {
     /// split; the simulation allows it for hugetlb too). A no-op if `hva` is already
     /// mapped at 4 KiB; [`HostError::NotMapped`] if it is not mapped.
     pub fn split_huge(&self, hva: Hva) -> Result<(), HostError> {
-        let mut st = self.state.write();
+        let mut st = self.write();
         let cur = st.translate(hva.0).ok_or(HostError::NotMapped(hva))?;
         if cur.level != Level::L4K {
             st.split.insert(hva.0 & !(cur.level.bytes() - 1));
@@ -515,7 +572,7 @@ impl SimHostMemory {
     /// alone; otherwise a THP huge page straddling an end of the range is split to 4 KiB,
     /// since one huge mapping cannot have two protections.
     pub fn set_writable(&self, hva: Hva, size: u64, writable: bool) -> Result<(), HostError> {
-        let mut st = self.state.write();
+        let mut st = self.write();
         let end = st.check_range(hva.0, size)?;
         for at in [hva.0, end] {
             if st
@@ -543,7 +600,10 @@ impl HostMemory for SimHostMemory {
     /// when some page was remapped or some huge page split.
     #[inline]
     fn translate(&self, hva: Hva) -> Option<HostPage> {
-        self.state.read().translate(hva.0)
+        match self.fast.translate(hva.0) {
+            Some(answer) => answer,
+            None => self.state.read().translate(hva.0),
+        }
     }
 }
 
