@@ -11,6 +11,8 @@
 //! - each page's present and MMIO counters match its table;
 //! - no present leaf maps a gfn outside the memslots; no writable SPTE in a READONLY slot;
 //!   no huge leaf in a slot that logs dirty pages; every leaf's pfn is aligned to its level;
+//! - each page's possibly-writable bitmap and count (seed 001) match its table;
+//! - with bitmap logging, every writable leaf of a logging slot is marked dirty;
 //! - no page is waiting for a flush (the audit runs at quiescent points);
 //! - the descriptor pool's in-use count equals the descriptors the heads hold.
 
@@ -57,10 +59,13 @@ macro_rules! ensure {
     };
 }
 
-/// Check every invariant of `mmu` against `slots`.
+/// Check every invariant of `mmu` against `slots`. With `bitmap_logging` (the VM logs
+/// into bitmaps, not rings), also check that every writable leaf of a logging slot is
+/// marked dirty: a writable page whose bit is clear would take unlogged writes.
 pub fn audit<A: TableAllocator>(
     slots: &Memslots,
     mmu: &ShadowMmu<A>,
+    bitmap_logging: bool,
 ) -> Result<AuditReport, AuditError> {
     let mut rep = AuditReport::default();
     let pages = mmu.pages();
@@ -126,6 +131,13 @@ pub fn audit<A: TableAllocator>(
                     "huge leaf {sref:?} in memslot {} while dirty logging",
                     slot.id
                 );
+                if let (true, Some(bitmap)) = (bitmap_logging, slot.dirty_bitmap()) {
+                    ensure!(
+                        !spte.is_writable() || bitmap.test(gfn.0 - slot.base_gfn.0),
+                        "writable leaf {sref:?} for gfn {gfn:?} in logging memslot {} is not marked dirty",
+                        slot.id
+                    );
+                }
                 let n = rmap::iter(slot.rmap_head(gfn, level), pool)
                     .filter(|&r| r == sref)
                     .count();

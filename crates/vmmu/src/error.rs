@@ -96,6 +96,43 @@ pub enum Error {
         /// The address that kept faulting.
         gpa: Gpa,
     },
+    /// The memslot does not log dirty pages.
+    NotLogging(u32),
+    /// A bitmap argument is shorter than the slot or range needs.
+    BitmapTooSmall {
+        /// Words needed.
+        needed: usize,
+        /// Words given.
+        got: usize,
+    },
+    /// clear_dirty_log's first_page is not a multiple of 64.
+    ClearLogUnaligned {
+        /// The page given.
+        first_page: u64,
+    },
+    /// clear_dirty_log's range is outside the slot, or not a multiple of 64 pages short of
+    /// the slot's end.
+    ClearLogRange {
+        /// First page.
+        first_page: u64,
+        /// Pages.
+        num_pages: u64,
+        /// Pages in the slot.
+        npages: u64,
+    },
+    /// The call does not fit the VM's dirty-log mode.
+    WrongDirtyLogMode(&'static str),
+    /// No vCPU has this index.
+    NoSuchVcpu(u32),
+    /// A host-virtual range is empty or reversed.
+    InvalidHvaRange {
+        /// Start.
+        start: u64,
+        /// End.
+        end: u64,
+    },
+    /// invalidate_range_end without a matching start.
+    NoInvalidationInProgress,
     /// A vCPU limit was reached.
     TooManyVcpus {
         /// Configured maximum.
@@ -161,6 +198,25 @@ impl fmt::Display for Error {
                 write!(f, "guest access to gpa {gpa} kept faulting without progress")
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
+            Error::NotLogging(s) => write!(f, "memslot {s} does not log dirty pages (LOG_DIRTY_PAGES is off)"),
+            Error::BitmapTooSmall { needed, got } => {
+                write!(f, "bitmap of {got} words is too small: {needed} needed")
+            }
+            Error::ClearLogUnaligned { first_page } => {
+                write!(f, "clear_dirty_log first_page {first_page} is not a multiple of 64")
+            }
+            Error::ClearLogRange { first_page, num_pages, npages } => write!(
+                f,
+                "clear_dirty_log range [{first_page}, +{num_pages}) does not fit a slot of {npages} pages (or is not a multiple of 64 pages short of its end)"
+            ),
+            Error::WrongDirtyLogMode(why) => write!(f, "wrong dirty-log mode: {why}"),
+            Error::NoSuchVcpu(v) => write!(f, "vCPU {v} does not exist"),
+            Error::InvalidHvaRange { start, end } => {
+                write!(f, "host-virtual range [{start:#x}, {end:#x}) is empty or reversed")
+            }
+            Error::NoInvalidationInProgress => {
+                write!(f, "invalidate_range_end without a matching invalidate_range_start")
+            }
         }
     }
 }

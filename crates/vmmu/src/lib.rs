@@ -18,6 +18,8 @@
 //! - [`memslot`]: KVM_SET_USER_MEMORY_REGION slots with their per-level metadata
 //! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping
 //! - [`flush`]: the `#[must_use]` TLB flush token
+//! - [`dirty`]: dirty logging: bitmap GET / CLEAR (manual protect), per-vCPU dirty rings
+//! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
 //! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB, the vCPU mode protocol
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`)
 //! - [`vm`]: the VM tying them together, and the public API
@@ -52,11 +54,13 @@ extern crate alloc;
 extern crate std;
 
 pub mod audit;
+pub mod dirty;
 pub mod error;
 pub mod flush;
 pub mod host;
 pub mod hw;
 pub mod memslot;
+pub mod notifier;
 pub mod page;
 pub mod rmap;
 pub mod shadow;
@@ -69,4 +73,5 @@ pub mod vm;
 pub use error::Error;
 pub use flush::Flush;
 pub use memslot::{MemoryRegion, MemslotFlags};
-pub use vm::{Exit, Vm, VmConfig, VmStats};
+pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
+pub use vm::{DirtyLogConfig, Exit, Vm, VmConfig, VmStats};

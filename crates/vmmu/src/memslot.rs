@@ -15,6 +15,7 @@
 //! lockless write-fault fast path marks pages dirty without the lock.
 
 use alloc::boxed::Box;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
@@ -108,10 +109,20 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    fn new(npages: u64) -> Self {
+    /// A bitmap for `npages` pages, every bit clear or, with `all_set`, every bit of a
+    /// page set (KVM_DIRTY_LOG_INITIALLY_SET).
+    pub fn new(npages: u64, all_set: bool) -> Self {
         DirtyBitmap {
             words: (0..npages.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
+                .map(|w| {
+                    let bits = (npages - w * 64).min(64);
+                    let v = match (all_set, bits) {
+                        (false, _) => 0,
+                        (true, 64) => u64::MAX,
+                        (true, b) => (1u64 << b) - 1,
+                    };
+                    AtomicU64::new(v)
+                })
                 .collect(),
         }
     }
@@ -149,7 +160,7 @@ pub struct Memslot {
     /// Entries in each level's reverse maps, so walks skip levels with nothing mapped.
     rmap_entries: [u64; 3],
     disallow_lpage: [Box<[u32]>; 2],
-    dirty_bitmap: Option<DirtyBitmap>,
+    dirty_bitmap: Option<Arc<DirtyBitmap>>,
 }
 
 /// Index of `gfn` among the level-`level` pages that a slot starting at `base` spans.
@@ -159,7 +170,7 @@ fn level_index(gfn: Gfn, base: Gfn, level: Level) -> usize {
 }
 
 impl Memslot {
-    fn new(region: &MemoryRegion) -> Self {
+    fn new(region: &MemoryRegion, all_set: bool) -> Self {
         let base_gfn = Gfn(region.guest_phys_addr / PAGE_SIZE);
         let npages = region.memory_size / PAGE_SIZE;
         let last = Gfn(base_gfn.0 + npages - 1);
@@ -195,14 +206,14 @@ impl Memslot {
             disallow_lpage,
             dirty_bitmap: None,
         };
-        slot.sync_dirty_bitmap();
+        slot.sync_dirty_bitmap(all_set);
         slot
     }
 
-    fn sync_dirty_bitmap(&mut self) {
+    fn sync_dirty_bitmap(&mut self, all_set: bool) {
         let logging = self.flags.contains(MemslotFlags::LOG_DIRTY_PAGES);
         if logging && self.dirty_bitmap.is_none() {
-            self.dirty_bitmap = Some(DirtyBitmap::new(self.npages));
+            self.dirty_bitmap = Some(Arc::new(DirtyBitmap::new(self.npages, all_set)));
         } else if !logging {
             self.dirty_bitmap = None;
         }
@@ -328,7 +339,11 @@ impl Memslot {
     /// The dirty bitmap, while logging.
     #[inline]
     pub fn dirty_bitmap(&self) -> Option<&DirtyBitmap> {
-        self.dirty_bitmap.as_ref()
+        self.dirty_bitmap.as_deref()
+    }
+    /// The dirty bitmap, shared (for the lock-free index of the fast path).
+    pub fn dirty_bitmap_arc(&self) -> Option<Arc<DirtyBitmap>> {
+        self.dirty_bitmap.clone()
     }
     /// The largest level at which `gfn` may be mapped as far as this slot is concerned
     /// (alignment, disallow counts, dirty logging), capped at `max`.
@@ -379,6 +394,7 @@ impl Default for MemslotLimits {
 /// The set of memslots.
 pub struct Memslots {
     slots: Vec<Memslot>,
+    dirty_initially_set: bool,
     generation: u64,
     limits: MemslotLimits,
     last_hit: AtomicUsize,
@@ -389,10 +405,20 @@ impl Memslots {
     pub fn new(limits: MemslotLimits) -> Self {
         Memslots {
             slots: Vec::new(),
+            dirty_initially_set: false,
             generation: 0,
             limits,
             last_hit: AtomicUsize::new(0),
         }
+    }
+
+    /// Start dirty bitmaps with every bit set (KVM_DIRTY_LOG_INITIALLY_SET).
+    pub fn set_dirty_initially_set(&mut self, on: bool) {
+        self.dirty_initially_set = on;
+    }
+    /// Whether dirty bitmaps start with every bit set.
+    pub fn dirty_initially_set(&self) -> bool {
+        self.dirty_initially_set
     }
 
     /// The generation, changed by every update.
@@ -554,7 +580,7 @@ impl Memslots {
         match change {
             SlotChange::None => return,
             SlotChange::Create => {
-                let slot = Memslot::new(region);
+                let slot = Memslot::new(region, self.dirty_initially_set);
                 let i = self.slots.partition_point(|s| s.base_gfn < slot.base_gfn);
                 self.slots.insert(i, slot);
             }
@@ -565,9 +591,10 @@ impl Memslots {
                 return;
             }
             SlotChange::FlagsOnly { .. } => {
+                let all_set = self.dirty_initially_set;
                 let s = self.by_id_mut(region.slot).expect("checked slot");
                 s.flags = region.flags;
-                s.sync_dirty_bitmap();
+                s.sync_dirty_bitmap(all_set);
             }
         }
         self.generation = self.generation.wrapping_add(1);

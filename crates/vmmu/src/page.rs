@@ -98,6 +98,13 @@ pub struct ShadowPage {
     pub mmio: u16,
     /// MMU generation the page was created in (KVM's `mmu_valid_gen`).
     pub mmu_valid_gen: u64,
+    /// Seed 001: leaf SPTEs that are writable or can be made writable by the lockless
+    /// fast path (KVM's `possible_writable_spte_bitmap`), and how many there are. Exact
+    /// after every change made through the `spte_*` funnels; the fast path never changes
+    /// membership (it only sets W on an SPTE that is already counted).
+    writable_bitmap: [u64; SPTE_ENT_PER_PAGE / 64],
+    /// Number of bits set in `writable_bitmap`.
+    pub possible_writable: u16,
     children: Option<Box<[u32; SPTE_ENT_PER_PAGE]>>,
 }
 
@@ -137,7 +144,7 @@ impl ShadowPage {
         let old = self.table().get(i);
         debug_assert!(!old.is_shadow_present(), "spte_set over a present SPTE");
         self.table().set(i, new);
-        self.account(old, new);
+        self.account_at(i, old, new);
     }
 
     /// Replace the shadow-present entry `i` with `new`, returning the old value with every
@@ -152,7 +159,7 @@ impl ShadowPage {
             t.set(i, new);
             old
         };
-        self.account(old, new);
+        self.account_at(i, old, new);
         old
     }
 
@@ -163,8 +170,58 @@ impl ShadowPage {
         self.spte_update(i, Spte::NONE)
     }
 
+    /// Whether `spte`, an entry of this page, is a leaf that is writable or can be made
+    /// writable locklessly (seed 001's "possible writable").
     #[inline]
-    fn account(&mut self, old: Spte, new: Spte) {
+    pub fn is_possible_writable(&self, spte: Spte) -> bool {
+        spte.is_leaf(self.role.level())
+            && (spte.is_writable() || spte.can_be_made_writable_locklessly())
+    }
+
+    /// Indices of the possibly-writable entries, in order (seed 001).
+    #[inline]
+    pub fn possible_writable_indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.writable_bitmap
+            .iter()
+            .enumerate()
+            .flat_map(|(w, &bits)| {
+                let mut bits = bits;
+                core::iter::from_fn(move || {
+                    if bits == 0 {
+                        return None;
+                    }
+                    let b = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    Some(w * 64 + b)
+                })
+            })
+    }
+
+    /// Whether entry `i` is marked possibly-writable.
+    #[inline]
+    pub fn writable_bit(&self, i: usize) -> bool {
+        self.writable_bitmap[i / 64] & (1 << (i % 64)) != 0
+    }
+
+    #[inline]
+    fn account_at(&mut self, i: usize, old: Spte, new: Spte) {
+        let (was, is) = (
+            self.is_possible_writable(old),
+            self.is_possible_writable(new),
+        );
+        if was != is {
+            self.writable_bitmap[i / 64] ^= 1 << (i % 64);
+            if is {
+                self.possible_writable += 1;
+            } else {
+                self.possible_writable -= 1;
+            }
+        }
+        self.account_counts(old, new);
+    }
+
+    #[inline]
+    fn account_counts(&mut self, old: Spte, new: Spte) {
         self.present =
             self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
         self.mmio = self.mmio + new.is_mmio() as u16 - old.is_mmio() as u16;
@@ -252,6 +309,8 @@ impl Pages {
             present: 0,
             mmio: 0,
             mmu_valid_gen: gen,
+            writable_bitmap: [0; SPTE_ENT_PER_PAGE / 64],
+            possible_writable: 0,
             children,
         });
         self.live += 1;
@@ -317,6 +376,11 @@ impl Pages {
             .iter()
             .enumerate()
             .filter_map(|(i, s)| s.as_ref().map(|s| (i as u32, s)))
+    }
+
+    /// One past the largest id in use (ids below it may be free).
+    pub fn id_limit(&self) -> u32 {
+        self.slots.len() as u32
     }
 
     /// Ids of every page.

@@ -13,12 +13,13 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::dirty::DirtyIndex;
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::host::HostMemory;
-use crate::hw::{ept_walk, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
-use crate::memslot::{MemoryRegion, MemslotLimits, Memslots, SlotChange};
-use crate::shadow::{FaultOutcome, MmuStats, ShadowMmu};
+use crate::hw::{ept_walk, fast_page_fault, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
+use crate::memslot::{MemoryRegion, MemslotFlags, MemslotLimits, Memslots, SlotChange};
+use crate::shadow::{Algorithms, FaultOutcome, MmuStats, ShadowMmu};
 use crate::sync::{Mutex, MutexGuard, RwLock};
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
@@ -32,6 +33,10 @@ pub struct VmConfig {
     pub limits: MemslotLimits,
     /// Most vCPUs.
     pub max_vcpus: u32,
+    /// The algorithms where the seeds offer a choice.
+    pub algorithms: Algorithms,
+    /// How dirty pages are reported.
+    pub dirty_log: DirtyLogConfig,
 }
 
 impl Default for VmConfig {
@@ -40,8 +45,24 @@ impl Default for VmConfig {
             max_level: Level::L1G,
             limits: MemslotLimits::default(),
             max_vcpus: 1024,
+            algorithms: Algorithms::default(),
+            dirty_log: DirtyLogConfig::default(),
         }
     }
+}
+
+/// How dirty pages are reported to the VMM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DirtyLogConfig {
+    /// KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: `get_dirty_log` only copies the bitmap;
+    /// `clear_dirty_log` clears bits and write-protects those pages.
+    pub manual_protect: bool,
+    /// With `manual_protect`: a slot starting to log has every bit set and nothing
+    /// write-protected (KVM_DIRTY_LOG_INITIALLY_SET).
+    pub initially_all_set: bool,
+    /// KVM_CAP_DIRTY_LOG_RING: each vCPU pushes its dirty pages into a ring of this many
+    /// entries instead of the bitmap.
+    pub ring_size: Option<u32>,
 }
 
 /// Why a guest access did not complete in memory: it went to the VMM.
@@ -55,6 +76,9 @@ pub enum Exit {
         /// Whether it was a write.
         write: bool,
     },
+    /// The vCPU's dirty ring is (soft) full: harvest and reset before running it again
+    /// (KVM_EXIT_DIRTY_RING_FULL).
+    DirtyRingFull,
     /// The MMU could not map the page (the VMM gets the error, as KVM returns -EFAULT).
     Error(Error),
 }
@@ -67,6 +91,7 @@ impl core::fmt::Display for Exit {
                 "MMIO {} at gpa {gpa}: outside every memslot or a write to a READONLY slot",
                 if *write { "write" } else { "read" }
             ),
+            Exit::DirtyRingFull => write!(f, "the vCPU's dirty ring is full: harvest and reset it"),
             Exit::Error(e) => write!(f, "{e}"),
         }
     }
@@ -88,6 +113,8 @@ pub struct VmStats {
     pub remote_tlb_flushes: u64,
     /// MMIO exits recognised from the SPTE alone (no memslot lookup).
     pub fast_mmio_exits: u64,
+    /// Write faults fixed by the lockless fast path.
+    pub fast_page_faults: u64,
     /// MMU work counters.
     pub mmu: MmuStats,
     /// Shadow pages now.
@@ -96,9 +123,9 @@ pub struct VmStats {
     pub rmap_descs: usize,
 }
 
-struct VmState<A: TableAllocator> {
-    slots: Memslots,
-    mmu: ShadowMmu<Arc<A>>,
+pub(crate) struct VmState<A: TableAllocator> {
+    pub(crate) slots: Memslots,
+    pub(crate) mmu: ShadowMmu<Arc<A>>,
 }
 
 /// A virtual machine's memory virtualization.
@@ -106,11 +133,13 @@ pub struct Vm<H: HostMemory, A: TableAllocator = HeapTableAllocator> {
     host: H,
     alloc: Arc<A>,
     state: Mutex<VmState<A>>,
-    vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    pub(crate) vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    pub(crate) dirty_index: DirtyIndex,
     root: crate::types::Pfn,
     config: VmConfig,
     remote_flushes: AtomicU64,
     fast_mmio: AtomicU64,
+    fast_faults: AtomicU64,
     mmio_generation: AtomicU64,
 }
 
@@ -131,20 +160,23 @@ impl<H: HostMemory> Vm<H, HeapTableAllocator> {
 impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// A VM whose tables come from `alloc`.
     pub fn with_allocator(config: VmConfig, host: H, alloc: Arc<A>) -> Result<Self, Error> {
-        let mmu = ShadowMmu::new(alloc.clone(), config.max_level)?;
+        let mmu = ShadowMmu::new(alloc.clone(), config.max_level, config.algorithms)?;
+        let mut slots = Memslots::new(config.limits);
+        slots.set_dirty_initially_set(
+            config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
+        );
         let root = mmu.root_frame();
         Ok(Vm {
             host,
             alloc,
-            state: Mutex::new(VmState {
-                slots: Memslots::new(config.limits),
-                mmu,
-            }),
+            state: Mutex::new(VmState { slots, mmu }),
             vcpus: RwLock::new(Vec::new()),
+            dirty_index: DirtyIndex::default(),
             root,
             config,
             remote_flushes: AtomicU64::new(0),
             fast_mmio: AtomicU64::new(0),
+            fast_faults: AtomicU64::new(0),
             mmio_generation: AtomicU64::new(0),
         })
     }
@@ -172,7 +204,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 max: self.config.max_vcpus,
             });
         }
-        let shared = Arc::new(VcpuShared::default());
+        let shared = Arc::new(VcpuShared::new(self.config.dirty_log.ring_size));
         vcpus.push(shared.clone());
         Ok(Vcpu::new(vcpus.len() as u32 - 1, shared, self.root))
     }
@@ -186,7 +218,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 
     /// Perform `flush` if owed, then free the tables unlinked before it (KVM's
     /// `kvm_mmu_commit_zap_page`).
-    fn commit(&self, st: &mut VmState<A>, flush: Flush) {
+    pub(crate) fn commit(&self, st: &mut VmState<A>, flush: Flush) {
         if flush.needed() || st.mmu.invalid_pages() != 0 {
             self.flush_remote_tlbs();
         }
@@ -194,45 +226,93 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         unsafe { st.mmu.free_invalid_pages() };
     }
 
-    fn lock(&self) -> MutexGuard<'_, VmState<A>> {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, VmState<A>> {
         self.state.lock()
     }
 
     /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change the flags of
     /// a slot. Invalid input returns an error and changes nothing.
+    ///
+    /// A deleted or moved slot's mappings are zapped. Turning LOG_DIRTY_PAGES on drops
+    /// huge mappings and write-protects the slot (unless every bit starts set); turning it
+    /// off zaps the 4K mappings that could be huge, so faults map them huge again.
     pub fn set_user_memory_region(&self, region: MemoryRegion) -> Result<(), Error> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let change = st.slots.check(&region)?;
-        let flush = match change {
-            SlotChange::Delete | SlotChange::Move { .. } => {
-                let old = st.slots.by_id(region.slot).expect("checked");
-                let (start, end) = (old.base_gfn, old.end_gfn());
-                st.mmu.zap_gfn_range(&mut st.slots, start, end)
-            }
-            SlotChange::FlagsOnly { old }
-                if !old.contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES)
-                    && region
-                        .flags
-                        .contains(crate::memslot::MemslotFlags::LOG_DIRTY_PAGES) =>
-            {
-                // Logging starts: every later write must fault to be logged, and only 4K
-                // mappings may exist. Zapping the slot gives both.
-                let old = st.slots.by_id(region.slot).expect("checked");
-                let (start, end) = (old.base_gfn, old.end_gfn());
-                st.mmu.zap_gfn_range(&mut st.slots, start, end)
-            }
-            _ => Flush::NONE,
-        };
+        let old = st
+            .slots
+            .by_id(region.slot)
+            .map(|s| (s.base_gfn, s.end_gfn(), s.flags));
+        let mut flush = Flush::NONE;
+        if let (SlotChange::Delete | SlotChange::Move { .. }, Some((start, end, _))) = (change, old)
+        {
+            flush |= st.mmu.zap_gfn_range(&mut st.slots, start, end);
+        }
         self.commit(st, flush);
         st.slots.apply(&region, change);
+        // Publish the logging slots before protecting anything: a lockless fast-path fault
+        // that makes a page writable after the protection must find its slot to log it.
+        self.dirty_index.publish(&st.slots);
+        if let (SlotChange::FlagsOnly { old: old_flags }, Some((start, end, _))) = (change, old) {
+            let log = MemslotFlags::LOG_DIRTY_PAGES;
+            let (was, is) = (old_flags.contains(log), region.flags.contains(log));
+            let mut flush = Flush::NONE;
+            if !was && is {
+                flush |= st
+                    .mmu
+                    .zap_gfn_range_levels(&mut st.slots, start, end, Level::L2M);
+                if !st.slots.dirty_initially_set() {
+                    flush |= st.mmu.slot_remove_write_access(&st.slots, region.slot);
+                }
+            } else if was && !is {
+                flush |= self.zap_collapsible(st, region.slot);
+            }
+            self.commit(st, flush);
+        }
+        if st.slots.generation() & crate::spte::MMIO_GEN_MASK == 0 {
+            // The generation MMIO SPTEs carry wrapped: an old one could match again. Zap
+            // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
+            let flush = st.mmu.zap_all(&mut st.slots);
+            self.commit(st, flush);
+        }
         self.mmio_generation
             .store(st.slots.generation(), Ordering::Release);
         Ok(())
     }
 
-    /// Handle a fault as the MMU's fault handler does, under the lock.
-    pub fn page_fault(&self, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
+    /// Zap the 4K leaves of `slot` that lie in 2 MiB pages the slot and the host would now
+    /// map huge (KVM's `kvm_mmu_zap_collapsible_sptes`).
+    fn zap_collapsible(&self, st: &mut VmState<A>, slot: u32) -> Flush {
+        let Some(s) = st.slots.by_id(slot) else {
+            return Flush::NONE;
+        };
+        let mut ranges = Vec::new();
+        let mut g = s.base_gfn.align_down(Level::L2M);
+        while g < s.end_gfn() {
+            let huge = s.contains(g)
+                && s.max_mapping_level(g, self.config.max_level) >= Level::L2M
+                && self
+                    .host
+                    .translate(s.gfn_to_hva(g))
+                    .is_some_and(|h| h.level >= Level::L2M);
+            if huge && s.rmap_entries(Level::L4K) != 0 {
+                ranges.push(g);
+            }
+            g = Gfn(g.0 + Level::L2M.pages());
+        }
+        let mut flush = Flush::NONE;
+        for g in ranges {
+            flush |= st
+                .mmu
+                .zap_gfn_range(&mut st.slots, g, Gfn(g.0 + Level::L2M.pages()));
+        }
+        flush
+    }
+
+    /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
+    /// logging the page if a write made it writable in a logging slot.
+    pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
         if gpa.0 >> PAGE_SHIFT >= 1u64 << (self.config.limits.gpa_bits - PAGE_SHIFT as u8) {
             return Err(Error::InvalidRange {
                 start: gpa.gfn().0,
@@ -241,21 +321,33 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let (outcome, flush) = st
+        let fault = st
             .mmu
             .direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
-        self.commit(st, flush);
-        Ok(outcome)
+        if let Some(d) = fault.dirty {
+            let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
+            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+        }
+        self.commit(st, fault.flush);
+        Ok(fault.outcome)
     }
 
     /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and
     /// retry. Returns the host-physical address the access reached.
+    ///
+    /// A write to a present page that may become writable (dirty-logging protection) is
+    /// first tried on the lockless fast path, still in guest mode, as KVM's
+    /// `fast_page_fault` runs with the shadow walk protected from frees.
     pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
         vcpu.accesses += 1;
         let gfn = gpa.gfn();
-        for _ in 0..MAX_ACCESS_RETRIES {
+        let mut retries = 0;
+        while retries < MAX_ACCESS_RETRIES {
+            if vcpu.dirty_ring_soft_full() {
+                return Err(Exit::DirtyRingFull);
+            }
             vcpu.enter_guest();
-            let result = match vcpu.tlb.lookup(gfn, kind) {
+            let mut result = match vcpu.tlb.lookup(gfn, kind) {
                 Some(pfn) => Ok(pfn),
                 // SAFETY: in guest mode (entered above, left below).
                 None => unsafe { ept_walk(&*self.alloc, vcpu.root, gpa, kind) }.map(|e| {
@@ -263,44 +355,50 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                     leaf_pfn(&e, gfn)
                 }),
             };
+            if let Err(WalkExit::Violation { error_code, .. }) = result {
+                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE)
+                    // SAFETY: still in guest mode.
+                    && unsafe { fast_page_fault(&*self.alloc, vcpu.root, gpa) }
+                {
+                    // Still a VM exit (an EPT violation), handled without the MMU lock.
+                    vcpu.exits += 1;
+                    self.fast_faults.fetch_add(1, Ordering::Relaxed);
+                    self.dirty_index
+                        .with(gfn, |d, bitmap| self.log_dirty(vcpu, d, Some(bitmap)));
+                    result = Err(WalkExit::Retry);
+                }
+            }
             vcpu.exit_guest();
-            match result {
+            let outcome = match result {
                 Ok(pfn) => return Ok(Hpa((pfn.0 << PAGE_SHIFT) | gpa.page_offset())),
+                Err(WalkExit::Retry) => FaultOutcome::Spurious,
                 Err(WalkExit::Violation { gpa, error_code }) => {
                     vcpu.exits += 1;
-                    match self.page_fault(gpa, error_code)? {
-                        FaultOutcome::Mapped(_) | FaultOutcome::Spurious => {}
-                        FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
-                            return Err(Exit::Mmio {
-                                gpa,
-                                write: kind == AccessKind::Write,
-                            })
-                        }
-                    }
+                    self.page_fault(vcpu, gpa, error_code)?
                 }
                 Err(WalkExit::Misconfig { gpa, spte }) => {
                     vcpu.exits += 1;
-                    if spte.is_mmio() {
-                        let gen = self.mmio_generation.load(Ordering::Acquire);
-                        if spte.mmio_generation() == gen & crate::spte::MMIO_GEN_MASK {
-                            // KVM's handle_mmio_page_fault: no memslot lookup needed.
-                            self.fast_mmio.fetch_add(1, Ordering::Relaxed);
-                            return Err(Exit::Mmio {
-                                gpa,
-                                write: kind == AccessKind::Write,
-                            });
-                        }
+                    let gen = self.mmio_generation.load(Ordering::Acquire);
+                    if spte.is_mmio() && spte.mmio_generation() == gen & crate::spte::MMIO_GEN_MASK
+                    {
+                        // KVM's handle_mmio_page_fault: no memslot lookup needed.
+                        self.fast_mmio.fetch_add(1, Ordering::Relaxed);
+                        FaultOutcome::Mmio
+                    } else {
+                        // Stale MMIO SPTE: the fault path replaces it.
+                        self.page_fault(vcpu, gpa, ErrorCode::for_access(kind))?
                     }
-                    // Stale MMIO SPTE: the fault path replaces it.
-                    match self.page_fault(gpa, ErrorCode::for_access(kind))? {
-                        FaultOutcome::Mapped(_) | FaultOutcome::Spurious => {}
-                        FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
-                            return Err(Exit::Mmio {
-                                gpa,
-                                write: kind == AccessKind::Write,
-                            })
-                        }
-                    }
+                }
+            };
+            match outcome {
+                FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
+                // The host is changing this page; wait for the invalidation to end.
+                FaultOutcome::Retry => core::hint::spin_loop(),
+                FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                    return Err(Exit::Mmio {
+                        gpa,
+                        write: kind == AccessKind::Write,
+                    })
                 }
             }
         }
@@ -362,6 +460,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         VmStats {
             remote_tlb_flushes: self.remote_flushes.load(Ordering::Relaxed),
             fast_mmio_exits: self.fast_mmio.load(Ordering::Relaxed),
+            fast_page_faults: self.fast_faults.load(Ordering::Relaxed),
             mmu: st.mmu.stats(),
             shadow_pages: st.mmu.pages().len(),
             rmap_descs: st.mmu.pool().in_use(),
@@ -371,7 +470,11 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// Run the audit (see [`crate::audit`]) under the lock.
     pub fn audit(&self) -> Result<crate::audit::AuditReport, crate::audit::AuditError> {
         let st = self.lock();
-        crate::audit::audit(&st.slots, &st.mmu)
+        crate::audit::audit(
+            &st.slots,
+            &st.mmu,
+            self.config.dirty_log.ring_size.is_none(),
+        )
     }
 
     /// Run `f` with the memslots and the MMU under the lock (for tests, audits and

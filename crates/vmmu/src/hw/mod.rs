@@ -7,4 +7,4 @@ mod walk;
 
 pub use tlb::{Tlb, TlbEntry};
 pub use vcpu::{flush_vcpus, Vcpu, VcpuShared};
-pub use walk::{ept_walk, leaf_pfn, WalkExit};
+pub use walk::{ept_walk, fast_page_fault, leaf_pfn, lockless_walk, WalkExit, WalkPoint};

@@ -17,7 +17,8 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use super::tlb::Tlb;
-use crate::sync::{heavy_fence, light_fence};
+use crate::dirty::DirtyRing;
+use crate::sync::{heavy_fence, light_fence, Mutex};
 use crate::types::Pfn;
 
 const OUTSIDE_GUEST_MODE: u8 = 0;
@@ -27,10 +28,23 @@ const IN_GUEST_MODE: u8 = 1;
 pub const REQ_TLB_FLUSH: u32 = 1;
 
 /// The part of a vCPU other threads touch.
-#[derive(Debug, Default)]
 pub struct VcpuShared {
     mode: AtomicU8,
     requests: AtomicU32,
+    /// The dirty ring, when the VM uses rings: the vCPU pushes, the VMM harvests and
+    /// resets. Its lock is taken by the vCPU only when logging a page.
+    pub(crate) dirty_ring: Option<Mutex<DirtyRing>>,
+}
+
+impl VcpuShared {
+    /// A vCPU's shared state, with a dirty ring of `ring_size` entries if given.
+    pub fn new(ring_size: Option<u32>) -> Self {
+        VcpuShared {
+            mode: AtomicU8::new(OUTSIDE_GUEST_MODE),
+            requests: AtomicU32::new(0),
+            dirty_ring: ring_size.map(|n| Mutex::new(DirtyRing::new(n))),
+        }
+    }
 }
 
 /// Ask every vCPU in `vcpus` to flush its TLB and wait until none is in guest mode with
@@ -96,6 +110,20 @@ impl Vcpu {
         self.shared
             .mode
             .store(OUTSIDE_GUEST_MODE, Ordering::Release);
+    }
+
+    /// Whether this vCPU's dirty ring is too full to run (KVM_EXIT_DIRTY_RING_FULL).
+    #[inline]
+    pub fn dirty_ring_soft_full(&self) -> bool {
+        self.shared
+            .dirty_ring
+            .as_ref()
+            .is_some_and(|r| r.lock().is_soft_full())
+    }
+
+    /// The shared part (mode, requests, dirty ring).
+    pub fn shared(&self) -> &VcpuShared {
+        &self.shared
     }
 
     /// The TLB.

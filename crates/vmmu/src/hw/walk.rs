@@ -30,66 +30,139 @@ pub enum WalkExit {
         /// The offending entry.
         spte: Spte,
     },
+    /// The fault was fixed without the MMU lock (the fast path); retry the access.
+    Retry,
 }
 
-/// Walk the tables rooted at `root` for an access of `kind` to `gpa`. On success, returns
-/// the TLB entry describing the leaf (already A/D-updated).
+/// Where a lockless walk stopped: the last entry it read, its table and level, and the
+/// permissions accumulated down to it.
+pub struct WalkPoint<'a> {
+    /// The table holding the entry.
+    pub table: &'a Table,
+    /// Index of the entry.
+    pub index: usize,
+    /// Level of the table.
+    pub level: Level,
+    /// The entry as read.
+    pub spte: Spte,
+    /// Readable, writable, executable: the AND over the levels walked, this one included.
+    pub rwx: (bool, bool, bool),
+}
+
+/// Walk from the table at `root` toward `gfn`, without a lock, and stop at the first entry
+/// that is a leaf, not present to the hardware, or misconfigured (KVM's
+/// `for_each_shadow_entry_lockless`; the CPU's walk is the same loop). The one walker of
+/// the tables for lockless users: the CPU model and the fast page fault.
 ///
 /// # Safety
-/// The caller is in guest mode: every table reachable from `root` stays allocated until it
-/// leaves (the MMU frees tables only after a remote flush, which waits for that).
+/// The caller is in guest mode: every table reachable from `root` stays allocated until
+/// it leaves (the MMU frees tables only after a remote flush, which waits for that).
+#[inline]
+pub unsafe fn lockless_walk<A: TableAllocator + ?Sized>(
+    alloc: &A,
+    root: Pfn,
+    gfn: Gfn,
+) -> WalkPoint<'_> {
+    let mut frame = root;
+    let mut level = Level::ROOT;
+    let (mut r, mut w, mut x) = (true, true, true);
+    loop {
+        // SAFETY: guest mode keeps the frame allocated (function contract).
+        let table: &Table = unsafe { alloc.table_ptr(frame).as_ref() };
+        let index = gfn.index_at(level);
+        let spte = table.get(index);
+        r &= spte.is_readable();
+        w &= spte.is_writable();
+        x &= spte.is_executable();
+        if spte.is_ept_misconfig() || !spte.hw_present() || level == Level::L4K || spte.is_large() {
+            return WalkPoint {
+                table,
+                index,
+                level,
+                spte,
+                rwx: (r, w, x),
+            };
+        }
+        frame = spte.pfn();
+        level = level.below().expect("non-leaf at 4K");
+    }
+}
+
+/// Walk the tables rooted at `root` for an access of `kind` to `gpa`, as the CPU does. On
+/// success, returns the TLB entry describing the leaf (already A/D-updated).
+///
+/// # Safety
+/// As [`lockless_walk`].
 pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
     alloc: &A,
     root: Pfn,
     gpa: Gpa,
     kind: AccessKind,
 ) -> Result<TlbEntry, WalkExit> {
-    let gfn = gpa.gfn();
-    'restart: loop {
-        let mut frame = root;
-        let mut level = Level::ROOT;
-        // Permissions are the AND over the levels, as EPT defines them.
-        let (mut r, mut w, mut x) = (true, true, true);
-        loop {
-            // SAFETY: guest mode keeps the frame allocated (function contract).
-            let table: &Table = unsafe { alloc.table_ptr(frame).as_ref() };
-            let i = gfn.index_at(level);
-            let spte = table.get(i);
-            if spte.is_ept_misconfig() {
-                return Err(WalkExit::Misconfig { gpa, spte });
+    loop {
+        // SAFETY: forwarded contract.
+        let p = unsafe { lockless_walk(alloc, root, gpa.gfn()) };
+        if p.spte.is_ept_misconfig() {
+            return Err(WalkExit::Misconfig { gpa, spte: p.spte });
+        }
+        if !p.spte.hw_present() {
+            return Err(violation(gpa, kind, false));
+        }
+        let (r, w, x) = p.rwx;
+        let allowed = match kind {
+            AccessKind::Read => r,
+            AccessKind::Write => r && w,
+            AccessKind::Fetch => x,
+        };
+        if !allowed {
+            return Err(violation(gpa, kind, r || w || x));
+        }
+        let mut want = crate::spte::bits::ACCESSED;
+        if kind == AccessKind::Write {
+            want |= crate::spte::bits::DIRTY;
+        }
+        let spte = if p.spte.0 & want != want {
+            // The CPU's locked A/D update: against the value read, or walk again.
+            match p
+                .table
+                .compare_exchange(p.index, p.spte, p.spte.with_bits(want))
+            {
+                Ok(_) => p.spte.with_bits(want),
+                Err(_) => continue,
             }
-            if !spte.hw_present() {
-                return Err(violation(gpa, kind, false));
-            }
-            r &= spte.is_readable();
-            w &= spte.is_writable();
-            x &= spte.is_executable();
-            if level != Level::L4K && !spte.is_large() {
-                frame = spte.pfn();
-                level = level.below().expect("non-leaf at 4K");
-                continue;
-            }
-            let allowed = match kind {
-                AccessKind::Read => r,
-                AccessKind::Write => r && w,
-                AccessKind::Fetch => x,
-            };
-            if !allowed {
-                return Err(violation(gpa, kind, r || w || x));
-            }
-            let mut want = crate::spte::bits::ACCESSED;
-            if kind == AccessKind::Write {
-                want |= crate::spte::bits::DIRTY;
-            }
-            let spte = if spte.0 & want != want {
-                match table.compare_exchange(i, spte, spte.with_bits(want)) {
-                    Ok(_) => spte.with_bits(want),
-                    Err(_) => continue 'restart,
-                }
-            } else {
-                spte
-            };
-            return Ok(Tlb::entry(spte.pfn(), level, r && w, x, spte.is_dirty()));
+        } else {
+            p.spte
+        };
+        return Ok(Tlb::entry(spte.pfn(), p.level, r && w, x, spte.is_dirty()));
+    }
+}
+
+/// KVM's `fast_page_fault`: a write hit a present 4K leaf that is write-protected only for
+/// dirty logging (MMU-writable and host-writable kept); make it writable with one
+/// compare-exchange, without the MMU lock. Returns whether the access can be retried
+/// (fixed here, or already writable). The caller logs the page as dirty.
+///
+/// Membership in a page's possibly-writable set (seed 001) does not change, so no
+/// metadata needs the lock.
+///
+/// # Safety
+/// As [`lockless_walk`].
+pub unsafe fn fast_page_fault<A: TableAllocator + ?Sized>(alloc: &A, root: Pfn, gpa: Gpa) -> bool {
+    loop {
+        // SAFETY: forwarded contract.
+        let p = unsafe { lockless_walk(alloc, root, gpa.gfn()) };
+        let s = p.spte;
+        if p.level != Level::L4K || !s.is_shadow_present() || !s.can_be_made_writable_locklessly() {
+            return false;
+        }
+        if s.is_writable() {
+            return true;
+        }
+        if p.table
+            .compare_exchange(p.index, s, s.with_bits(crate::spte::bits::WRITABLE))
+            .is_ok()
+        {
+            return true;
         }
     }
 }

@@ -31,6 +31,40 @@ pub enum FaultOutcome {
     Mmio,
     /// A write to a READONLY memslot: not mapped writable; the access goes to the VMM.
     ReadOnlyWrite,
+    /// The host is invalidating the page (an MMU-notifier range is in progress): nothing
+    /// was mapped; retry once the invalidation ends (KVM's `mmu_invalidate_retry`).
+    Retry,
+}
+
+/// A page a write fault made writable while its memslot logs dirty pages: the caller
+/// logs it (dirty bitmap or the vCPU's dirty ring).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct DirtyGfn {
+    /// Memslot id.
+    pub slot: u32,
+    /// Page offset in the memslot.
+    pub offset: u64,
+}
+
+/// The result of a fault.
+#[derive(Debug)]
+pub struct Fault {
+    /// What happened.
+    pub outcome: FaultOutcome,
+    /// A flush owed (a mapping was replaced).
+    pub flush: Flush,
+    /// A page to log as dirty.
+    pub dirty: Option<DirtyGfn>,
+}
+
+impl Fault {
+    fn new(outcome: FaultOutcome, flush: Flush) -> Self {
+        Fault {
+            outcome,
+            flush,
+            dirty: None,
+        }
+    }
 }
 
 impl<A: TableAllocator> ShadowMmu<A> {
@@ -45,7 +79,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         host: &H,
         gpa: Gpa,
         ec: ErrorCode,
-    ) -> Result<(FaultOutcome, Flush), Error> {
+    ) -> Result<Fault, Error> {
         self.stats.faults += 1;
         let gfn = gpa.gfn();
         let write = ec.contains(ErrorCode::WRITE);
@@ -67,12 +101,19 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 sp.spte_set(i, mmio);
             }
             self.stats.mmio_faults += 1;
-            return Ok((FaultOutcome::Mmio, flush));
+            return Ok(Fault::new(FaultOutcome::Mmio, flush));
         };
         if write && slot.is_readonly() {
-            return Ok((FaultOutcome::ReadOnlyWrite, flush));
+            return Ok(Fault::new(FaultOutcome::ReadOnlyWrite, flush));
         }
         let hva = slot.gfn_to_hva(gfn);
+        if self.invalidation.covers(hva) {
+            return Ok(Fault::new(FaultOutcome::Retry, flush));
+        }
+        let dirty = (write && slot.is_logging()).then(|| DirtyGfn {
+            slot: slot.id,
+            offset: gfn.0 - slot.base_gfn.0,
+        });
         let host_page = host
             .translate(hva)
             .ok_or(Error::NoHostMapping { gpa, hva })?;
@@ -113,17 +154,17 @@ impl<A: TableAllocator> ShadowMmu<A> {
             } else if old.pfn() == pfn {
                 if !write || old.is_writable() {
                     self.stats.spurious_faults += 1;
-                    return Ok((FaultOutcome::Spurious, flush));
+                    return Ok(Fault::new(FaultOutcome::Spurious, flush));
                 }
-                if !old.is_mmu_writable() {
-                    return Ok((FaultOutcome::ReadOnlyWrite, flush));
-                }
-                // Write to a present read-only leaf that may become writable.
-                let upgraded =
-                    old.with_bits(crate::spte::bits::WRITABLE | crate::spte::bits::DIRTY);
-                self.pages.get_mut(id).spte_update(i, upgraded);
-                self.mark_dirty(slots, gfn, write);
-                return Ok((FaultOutcome::Mapped(level), flush));
+                // A write to a present read-only leaf: rebuild it from the fresh host
+                // answer (the host may have made the page writable since), as KVM's slow
+                // path does.
+                self.pages.get_mut(id).spte_update(i, new);
+                return Ok(Fault {
+                    outcome: FaultOutcome::Mapped(level),
+                    flush,
+                    dirty,
+                });
             } else {
                 // The host moved the page under us without an invalidation: replace it.
                 self.drop_leaf(slots, id, i, level);
@@ -136,20 +177,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let slot = slots.lookup_mut(gfn).expect("slot found above");
         slot.rmap_add(base_gfn, level, SpteRef::new(id, i), &mut self.pool);
         self.stats.leaves_installed += 1;
-        self.mark_dirty(slots, gfn, write);
-        Ok((FaultOutcome::Mapped(level), flush))
-    }
-
-    #[inline]
-    fn mark_dirty(&self, slots: &Memslots, gfn: Gfn, write: bool) {
-        if !write {
-            return;
-        }
-        if let Some(slot) = slots.lookup(gfn) {
-            if let Some(bitmap) = slot.dirty_bitmap() {
-                bitmap.mark(gfn.0 - slot.base_gfn.0);
-            }
-        }
+        Ok(Fault {
+            outcome: FaultOutcome::Mapped(level),
+            flush,
+            dirty,
+        })
     }
 
     /// Walk from the root to the table of `level` that maps `gfn`, creating missing tables

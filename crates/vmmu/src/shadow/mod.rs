@@ -15,12 +15,17 @@
 //!   completed; only then are their frames freed ([`ShadowMmu::free_invalid_pages`]).
 //! - The root page lives as long as the MMU.
 
+mod algorithms;
 mod fault;
+mod notifier;
+mod wrprot;
 mod zap;
 
 use alloc::vec::Vec;
 
-pub use fault::FaultOutcome;
+pub use algorithms::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
+pub use fault::{DirtyGfn, Fault, FaultOutcome};
+pub use notifier::Invalidation;
 
 use crate::error::Error;
 use crate::memslot::Memslots;
@@ -55,12 +60,15 @@ pub struct ShadowMmu<A: TableAllocator> {
     root: u32,
     invalid_list: Vec<u32>,
     max_level: Level,
+    pub(crate) algos: Algorithms,
+    pub(crate) invalidation: Invalidation,
     pub(crate) stats: MmuStats,
 }
 
 impl<A: TableAllocator> ShadowMmu<A> {
-    /// A new MMU with an empty root table; huge mappings up to `max_level`.
-    pub fn new(alloc: A, max_level: Level) -> Result<Self, Error> {
+    /// A new MMU with an empty root table; huge mappings up to `max_level`; the
+    /// algorithms `algos` where the seeds offer a choice.
+    pub fn new(alloc: A, max_level: Level, algos: Algorithms) -> Result<Self, Error> {
         let mut pages = Pages::new();
         let root = pages
             .create(&alloc, Role::direct(Level::ROOT), Gfn(0), 0)
@@ -73,6 +81,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
             root,
             invalid_list: Vec::new(),
             max_level: max_level.min(Level::L1G),
+            algos,
+            invalidation: Invalidation::default(),
             stats: MmuStats::default(),
         })
     }
@@ -92,6 +102,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// The reverse-map descriptor pool.
     pub fn pool(&self) -> &DescPool {
         &self.pool
+    }
+    /// The algorithms in use.
+    pub fn algorithms(&self) -> Algorithms {
+        self.algos
     }
     /// Work counters.
     pub fn stats(&self) -> MmuStats {

@@ -14,29 +14,69 @@ use crate::rmap::{self, SpteRef};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 
-use super::ShadowMmu;
+use super::{RmapDrop, ShadowMmu};
 
 impl<A: TableAllocator> ShadowMmu<A> {
     /// Zap every leaf mapping any gfn in `[start, end)`. Leaves that cover the range only
     /// in part (huge pages across its edges) are zapped whole.
     pub fn zap_gfn_range(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Flush {
+        self.zap_gfn_range_levels(slots, start, end, Level::L4K)
+    }
+
+    /// Zap the leaves of level `min_level` and above that map a gfn in `[start, end)`,
+    /// dropping each reverse map as configured (seed 003: destroy in one pass; before it,
+    /// one SPTE at a time through the full `drop_spte` path).
+    pub fn zap_gfn_range_levels(
+        &mut self,
+        slots: &mut Memslots,
+        start: Gfn,
+        end: Gfn,
+        min_level: Level,
+    ) -> Flush {
         let mut emptied = Vec::new();
         let mut zapped = 0u64;
-        for slot in slots.iter_mut() {
-            let lo = start.max(slot.base_gfn);
-            let hi = end.min(slot.end_gfn());
-            if lo >= hi {
-                continue;
-            }
-            for level in Level::LEAF_LEVELS {
-                let pages = &mut self.pages;
-                zapped += slot.rmap_destroy_range(level, lo, hi, &mut self.pool, |sref| {
-                    let sp = pages.get_mut(sref.table_id());
-                    sp.spte_clear(sref.index());
-                    if sp.used() == 0 {
-                        emptied.push(sref.table_id());
+        let ranges: Vec<(u32, Gfn, Gfn)> = slots
+            .iter()
+            .filter_map(|s| {
+                let (lo, hi) = (start.max(s.base_gfn), end.min(s.end_gfn()));
+                (lo < hi).then_some((s.id, lo, hi))
+            })
+            .collect();
+        for (id, lo, hi) in ranges {
+            for level in Level::LEAF_LEVELS.into_iter().filter(|&l| l >= min_level) {
+                match self.algos.rmap_drop {
+                    RmapDrop::Destroy => {
+                        let slot = slots.by_id_mut(id).expect("slot listed above");
+                        let pages = &mut self.pages;
+                        zapped += slot.rmap_destroy_range(level, lo, hi, &mut self.pool, |sref| {
+                            let sp = pages.get_mut(sref.table_id());
+                            sp.spte_clear(sref.index());
+                            if sp.used() == 0 {
+                                emptied.push(sref.table_id());
+                            }
+                        });
                     }
-                });
+                    RmapDrop::OneByOne => {
+                        let mut g = lo;
+                        while g < hi {
+                            loop {
+                                let slot = slots.by_id(id).expect("slot listed above");
+                                let Some(s) = rmap::first(slot.rmap_head(g, level), &self.pool)
+                                else {
+                                    break;
+                                };
+                                self.drop_leaf(slots, s.table_id(), s.index(), level);
+                                zapped += 1;
+                                if self.pages.get(s.table_id()).used() == 0 {
+                                    emptied.push(s.table_id());
+                                }
+                            }
+                            g = Gfn(g.align_down(level).0 + level.pages());
+                        }
+                        // drop_leaf counted these already.
+                        self.stats.leaves_zapped -= zapped;
+                    }
+                }
             }
         }
         self.stats.leaves_zapped += zapped;

@@ -1,0 +1,290 @@
+//! Dirty logging for live migration: the dirty bitmap with KVM's `KVM_GET_DIRTY_LOG`
+//! semantics, manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: GET copies, CLEAR
+//! re-protects), and per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`).
+//!
+//! # How a write gets logged
+//! While a slot logs, its leaves are 4K and a leaf is writable only after a write fault
+//! on it, and every such fault logs the page: the locked fault path (`page_fault`) and the
+//! lockless fast path (`fast_page_fault`, which finds the slot's bitmap through
+//! [`DirtyIndex`] without the MMU lock). Harvesting write-protects the pages it reports
+//! (GET, CLEAR, ring reset), so the next write faults and is logged again. A page is
+//! marked before the guest's write completes, so a harvest that misses the mark is
+//! followed by one that reports it: no write is lost.
+//!
+//! # Locking
+//! GET, CLEAR and reset take the MMU lock; bitmap words are atomics exchanged or
+//! and-ed, because fast-path faults set bits without the lock. The index is read-locked
+//! by fast-path faults and write-locked only while memslots change, never across a flush.
+
+mod ring;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+pub use ring::DirtyRing;
+
+use crate::error::Error;
+use crate::flush::Flush;
+use crate::host::HostMemory;
+use crate::hw::Vcpu;
+use crate::memslot::{DirtyBitmap, Memslots};
+use crate::shadow::{DirtyGfn, DirtyWrprot};
+use crate::sync::RwLock;
+use crate::table::TableAllocator;
+use crate::types::Gfn;
+use crate::vm::Vm;
+
+/// The logging memslots' bitmaps by gfn, readable without the MMU lock.
+#[derive(Default)]
+pub struct DirtyIndex {
+    slots: RwLock<Vec<IndexEntry>>,
+}
+
+struct IndexEntry {
+    base: Gfn,
+    npages: u64,
+    id: u32,
+    bitmap: Arc<DirtyBitmap>,
+}
+
+impl DirtyIndex {
+    /// Rebuild from the memslots (after every memslot change, under the MMU lock).
+    pub(crate) fn publish(&self, slots: &Memslots) {
+        let v = slots
+            .iter()
+            .filter_map(|s| {
+                s.dirty_bitmap_arc().map(|bitmap| IndexEntry {
+                    base: s.base_gfn,
+                    npages: s.npages,
+                    id: s.id,
+                    bitmap,
+                })
+            })
+            .collect();
+        *self.slots.write() = v;
+    }
+
+    /// Call `f` with the logging slot's page and bitmap for `gfn`, if it is in one.
+    #[inline]
+    pub(crate) fn with(&self, gfn: Gfn, f: impl FnOnce(DirtyGfn, &DirtyBitmap)) {
+        let slots = self.slots.read();
+        if let Some(e) = slots
+            .iter()
+            .find(|e| gfn.0.wrapping_sub(e.base.0) < e.npages)
+        {
+            f(
+                DirtyGfn {
+                    slot: e.id,
+                    offset: gfn.0 - e.base.0,
+                },
+                &e.bitmap,
+            );
+        }
+    }
+}
+
+/// What a harvest did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HarvestReport {
+    /// Pages reported dirty.
+    pub dirty_pages: u64,
+    /// How they were write-protected again (`None` when nothing was protected).
+    pub wrprot: Option<DirtyWrprot>,
+}
+
+impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
+    /// Log `d` as dirty for `vcpu`: into its ring when the VM uses rings, else `bitmap`.
+    #[inline]
+    pub(crate) fn log_dirty(&self, vcpu: &Vcpu, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
+        match &vcpu.shared().dirty_ring {
+            Some(ring) => {
+                let pushed = ring.lock().push(d);
+                debug_assert!(pushed, "dirty ring overflow: vCPUs stop at soft-full");
+            }
+            None => {
+                if let Some(b) = bitmap {
+                    b.mark(d.offset);
+                }
+            }
+        }
+    }
+
+    fn bitmap_mode(&self) -> Result<(), Error> {
+        if self.config().dirty_log.ring_size.is_some() {
+            return Err(Error::WrongDirtyLogMode(
+                "the VM logs dirty pages in per-vCPU rings",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: copy slot `slot`'s dirty bitmap into `out` (one bit per page,
+    /// 64 pages a word). By default the bits are cleared and those pages write-protected
+    /// again, with the flush, before this returns; in manual-protect mode this only copies.
+    pub fn get_dirty_log(&self, slot: u32, out: &mut [u64]) -> Result<HarvestReport, Error> {
+        self.bitmap_mode()?;
+        let manual = self.config().dirty_log.manual_protect;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let bitmap = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        let words = bitmap.words();
+        if out.len() < words.len() {
+            return Err(Error::BitmapTooSmall {
+                needed: words.len(),
+                got: out.len(),
+            });
+        }
+        let mut nr = 0u64;
+        for (o, w) in out.iter_mut().zip(words) {
+            let v = w.load(Ordering::Relaxed);
+            // Read first: exchanging a clean word would cost an atomic per 64 pages.
+            *o = if v != 0 && !manual {
+                w.swap(0, Ordering::AcqRel)
+            } else {
+                v
+            };
+            nr += o.count_ones() as u64;
+        }
+        if manual || nr == 0 {
+            return Ok(HarvestReport {
+                dirty_pages: nr,
+                wrprot: None,
+            });
+        }
+        let base = s.base_gfn;
+        let (flush, how) =
+            st.mmu
+                .write_protect_dirty(&st.slots, slot, base, &out[..words.len()], nr);
+        self.commit(st, flush);
+        Ok(HarvestReport {
+            dirty_pages: nr,
+            wrprot: Some(how),
+        })
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual-protect mode): clear the bits of `bitmap` (bit `i` is
+    /// page `first_page + i`) in slot `slot`'s dirty bitmap and write-protect the pages
+    /// whose bits were really set, with the flush. `first_page` must be a multiple of 64
+    /// and the range inside the slot; `num_pages` a multiple of 64 unless the range ends at
+    /// the slot's end. Returns the number of pages cleared.
+    pub fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u64,
+        bitmap: &[u64],
+    ) -> Result<u64, Error> {
+        self.bitmap_mode()?;
+        if !self.config().dirty_log.manual_protect {
+            return Err(Error::WrongDirtyLogMode(
+                "clear_dirty_log needs manual protect",
+            ));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let dirty = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        if !first_page.is_multiple_of(64) {
+            return Err(Error::ClearLogUnaligned { first_page });
+        }
+        let npages = s.npages;
+        if first_page > npages
+            || num_pages > npages - first_page
+            || (!num_pages.is_multiple_of(64) && first_page + num_pages != npages)
+        {
+            return Err(Error::ClearLogRange {
+                first_page,
+                num_pages,
+                npages,
+            });
+        }
+        let nwords = num_pages.div_ceil(64) as usize;
+        if bitmap.len() < nwords {
+            return Err(Error::BitmapTooSmall {
+                needed: nwords,
+                got: bitmap.len(),
+            });
+        }
+        let base = s.base_gfn;
+        let mut flush = Flush::NONE;
+        let mut cleared = 0u64;
+        for (k, &user) in bitmap[..nwords].iter().enumerate() {
+            let left = num_pages - 64 * k as u64;
+            let user = if left < 64 {
+                user & ((1u64 << left) - 1)
+            } else {
+                user
+            };
+            let word = &dirty.words()[first_page as usize / 64 + k];
+            if user & word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let m = word.fetch_and(!user, Ordering::AcqRel) & user;
+            cleared += m.count_ones() as u64;
+            flush |=
+                st.mmu
+                    .write_protect_masked(&st.slots, Gfn(base.0 + first_page + 64 * k as u64), m);
+        }
+        self.commit(st, flush);
+        Ok(cleared)
+    }
+
+    /// Read the entries vCPU `vcpu` pushed since its last harvest into `out` (the VMM
+    /// reading `kvm_dirty_gfn`s). Returns how many.
+    pub fn harvest_dirty_ring(&self, vcpu: u32, out: &mut Vec<DirtyGfn>) -> Result<usize, Error> {
+        let shared = self
+            .vcpus
+            .read()
+            .get(vcpu as usize)
+            .cloned()
+            .ok_or(Error::NoSuchVcpu(vcpu))?;
+        let ring = shared.dirty_ring.as_ref().ok_or(Error::WrongDirtyLogMode(
+            "the VM logs dirty pages in bitmaps, not rings",
+        ))?;
+        let n = ring.lock().harvest(out);
+        Ok(n)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: write-protect again every harvested entry of every vCPU's
+    /// ring, coalescing neighbouring pages into 64-page masks, flush, and free the entries.
+    /// Returns the number of entries reset.
+    pub fn reset_dirty_rings(&self) -> Result<usize, Error> {
+        if self.config().dirty_log.ring_size.is_none() {
+            return Err(Error::WrongDirtyLogMode(
+                "the VM logs dirty pages in bitmaps, not rings",
+            ));
+        }
+        let vcpus: Vec<_> = self.vcpus.read().iter().cloned().collect();
+        let mut entries = Vec::new();
+        let mut n = 0;
+        for v in &vcpus {
+            if let Some(r) = &v.dirty_ring {
+                n += r.lock().reset(|e| entries.push(e));
+            }
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut flush = Flush::NONE;
+        let mut cur: Option<(u32, u64, u64)> = None;
+        for e in entries.into_iter().map(Some).chain(core::iter::once(None)) {
+            if let (Some((slot, base, mask)), Some(e)) = (cur, e) {
+                if e.slot == slot && e.offset >= base && e.offset < base + 64 {
+                    cur = Some((slot, base, mask | 1 << (e.offset - base)));
+                    continue;
+                }
+            }
+            if let Some((slot, base, mask)) = cur {
+                // The slot may have gone away since the push; then nothing maps it.
+                if let Some(s) = st.slots.by_id(slot) {
+                    let gfn = Gfn(s.base_gfn.0 + base);
+                    flush |= st.mmu.write_protect_masked(&st.slots, gfn, mask);
+                }
+            }
+            cur = e.map(|e| (e.slot, e.offset, 1));
+        }
+        self.commit(st, flush);
+        Ok(n)
+    }
+}
