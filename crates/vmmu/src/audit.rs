@@ -131,6 +131,13 @@ pub fn audit<A: TableAllocator>(
                     "huge leaf {sref:?} in memslot {} while dirty logging",
                     slot.id
                 );
+                ensure!(
+                    !((0..level.pages())
+                        .any(|k| slot.is_write_tracked(crate::types::Gfn(gfn.0 + k)))
+                        && (spte.is_mmu_writable() || level > Level::L4K)),
+                    "leaf {sref:?} over write-tracked gfns of memslot {} is MMU-writable or huge",
+                    slot.id
+                );
                 if let (true, Some(bitmap)) = (bitmap_logging, slot.dirty_bitmap()) {
                     ensure!(
                         !spte.is_writable() || bitmap.test(gfn.0 - slot.base_gfn.0),

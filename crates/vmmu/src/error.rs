@@ -131,6 +131,11 @@ pub enum Error {
         /// End.
         end: u64,
     },
+    /// untrack_write of a page nobody tracks, or track_write past 65535 trackers.
+    WriteTrackCount {
+        /// The gfn.
+        gfn: u64,
+    },
     /// invalidate_range_end without a matching start.
     NoInvalidationInProgress,
     /// A vCPU limit was reached.
@@ -214,6 +219,10 @@ impl fmt::Display for Error {
             Error::InvalidHvaRange { start, end } => {
                 write!(f, "host-virtual range [{start:#x}, {end:#x}) is empty or reversed")
             }
+            Error::WriteTrackCount { gfn } => write!(
+                f,
+                "gfn {gfn:#x}: untracking a page nobody tracks, or more than 65535 trackers"
+            ),
             Error::NoInvalidationInProgress => {
                 write!(f, "invalidate_range_end without a matching invalidate_range_start")
             }

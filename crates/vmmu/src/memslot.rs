@@ -160,6 +160,8 @@ pub struct Memslot {
     /// Entries in each level's reverse maps, so walks skip levels with nothing mapped.
     rmap_entries: [u64; 3],
     disallow_lpage: [Box<[u32]>; 2],
+    /// Write-tracking counts per page (KVM's `gfn_write_track`), allocated on first use.
+    write_track: Option<Box<[u16]>>,
     dirty_bitmap: Option<Arc<DirtyBitmap>>,
 }
 
@@ -204,6 +206,7 @@ impl Memslot {
             rmap,
             rmap_entries: [0; 3],
             disallow_lpage,
+            write_track: None,
             dirty_bitmap: None,
         };
         slot.sync_dirty_bitmap(all_set);
@@ -335,6 +338,30 @@ impl Memslot {
                 .checked_add_signed(delta)
                 .expect("disallow_lpage count underflow");
         }
+    }
+    /// Whether writes to `gfn` are tracked (then no SPTE may make it writable).
+    #[inline]
+    pub fn is_write_tracked(&self, gfn: Gfn) -> bool {
+        self.write_track
+            .as_ref()
+            .is_some_and(|t| t[(gfn.0 - self.base_gfn.0) as usize] != 0)
+    }
+    /// Add (`true`) or drop a tracker of writes to `gfn`; huge pages over a tracked page
+    /// are disallowed. Returns `false`, changing nothing, when dropping an untracked page
+    /// or when a page already has `u16::MAX` trackers.
+    pub fn track_write(&mut self, gfn: Gfn, add: bool) -> bool {
+        let npages = self.npages as usize;
+        let t = self
+            .write_track
+            .get_or_insert_with(|| alloc::vec![0u16; npages].into_boxed_slice());
+        let c = &mut t[(gfn.0 - self.base_gfn.0) as usize];
+        match (add, *c) {
+            (true, u16::MAX) | (false, 0) => return false,
+            (true, _) => *c += 1,
+            (false, _) => *c -= 1,
+        }
+        self.account_disallow_lpage(gfn, if add { 1 } else { -1 });
+        true
     }
     /// The dirty bitmap, while logging.
     #[inline]

@@ -76,6 +76,11 @@ pub enum Exit {
         /// Whether it was a write.
         write: bool,
     },
+    /// A write to a write-tracked page: the tracker (the VMM) emulates it.
+    WriteTracked {
+        /// The address.
+        gpa: Gpa,
+    },
     /// The vCPU's dirty ring is (soft) full: harvest and reset before running it again
     /// (KVM_EXIT_DIRTY_RING_FULL).
     DirtyRingFull,
@@ -91,6 +96,7 @@ impl core::fmt::Display for Exit {
                 "MMIO {} at gpa {gpa}: outside every memslot or a write to a READONLY slot",
                 if *write { "write" } else { "read" }
             ),
+            Exit::WriteTracked { gpa } => write!(f, "write to write-tracked gpa {gpa}"),
             Exit::DirtyRingFull => write!(f, "the vCPU's dirty ring is full: harvest and reset it"),
             Exit::Error(e) => write!(f, "{e}"),
         }
@@ -400,6 +406,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                         write: kind == AccessKind::Write,
                     })
                 }
+                FaultOutcome::WriteTracked => return Err(Exit::WriteTracked { gpa }),
             }
         }
         Err(Exit::Error(Error::FaultLoop { gpa }))
@@ -452,6 +459,43 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let st = &mut *guard;
         let flush = st.mmu.zap_all(&mut st.slots);
         self.commit(st, flush);
+    }
+
+    /// Track writes to `gfn` (KVM's `kvm_write_track_add_gfn`, used by shadow paging for
+    /// guest page tables and by VMMs for device tables): its SPTEs lose W and
+    /// MMU-writable (so not even the fast path can restore W), huge mappings over it are
+    /// dropped and disallowed, and guest writes to it exit with [`Exit::WriteTracked`].
+    pub fn track_write(&self, gfn: Gfn) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let slot = st.slots.lookup_mut(gfn).ok_or(Error::InvalidRange {
+            start: gfn.0,
+            end: gfn.0 + 1,
+        })?;
+        if !slot.track_write(gfn, true) {
+            return Err(Error::WriteTrackCount { gfn: gfn.0 });
+        }
+        let flush = st
+            .mmu
+            .zap_gfn_range_levels(&mut st.slots, gfn, Gfn(gfn.0 + 1), Level::L2M)
+            | st.mmu.rmap_write_protect(&st.slots, gfn, Level::L4K, true);
+        self.commit(st, flush);
+        Ok(())
+    }
+
+    /// Drop one tracker of writes to `gfn`; when none is left, the next write fault maps
+    /// it writable again.
+    pub fn untrack_write(&self, gfn: Gfn) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let slot = guard.slots.lookup_mut(gfn).ok_or(Error::InvalidRange {
+            start: gfn.0,
+            end: gfn.0 + 1,
+        })?;
+        if slot.track_write(gfn, false) {
+            Ok(())
+        } else {
+            Err(Error::WriteTrackCount { gfn: gfn.0 })
+        }
     }
 
     /// Counters.

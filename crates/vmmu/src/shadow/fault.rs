@@ -31,6 +31,9 @@ pub enum FaultOutcome {
     Mmio,
     /// A write to a READONLY memslot: not mapped writable; the access goes to the VMM.
     ReadOnlyWrite,
+    /// A write to a write-tracked page: not mapped writable; the tracker emulates it
+    /// (KVM's page-track write path).
+    WriteTracked,
     /// The host is invalidating the page (an MMU-notifier range is in progress): nothing
     /// was mapped; retry once the invalidation ends (KVM's `mmu_invalidate_retry`).
     Retry,
@@ -122,7 +125,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
         }
         let level = slot.max_mapping_level(gfn, self.max_level.min(host_page.level));
         let logging = slot.is_logging();
-        let mmu_writable = !slot.is_readonly() && host_page.writable;
+        let tracked = slot.is_write_tracked(gfn);
+        if write && tracked {
+            return Ok(Fault::new(FaultOutcome::WriteTracked, flush));
+        }
+        let mmu_writable = !slot.is_readonly() && host_page.writable && !tracked;
         // While logging, only a write fault maps W, so every write is seen (and logged) by
         // a fault; otherwise map W at once, as KVM does, to spare a second fault.
         let writable = mmu_writable && (write || !logging);
