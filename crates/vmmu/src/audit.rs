@@ -265,3 +265,119 @@ pub fn audit<A: TableAllocator>(
     rep.mmio = pages.iter().map(|(_, p)| p.mmio as usize).sum();
     Ok(rep)
 }
+
+/// Check every invariant of the TDP MMU `mmu` against `slots` (at a quiescent point):
+/// exactly one valid root; no frozen entry; every present non-leaf SPTE points at the
+/// child page recorded beside it, one level down, mapping the same gfns; in used-entries
+/// mode every table's bitmap marks exactly its present entries; and the leaf rules of the
+/// shadow audit (inside a memslot, aligned, never writable in a READONLY slot, 4K and
+/// logged while the slot logs, never MMU-writable or huge over a write-tracked page).
+pub fn audit_tdp<A: TableAllocator + 'static>(
+    slots: &Memslots,
+    mmu: &crate::tdp::TdpMmu<A>,
+    bitmap_logging: bool,
+) -> Result<AuditReport, AuditError> {
+    use crate::tdp::{TdpIter, TdpIteration};
+    let guard = crate::tdp::pin();
+    let mut rep = AuditReport::default();
+    let valid = mmu.roots(&guard).filter(|(_, v)| *v).count();
+    ensure!(valid == 1, "{valid} valid TDP roots");
+    let used_mode = mmu.mode() == TdpIteration::UsedEntries;
+    for (root, _) in mmu.roots(&guard) {
+        let mut it = TdpIter::new(
+            root,
+            Level::L4K,
+            crate::types::Gfn(0),
+            crate::types::Gfn(1 << 36),
+            TdpIteration::ScanAll,
+            u64::MAX,
+            &guard,
+        );
+        while it.valid() {
+            let (page, i, level, s) = (it.page(), it.index(), it.level(), it.spte);
+            let gfn = it.gfn();
+            if i == 0 {
+                rep.pages += 1;
+            }
+            ensure!(!s.is_frozen(), "frozen SPTE at {gfn:?} level {level:?}");
+            if used_mode {
+                ensure!(
+                    page.is_used(i) == s.is_shadow_present(),
+                    "used bit {} for {s:?} at {gfn:?} level {level:?}",
+                    page.is_used(i)
+                );
+            }
+            if s.is_mmio() {
+                rep.mmio += 1;
+                ensure!(level == Level::L4K, "MMIO SPTE above 4K at {gfn:?}");
+            } else if s.is_shadow_present() && !s.is_leaf(level) {
+                rep.nonleaves += 1;
+                // SAFETY: the guard pins the epoch.
+                let child = unsafe { page.child(i, &guard).as_ref() };
+                ensure!(
+                    child.is_some(),
+                    "non-leaf at {gfn:?} level {level:?} has no child page"
+                );
+                let c = child.expect("checked");
+                ensure!(
+                    c.frame == s.pfn(),
+                    "non-leaf at {gfn:?}: child frame differs"
+                );
+                ensure!(
+                    Some(c.level) == level.below(),
+                    "child of {gfn:?} has level {:?}",
+                    c.level
+                );
+                ensure!(c.gfn == gfn, "child of {gfn:?} maps {:?}", c.gfn);
+            } else if s.is_shadow_present() {
+                rep.leaves += 1;
+                ensure!(level <= Level::L1G, "leaf at level {level:?}");
+                ensure!(
+                    s.pfn().0 % level.pages() == 0,
+                    "leaf at {gfn:?} misaligned pfn"
+                );
+                let slot = slots.lookup(gfn);
+                ensure!(
+                    slot.is_some(),
+                    "leaf maps gfn {gfn:?} outside every memslot"
+                );
+                let slot = slot.expect("checked");
+                ensure!(
+                    slot.contains(crate::types::Gfn(gfn.0 + level.pages() - 1)),
+                    "leaf at {gfn:?} ({}) extends past memslot {}",
+                    level.name(),
+                    slot.id
+                );
+                ensure!(
+                    !(slot.is_readonly() && s.is_writable()),
+                    "writable leaf at {gfn:?} in a READONLY slot"
+                );
+                ensure!(
+                    !s.is_writable() || (s.is_mmu_writable() && s.is_host_writable()),
+                    "leaf at {gfn:?} writable without MMU- and host-writable"
+                );
+                ensure!(
+                    !(slot.is_logging() && level > Level::L4K),
+                    "huge leaf at {gfn:?} while logging"
+                );
+                ensure!(
+                    !((0..level.pages())
+                        .any(|k| slot.is_write_tracked(crate::types::Gfn(gfn.0 + k)))
+                        && (s.is_mmu_writable() || level > Level::L4K)),
+                    "leaf at {gfn:?} over write-tracked gfns is MMU-writable or huge"
+                );
+                if let (true, Some(bitmap)) = (bitmap_logging, slot.dirty_bitmap()) {
+                    ensure!(
+                        !s.is_writable() || bitmap.test(gfn.0 - slot.base_gfn.0),
+                        "writable leaf at {gfn:?} in logging memslot {} is not marked dirty",
+                        slot.id
+                    );
+                }
+            } else {
+                ensure!(s.0 == 0, "non-present SPTE at {gfn:?} is not zero: {s:?}");
+            }
+            it.next();
+        }
+    }
+    Ok(rep)
+}

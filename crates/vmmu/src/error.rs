@@ -138,6 +138,8 @@ pub enum Error {
     },
     /// invalidate_range_end without a matching start.
     NoInvalidationInProgress,
+    /// A VM configuration value is out of range.
+    InvalidConfig(&'static str),
     /// A vCPU limit was reached.
     TooManyVcpus {
         /// Configured maximum.
@@ -203,6 +205,7 @@ impl fmt::Display for Error {
                 write!(f, "guest access to gpa {gpa} kept faulting without progress")
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
+            Error::InvalidConfig(why) => write!(f, "invalid VM configuration: {why}"),
             Error::NotLogging(s) => write!(f, "memslot {s} does not log dirty pages (LOG_DIRTY_PAGES is off)"),
             Error::BitmapTooSmall { needed, got } => {
                 write!(f, "bitmap of {got} words is too small: {needed} needed")

@@ -16,12 +16,14 @@
 //! - [`rmap`]: KVM's `pte_list`: reverse maps from a gfn to the SPTEs that map it
 //! - [`page`]: shadow pages (`kvm_mmu_page`) and the store naming them by table id
 //! - [`memslot`]: KVM_SET_USER_MEMORY_REGION slots with their per-level metadata
-//! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping
+//! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping, write protection
+//! - [`tdp`]: the TDP MMU: parallel faults, the one iterator (three modes, seed 002)
 //! - [`flush`]: the `#[must_use]` TLB flush token
 //! - [`dirty`]: dirty logging: bitmap GET / CLEAR (manual protect), per-vCPU dirty rings
 //! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
 //! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB, the vCPU mode protocol
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`)
+//! - [`mmu`]: which MMU a VM runs (shadow or TDP), behind one set of operations
 //! - [`vm`]: the VM tying them together, and the public API
 //!
 //! ```
@@ -60,6 +62,7 @@ pub mod flush;
 pub mod host;
 pub mod hw;
 pub mod memslot;
+pub mod mmu;
 pub mod notifier;
 pub mod page;
 pub mod rmap;
@@ -67,11 +70,14 @@ pub mod shadow;
 pub mod spte;
 pub mod sync;
 pub mod table;
+pub mod tdp;
 pub mod types;
 pub mod vm;
 
 pub use error::Error;
 pub use flush::Flush;
 pub use memslot::{MemoryRegion, MemslotFlags};
+pub use mmu::MmuKind;
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
+pub use tdp::TdpIteration;
 pub use vm::{DirtyLogConfig, Exit, Vm, VmConfig, VmStats};

@@ -15,10 +15,10 @@
 use alloc::vec::Vec;
 
 use crate::error::Error;
-use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::table::TableAllocator;
+use crate::tdp::Removed;
 use crate::types::{Gfn, Hva, Pfn, PAGE_SIZE};
 use crate::vm::Vm;
 
@@ -60,18 +60,18 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let (start, end) = check(start, end)?;
         let mut guard = self.lock();
         let st = &mut *guard;
-        st.mmu.invalidation.begin(start, end);
-        let mut flush = Flush::NONE;
+        st.mmu.invalidation_mut().begin(start, end);
+        let mut removed = Removed::default();
         for (lo, hi) in gfn_ranges(&st.slots, start, end) {
-            flush |= st.mmu.zap_gfn_range(&mut st.slots, lo, hi);
+            removed.merge(st.mmu.zap_gfn_range(&mut st.slots, lo, hi));
         }
-        self.commit(st, flush);
+        self.commit(st, removed);
         Ok(())
     }
 
     /// The host change announced by the last unmatched `invalidate_range_start` is done.
     pub fn invalidate_range_end(&self) -> Result<(), Error> {
-        if self.lock().mmu.invalidation.end() {
+        if self.lock().mmu.invalidation_mut().end() {
             Ok(())
         } else {
             Err(Error::NoInvalidationInProgress)
@@ -93,7 +93,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let st = &mut *guard;
         let mut young = false;
         for (lo, hi) in gfn_ranges(&st.slots, start, end) {
-            young |= st.mmu.age_gfn_range(&st.slots, lo, hi);
+            young |= st.mmu.age(&st.slots, lo, hi);
         }
         Ok(young)
     }
@@ -104,7 +104,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let st = self.lock();
         Ok(gfn_ranges(&st.slots, start, end)
             .into_iter()
-            .any(|(lo, hi)| st.mmu.test_age_gfn_range(&st.slots, lo, hi)))
+            .any(|(lo, hi)| st.mmu.test_age(&st.slots, lo, hi)))
     }
 
     /// The host now maps the page at `hva` to `new_pfn` (KSM merge, migration):
@@ -114,11 +114,11 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let (start, end) = check(hva, Hva(hva.0 + 1))?;
         let mut guard = self.lock();
         let st = &mut *guard;
-        let mut flush = Flush::NONE;
+        let mut removed = Removed::default();
         for (lo, _) in gfn_ranges(&st.slots, start, end) {
-            flush |= st.mmu.change_pte(&mut st.slots, lo, new_pfn, writable);
+            removed.merge(st.mmu.change_pte(&mut st.slots, lo, new_pfn, writable));
         }
-        self.commit(st, flush);
+        self.commit(st, removed);
         Ok(())
     }
 }

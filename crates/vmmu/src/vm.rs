@@ -15,18 +15,21 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dirty::DirtyIndex;
 use crate::error::Error;
-use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::hw::{ept_walk, fast_page_fault, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
 use crate::memslot::{MemoryRegion, MemslotFlags, MemslotLimits, Memslots, SlotChange};
+use crate::mmu::{Mmu, MmuKind};
 use crate::shadow::{Algorithms, FaultOutcome, MmuStats, ShadowMmu};
-use crate::sync::{Mutex, MutexGuard, RwLock};
+use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::table::{HeapTableAllocator, TableAllocator};
+use crate::tdp::{self, Removed, TdpMmu, TdpPage};
 use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
 
 /// VM configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct VmConfig {
+    /// Which MMU runs the VM.
+    pub mmu: MmuKind,
     /// Largest mapping level the MMU uses (KVM's max huge page level).
     pub max_level: Level,
     /// Memslot limits and guest-physical width.
@@ -42,6 +45,7 @@ pub struct VmConfig {
 impl Default for VmConfig {
     fn default() -> Self {
         VmConfig {
+            mmu: MmuKind::ShadowDirect,
             max_level: Level::L1G,
             limits: MemslotLimits::default(),
             max_vcpus: 1024,
@@ -129,25 +133,28 @@ pub struct VmStats {
     pub rmap_descs: usize,
 }
 
-pub(crate) struct VmState<A: TableAllocator> {
+pub(crate) struct VmState<A: TableAllocator + 'static> {
     pub(crate) slots: Memslots,
-    pub(crate) mmu: ShadowMmu<Arc<A>>,
+    pub(crate) mmu: Mmu<A>,
 }
 
 /// A virtual machine's memory virtualization.
-pub struct Vm<H: HostMemory, A: TableAllocator = HeapTableAllocator> {
+pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     host: H,
     alloc: Arc<A>,
-    state: Mutex<VmState<A>>,
+    state: RwLock<VmState<A>>,
     pub(crate) vcpus: RwLock<Vec<Arc<VcpuShared>>>,
     pub(crate) dirty_index: DirtyIndex,
-    root: crate::types::Pfn,
     config: VmConfig,
     remote_flushes: AtomicU64,
     fast_mmio: AtomicU64,
     fast_faults: AtomicU64,
     mmio_generation: AtomicU64,
 }
+
+/// Guest-physical widths the 4-level tables can map.
+const MIN_GPA_BITS: u8 = 32;
+const MAX_GPA_BITS: u8 = 48;
 
 /// Retries of one access before it is declared stuck.
 const MAX_ACCESS_RETRIES: u32 = 64;
@@ -156,29 +163,40 @@ impl<H: HostMemory> Vm<H, HeapTableAllocator> {
     /// A VM whose tables come from the heap.
     ///
     /// # Panics
-    /// If the root table cannot be allocated.
+    /// If the configuration is invalid (see [`Vm::with_allocator`]) or the root table
+    /// cannot be allocated.
     pub fn new(config: VmConfig, host: H) -> Self {
         Self::with_allocator(config, host, Arc::new(HeapTableAllocator::new()))
-            .expect("allocate the root table")
+            .unwrap_or_else(|e| panic!("cannot create the VM: {e}"))
     }
 }
 
-impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
+impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// A VM whose tables come from `alloc`.
     pub fn with_allocator(config: VmConfig, host: H, alloc: Arc<A>) -> Result<Self, Error> {
-        let mmu = ShadowMmu::new(alloc.clone(), config.max_level, config.algorithms)?;
+        if !(MIN_GPA_BITS..=MAX_GPA_BITS).contains(&config.limits.gpa_bits) {
+            return Err(Error::InvalidConfig(
+                "gpa_bits must be 32..=48: the tables have 4 levels",
+            ));
+        }
+        let mmu = match config.mmu {
+            MmuKind::ShadowDirect => Mmu::Shadow(ShadowMmu::new(
+                alloc.clone(),
+                config.max_level,
+                config.algorithms,
+            )?),
+            MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
+        };
         let mut slots = Memslots::new(config.limits);
         slots.set_dirty_initially_set(
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
         );
-        let root = mmu.root_frame();
         Ok(Vm {
             host,
             alloc,
-            state: Mutex::new(VmState { slots, mmu }),
+            state: RwLock::new(VmState { slots, mmu }),
             vcpus: RwLock::new(Vec::new()),
             dirty_index: DirtyIndex::default(),
-            root,
             config,
             remote_flushes: AtomicU64::new(0),
             fast_mmio: AtomicU64::new(0),
@@ -211,8 +229,12 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             });
         }
         let shared = Arc::new(VcpuShared::new(self.config.dirty_log.ring_size));
+        let root = match &self.lock_shared().mmu {
+            Mmu::Shadow(m) => m.root_frame(),
+            Mmu::Tdp(m) => m.get_root(),
+        };
         vcpus.push(shared.clone());
-        Ok(Vcpu::new(vcpus.len() as u32 - 1, shared, self.root))
+        Ok(Vcpu::new(vcpus.len() as u32 - 1, shared, root))
     }
 
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
@@ -222,18 +244,33 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         self.remote_flushes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Perform `flush` if owed, then free the tables unlinked before it (KVM's
-    /// `kvm_mmu_commit_zap_page`).
-    pub(crate) fn commit(&self, st: &mut VmState<A>, flush: Flush) {
-        if flush.needed() || st.mmu.invalid_pages() != 0 {
+    /// Perform the flush an operation owes, then free the tables it unlinked (KVM's
+    /// `kvm_mmu_commit_zap_page`). Exclusive lock.
+    pub(crate) fn commit(&self, st: &mut VmState<A>, removed: Removed) {
+        if st.mmu.pending(&removed) {
             self.flush_remote_tlbs();
         }
         // SAFETY: the flush above made every vCPU leave guest mode after the unlinks.
-        unsafe { st.mmu.free_invalid_pages() };
+        unsafe { st.mmu.free_after_flush(removed) };
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, VmState<A>> {
-        self.state.lock()
+    /// [`commit`](Self::commit) for a TDP operation run under the shared lock.
+    pub(crate) fn commit_tdp(&self, tdp: &TdpMmu<A>, removed: Removed) {
+        if !removed.is_empty() {
+            self.flush_remote_tlbs();
+            // SAFETY: flushed after the unlinks.
+            unsafe { tdp.retire(removed) };
+        }
+    }
+
+    /// The MMU lock, exclusive.
+    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, VmState<A>> {
+        self.state.write()
+    }
+
+    /// The MMU lock, shared (TDP faults and range operations).
+    pub(crate) fn lock_shared(&self) -> RwLockReadGuard<'_, VmState<A>> {
+        self.state.read()
     }
 
     /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change the flags of
@@ -250,70 +287,104 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             .slots
             .by_id(region.slot)
             .map(|s| (s.base_gfn, s.end_gfn(), s.flags));
-        let mut flush = Flush::NONE;
+        let mut removed = Removed::default();
         if let (SlotChange::Delete | SlotChange::Move { .. }, Some((start, end, _))) = (change, old)
         {
-            flush |= st.mmu.zap_gfn_range(&mut st.slots, start, end);
+            removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
         }
-        self.commit(st, flush);
+        self.commit(st, removed);
         st.slots.apply(&region, change);
         // Publish the logging slots before protecting anything: a lockless fast-path fault
         // that makes a page writable after the protection must find its slot to log it.
         self.dirty_index.publish(&st.slots);
-        if let (SlotChange::FlagsOnly { old: old_flags }, Some((start, end, _))) = (change, old) {
-            let log = MemslotFlags::LOG_DIRTY_PAGES;
-            let (was, is) = (old_flags.contains(log), region.flags.contains(log));
-            let mut flush = Flush::NONE;
-            if !was && is {
-                flush |= st
-                    .mmu
-                    .zap_gfn_range_levels(&mut st.slots, start, end, Level::L2M);
-                if !st.slots.dirty_initially_set() {
-                    flush |= st.mmu.slot_remove_write_access(&st.slots, region.slot);
-                }
-            } else if was && !is {
-                flush |= self.zap_collapsible(st, region.slot);
-            }
-            self.commit(st, flush);
-        }
         if st.slots.generation() & crate::spte::MMIO_GEN_MASK == 0 {
             // The generation MMIO SPTEs carry wrapped: an old one could match again. Zap
             // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
-            let flush = st.mmu.zap_all(&mut st.slots);
-            self.commit(st, flush);
+            let removed = st.mmu.zap_all(&mut st.slots)?;
+            self.commit(st, removed);
+            self.request_reload();
         }
         self.mmio_generation
             .store(st.slots.generation(), Ordering::Release);
+        let initially_set = st.slots.dirty_initially_set();
+        drop(guard);
+        if let (SlotChange::FlagsOnly { old: old_flags }, Some((start, end, _))) = (change, old) {
+            let log = MemslotFlags::LOG_DIRTY_PAGES;
+            match (old_flags.contains(log), region.flags.contains(log)) {
+                (false, true) => self.start_logging(region.slot, start, end, initially_set)?,
+                (true, false) => self.stop_logging(start, end),
+                _ => {}
+            }
+        }
         Ok(())
     }
 
-    /// Zap the 4K leaves of `slot` that lie in 2 MiB pages the slot and the host would now
-    /// map huge (KVM's `kvm_mmu_zap_collapsible_sptes`).
-    fn zap_collapsible(&self, st: &mut VmState<A>, slot: u32) -> Flush {
-        let Some(s) = st.slots.by_id(slot) else {
-            return Flush::NONE;
-        };
-        let mut ranges = Vec::new();
-        let mut g = s.base_gfn.align_down(Level::L2M);
-        while g < s.end_gfn() {
-            let huge = s.contains(g)
-                && s.max_mapping_level(g, self.config.max_level) >= Level::L2M
-                && self
-                    .host
-                    .translate(s.gfn_to_hva(g))
-                    .is_some_and(|h| h.level >= Level::L2M);
-            if huge && s.rmap_entries(Level::L4K) != 0 {
-                ranges.push(g);
+    /// Logging starts on a slot: only 4K mappings may stay (the shadow MMU zaps huge
+    /// leaves; the TDP MMU splits them eagerly, allocating tables outside the lock), then
+    /// every leaf is write-protected unless every bit starts set.
+    fn start_logging(
+        &self,
+        slot: u32,
+        start: Gfn,
+        end: Gfn,
+        initially_set: bool,
+    ) -> Result<(), Error> {
+        let mut prealloc = Vec::new();
+        let mut from = start;
+        loop {
+            let guard = self.lock_shared();
+            let Mmu::Tdp(m) = &guard.mmu else {
+                break;
+            };
+            let epoch = tdp::pin();
+            match m.split_huge_pages(from, end, &mut prealloc, &epoch) {
+                tdp::SplitProgress::Done(removed) => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    break;
+                }
+                tdp::SplitProgress::NeedPages {
+                    pages,
+                    resume,
+                    removed,
+                } => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    drop(guard);
+                    // Out of the lock: the allocator may be slow (or sleep, in a kernel).
+                    for _ in 0..pages {
+                        prealloc.push(
+                            TdpPage::new(&*self.alloc, Level::L2M, Gfn(0))
+                                .ok_or(Error::OutOfTableMemory)?,
+                        );
+                    }
+                    from = resume;
+                }
             }
-            g = Gfn(g.0 + Level::L2M.pages());
         }
-        let mut flush = Flush::NONE;
-        for g in ranges {
-            flush |= st
-                .mmu
-                .zap_gfn_range(&mut st.slots, g, Gfn(g.0 + Level::L2M.pages()));
+        for p in prealloc {
+            // SAFETY: never linked: the frames were allocated above and only we know them.
+            unsafe { self.alloc.free_table(p.frame) };
         }
-        flush
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut removed = st.mmu.zap_huge(&mut st.slots, start, end);
+        if !initially_set {
+            removed.merge(st.mmu.write_protect_slot(&st.slots, slot));
+        }
+        self.commit(st, removed);
+        Ok(())
+    }
+
+    /// Logging stopped: let huge mappings come back (the shadow MMU zaps the 4K leaves of
+    /// huge-eligible ranges; the TDP MMU recovers huge leaves in place).
+    fn stop_logging(&self, start: Gfn, end: Gfn) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let removed =
+            st.mmu
+                .recover_huge(&mut st.slots, &self.host, start, end, self.config.max_level);
+        self.commit(st, removed);
     }
 
     /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
@@ -325,17 +396,80 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 end: gpa.gfn().0 + 1,
             });
         }
+        if let MmuKind::Tdp(_) = self.config.mmu {
+            let guard = self.lock_shared();
+            let Mmu::Tdp(m) = &guard.mmu else {
+                unreachable!("the VM's MMU kind does not change");
+            };
+            let epoch = tdp::pin();
+            let root = m
+                .roots(&epoch)
+                .find(|(r, valid)| *valid && r.frame == vcpu.root())
+                .map(|(r, _)| r);
+            let Some(root) = root else {
+                // The vCPU's root was invalidated; it reloads before its next entry.
+                return Ok(FaultOutcome::Spurious);
+            };
+            let fault = m.map(&guard.slots, &self.host, root, gpa, ec, &epoch)?;
+            if let Some(d) = fault.dirty {
+                let slot = guard
+                    .slots
+                    .by_id(d.slot)
+                    .expect("the fault found this slot");
+                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            }
+            drop(epoch);
+            self.commit_tdp(m, fault.removed);
+            return Ok(fault.outcome);
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let fault = st
-            .mmu
-            .direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
+        let Mmu::Shadow(m) = &mut st.mmu else {
+            unreachable!("the VM's MMU kind does not change");
+        };
+        let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
         if let Some(d) = fault.dirty {
             let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
             self.log_dirty(vcpu, d, slot.dirty_bitmap());
         }
-        self.commit(st, fault.flush);
+        self.commit(st, Removed::flush_only(fault.flush));
         Ok(fault.outcome)
+    }
+
+    /// Ask every vCPU to load the MMU's current root before it runs again.
+    pub(crate) fn request_reload(&self) {
+        crate::hw::request_vcpus(
+            self.vcpus.read().iter().map(|v| &**v),
+            crate::hw::REQ_MMU_RELOAD,
+        );
+    }
+
+    /// Load the current root into `vcpu`, dropping its reference to the old one; zap
+    /// invalid roots nobody holds any more.
+    fn reload_root(&self, vcpu: &mut Vcpu) {
+        let stale = {
+            let guard = self.lock_shared();
+            let Mmu::Tdp(m) = &guard.mmu else {
+                return;
+            };
+            if m.is_valid_root(vcpu.root()) {
+                return;
+            }
+            let new = m.get_root();
+            m.put_root(vcpu.root());
+            vcpu.set_root(new);
+            true
+        };
+        if stale {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            if let Mmu::Tdp(m) = &mut st.mmu {
+                let epoch = tdp::pin();
+                let (removed, _) = m.reap_invalid_roots(&epoch);
+                drop(epoch);
+                self.commit(st, removed);
+            }
+        }
     }
 
     /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and
@@ -346,13 +480,23 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// `fast_page_fault` runs with the shadow walk protected from frees.
     pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
         vcpu.accesses += 1;
+        if gpa.0 >> self.config.limits.gpa_bits != 0 {
+            // Beyond the guest-physical width: the walk would alias a lower address.
+            return Err(Exit::Error(Error::InvalidRange {
+                start: gpa.gfn().0,
+                end: gpa.gfn().0 + 1,
+            }));
+        }
         let gfn = gpa.gfn();
         let mut retries = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
             }
-            vcpu.enter_guest();
+            if !vcpu.enter_guest() {
+                self.reload_root(vcpu);
+                continue;
+            }
             let mut result = match vcpu.tlb.lookup(gfn, kind) {
                 Some(pfn) => Ok(pfn),
                 // SAFETY: in guest mode (entered above, left below).
@@ -437,8 +581,8 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         self.check_range(start, end)?;
         let mut guard = self.lock();
         let st = &mut *guard;
-        let flush = st.mmu.zap_gfn_range(&mut st.slots, start, end);
-        self.commit(st, flush);
+        let removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
+        self.commit(st, removed);
         Ok(())
     }
 
@@ -448,17 +592,23 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let st = &mut *guard;
         let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
         let (start, end) = (s.base_gfn, s.end_gfn());
-        let flush = st.mmu.zap_gfn_range(&mut st.slots, start, end);
-        self.commit(st, flush);
+        let removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
+        self.commit(st, removed);
         Ok(())
     }
 
-    /// Zap everything (KVM's `kvm_mmu_zap_all`); the root stays.
-    pub fn zap_all(&self) {
+    /// Zap everything (KVM's `kvm_mmu_zap_all`). The shadow MMU keeps its root; the TDP
+    /// MMU invalidates its roots, gives vCPUs a new one and zaps the old ones as soon as
+    /// no vCPU runs on them.
+    pub fn zap_all(&self) -> Result<(), Error> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let flush = st.mmu.zap_all(&mut st.slots);
-        self.commit(st, flush);
+        let removed = st.mmu.zap_all(&mut st.slots)?;
+        self.commit(st, removed);
+        if matches!(st.mmu, Mmu::Tdp(_)) {
+            self.request_reload();
+        }
+        Ok(())
     }
 
     /// Track writes to `gfn` (KVM's `kvm_write_track_add_gfn`, used by shadow paging for
@@ -475,11 +625,8 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         if !slot.track_write(gfn, true) {
             return Err(Error::WriteTrackCount { gfn: gfn.0 });
         }
-        let flush = st
-            .mmu
-            .zap_gfn_range_levels(&mut st.slots, gfn, Gfn(gfn.0 + 1), Level::L2M)
-            | st.mmu.rmap_write_protect(&st.slots, gfn, Level::L4K, true);
-        self.commit(st, flush);
+        let removed = st.mmu.track_write(&mut st.slots, gfn);
+        self.commit(st, removed);
         Ok(())
     }
 
@@ -500,39 +647,75 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 
     /// Counters.
     pub fn stats(&self) -> VmStats {
-        let st = self.lock();
+        let st = self.lock_shared();
+        let (mmu, pages, descs) = match &st.mmu {
+            Mmu::Shadow(m) => (m.stats(), m.pages().len(), m.pool().in_use()),
+            Mmu::Tdp(m) => {
+                let t = m.stats();
+                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                let s = MmuStats {
+                    faults: ld(&t.faults),
+                    spurious_faults: ld(&t.spurious_faults) + ld(&t.retried_faults),
+                    leaves_installed: ld(&t.leaves_installed),
+                    pages_freed: ld(&t.pages_freed),
+                    ..MmuStats::default()
+                };
+                (s, m.live_pages() as usize, 0)
+            }
+        };
         VmStats {
             remote_tlb_flushes: self.remote_flushes.load(Ordering::Relaxed),
             fast_mmio_exits: self.fast_mmio.load(Ordering::Relaxed),
             fast_page_faults: self.fast_faults.load(Ordering::Relaxed),
-            mmu: st.mmu.stats(),
-            shadow_pages: st.mmu.pages().len(),
-            rmap_descs: st.mmu.pool().in_use(),
+            mmu,
+            shadow_pages: pages,
+            rmap_descs: descs,
         }
     }
 
-    /// Run the audit (see [`crate::audit`]) under the lock.
+    /// Run the audit (see [`crate::audit`]) under the exclusive lock.
     pub fn audit(&self) -> Result<crate::audit::AuditReport, crate::audit::AuditError> {
         let st = self.lock();
-        crate::audit::audit(
+        let bitmap_logging = self.config.dirty_log.ring_size.is_none();
+        match &st.mmu {
+            Mmu::Shadow(m) => crate::audit::audit(&st.slots, m, bitmap_logging),
+            Mmu::Tdp(m) => crate::audit::audit_tdp(&st.slots, m, bitmap_logging),
+        }
+    }
+
+    /// Run `f` with the memslots and the shadow MMU under the lock (for tests, audits and
+    /// benchmarks that look inside).
+    ///
+    /// # Panics
+    /// If the VM runs the TDP MMU (see [`with_tdp`](Self::with_tdp)).
+    pub fn with_mmu<R>(&self, f: impl FnOnce(&Memslots, &ShadowMmu<Arc<A>>) -> R) -> R {
+        let st = self.lock();
+        f(
             &st.slots,
-            &st.mmu,
-            self.config.dirty_log.ring_size.is_none(),
+            st.mmu.shadow().expect("with_mmu needs a shadow-MMU VM"),
         )
     }
 
-    /// Run `f` with the memslots and the MMU under the lock (for tests, audits and
-    /// benchmarks that look inside).
-    pub fn with_mmu<R>(&self, f: impl FnOnce(&Memslots, &ShadowMmu<Arc<A>>) -> R) -> R {
+    /// Run `f` with the memslots and the TDP MMU under the exclusive lock.
+    ///
+    /// # Panics
+    /// If the VM runs the shadow MMU.
+    pub fn with_tdp<R>(&self, f: impl FnOnce(&Memslots, &TdpMmu<A>) -> R) -> R {
         let st = self.lock();
-        f(&st.slots, &st.mmu)
+        f(
+            &st.slots,
+            st.mmu.tdp().expect("with_tdp needs a TDP-MMU VM"),
+        )
     }
 }
 
-impl<H: HostMemory, A: TableAllocator> Drop for Vm<H, A> {
+impl<H: HostMemory, A: TableAllocator + 'static> Drop for Vm<H, A> {
     fn drop(&mut self) {
         let st = self.state.get_mut();
         // SAFETY: the VM is going away; vCPUs borrow it, so none can run.
-        unsafe { st.mmu.destroy(&mut st.slots) };
+        match &mut st.mmu {
+            Mmu::Shadow(m) => unsafe { m.destroy(&mut st.slots) },
+            Mmu::Tdp(m) => unsafe { m.destroy() },
+        }
     }
 }

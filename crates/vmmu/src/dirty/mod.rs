@@ -25,13 +25,13 @@ use core::sync::atomic::Ordering;
 pub use ring::DirtyRing;
 
 use crate::error::Error;
-use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::hw::Vcpu;
 use crate::memslot::{DirtyBitmap, Memslots};
 use crate::shadow::{DirtyGfn, DirtyWrprot};
 use crate::sync::RwLock;
 use crate::table::TableAllocator;
+use crate::tdp::Removed;
 use crate::types::Gfn;
 use crate::vm::Vm;
 
@@ -89,7 +89,8 @@ impl DirtyIndex {
 pub struct HarvestReport {
     /// Pages reported dirty.
     pub dirty_pages: u64,
-    /// How they were write-protected again (`None` when nothing was protected).
+    /// How the shadow MMU write-protected them again (seed 004's choice); `None` when
+    /// nothing was protected, or on the TDP MMU, which always goes by 64-page masks.
     pub wrprot: Option<DirtyWrprot>,
 }
 
@@ -154,13 +155,13 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             });
         }
         let base = s.base_gfn;
-        let (flush, how) =
+        let (removed, how) =
             st.mmu
                 .write_protect_dirty(&st.slots, slot, base, &out[..words.len()], nr);
-        self.commit(st, flush);
+        self.commit(st, removed);
         Ok(HarvestReport {
             dirty_pages: nr,
-            wrprot: Some(how),
+            wrprot: how,
         })
     }
 
@@ -208,7 +209,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             });
         }
         let base = s.base_gfn;
-        let mut flush = Flush::NONE;
+        let mut removed = Removed::default();
         let mut cleared = 0u64;
         for (k, &user) in bitmap[..nwords].iter().enumerate() {
             let left = num_pages - 64 * k as u64;
@@ -223,11 +224,13 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             }
             let m = word.fetch_and(!user, Ordering::AcqRel) & user;
             cleared += m.count_ones() as u64;
-            flush |=
-                st.mmu
-                    .write_protect_masked(&st.slots, Gfn(base.0 + first_page + 64 * k as u64), m);
+            removed.merge(st.mmu.write_protect_masked(
+                &st.slots,
+                Gfn(base.0 + first_page + 64 * k as u64),
+                m,
+            ));
         }
-        self.commit(st, flush);
+        self.commit(st, removed);
         Ok(cleared)
     }
 
@@ -266,7 +269,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         }
         let mut guard = self.lock();
         let st = &mut *guard;
-        let mut flush = Flush::NONE;
+        let mut removed = Removed::default();
         let mut cur: Option<(u32, u64, u64)> = None;
         for e in entries.into_iter().map(Some).chain(core::iter::once(None)) {
             if let (Some((slot, base, mask)), Some(e)) = (cur, e) {
@@ -279,12 +282,12 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 // The slot may have gone away since the push; then nothing maps it.
                 if let Some(s) = st.slots.by_id(slot) {
                     let gfn = Gfn(s.base_gfn.0 + base);
-                    flush |= st.mmu.write_protect_masked(&st.slots, gfn, mask);
+                    removed.merge(st.mmu.write_protect_masked(&st.slots, gfn, mask));
                 }
             }
             cur = e.map(|e| (e.slot, e.offset, 1));
         }
-        self.commit(st, flush);
+        self.commit(st, removed);
         Ok(n)
     }
 }

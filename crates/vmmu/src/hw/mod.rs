@@ -6,5 +6,5 @@ mod vcpu;
 mod walk;
 
 pub use tlb::{Tlb, TlbEntry};
-pub use vcpu::{flush_vcpus, Vcpu, VcpuShared};
+pub use vcpu::{flush_vcpus, request_vcpus, Vcpu, VcpuShared, REQ_MMU_RELOAD, REQ_TLB_FLUSH};
 pub use walk::{ept_walk, fast_page_fault, leaf_pfn, lockless_walk, WalkExit, WalkPoint};

@@ -26,6 +26,8 @@ const IN_GUEST_MODE: u8 = 1;
 
 /// Request: flush the TLB before the next guest access.
 pub const REQ_TLB_FLUSH: u32 = 1;
+/// Request: load the MMU's current root before running (the old one was invalidated).
+pub const REQ_MMU_RELOAD: u32 = 2;
 
 /// The part of a vCPU other threads touch.
 pub struct VcpuShared {
@@ -50,8 +52,14 @@ impl VcpuShared {
 /// Ask every vCPU in `vcpus` to flush its TLB and wait until none is in guest mode with
 /// its old translations (KVM's `kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)` with wait).
 pub fn flush_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone) {
+    request_vcpus(vcpus, REQ_TLB_FLUSH);
+}
+
+/// Post `req` to every vCPU in `vcpus` and wait until none is in guest mode without
+/// having seen it.
+pub fn request_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone, req: u32) {
     for v in vcpus.clone() {
-        v.requests.fetch_or(REQ_TLB_FLUSH, Ordering::Relaxed);
+        v.requests.fetch_or(req, Ordering::Relaxed);
     }
     heavy_fence();
     for v in vcpus {
@@ -86,22 +94,38 @@ impl Vcpu {
         }
     }
 
-    /// Enter guest mode, first handling pending requests (KVM's `vcpu_enter_guest`).
+    /// Enter guest mode, first handling pending TLB flushes (KVM's `vcpu_enter_guest`).
+    /// Returns `false`, outside guest mode, when the root must be reloaded first.
     #[inline]
-    pub(crate) fn enter_guest(&mut self) {
+    pub(crate) fn enter_guest(&mut self) -> bool {
         loop {
             self.shared.mode.store(IN_GUEST_MODE, Ordering::Relaxed);
             light_fence();
             if self.shared.requests.load(Ordering::Relaxed) == 0 {
-                return;
+                return true;
             }
             self.shared
                 .mode
                 .store(OUTSIDE_GUEST_MODE, Ordering::Release);
-            if self.shared.requests.swap(0, Ordering::AcqRel) & REQ_TLB_FLUSH != 0 {
+            let req = self.shared.requests.swap(0, Ordering::AcqRel);
+            if req & REQ_TLB_FLUSH != 0 {
                 self.tlb.flush();
             }
+            if req & REQ_MMU_RELOAD != 0 {
+                return false;
+            }
         }
+    }
+
+    /// Load a new root (after [`REQ_MMU_RELOAD`]); the TLB is flushed.
+    pub(crate) fn set_root(&mut self, root: Pfn) {
+        self.root = root;
+        self.tlb.flush();
+    }
+
+    /// The root this vCPU runs on.
+    pub fn root(&self) -> Pfn {
+        self.root
     }
 
     /// Leave guest mode (a VM exit).

@@ -57,6 +57,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         });
                     }
                     RmapDrop::OneByOne => {
+                        let before = zapped;
                         let mut g = lo;
                         while g < hi {
                             loop {
@@ -74,7 +75,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                             g = Gfn(g.align_down(level).0 + level.pages());
                         }
                         // drop_leaf counted these already.
-                        self.stats.leaves_zapped -= zapped;
+                        self.stats.leaves_zapped -= zapped - before;
                     }
                 }
             }

@@ -1,0 +1,254 @@
+//! The MMU a VM runs: the shadow MMU (direct mode) or the TDP MMU, behind one set of
+//! operations, as KVM dispatches between `mmu.c` and `tdp_mmu.c`.
+//!
+//! Operations return [`Removed`]: the flush owed and, for the TDP MMU, the tables to
+//! retire after it (the shadow MMU keeps its own list of zapped pages, freed by
+//! [`Mmu::free_after_flush`]).
+//!
+//! Methods taking `&mut self` need the exclusive MMU lock; `&self` methods on the TDP MMU
+//! run under the shared lock.
+
+use alloc::sync::Arc;
+
+use crate::flush::Flush;
+use crate::host::HostMemory;
+use crate::memslot::Memslots;
+use crate::shadow::{DirtyWrprot, Invalidation, ShadowMmu};
+use crate::table::TableAllocator;
+use crate::tdp::{self, Removed, TdpMmu};
+use crate::types::{Gfn, Level, Pfn};
+
+/// Which MMU a VM uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum MmuKind {
+    /// KVM's shadow MMU driven in direct mode (EPT before the TDP MMU).
+    #[default]
+    ShadowDirect,
+    /// KVM's TDP MMU, iterating as given (seed 002).
+    Tdp(tdp::TdpIteration),
+}
+
+/// The MMU of a VM.
+pub enum Mmu<A: TableAllocator + 'static> {
+    /// The shadow MMU.
+    Shadow(ShadowMmu<Arc<A>>),
+    /// The TDP MMU.
+    Tdp(TdpMmu<A>),
+}
+
+fn flush_only(flush: Flush) -> Removed {
+    Removed::flush_only(flush)
+}
+
+impl<A: TableAllocator + 'static> Mmu<A> {
+    /// The shadow MMU, if that is what runs.
+    pub fn shadow(&self) -> Option<&ShadowMmu<Arc<A>>> {
+        match self {
+            Mmu::Shadow(m) => Some(m),
+            Mmu::Tdp(_) => None,
+        }
+    }
+    /// The TDP MMU, if that is what runs.
+    pub fn tdp(&self) -> Option<&TdpMmu<A>> {
+        match self {
+            Mmu::Tdp(m) => Some(m),
+            Mmu::Shadow(_) => None,
+        }
+    }
+
+    pub(crate) fn invalidation_mut(&mut self) -> &mut Invalidation {
+        match self {
+            Mmu::Shadow(m) => &mut m.invalidation,
+            Mmu::Tdp(m) => &mut m.invalidation,
+        }
+    }
+
+    /// Whether anything waits for a flush.
+    pub(crate) fn pending(&self, removed: &Removed) -> bool {
+        !removed.is_empty() || self.shadow().is_some_and(|m| m.invalid_pages() != 0)
+    }
+
+    /// Free what the operation unlinked.
+    ///
+    /// # Safety
+    /// A remote TLB flush has completed since the unlinks.
+    pub(crate) unsafe fn free_after_flush(&mut self, removed: Removed) {
+        match self {
+            // SAFETY: forwarded.
+            Mmu::Shadow(m) => unsafe { m.free_invalid_pages() },
+            // SAFETY: forwarded.
+            Mmu::Tdp(m) => unsafe { m.retire(removed) },
+        }
+    }
+
+    /// Zap every leaf mapping `[start, end)` (exclusive lock).
+    pub fn zap_gfn_range(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(m.zap_gfn_range(slots, start, end)),
+            Mmu::Tdp(m) => {
+                let guard = tdp::pin();
+                m.zap_leafs(start, end, u64::MAX, &guard).0
+            }
+        }
+    }
+
+    /// Zap everything (exclusive lock). The TDP MMU invalidates its roots and makes a
+    /// new one (vCPUs must reload); unreferenced old roots are zapped now.
+    pub fn zap_all(&mut self, slots: &mut Memslots) -> Result<Removed, crate::Error> {
+        Ok(match self {
+            Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
+            Mmu::Tdp(m) => {
+                m.invalidate_all_roots()?;
+                let guard = tdp::pin();
+                let (mut removed, _) = m.reap_invalid_roots(&guard);
+                removed.flush.set();
+                removed
+            }
+        })
+    }
+
+    /// Zap huge leaves over `[start, end)` (exclusive lock): the shadow MMU's way to force
+    /// 4K mappings. The TDP MMU splits them instead (see `Vm`).
+    pub fn zap_huge(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(m.zap_gfn_range_levels(slots, start, end, Level::L2M)),
+            Mmu::Tdp(_) => Removed::default(),
+        }
+    }
+
+    /// Write-protect every leaf of memslot `slot` (logging starts).
+    pub fn write_protect_slot(&mut self, slots: &Memslots, slot: u32) -> Removed {
+        let Some(s) = slots.by_id(slot) else {
+            return Removed::default();
+        };
+        let (start, end) = (s.base_gfn, s.end_gfn());
+        match self {
+            Mmu::Shadow(m) => flush_only(m.slot_remove_write_access(slots, slot)),
+            Mmu::Tdp(m) => {
+                let guard = tdp::pin();
+                m.write_protect_range(start, end, Level::L4K, false, u64::MAX, &guard)
+                    .0
+            }
+        }
+    }
+
+    /// Write-protect the 4K leaves of `base + i` for the bits `i` of `mask`.
+    pub fn write_protect_masked(&mut self, slots: &Memslots, base: Gfn, mask: u64) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(m.write_protect_masked(slots, base, mask)),
+            Mmu::Tdp(m) => m.clear_dirty_masked(base, mask, &tdp::pin()),
+        }
+    }
+
+    /// Write-protect the harvested dirty pages of a slot (GET). The shadow MMU chooses
+    /// its method as configured (seed 004); the TDP MMU goes by 64-page masks.
+    pub fn write_protect_dirty(
+        &mut self,
+        slots: &Memslots,
+        slot: u32,
+        base: Gfn,
+        masks: &[u64],
+        nr_dirty: u64,
+    ) -> (Removed, Option<DirtyWrprot>) {
+        match self {
+            Mmu::Shadow(m) => {
+                let (f, how) = m.write_protect_dirty(slots, slot, base, masks, nr_dirty);
+                (flush_only(f), Some(how))
+            }
+            Mmu::Tdp(m) => {
+                let guard = tdp::pin();
+                let mut removed = Removed::default();
+                for (k, &mask) in masks.iter().enumerate() {
+                    if mask != 0 {
+                        removed.merge(m.clear_dirty_masked(
+                            Gfn(base.0 + 64 * k as u64),
+                            mask,
+                            &guard,
+                        ));
+                    }
+                }
+                (removed, None)
+            }
+        }
+    }
+
+    /// Write tracking of `gfn` starts: its leaves lose W and MMU-writable, huge leaves
+    /// over it go (exclusive lock).
+    pub fn track_write(&mut self, slots: &mut Memslots, gfn: Gfn) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(
+                m.zap_gfn_range_levels(slots, gfn, Gfn(gfn.0 + 1), Level::L2M)
+                    | m.rmap_write_protect(slots, gfn, Level::L4K, true),
+            ),
+            Mmu::Tdp(m) => {
+                let guard = tdp::pin();
+                m.zap_leafs(gfn, Gfn(gfn.0 + 1), u64::MAX, &guard).0
+            }
+        }
+    }
+
+    /// Clear accessed bits over `[start, end)`; whether any was young.
+    pub fn age(&mut self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
+        match self {
+            Mmu::Shadow(m) => m.age_gfn_range(slots, start, end),
+            Mmu::Tdp(m) => m.age_range(start, end, &tdp::pin()),
+        }
+    }
+
+    /// Whether any leaf over `[start, end)` is young.
+    pub fn test_age(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
+        match self {
+            Mmu::Shadow(m) => m.test_age_gfn_range(slots, start, end),
+            Mmu::Tdp(m) => m.test_age_range(start, end, &tdp::pin()),
+        }
+    }
+
+    /// The host remapped `gfn` to `new_pfn` (exclusive lock).
+    pub fn change_pte(
+        &mut self,
+        slots: &mut Memslots,
+        gfn: Gfn,
+        new_pfn: Pfn,
+        writable: bool,
+    ) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(m.change_pte(slots, gfn, new_pfn, writable)),
+            Mmu::Tdp(m) => m.change_pte(gfn, new_pfn, writable, &tdp::pin()),
+        }
+    }
+
+    /// Make huge mappings possible again over `[start, end)` after logging stops: the
+    /// shadow MMU zaps the 4K leaves in huge-eligible 2 MiB ranges, the TDP MMU replaces
+    /// their tables by huge leaves in place.
+    pub fn recover_huge<H: HostMemory + ?Sized>(
+        &mut self,
+        slots: &mut Memslots,
+        host: &H,
+        start: Gfn,
+        end: Gfn,
+        max_level: Level,
+    ) -> Removed {
+        match self {
+            Mmu::Shadow(m) => {
+                let mut flush = Flush::NONE;
+                let mut g = start.align_down(Level::L2M);
+                while g < end {
+                    let next = Gfn(g.0 + Level::L2M.pages());
+                    let huge = slots.lookup(g).is_some_and(|s| {
+                        s.contains(Gfn(next.0 - 1))
+                            && s.max_mapping_level(g, max_level) >= Level::L2M
+                            && host
+                                .translate(s.gfn_to_hva(g))
+                                .is_some_and(|h| h.level >= Level::L2M)
+                    });
+                    if huge {
+                        flush |= m.zap_gfn_range(slots, g, next);
+                    }
+                    g = next;
+                }
+                flush_only(flush)
+            }
+            Mmu::Tdp(m) => m.recover_huge_pages(slots, host, start, end, &tdp::pin()),
+        }
+    }
+}

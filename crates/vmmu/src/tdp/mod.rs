@@ -1,0 +1,316 @@
+//! The TDP MMU (KVM's `tdp_mmu.c`, `tdp_iter.c`): two-dimensional paging without reverse
+//! maps, with faults running in parallel.
+//!
+//! # Locking protocol
+//! - The VM's MMU lock is a reader-writer lock. Faults, write protection, dirty clearing,
+//!   eager splitting, huge-page recovery and aging take it **shared**; zapping (roots,
+//!   leaf ranges for the notifier and memslot changes) takes it **exclusive**.
+//! - Under the shared lock every SPTE change is a compare-exchange against the value the
+//!   iterator read; a loser re-reads and retries, or gives up where KVM does (aging).
+//! - An entry whose subtree is being taken out is first set to [`FROZEN`]; a walker that
+//!   reads it retries. The removed subtree's entries are frozen one by one, so a fault
+//!   racing inside it cannot install anything.
+//! - Tables reached through `children` pointers are read under an epoch guard; a table
+//!   unlinked from the tree is retired through the epoch collector only after the remote
+//!   TLB flush that follows its removal, so neither a vCPU nor an MMU walker can see it
+//!   freed (crossbeam-epoch; in the `no_std` core the collector is driven by explicit
+//!   handles instead of thread locals).
+//! - The used-entries bitmap (seed 002) is set by whoever made an entry present and
+//!   cleared only under the exclusive lock (see [`page`]).
+//! - Roots are counted: a vCPU holds a reference to the root it runs on. Invalidated roots
+//!   (a fast zap of everything) are replaced at once and zapped when the last vCPU leaves.
+//!
+//! [`FROZEN`]: crate::spte::FROZEN
+
+mod fault;
+mod iter;
+mod ops;
+mod page;
+mod zap;
+
+use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use crossbeam_epoch::{Guard, Owned, Shared};
+
+pub use fault::TdpFault;
+pub use iter::{TdpIter, TdpIteration};
+pub use ops::SplitProgress;
+pub use page::TdpPage;
+pub use zap::ZapCounts;
+
+use crate::error::Error;
+use crate::flush::Flush;
+use crate::shadow::Invalidation;
+use crate::table::TableAllocator;
+use crate::types::{Gfn, Level, Pfn};
+
+/// Positions one walk yields before it stops to let the lock go.
+pub const YIELD_BUDGET: u64 = 8192;
+
+/// Pin the epoch. With `std`, through the global collector's thread-local handle; without,
+/// through a handle registered for the occasion.
+pub fn pin() -> Guard {
+    #[cfg(feature = "std")]
+    {
+        crossbeam_epoch::pin()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
+        COLLECTOR
+            .call_once(crossbeam_epoch::Collector::new)
+            .register()
+            .pin()
+    }
+}
+
+/// Tables unlinked by an operation: they may be freed once a remote TLB flush has
+/// completed after the unlink.
+#[must_use = "removed tables must be retired after the flush"]
+#[derive(Default, Debug)]
+pub struct Removed {
+    pages: Vec<usize>,
+    /// Whether a flush is owed (mappings changed or tables were unlinked).
+    pub flush: Flush,
+}
+
+impl Removed {
+    /// Only a flush owed (`flush`), nothing to free.
+    pub fn flush_only(flush: Flush) -> Self {
+        Removed {
+            pages: Vec::new(),
+            flush,
+        }
+    }
+
+    pub(crate) fn push(&mut self, page: Shared<'_, TdpPage>) {
+        self.pages.push(page.as_raw() as usize);
+        self.flush.set();
+    }
+    /// Merge another operation's removals.
+    pub fn merge(&mut self, other: Removed) {
+        self.pages.extend(other.pages);
+        self.flush |= other.flush;
+    }
+    /// Whether nothing needs a flush or a free.
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty() && !self.flush.needed()
+    }
+}
+
+/// Counters of TDP MMU work.
+#[derive(Default, Debug)]
+pub struct TdpStats {
+    /// Faults handled.
+    pub faults: AtomicU64,
+    /// Faults that found the mapping there.
+    pub spurious_faults: AtomicU64,
+    /// Faults that lost a race and were retried.
+    pub retried_faults: AtomicU64,
+    /// Leaves installed.
+    pub leaves_installed: AtomicU64,
+    /// Tables allocated.
+    pub pages_allocated: AtomicU64,
+    /// Tables freed.
+    pub pages_freed: Arc<AtomicU64>,
+    /// Huge pages split.
+    pub huge_split: AtomicU64,
+    /// Huge pages recovered in place.
+    pub huge_recovered: AtomicU64,
+}
+
+struct Root {
+    page: usize,
+    refs: AtomicU32,
+    invalid: bool,
+}
+
+/// The TDP MMU's state.
+pub struct TdpMmu<A: TableAllocator + 'static> {
+    alloc: Arc<A>,
+    roots: Vec<Root>,
+    mode: TdpIteration,
+    max_level: Level,
+    pub(crate) invalidation: Invalidation,
+    stats: TdpStats,
+}
+
+impl<A: TableAllocator + 'static> TdpMmu<A> {
+    /// A TDP MMU with one valid root, iterating in `mode`, mapping up to `max_level`.
+    pub fn new(alloc: Arc<A>, mode: TdpIteration, max_level: Level) -> Result<Self, Error> {
+        let mut mmu = TdpMmu {
+            alloc,
+            roots: Vec::new(),
+            mode,
+            max_level: max_level.min(Level::L1G),
+            invalidation: Invalidation::default(),
+            stats: TdpStats::default(),
+        };
+        mmu.new_root()?;
+        Ok(mmu)
+    }
+
+    fn new_root(&mut self) -> Result<(), Error> {
+        let page = self.alloc_page(Level::ROOT, Gfn(0))?;
+        // Owned by the root list until retired (crossbeam's Owned is a Box).
+        // SAFETY: `unprotected` only converts the new page to a raw pointer; nothing is
+        // read through it here.
+        let shared = Owned::new(page).into_shared(unsafe { crossbeam_epoch::unprotected() });
+        self.roots.push(Root {
+            page: shared.as_raw() as usize,
+            refs: AtomicU32::new(0),
+            invalid: false,
+        });
+        Ok(())
+    }
+
+    pub(crate) fn alloc_page(&self, level: Level, gfn: Gfn) -> Result<TdpPage, Error> {
+        let p = TdpPage::new(&*self.alloc, level, gfn).ok_or(Error::OutOfTableMemory)?;
+        self.stats.pages_allocated.fetch_add(1, Ordering::Relaxed);
+        Ok(p)
+    }
+
+    /// The iteration mode.
+    pub fn mode(&self) -> TdpIteration {
+        self.mode
+    }
+    /// Work counters.
+    pub fn stats(&self) -> &TdpStats {
+        &self.stats
+    }
+    /// The largest mapping level.
+    pub fn max_level(&self) -> Level {
+        self.max_level
+    }
+
+    /// The valid root (there is always exactly one).
+    pub fn root<'g>(&self, _guard: &'g Guard) -> &'g TdpPage {
+        let r = self
+            .roots
+            .iter()
+            .find(|r| !r.invalid)
+            .expect("a valid root");
+        // SAFETY: roots are freed only under the exclusive lock, after they are invalid
+        // and unreferenced; the caller holds the lock (shared at least) and a guard.
+        unsafe { &*(r.page as *const TdpPage) }
+    }
+
+    /// Every root, valid or not, with whether it is valid.
+    pub fn roots<'g>(&self, _guard: &'g Guard) -> impl Iterator<Item = (&'g TdpPage, bool)> + '_ {
+        // SAFETY: as in `root`.
+        self.roots
+            .iter()
+            .map(|r| (unsafe { &*(r.page as *const TdpPage) }, !r.invalid))
+    }
+
+    /// Take a reference to the valid root for a vCPU; returns its frame.
+    pub fn get_root(&self) -> Pfn {
+        let r = self
+            .roots
+            .iter()
+            .find(|r| !r.invalid)
+            .expect("a valid root");
+        r.refs.fetch_add(1, Ordering::AcqRel);
+        // SAFETY: as in `root`.
+        unsafe { (*(r.page as *const TdpPage)).frame }
+    }
+
+    /// Drop a vCPU's reference to the root with frame `frame`.
+    pub fn put_root(&self, frame: Pfn) {
+        for r in &self.roots {
+            // SAFETY: as in `root`.
+            if unsafe { (*(r.page as *const TdpPage)).frame } == frame {
+                r.refs.fetch_sub(1, Ordering::AcqRel);
+                return;
+            }
+        }
+    }
+
+    /// Whether `frame` is the valid root.
+    pub fn is_valid_root(&self, frame: Pfn) -> bool {
+        // SAFETY: as in `root`.
+        self.roots
+            .iter()
+            .any(|r| !r.invalid && unsafe { (*(r.page as *const TdpPage)).frame } == frame)
+    }
+
+    /// KVM's fast zap: mark every root invalid and make a new one; vCPUs must reload.
+    /// Invalid roots are zapped by [`reap_invalid_roots`](Self::reap_invalid_roots) once
+    /// no vCPU holds them. Exclusive lock.
+    pub fn invalidate_all_roots(&mut self) -> Result<(), Error> {
+        for r in &mut self.roots {
+            r.invalid = true;
+        }
+        self.new_root()
+    }
+
+    /// Zap and unlink invalid roots no vCPU holds any more (exclusive lock). The root
+    /// pages themselves are among the removed pages.
+    pub fn reap_invalid_roots(&mut self, guard: &Guard) -> (Removed, ZapCounts) {
+        let mut removed = Removed::default();
+        let mut counts = ZapCounts::default();
+        let mut keep = Vec::new();
+        for r in core::mem::take(&mut self.roots) {
+            if r.invalid && r.refs.load(Ordering::Acquire) == 0 {
+                // SAFETY: as in `root`.
+                let page = unsafe { &*(r.page as *const TdpPage) };
+                let (rm, c) = self.zap_root(page, guard);
+                removed.merge(rm);
+                counts.add(c);
+                removed.push(Shared::from(r.page as *const TdpPage));
+            } else {
+                keep.push(r);
+            }
+        }
+        self.roots = keep;
+        (removed, counts)
+    }
+
+    /// Free the pages of `removed`.
+    ///
+    /// # Safety
+    /// A remote TLB flush has completed since they were unlinked.
+    pub unsafe fn retire(&self, removed: Removed) {
+        let guard = pin();
+        for p in removed.pages {
+            let page = p as *const TdpPage;
+            // SAFETY: the page is unlinked; walkers that might still read it are pinned,
+            // and the epoch defers the destruction until they are done.
+            unsafe {
+                let frame = (*page).frame;
+                let alloc = self.alloc.clone();
+                let freed = self.stats.pages_freed.clone();
+                guard.defer_unchecked(move || {
+                    alloc.free_table(frame);
+                    freed.fetch_add(1, Ordering::Relaxed);
+                });
+                guard.defer_destroy(Shared::from(page));
+            }
+        }
+        guard.flush();
+    }
+
+    /// Tear everything down (VM destruction).
+    ///
+    /// # Safety
+    /// No vCPU will run again and no other thread uses the MMU.
+    pub unsafe fn destroy(&mut self) {
+        let guard = pin();
+        for r in &mut self.roots {
+            r.invalid = true;
+            r.refs.store(0, Ordering::Relaxed);
+        }
+        let (removed, _) = self.reap_invalid_roots(&guard);
+        drop(guard);
+        // SAFETY: forwarded from the caller.
+        unsafe { self.retire(removed) };
+    }
+
+    /// Pages allocated and not yet freed (freeing is deferred by the epoch collector).
+    pub fn live_pages(&self) -> u64 {
+        self.stats.pages_allocated.load(Ordering::Relaxed)
+            - self.stats.pages_freed.load(Ordering::Relaxed)
+    }
+}

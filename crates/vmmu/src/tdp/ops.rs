@@ -1,0 +1,348 @@
+//! TDP MMU operations over gfn ranges, each a loop body over the one iterator: write
+//! protection, dirty clearing by 64-page mask, aging, change_pte, eager huge-page split
+//! and in-place huge-page recovery (KVM's `wrprot_gfn_range`,
+//! `clear_dirty_pt_masked`, `age_gfn_range`, `tdp_mmu_split_huge_pages_root`,
+//! `recover_huge_pages_range`).
+//!
+//! All but `change_pte` run under the shared lock: every change is a compare-exchange
+//! against the value read; on failure the body re-reads and retries (aging gives up, as
+//! KVM tolerates a lost accessed-bit update).
+
+use alloc::vec::Vec;
+
+use crossbeam_epoch::{Guard, Owned};
+
+use super::iter::{TdpIter, TdpIteration};
+use super::page::TdpPage;
+use super::{Removed, TdpMmu};
+use crate::host::HostMemory;
+use crate::memslot::Memslots;
+use crate::spte::{bits, LeafAttrs, Spte, FROZEN};
+use crate::table::TableAllocator;
+use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
+
+/// What an eager split needs to go on.
+#[derive(Debug)]
+pub enum SplitProgress {
+    /// Done.
+    Done(Removed),
+    /// Out of preallocated tables: allocate about this many outside the lock and call
+    /// again from `resume`.
+    NeedPages {
+        /// Tables to allocate.
+        pages: usize,
+        /// Where to start again.
+        resume: Gfn,
+        /// What was done so far.
+        removed: Removed,
+    },
+}
+
+impl<A: TableAllocator + 'static> TdpMmu<A> {
+    /// Write-protect every leaf of level `min_level` and above mapping `[start, end)`.
+    /// With `track`, clear MMU-writable too. Returns the flush owed and a resume point if
+    /// the walk stopped to yield.
+    pub fn write_protect_range(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        min_level: Level,
+        track: bool,
+        budget: u64,
+        guard: &Guard,
+    ) -> (Removed, Option<Gfn>) {
+        let mut removed = Removed::default();
+        let mut resume = None;
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(root, min_level, start, end, self.mode, budget, guard);
+            while it.valid() {
+                let s = it.spte;
+                let protect = s.is_shadow_present()
+                    && s.is_leaf(it.level())
+                    && (s.is_writable() || (track && s.is_mmu_writable()));
+                if protect {
+                    let new = if track {
+                        s.write_tracked()
+                    } else {
+                        s.write_protected()
+                    };
+                    if it
+                        .page()
+                        .table()
+                        .compare_exchange(it.index(), s, new)
+                        .is_err()
+                    {
+                        it.reread();
+                        continue;
+                    }
+                    if s.is_writable() {
+                        removed.flush.set();
+                    }
+                }
+                it.next();
+            }
+            resume = resume.max(it.resume());
+        }
+        (removed, resume)
+    }
+
+    /// Write-protect the 4K leaves of gfns `base + i` for every bit `i` of `mask` (KVM's
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode).
+    pub fn clear_dirty_masked(&self, base: Gfn, mask: u64, guard: &Guard) -> Removed {
+        let mut removed = Removed::default();
+        if mask == 0 {
+            return removed;
+        }
+        let start = Gfn(base.0 + mask.trailing_zeros() as u64);
+        let end = Gfn(base.0 + 64 - mask.leading_zeros() as u64);
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
+            while it.valid() {
+                let s = it.spte;
+                let bit = it.gfn().0.wrapping_sub(base.0);
+                if it.level() == Level::L4K
+                    && bit < 64
+                    && mask & (1 << bit) != 0
+                    && s.is_shadow_present()
+                    && s.is_writable()
+                {
+                    if it
+                        .page()
+                        .table()
+                        .compare_exchange(it.index(), s, s.write_protected())
+                        .is_err()
+                    {
+                        it.reread();
+                        continue;
+                    }
+                    removed.flush.set();
+                }
+                it.next();
+            }
+        }
+        removed
+    }
+
+    /// Clear the accessed bits of the leaves mapping `[start, end)`; whether any was
+    /// young. A lost compare-exchange is not retried (KVM tolerates it).
+    pub fn age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
+        let mut young = false;
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
+            while it.valid() {
+                let s = it.spte;
+                if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+                    young = true;
+                    let _ = it.page().table().compare_exchange(
+                        it.index(),
+                        s,
+                        s.without_bits(bits::ACCESSED),
+                    );
+                }
+                it.next();
+            }
+        }
+        young
+    }
+
+    /// Whether any leaf mapping `[start, end)` is young.
+    pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
+            while it.valid() {
+                let s = it.spte;
+                if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+                    return true;
+                }
+                it.next();
+            }
+        }
+        false
+    }
+
+    /// The host now maps `gfn` at `new_pfn` (exclusive lock): point 4K leaves there
+    /// read-only, or zap them when the new host mapping is writable; huge leaves over
+    /// `gfn` are zapped.
+    pub fn change_pte(&self, gfn: Gfn, new_pfn: Pfn, writable: bool, guard: &Guard) -> Removed {
+        let mut removed = Removed::default();
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(
+                root,
+                Level::L4K,
+                gfn,
+                Gfn(gfn.0 + 1),
+                self.mode,
+                u64::MAX,
+                guard,
+            );
+            while it.valid() {
+                let s = it.spte;
+                if s.is_shadow_present() && s.is_leaf(it.level()) {
+                    if writable || it.level() > Level::L4K {
+                        self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
+                    } else {
+                        let new = s
+                            .with_pfn(new_pfn)
+                            .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | bits::ACCESSED);
+                        it.page().table().swap(it.index(), new);
+                        removed.flush.set();
+                    }
+                }
+                it.next();
+            }
+        }
+        removed
+    }
+
+    /// Split every huge leaf mapping `[start, end)` down to 4K (eager split when dirty
+    /// logging starts), taking tables from `prealloc`, which the caller fills outside the
+    /// lock. The mappings do not change, so no flush is owed by the split itself.
+    pub fn split_huge_pages(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        prealloc: &mut Vec<TdpPage>,
+        guard: &Guard,
+    ) -> SplitProgress {
+        let mut removed = Removed::default();
+        let used = self.mode == TdpIteration::UsedEntries;
+        for (root, valid) in self.roots(guard) {
+            if !valid {
+                continue;
+            }
+            let mut it = TdpIter::new(root, Level::L2M, start, end, self.mode, u64::MAX, guard);
+            while it.valid() {
+                let s = it.spte;
+                let level = it.level();
+                if !(s.is_shadow_present() && level > Level::L4K && s.is_leaf(level)) {
+                    it.next();
+                    continue;
+                }
+                let Some(mut child) = prealloc.pop() else {
+                    return SplitProgress::NeedPages {
+                        pages: 1 + ((end.0 - it.gfn().0) >> Level::L2M.gfn_shift()) as usize,
+                        resume: it.gfn(),
+                        removed,
+                    };
+                };
+                let below = level.below().expect("huge level");
+                child.level = below;
+                child.gfn = it.gfn();
+                for k in 0..SPTE_ENT_PER_PAGE {
+                    let sub = Spte(
+                        s.0 & !bits::PFN_MASK & !if below == Level::L4K { bits::LARGE } else { 0 },
+                    )
+                    .with_pfn(Pfn(s.pfn().0 + ((k as u64) << below.gfn_shift())));
+                    child.table().set(k, sub);
+                    if used {
+                        child.set_used(k);
+                    }
+                }
+                let frame = child.frame;
+                let shared = Owned::new(child).into_shared(guard);
+                let page = it.page();
+                if !page.claim_child(it.index(), shared, guard)
+                    || page
+                        .table()
+                        .compare_exchange(it.index(), s, Spte::new_nonleaf(frame))
+                        .is_err()
+                {
+                    // Lost a race: give the table back for the next try.
+                    page.clear_child(it.index());
+                    removed.push(shared);
+                    it.reread();
+                    continue;
+                }
+                self.stats
+                    .huge_split
+                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                it.reread();
+                it.next();
+            }
+        }
+        SplitProgress::Done(removed)
+    }
+
+    /// Replace the tables under `[start, end)` whose range the memslot and the host would
+    /// now map huge by a huge leaf, in place (when dirty logging stops; KVM's
+    /// `recover_huge_pages_range`). Shared lock: each table is frozen out first.
+    pub fn recover_huge_pages<H: HostMemory + ?Sized>(
+        &self,
+        slots: &Memslots,
+        host: &H,
+        start: Gfn,
+        end: Gfn,
+        guard: &Guard,
+    ) -> Removed {
+        let mut removed = Removed::default();
+        for (root, valid) in self.roots(guard) {
+            if !valid {
+                continue;
+            }
+            let mut it = TdpIter::new(root, Level::L2M, start, end, self.mode, u64::MAX, guard);
+            while it.valid() {
+                let s = it.spte;
+                let level = it.level();
+                if level > self.max_level || !s.is_shadow_present() || s.is_leaf(level) {
+                    it.next();
+                    continue;
+                }
+                let Some(new) = self.huge_leaf_for(slots, host, it.gfn(), level) else {
+                    it.next();
+                    continue;
+                };
+                let page = it.page();
+                if page
+                    .table()
+                    .compare_exchange(it.index(), s, FROZEN)
+                    .is_err()
+                {
+                    it.reread();
+                    continue;
+                }
+                self.remove_subtree(page, it.index(), s, &mut removed, guard);
+                page.table().set(it.index(), new);
+                self.stats
+                    .huge_recovered
+                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+                it.reread();
+                it.next();
+            }
+        }
+        removed
+    }
+
+    /// The huge leaf of `level` the fault path would install for the page starting at
+    /// `gfn` (read-only: the next write makes it writable), if slot and host allow it.
+    fn huge_leaf_for<H: HostMemory + ?Sized>(
+        &self,
+        slots: &Memslots,
+        host: &H,
+        gfn: Gfn,
+        level: Level,
+    ) -> Option<Spte> {
+        let slot = slots.lookup(gfn)?;
+        if !slot.contains(Gfn(gfn.0 + level.pages() - 1))
+            || slot.max_mapping_level(gfn, level) < level
+        {
+            return None;
+        }
+        let hp = host.translate(slot.gfn_to_hva(gfn))?;
+        if hp.level < level {
+            return None;
+        }
+        let mmu_writable = !slot.is_readonly() && hp.writable;
+        Some(Spte::new_leaf(
+            Pfn(hp.pfn.0 & !(level.pages() - 1)),
+            level,
+            LeafAttrs {
+                writable: false,
+                executable: true,
+                host_writable: hp.writable,
+                mmu_writable,
+                accessed: true,
+                ..LeafAttrs::default()
+            },
+        ))
+    }
+}

@@ -1,0 +1,150 @@
+//! Zapping in the TDP MMU (KVM's `tdp_mmu_zap_root`, `tdp_mmu_zap_leafs`,
+//! `handle_removed_pt`).
+//!
+//! A root is zapped in passes of increasing level, as KVM does to bound the work of each
+//! pass: 4K leaves first, then the entries pointing at the emptied 4K tables, and so on up
+//! to the root's own entries. Removed tables are returned in [`Removed`] to be retired
+//! after the flush.
+
+use crossbeam_epoch::{Guard, Shared};
+
+use super::iter::TdpIter;
+use super::page::TdpPage;
+use super::{Removed, TdpMmu};
+use crate::spte::{Spte, FROZEN};
+use crate::table::TableAllocator;
+use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
+
+/// What a zap walked.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ZapCounts {
+    /// Iterator positions (the seed's "loops").
+    pub loops: u64,
+    /// SPTEs read by the iterator.
+    pub reads: u64,
+    /// Entries zapped.
+    pub zapped: u64,
+}
+
+impl ZapCounts {
+    /// Add another walk's counts.
+    pub fn add(&mut self, o: ZapCounts) {
+        self.loops += o.loops;
+        self.reads += o.reads;
+        self.zapped += o.zapped;
+    }
+}
+
+/// One past the largest gfn a 4-level table maps.
+pub(crate) const MAX_GFN: Gfn = Gfn(1 << 36);
+
+impl<A: TableAllocator + 'static> TdpMmu<A> {
+    /// Zap everything under `root` in passes of increasing level (exclusive lock). The
+    /// root itself stays.
+    pub fn zap_root(&self, root: &TdpPage, guard: &Guard) -> (Removed, ZapCounts) {
+        let mut removed = Removed::default();
+        let mut counts = ZapCounts::default();
+        let mut zap_level = Level::L4K;
+        loop {
+            let mut it = TdpIter::new(root, zap_level, Gfn(0), MAX_GFN, self.mode, u64::MAX, guard);
+            while it.valid() {
+                if it.level() == zap_level && it.spte != Spte::NONE {
+                    self.zap_entry(it.page(), it.index(), it.spte, &mut removed, guard);
+                    counts.zapped += 1;
+                }
+                it.next();
+            }
+            counts.loops += it.loops;
+            counts.reads += it.reads;
+            match zap_level.above() {
+                Some(l) if l <= root.level => zap_level = l,
+                _ => break,
+            }
+        }
+        (removed, counts)
+    }
+
+    /// Zap every leaf mapping a gfn in `[start, end)` under every root (exclusive lock).
+    /// Tables stay, as in KVM. Stops after `budget` positions per root with a resume point.
+    pub fn zap_leafs(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        budget: u64,
+        guard: &Guard,
+    ) -> (Removed, Option<Gfn>) {
+        let mut removed = Removed::default();
+        let mut resume = None;
+        for (root, _) in self.roots(guard) {
+            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, budget, guard);
+            while it.valid() {
+                let s = it.spte;
+                if s.is_shadow_present() && s.is_leaf(it.level()) {
+                    self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
+                }
+                it.next();
+            }
+            resume = resume.max(it.resume());
+        }
+        (removed, resume)
+    }
+
+    /// Clear entry `i` of `page` (exclusive lock, or the entry was frozen by the caller),
+    /// taking a child table out with it.
+    pub(crate) fn zap_entry(
+        &self,
+        page: &TdpPage,
+        i: usize,
+        _seen: Spte,
+        removed: &mut Removed,
+        guard: &Guard,
+    ) {
+        let old = page.table().swap(i, Spte::NONE);
+        page.clear_used(i);
+        if old.is_shadow_present() {
+            removed.flush.set();
+            if !old.is_leaf(page.level) {
+                self.remove_subtree(page, i, old, removed, guard);
+            }
+        }
+    }
+
+    /// Entry `i` of `page`, which held the non-leaf `s`, no longer points at its child
+    /// (the caller set it to FROZEN or zero): freeze every entry of the child's subtree so
+    /// no racing fault can install into it, and queue the tables for retirement.
+    pub(crate) fn remove_subtree(
+        &self,
+        page: &TdpPage,
+        i: usize,
+        s: Spte,
+        removed: &mut Removed,
+        guard: &Guard,
+    ) {
+        let child = page.child(i, guard);
+        page.clear_child(i);
+        // SAFETY: the guard pins the epoch; the child is retired only through it.
+        match unsafe { child.as_ref() } {
+            Some(c) if c.frame == s.pfn() => self.handle_removed(child, removed, guard),
+            _ => unreachable!("a non-leaf SPTE without its child page"),
+        }
+    }
+
+    fn handle_removed(&self, table: Shared<'_, TdpPage>, removed: &mut Removed, guard: &Guard) {
+        // SAFETY: pinned; retired only through the epoch.
+        let t = unsafe { table.deref() };
+        for j in 0..SPTE_ENT_PER_PAGE {
+            let old = loop {
+                let old = t.table().get(j);
+                if old == FROZEN || t.table().compare_exchange(j, old, FROZEN).is_ok() {
+                    break old;
+                }
+            };
+            if old.is_shadow_present() && !old.is_leaf(t.level) {
+                let grand = t.child(j, guard);
+                t.clear_child(j);
+                self.handle_removed(grand, removed, guard);
+            }
+        }
+        removed.push(table);
+    }
+}

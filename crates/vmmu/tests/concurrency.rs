@@ -1,0 +1,166 @@
+//! Concurrency smoke test: two vCPU threads access random pages of a shared 16 MiB slot
+//! while a third thread zaps ranges (and toggles dirty logging). Every access must return
+//! the host's translation; afterwards the audit passes and every translation is correct.
+//! Bounded by iteration counts, not time.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Barrier;
+
+use common::*;
+use vmmu::host::{Backing, HostMemory};
+use vmmu::types::{AccessKind, Gfn, Gpa, Hva, PAGE_SIZE};
+use vmmu::{MemslotFlags, VmConfig};
+
+const ACCESSES_PER_VCPU: u64 = 20_000;
+const ZAPS: u64 = 1_500;
+
+fn run(backing: Backing, toggle_logging: bool) {
+    let (host, vm) = new_vm(VmConfig::default());
+    let h = mmap(&host, 16 * M1, backing);
+    let spec = add_slot(
+        &vm,
+        SlotSpec {
+            id: 0,
+            gpa: G1,
+            size: 16 * M1,
+            hva: h,
+            flags: MemslotFlags::empty(),
+        },
+    );
+    // The expected frame of every page, from the host alone.
+    let pfns: Vec<u64> = (0..spec.pages())
+        .map(|i| host.translate(Hva(h + i * PAGE_SIZE)).unwrap().pfn.0)
+        .collect();
+    let mut vcpus: Vec<_> = (0..2).map(|_| vm.create_vcpu().unwrap()).collect();
+    let failed = AtomicBool::new(false);
+    // Progress of each thread (accesses or zaps done): each side waits for the other to
+    // keep up, so the zaps spread over the whole run instead of finishing before (or
+    // after) the vCPUs. Neither can deadlock: each waits for the other to reach a point
+    // behind its own, with slack.
+    let progress: Vec<AtomicU64> = (0..2).map(|_| AtomicU64::new(0)).collect();
+    let zapped = AtomicU64::new(0);
+    let start = Barrier::new(3);
+
+    std::thread::scope(|sc| {
+        for (t, vcpu) in vcpus.iter_mut().enumerate() {
+            let (vm, pfns, failed, progress, start, zapped) =
+                (&vm, &pfns, &failed, &progress, &start, &zapped);
+            sc.spawn(move || {
+                let mut rng = Rng::new(0x1234 + t as u64);
+                start.wait();
+                for n in 0..ACCESSES_PER_VCPU {
+                    progress[t].store(n, Ordering::Relaxed);
+                    let due = (n * ZAPS / ACCESSES_PER_VCPU).saturating_sub(2);
+                    while zapped.load(Ordering::Relaxed) < due && !failed.load(Ordering::Relaxed) {
+                        std::thread::yield_now();
+                    }
+                    let page = rng.below(spec.pages());
+                    let off = rng.below(PAGE_SIZE) & !7;
+                    let gpa = spec.gpa + page * PAGE_SIZE + off;
+                    let kind = if n % 4 == 3 {
+                        AccessKind::Read
+                    } else {
+                        AccessKind::Write
+                    };
+                    match vm.access(vcpu, Gpa(gpa), kind) {
+                        Ok(hpa) if hpa.0 == pfns[page as usize] * PAGE_SIZE + off => {}
+                        other => {
+                            failed.store(true, Ordering::Relaxed);
+                            panic!("vCPU {t}: {kind:?} gpa {gpa:#x} gave {other:?}");
+                        }
+                    }
+                }
+                progress[t].store(ACCESSES_PER_VCPU, Ordering::Relaxed);
+            });
+        }
+        let (vm, failed, progress, start, zapped) = (&vm, &failed, &progress, &start, &zapped);
+        sc.spawn(move || {
+            let mut rng = Rng::new(0xdead);
+            let base = spec.base_gfn().0;
+            let mut logging = false;
+            start.wait();
+            for n in 0..ZAPS {
+                // Wait (bounded: the vCPUs always make progress) until both vCPUs are
+                // n/ZAPS of the way through.
+                let due = n * ACCESSES_PER_VCPU / ZAPS;
+                while progress.iter().any(|p| p.load(Ordering::Relaxed) < due) {
+                    if failed.load(Ordering::Relaxed) {
+                        return;
+                    }
+                    std::thread::yield_now();
+                }
+                if n % 250 == 249 {
+                    vm.zap_all().unwrap();
+                } else if toggle_logging && n % 100 == 50 {
+                    logging = !logging;
+                    let flags = if logging {
+                        MemslotFlags::LOG_DIRTY_PAGES
+                    } else {
+                        MemslotFlags::empty()
+                    };
+                    vm.set_user_memory_region(SlotSpec { flags, ..spec }.region())
+                        .unwrap();
+                } else {
+                    let start = base + rng.below(spec.pages());
+                    let len = 1 + rng.below(if n % 2 == 0 { 8 } else { 1024 });
+                    vm.zap_gfn_range(Gfn(start), Gfn(start + len)).unwrap();
+                }
+                zapped.store(n + 1, Ordering::Relaxed);
+            }
+        });
+    });
+
+    let rep = audit(&vm);
+    check_leaves_against_host(&vm, &host);
+    let st = vm.stats();
+    // The zaps overlapped the accesses: the vCPUs kept faulting pages back in.
+    assert!(st.remote_tlb_flushes > ZAPS / 10, "{st:?}");
+    // (Which vCPU re-faults a zapped page first is a race; count them together.)
+    let exits: u64 = vcpus.iter().map(|v| v.exits).sum();
+    assert!(exits > 200, "vCPU exits: {exits}");
+    assert!(vcpus.iter().all(|v| v.accesses == ACCESSES_PER_VCPU));
+    // Every page translates, from a fresh vCPU and from the two that ran.
+    let mut fresh = vm.create_vcpu().unwrap();
+    let final_spec = vm.with_mmu(|s, _| {
+        let m = s.by_id(0).unwrap();
+        SlotSpec {
+            flags: m.flags,
+            ..spec
+        }
+    });
+    for i in 0..spec.pages() {
+        for v in vcpus.iter_mut().chain(std::iter::once(&mut fresh)) {
+            access_ok(
+                &vm,
+                v,
+                &host,
+                &final_spec,
+                spec.page_gpa(i) + 0x18,
+                kind_for(i),
+            );
+        }
+    }
+    let rep2 = audit(&vm);
+    assert!(rep2.leaves >= rep.leaves);
+    check_leaves_against_host(&vm, &host);
+    vm.zap_all().unwrap();
+    assert_eq!(vm.stats().shadow_pages, 1);
+    audit(&vm);
+}
+
+#[test]
+fn vcpus_and_zapper_thp() {
+    run(Backing::Thp, false);
+}
+
+#[test]
+fn vcpus_and_zapper_4k() {
+    run(Backing::Page4K, false);
+}
+
+#[test]
+fn vcpus_zapper_and_dirty_logging_toggles() {
+    run(Backing::Thp, true);
+}
