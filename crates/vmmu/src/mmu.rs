@@ -92,9 +92,19 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
 
-    /// Zap everything (exclusive lock). The TDP MMU invalidates its roots and makes a
-    /// new one (vCPUs must reload); unreferenced old roots are zapped now.
-    pub fn zap_all(&mut self, slots: &mut Memslots) -> Result<Removed, crate::Error> {
+    /// Zap everything, keeping the roots (exclusive lock; KVM's `kvm_mmu_zap_all`; the
+    /// TDP MMU zaps each root in passes of increasing level).
+    pub fn zap_all(&mut self, slots: &mut Memslots) -> Removed {
+        match self {
+            Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
+            Mmu::Tdp(m) => m.zap_all_roots(&tdp::pin()).0,
+        }
+    }
+
+    /// Zap everything fast (exclusive lock; KVM's `kvm_mmu_zap_all_fast`): the TDP MMU
+    /// invalidates its roots and makes a new one, which vCPUs must reload; old roots are
+    /// zapped as soon as no vCPU runs on them. The shadow MMU zaps in place.
+    pub fn zap_all_fast(&mut self, slots: &mut Memslots) -> Result<Removed, crate::Error> {
         Ok(match self {
             Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => {

@@ -300,7 +300,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         if st.slots.generation() & crate::spte::MMIO_GEN_MASK == 0 {
             // The generation MMIO SPTEs carry wrapped: an old one could match again. Zap
             // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
-            let removed = st.mmu.zap_all(&mut st.slots)?;
+            let removed = st.mmu.zap_all_fast(&mut st.slots)?;
             self.commit(st, removed);
             self.request_reload();
         }
@@ -597,13 +597,23 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         Ok(())
     }
 
-    /// Zap everything (KVM's `kvm_mmu_zap_all`). The shadow MMU keeps its root; the TDP
-    /// MMU invalidates its roots, gives vCPUs a new one and zaps the old ones as soon as
-    /// no vCPU runs on them.
+    /// Zap everything (KVM's `kvm_mmu_zap_all`); the roots stay (the TDP MMU zaps each
+    /// in passes of increasing level).
     pub fn zap_all(&self) -> Result<(), Error> {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let removed = st.mmu.zap_all(&mut st.slots)?;
+        let removed = st.mmu.zap_all(&mut st.slots);
+        self.commit(st, removed);
+        Ok(())
+    }
+
+    /// Zap everything fast (KVM's `kvm_mmu_zap_all_fast`): the TDP MMU invalidates its
+    /// roots and hands vCPUs a new one; the old roots are zapped as soon as no vCPU runs
+    /// on them. The shadow MMU zaps in place.
+    pub fn zap_all_fast(&self) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let removed = st.mmu.zap_all_fast(&mut st.slots)?;
         self.commit(st, removed);
         if matches!(st.mmu, Mmu::Tdp(_)) {
             self.request_reload();

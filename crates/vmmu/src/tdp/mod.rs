@@ -119,6 +119,10 @@ pub struct TdpStats {
     pub huge_split: AtomicU64,
     /// Huge pages recovered in place.
     pub huge_recovered: AtomicU64,
+    /// Iterator positions walked by root zaps (seed 002's "loops").
+    pub zap_loops: AtomicU64,
+    /// SPTEs read by root zaps.
+    pub zap_reads: AtomicU64,
 }
 
 struct Root {
@@ -234,6 +238,19 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         self.roots
             .iter()
             .any(|r| !r.invalid && unsafe { (*(r.page as *const TdpPage)).frame } == frame)
+    }
+
+    /// Zap every root in place, in passes of increasing level (exclusive lock; KVM's
+    /// teardown path). The roots stay valid and referenced.
+    pub fn zap_all_roots(&self, guard: &Guard) -> (Removed, ZapCounts) {
+        let mut removed = Removed::default();
+        let mut counts = ZapCounts::default();
+        for (root, _) in self.roots(guard) {
+            let (r, c) = self.zap_root(root, guard);
+            removed.merge(r);
+            counts.add(c);
+        }
+        (removed, counts)
     }
 
     /// KVM's fast zap: mark every root invalid and make a new one; vCPUs must reload.

@@ -56,6 +56,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             }
             counts.loops += it.loops;
             counts.reads += it.reads;
+            self.stats
+                .zap_loops
+                .fetch_add(it.loops, core::sync::atomic::Ordering::Relaxed);
+            self.stats
+                .zap_reads
+                .fetch_add(it.reads, core::sync::atomic::Ordering::Relaxed);
             match zap_level.above() {
                 Some(l) if l <= root.level => zap_level = l,
                 _ => break,
