@@ -6,6 +6,7 @@
 //! 0 success, 1 a scenario or output failed, 2 a usage error (clap's convention).
 
 mod bench;
+mod kvm;
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
@@ -27,6 +28,8 @@ struct Cli {
 enum Command {
     /// Run a benchmark scenario and print the median of each measurement.
     Bench(BenchArgs),
+    /// Side by side with the host's KVM (/dev/kvm): dirty bitmaps and costs.
+    Kvm(kvm::KvmArgs),
 }
 
 #[derive(Args, Debug)]
@@ -76,6 +79,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Bench(args) => bench_command(&args),
+        Command::Kvm(args) => kvm::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -146,7 +150,9 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<BenchArgs, clap::Error> {
         let cli = Cli::try_parse_from(["vmmu", "bench"].iter().chain(args))?;
-        let Command::Bench(b) = cli.command;
+        let Command::Bench(b) = cli.command else {
+            unreachable!("parsed `bench`")
+        };
         Ok(b)
     }
 

@@ -3,7 +3,7 @@
 
 use std::process::{Command, Output};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 
 fn vmmu(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_vmmu"))
@@ -25,7 +25,22 @@ fn list_prints_the_public_scenarios() {
             .lines()
             .map(|l| l.split_whitespace().next().unwrap().to_owned())
             .collect();
-        assert_eq!(names, ["fault-in", "zap"]);
+        assert_eq!(
+            names,
+            [
+                "fault-in",
+                "zap",
+                "rmap-iter",
+                "pte-list-destroy",
+                "writable-bitmap",
+                "wrprot-slot",
+                "dirty-log",
+                "tdp-zap-hello",
+                "tdp-zap",
+                "tdp-fault-in",
+                "tdp-fault-parallel"
+            ]
+        );
     }
 }
 
@@ -35,7 +50,21 @@ fn unknown_scenario_is_a_usage_error_naming_the_valid_ones() {
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("fault-in") && err.contains("zap"), "{err}");
+    for name in [
+        "fault-in",
+        "zap",
+        "rmap-iter",
+        "pte-list-destroy",
+        "writable-bitmap",
+        "wrprot-slot",
+        "dirty-log",
+        "tdp-zap-hello",
+        "tdp-zap",
+        "tdp-fault-in",
+        "tdp-fault-parallel",
+    ] {
+        assert!(err.contains(name), "{err}");
+    }
 }
 
 #[test]
@@ -89,4 +118,171 @@ fn fault_in_json_lines() {
 #[test]
 fn zap_json_lines() {
     check_json_lines("zap", "us", "us");
+}
+
+#[test]
+fn tdp_zap_hello_reports_loops_reads_and_ns_per_mode() {
+    let out = vmmu(&["bench", "tdp-zap-hello", "--json", "--runs", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for line in stdout(&out).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(v["scenario"], "tdp-zap-hello");
+        seen.push((
+            v["variant"].as_str().unwrap().to_owned(),
+            v["metric"].as_str().unwrap().to_owned(),
+        ));
+        assert!(v["value"].as_f64().unwrap() > 0.0, "{line}");
+    }
+    for variant in ["scan-all", "skip-non-present", "used-entries"] {
+        for metric in ["loops", "reads", "ns"] {
+            assert!(
+                seen.contains(&(variant.to_owned(), metric.to_owned())),
+                "{variant} {metric}: {seen:?}"
+            );
+        }
+    }
+}
+
+/// Every stdout line is one record with exactly the contract's fields: `ns_per_spte` for
+/// each (variant, len) pair, variants in the given order within each len, and no
+/// `mem_gib` (the reverse-map scenarios do not use the slot).
+fn check_rmap_json_lines(scenario: &str, variants: &[&str], lens: &[u64]) {
+    let out = vmmu(&["bench", scenario, "--json", "--runs", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for line in stdout(&out).lines() {
+        let v: Value = serde_json::from_str(line).expect("each line is JSON");
+        let obj = v.as_object().expect("each line is an object");
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["metric", "params", "scenario", "unit", "value", "variant"]
+        );
+        assert_eq!(v["scenario"], scenario);
+        assert_eq!(v["metric"], "ns_per_spte");
+        assert_eq!(v["unit"], "ns");
+        assert!(v["value"]
+            .as_f64()
+            .is_some_and(|x| x.is_finite() && x >= 0.0));
+        let params = v["params"].as_object().expect("params is an object");
+        assert_eq!(params.keys().collect::<Vec<_>>(), ["len"]);
+        seen.push((
+            v["variant"].as_str().unwrap().to_owned(),
+            params["len"].as_u64().unwrap(),
+        ));
+    }
+    let want: Vec<(String, u64)> = lens
+        .iter()
+        .flat_map(|&len| variants.iter().map(move |&v| (v.to_owned(), len)))
+        .collect();
+    assert_eq!(seen, want);
+}
+
+#[test]
+fn rmap_iter_json_lines() {
+    check_rmap_json_lines(
+        "rmap-iter",
+        &["restart-scan", "iterator"],
+        &[1, 2, 4, 16, 64, 256, 1024],
+    );
+}
+
+#[test]
+fn pte_list_destroy_json_lines() {
+    check_rmap_json_lines("pte-list-destroy", &["one-by-one", "destroy"], &[200, 1000]);
+}
+
+/// Runs `scenario` once on a 1 GiB slot and checks that stdout is exactly `want`, in order:
+/// one record a line with the contract's fields, as (variant, metric, unit, params), each
+/// value finite and non-negative.
+fn check_records(scenario: &str, want: &[(&str, &str, &str, Value)]) {
+    let out = vmmu(&["bench", scenario, "--json", "--mem-gib", "1", "--runs", "1"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut seen = Vec::new();
+    for line in stdout(&out).lines() {
+        let v: Value = serde_json::from_str(line).expect("each line is JSON");
+        let obj = v.as_object().expect("each line is an object");
+        let mut keys: Vec<&str> = obj.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["metric", "params", "scenario", "unit", "value", "variant"]
+        );
+        assert_eq!(v["scenario"], scenario);
+        assert!(
+            v["value"]
+                .as_f64()
+                .is_some_and(|x| x.is_finite() && x >= 0.0),
+            "{line}"
+        );
+        seen.push((
+            v["variant"].as_str().unwrap().to_owned(),
+            v["metric"].as_str().unwrap().to_owned(),
+            v["unit"].as_str().unwrap().to_owned(),
+            v["params"].clone(),
+        ));
+    }
+    let want: Vec<(String, String, String, Value)> = want
+        .iter()
+        .map(|(v, m, u, p)| ((*v).to_owned(), (*m).to_owned(), (*u).to_owned(), p.clone()))
+        .collect();
+    assert_eq!(seen, want);
+}
+
+/// The dirty ratios `wrprot-slot` and `dirty-log` sweep.
+const RATIOS: [f64; 7] = [0.0, 0.0001, 0.001, 0.01, 0.1, 0.5, 1.0];
+
+#[test]
+fn writable_bitmap_json_lines() {
+    let mut want = Vec::new();
+    for writable in [0, 1, 64, 512] {
+        for variant in ["scan-512", "bitmap"] {
+            let p = json!({"mem_gib": 1, "writable": writable});
+            want.push((variant, "ns_per_page", "ns", p));
+        }
+    }
+    check_records("writable-bitmap", &want);
+}
+
+#[test]
+#[ignore = "about 12 s in a debug build; run with `cargo test --release -- --ignored`"]
+fn wrprot_slot_json_lines() {
+    let mut want = Vec::new();
+    for ratio in RATIOS {
+        for variant in ["per-gfn", "walk-pages", "kvm-2012", "adaptive"] {
+            let p = json!({"mem_gib": 1, "ratio": ratio});
+            want.push((variant, "us", "us", p));
+        }
+    }
+    check_records("wrprot-slot", &want);
+}
+
+#[test]
+#[ignore = "about 9 s in a debug build; run with `cargo test --release -- --ignored`"]
+fn dirty_log_json_lines() {
+    let mut want = Vec::new();
+    for ratio in RATIOS {
+        for variant in ["get", "get-clear", "ring"] {
+            let p = json!({"mem_gib": 1, "ratio": ratio});
+            if ratio > 0.0 {
+                want.push((variant, "write_ns_per_page", "ns", p.clone()));
+            }
+            want.push((variant, "harvest_us", "us", p));
+        }
+    }
+    check_records("dirty-log", &want);
 }

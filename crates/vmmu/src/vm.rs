@@ -663,10 +663,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             Mmu::Tdp(m) => {
                 let t = m.stats();
                 let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                // Fault counts are per vCPU (`Vcpu::exits`) on the TDP MMU.
                 let s = MmuStats {
-                    faults: ld(&t.faults),
                     spurious_faults: ld(&t.spurious_faults) + ld(&t.retried_faults),
-                    leaves_installed: ld(&t.leaves_installed),
                     pages_freed: ld(&t.pages_freed),
                     ..MmuStats::default()
                 };
@@ -725,7 +724,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Drop for Vm<H, A> {
         // SAFETY: the VM is going away; vCPUs borrow it, so none can run.
         match &mut st.mmu {
             Mmu::Shadow(m) => unsafe { m.destroy(&mut st.slots) },
-            Mmu::Tdp(m) => unsafe { m.destroy() },
+            Mmu::Tdp(m) => {
+                unsafe { m.destroy() };
+                // Give the memory back now rather than at some later pin.
+                tdp::quiesce();
+            }
         }
     }
 }

@@ -7,8 +7,8 @@ use serde_json::{json, Map, Value};
 
 use vmmu::host::{Backing, SimHostMemory};
 use vmmu::hw::Vcpu;
-use vmmu::types::{AccessKind, Gpa, PAGE_SIZE};
-use vmmu::{Exit, MemoryRegion, MemslotFlags, Vm, VmConfig};
+use vmmu::types::{AccessKind, Gpa, Hva, PAGE_SIZE};
+use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vm, VmConfig};
 
 use super::{params, BenchConfig, BenchError, Context};
 
@@ -54,6 +54,13 @@ impl HostBacking {
     }
 }
 
+/// The TDP MMU's iteration modes with their variant names (seed 002).
+pub const TDP_MODES: [(TdpIteration, &str); 3] = [
+    (TdpIteration::ScanAll, "scan-all"),
+    (TdpIteration::SkipNonPresent, "skip-non-present"),
+    (TdpIteration::UsedEntries, "used-entries"),
+];
+
 /// The VM type scenarios drive: simulated host memory, tables from the heap.
 pub type SimVm = Vm<Arc<SimHostMemory>>;
 
@@ -66,31 +73,83 @@ pub struct Guest {
     pub vcpu: Vcpu,
     /// Number of 4 KiB pages in the slot.
     pub pages: u64,
+    /// The slot as registered (flags included).
+    pub region: MemoryRegion,
 }
 
 impl Guest {
     /// Maps `--mem-gib` GiB of host memory with `backing` and registers it as slot 0.
     pub fn new(config: &BenchConfig, backing: HostBacking) -> Result<Self, BenchError> {
+        Self::with_vm_config(config, backing, VmConfig::default())
+    }
+
+    /// As [`Guest::new`], on a VM configured with `vm_config` (algorithms, dirty-log mode).
+    pub fn with_vm_config(
+        config: &BenchConfig,
+        backing: HostBacking,
+        vm_config: VmConfig,
+    ) -> Result<Self, BenchError> {
         let size = config.mem_bytes();
         let host = Arc::new(SimHostMemory::new());
         let hva = host
             .mmap(size, backing.backing(), true)
             .context("host mmap")?;
-        let vm = Vm::new(VmConfig::default(), host);
-        vm.set_user_memory_region(MemoryRegion {
+        let vm = Vm::new(vm_config, host);
+        let region = MemoryRegion {
             slot: SLOT,
             flags: MemslotFlags::empty(),
             guest_phys_addr: SLOT_GPA,
             memory_size: size,
             userspace_addr: hva.0,
-        })
-        .context("set_user_memory_region")?;
+        };
+        vm.set_user_memory_region(region)
+            .context("set_user_memory_region")?;
         let vcpu = vm.create_vcpu().context("create_vcpu")?;
         Ok(Guest {
             vm,
             vcpu,
             pages: size / PAGE_SIZE,
+            region,
         })
+    }
+
+    /// A VM configuration running the TDP MMU in `mode`.
+    pub fn tdp_config(mode: TdpIteration) -> VmConfig {
+        VmConfig {
+            mmu: MmuKind::Tdp(mode),
+            ..VmConfig::default()
+        }
+    }
+
+    /// Guest-physical address of page `page` of the slot.
+    pub fn gpa(&self, page: u64) -> Gpa {
+        Gpa(SLOT_GPA + page * PAGE_SIZE)
+    }
+
+    /// Host-virtual address of page `page` of the slot.
+    pub fn hva(&self, page: u64) -> Hva {
+        Hva(self.region.userspace_addr + page * PAGE_SIZE)
+    }
+
+    /// Has the guest access page `page` of the slot once (a fault if it is not mapped for
+    /// that access).
+    pub fn access_page(&mut self, page: u64, kind: AccessKind) -> Result<(), BenchError> {
+        let gpa = self.gpa(page);
+        self.vm
+            .access(&mut self.vcpu, gpa, kind)
+            .map(drop)
+            .map_err(|exit| exit_error("guest access", exit))
+    }
+
+    /// Turns LOG_DIRTY_PAGES on or off for the slot (`KVM_SET_USER_MEMORY_REGION` with the
+    /// slot's flags changed). Turning it on write-protects the whole slot.
+    pub fn set_logging(&mut self, on: bool) -> Result<(), BenchError> {
+        let log = MemslotFlags::LOG_DIRTY_PAGES.bits();
+        let bits = (self.region.flags.bits() & !log) | if on { log } else { 0 };
+        self.region.flags = MemslotFlags::from_bits(bits).context("memslot flags")?;
+        self.vm
+            .set_user_memory_region(self.region)
+            .context("set_user_memory_region (LOG_DIRTY_PAGES)")
     }
 
     /// Has the guest write every 4 KiB page of the slot once, in address order. On a fresh
@@ -107,10 +166,12 @@ impl Guest {
 }
 
 /// A guest access that left guest mode for the VMM instead of completing. Inside the slot
-/// neither exit is expected, so either one ends the scenario.
+/// no exit is expected (a scenario using dirty rings sizes them so none fills), so any one
+/// ends the scenario.
 fn exit_error(what: &str, exit: Exit) -> BenchError {
     match exit {
         Exit::Error(e) => BenchError::new(format!("{what}: {e}")),
         Exit::Mmio { gpa, .. } => BenchError::new(format!("{what}: unexpected MMIO exit at {gpa}")),
+        other => BenchError::new(format!("{what}: unexpected exit: {other}")),
     }
 }

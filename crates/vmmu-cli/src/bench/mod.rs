@@ -9,10 +9,20 @@
 //! entry in [`SCENARIOS`]. Scenario, variant and metric names are a public contract: once
 //! published they are kept, and new ones are added beside them.
 
+mod dirty_log;
+mod dirty_ratio;
 mod fault_in;
 mod guest;
 pub mod median;
 pub mod output;
+mod pte_list_destroy;
+mod rmap_iter;
+mod tdp_fault_in;
+mod tdp_fault_parallel;
+mod tdp_zap;
+mod tdp_zap_hello;
+mod writable_bitmap;
+mod wrprot_slot;
 mod zap;
 
 use std::fmt;
@@ -21,7 +31,19 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 /// Every scenario `vmmu bench` knows, in the order `vmmu bench list` prints them.
-pub const SCENARIOS: &[Scenario] = &[fault_in::SCENARIO, zap::SCENARIO];
+pub const SCENARIOS: &[Scenario] = &[
+    fault_in::SCENARIO,
+    zap::SCENARIO,
+    rmap_iter::SCENARIO,
+    pte_list_destroy::SCENARIO,
+    writable_bitmap::SCENARIO,
+    wrprot_slot::SCENARIO,
+    dirty_log::SCENARIO,
+    tdp_zap_hello::SCENARIO,
+    tdp_zap::SCENARIO,
+    tdp_fault_in::SCENARIO,
+    tdp_fault_parallel::SCENARIO,
+];
 
 /// Looks a scenario up by its public name.
 pub fn find(name: &str) -> Option<&'static Scenario> {

@@ -51,8 +51,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         ec: ErrorCode,
         guard: &Guard,
     ) -> Result<TdpFault, Error> {
+        // No shared counter is touched on the common path: with faults running in
+        // parallel, one would bounce its cache line between the faulting CPUs.
         use core::sync::atomic::Ordering::Relaxed;
-        self.stats.faults.fetch_add(1, Relaxed);
         let gfn = gpa.gfn();
         let write = ec.contains(ErrorCode::WRITE);
         let generation = slots.generation();
@@ -141,7 +142,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         it.reread();
                         continue;
                     }
-                    self.remove_subtree(page, i, s, &mut removed, guard);
+                    self.remove_subtree(page, i, s, false, &mut removed, guard);
                     page.table().set(i, new);
                 } else if page.table().compare_exchange(i, s, new).is_err() {
                     it.reread();
@@ -160,7 +161,6 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         dirty: None,
                     });
                 }
-                self.stats.leaves_installed.fetch_add(1, Relaxed);
                 return Ok(TdpFault {
                     outcome: FaultOutcome::Mapped(level),
                     removed,

@@ -66,6 +66,15 @@ pub fn pin() -> Guard {
     }
 }
 
+/// Run the frees the epoch collector still holds back, as far as this thread can make the
+/// epoch advance (each pin-and-flush may advance it one step; three steps free everything
+/// retired before the call when no other thread is pinned).
+pub fn quiesce() {
+    for _ in 0..4 {
+        pin().flush();
+    }
+}
+
 /// Tables unlinked by an operation: they may be freed once a remote TLB flush has
 /// completed after the unlink.
 #[must_use = "removed tables must be retired after the flush"]
@@ -103,14 +112,10 @@ impl Removed {
 /// Counters of TDP MMU work.
 #[derive(Default, Debug)]
 pub struct TdpStats {
-    /// Faults handled.
-    pub faults: AtomicU64,
     /// Faults that found the mapping there.
     pub spurious_faults: AtomicU64,
     /// Faults that lost a race and were retried.
     pub retried_faults: AtomicU64,
-    /// Leaves installed.
-    pub leaves_installed: AtomicU64,
     /// Tables allocated.
     pub pages_allocated: AtomicU64,
     /// Tables freed.
@@ -290,21 +295,25 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// # Safety
     /// A remote TLB flush has completed since they were unlinked.
     pub unsafe fn retire(&self, removed: Removed) {
+        if removed.pages.is_empty() {
+            return;
+        }
         let guard = pin();
-        for p in removed.pages {
-            let page = p as *const TdpPage;
-            // SAFETY: the page is unlinked; walkers that might still read it are pinned,
-            // and the epoch defers the destruction until they are done.
-            unsafe {
-                let frame = (*page).frame;
-                let alloc = self.alloc.clone();
-                let freed = self.stats.pages_freed.clone();
-                guard.defer_unchecked(move || {
-                    alloc.free_table(frame);
-                    freed.fetch_add(1, Ordering::Relaxed);
-                });
-                guard.defer_destroy(Shared::from(page));
-            }
+        let alloc = self.alloc.clone();
+        let freed = self.stats.pages_freed.clone();
+        let pages = removed.pages;
+        let n = pages.len() as u64;
+        // SAFETY: the pages are unlinked and a flush completed; walkers that might still
+        // read them are pinned, and the epoch runs this only after they are done.
+        unsafe {
+            guard.defer_unchecked(move || {
+                for p in pages {
+                    let page = crossbeam_epoch::Owned::from_raw(p as *mut TdpPage);
+                    alloc.free_table(page.frame);
+                    drop(page);
+                }
+                freed.fetch_add(n, Ordering::Relaxed);
+            });
         }
         guard.flush();
     }

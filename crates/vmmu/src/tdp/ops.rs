@@ -300,7 +300,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                     it.reread();
                     continue;
                 }
-                self.remove_subtree(page, it.index(), s, &mut removed, guard);
+                self.remove_subtree(page, it.index(), s, false, &mut removed, guard);
                 page.table().set(it.index(), new);
                 self.stats
                     .huge_recovered

@@ -49,7 +49,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             let mut it = TdpIter::new(root, zap_level, Gfn(0), MAX_GFN, self.mode, u64::MAX, guard);
             while it.valid() {
                 if it.level() == zap_level && it.spte != Spte::NONE {
-                    self.zap_entry(it.page(), it.index(), it.spte, &mut removed, guard);
+                    // Tables below the root are freed by the next pass: only the root's
+                    // used-entries bits need clearing.
+                    let keep = zap_level == root.level;
+                    self.zap_entry_in(it.page(), it.index(), it.spte, keep, &mut removed, guard);
                     counts.zapped += 1;
                 }
                 it.next();
@@ -95,34 +98,43 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         (removed, resume)
     }
 
-    /// Clear entry `i` of `page` (exclusive lock, or the entry was frozen by the caller),
-    /// taking a child table out with it.
-    pub(crate) fn zap_entry(
-        &self,
-        page: &TdpPage,
-        i: usize,
-        _seen: Spte,
-        removed: &mut Removed,
-        guard: &Guard,
-    ) {
-        let old = page.table().swap(i, Spte::NONE);
-        page.clear_used(i);
+    /// Clear entry `i` of `page` under the exclusive lock, taking a child table out with
+    /// it. A plain store suffices unless a CPU may still set A/D bits in the SPTE.
+    pub(crate) fn zap_entry(&self, page: &TdpPage, i: usize, seen: Spte, removed: &mut Removed, guard: &Guard) {
+        self.zap_entry_in(page, i, seen, true, removed, guard);
+    }
+
+    /// [`zap_entry`](Self::zap_entry), leaving the used-entries bit alone unless
+    /// `table_stays` (the table itself is about to be freed).
+    fn zap_entry_in(&self, page: &TdpPage, i: usize, seen: Spte, table_stays: bool, removed: &mut Removed, guard: &Guard) {
+        let old = if seen.has_volatile_bits() {
+            page.table().swap(i, Spte::NONE)
+        } else {
+            page.table().set(i, Spte::NONE);
+            seen
+        };
+        if table_stays && self.mode == crate::tdp::TdpIteration::UsedEntries {
+            page.clear_used(i);
+        }
         if old.is_shadow_present() {
             removed.flush.set();
             if !old.is_leaf(page.level) {
-                self.remove_subtree(page, i, old, removed, guard);
+                self.remove_subtree(page, i, old, true, removed, guard);
             }
         }
     }
 
     /// Entry `i` of `page`, which held the non-leaf `s`, no longer points at its child
-    /// (the caller set it to FROZEN or zero): freeze every entry of the child's subtree so
-    /// no racing fault can install into it, and queue the tables for retirement.
+    /// (the caller cleared it, or set it to FROZEN): queue the child's subtree for
+    /// retirement. Under the shared lock (`exclusive` false) every entry of the subtree is
+    /// frozen first, so a racing fault inside it cannot install anything; under the
+    /// exclusive lock nobody else writes the tables and plain reads find the children.
     pub(crate) fn remove_subtree(
         &self,
         page: &TdpPage,
         i: usize,
         s: Spte,
+        exclusive: bool,
         removed: &mut Removed,
         guard: &Guard,
     ) {
@@ -130,25 +142,38 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         page.clear_child(i);
         // SAFETY: the guard pins the epoch; the child is retired only through it.
         match unsafe { child.as_ref() } {
-            Some(c) if c.frame == s.pfn() => self.handle_removed(child, removed, guard),
+            Some(c) if c.frame == s.pfn() => self.handle_removed(child, exclusive, removed, guard),
             _ => unreachable!("a non-leaf SPTE without its child page"),
         }
     }
 
-    fn handle_removed(&self, table: Shared<'_, TdpPage>, removed: &mut Removed, guard: &Guard) {
+    fn handle_removed(&self, table: Shared<'_, TdpPage>, exclusive: bool, removed: &mut Removed, guard: &Guard) {
         // SAFETY: pinned; retired only through the epoch.
         let t = unsafe { table.deref() };
-        for j in 0..SPTE_ENT_PER_PAGE {
-            let old = loop {
-                let old = t.table().get(j);
-                if old == FROZEN || t.table().compare_exchange(j, old, FROZEN).is_ok() {
-                    break old;
+        if t.level > Level::L4K {
+            for j in 0..SPTE_ENT_PER_PAGE {
+                let old = if exclusive {
+                    t.table().get(j)
+                } else {
+                    loop {
+                        let old = t.table().get(j);
+                        if old == FROZEN || t.table().compare_exchange(j, old, FROZEN).is_ok() {
+                            break old;
+                        }
+                    }
+                };
+                if old.is_shadow_present() && !old.is_leaf(t.level) {
+                    let grand = t.child(j, guard);
+                    t.clear_child(j);
+                    self.handle_removed(grand, exclusive, removed, guard);
                 }
-            };
-            if old.is_shadow_present() && !old.is_leaf(t.level) {
-                let grand = t.child(j, guard);
-                t.clear_child(j);
-                self.handle_removed(grand, removed, guard);
+            }
+        } else if !exclusive {
+            for j in 0..SPTE_ENT_PER_PAGE {
+                while {
+                    let old = t.table().get(j);
+                    old != FROZEN && t.table().compare_exchange(j, old, FROZEN).is_err()
+                } {}
             }
         }
         removed.push(table);

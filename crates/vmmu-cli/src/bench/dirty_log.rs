@@ -1,0 +1,209 @@
+//! `dirty-log`: one round of dirty logging, by how dirty pages are reported to the VMM:
+//!
+//! - `get`: the dirty bitmap, `KVM_GET_DIRTY_LOG` in the default mode (copy and clear the
+//!   bitmap, write-protect the dirty pages, flush);
+//! - `get-clear`: manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`): GET copies the
+//!   bitmap, then `KVM_CLEAR_DIRTY_LOG` of the whole slot with the bitmap GET returned
+//!   clears and write-protects;
+//! - `ring`: a per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING`): the VMM harvests the
+//!   vCPU's ring and calls `KVM_RESET_DIRTY_RINGS`, which write-protects the entries.
+//!
+//! Per mode and dirty `ratio`, on a fresh VM with a `--mem-gib` GiB slot on 4 KiB host
+//! pages (untimed): the guest writes every page (fault-in), LOG_DIRTY_PAGES goes on
+//! (write-protecting the slot), and one harvest empties the log. Then, timed: the guest's
+//! writes to `ratio` of the pages, distinct, chosen at random and in random order (the
+//! same for every mode), each a write fault that restores W on the lockless fast path and
+//! logs the page (`write_ns_per_page`: elapsed / pages written; not reported at ratio 0);
+//! and the harvest (`harvest_us`).
+//!
+//! The random write order is what a ring records; its reset write-protects entries in that
+//! order, merging only neighbours within 64 pages, so its cost depends on the order in a way
+//! the bitmap modes' (which walk the bitmap in gfn order) does not.
+//!
+//! The ring holds the whole round: the next power of two above the pages written plus 64,
+//! at least 4096 entries, so no vCPU exits for a full ring. At ratio 1 on 1 GiB that is
+//! 524,288 entries, above the 65,536 KVM allows; vmmu does not cap it, and the harvest cost
+//! does not depend on the capacity, only on the entries.
+
+use std::time::Instant;
+
+use vmmu::shadow::DirtyGfn;
+use vmmu::types::AccessKind;
+use vmmu::{DirtyLogConfig, MmuKind, VmConfig};
+
+use super::dirty_ratio::{dirty_count, random_pages, ratio_params, RATIOS};
+use super::guest::{Guest, HostBacking, SLOT};
+use super::{BenchConfig, BenchError, Context, Sample, Scenario};
+
+/// Registry entry.
+pub const SCENARIO: Scenario = Scenario {
+    name: "dirty-log",
+    about: "guest writes under dirty logging (ns per page) and their harvest (us): bitmap GET, GET+CLEAR, dirty ring; by dirty ratio",
+    run,
+};
+
+/// How dirty pages reach the VMM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mode {
+    Get,
+    GetClear,
+    Ring,
+}
+
+const MODES: [Mode; 3] = [Mode::Get, Mode::GetClear, Mode::Ring];
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Get => "get",
+            Mode::GetClear => "get-clear",
+            Mode::Ring => "ring",
+        }
+    }
+
+    /// The VM's dirty-log configuration for a round that dirties `pages` pages.
+    fn config(self, pages: u64) -> DirtyLogConfig {
+        match self {
+            Mode::Get => DirtyLogConfig::default(),
+            Mode::GetClear => DirtyLogConfig {
+                manual_protect: true,
+                ..DirtyLogConfig::default()
+            },
+            Mode::Ring => {
+                let entries = (pages + 64).next_power_of_two().max(4096);
+                DirtyLogConfig {
+                    ring_size: Some(u32::try_from(entries).unwrap_or(u32::MAX)),
+                    ..DirtyLogConfig::default()
+                }
+            }
+        }
+    }
+}
+
+fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+    let mut samples = Vec::new();
+    for ratio in RATIOS {
+        for mode in MODES {
+            let round = round(config, mode, ratio)?;
+            let p = ratio_params(config, ratio);
+            if round.written != 0 {
+                let ns = round.write_ns / round.written as f64;
+                samples.push(Sample::new(
+                    mode.name(),
+                    "write_ns_per_page",
+                    p.clone(),
+                    ns,
+                    "ns",
+                ));
+            }
+            samples.push(Sample::new(
+                mode.name(),
+                "harvest_us",
+                p,
+                round.harvest_ns / 1e3,
+                "us",
+            ));
+        }
+    }
+    Ok(samples)
+}
+
+/// What one round measured.
+struct Round {
+    written: u64,
+    write_ns: f64,
+    harvest_ns: f64,
+}
+
+/// One round on a fresh VM: see the module doc.
+fn round(config: &BenchConfig, mode: Mode, ratio: f64) -> Result<Round, BenchError> {
+    let npages = config.mem_bytes() / vmmu::types::PAGE_SIZE;
+    let dirty = random_pages(npages, dirty_count(npages, ratio));
+    let vm_config = VmConfig {
+        mmu: MmuKind::ShadowDirect,
+        dirty_log: mode.config(dirty.len() as u64),
+        ..VmConfig::default()
+    };
+    let mut guest = Guest::with_vm_config(config, HostBacking::Page4K, vm_config)?;
+    guest.write_every_page()?;
+    guest.set_logging(true)?;
+    let mut harvester = Harvester::new(mode, guest.pages, dirty.len());
+    harvester.harvest(&guest)?;
+
+    let start = Instant::now();
+    for &page in &dirty {
+        guest.access_page(page, AccessKind::Write)?;
+    }
+    let write_ns = start.elapsed().as_nanos() as f64;
+
+    let start = Instant::now();
+    let harvested = harvester.harvest(&guest)?;
+    let harvest_ns = start.elapsed().as_nanos() as f64;
+
+    if harvested != dirty.len() as u64 {
+        return Err(BenchError::new(format!(
+            "dirty-log {}: wrote {} distinct pages, harvested {harvested}",
+            mode.name(),
+            dirty.len()
+        )));
+    }
+    Ok(Round {
+        written: dirty.len() as u64,
+        write_ns,
+        harvest_ns,
+    })
+}
+
+/// The VMM's side of one mode, with its buffers allocated up front (outside the timing).
+struct Harvester {
+    mode: Mode,
+    npages: u64,
+    bitmap: Vec<u64>,
+    entries: Vec<DirtyGfn>,
+}
+
+impl Harvester {
+    fn new(mode: Mode, npages: u64, max_entries: usize) -> Self {
+        Harvester {
+            mode,
+            npages,
+            // Filled, not zeroed, so its memory is touched now, not in a timed harvest.
+            bitmap: vec![u64::MAX; npages.div_ceil(64) as usize],
+            entries: Vec::with_capacity(if mode == Mode::Ring { max_entries } else { 0 }),
+        }
+    }
+
+    /// Collects the dirty pages and re-protects them; returns how many were reported.
+    fn harvest(&mut self, guest: &Guest) -> Result<u64, BenchError> {
+        let vm = &guest.vm;
+        match self.mode {
+            Mode::Get => Ok(vm
+                .get_dirty_log(SLOT, &mut self.bitmap)
+                .context("get_dirty_log")?
+                .dirty_pages),
+            Mode::GetClear => {
+                let got = vm
+                    .get_dirty_log(SLOT, &mut self.bitmap)
+                    .context("get_dirty_log")?
+                    .dirty_pages;
+                let cleared = vm
+                    .clear_dirty_log(SLOT, 0, self.npages, &self.bitmap)
+                    .context("clear_dirty_log")?;
+                if cleared != got {
+                    return Err(BenchError::new(format!(
+                        "dirty-log get-clear: GET reported {got} pages, CLEAR cleared {cleared}"
+                    )));
+                }
+                Ok(got)
+            }
+            Mode::Ring => {
+                self.entries.clear();
+                let n = vm
+                    .harvest_dirty_ring(guest.vcpu.id, &mut self.entries)
+                    .context("harvest_dirty_ring")?;
+                vm.reset_dirty_rings().context("reset_dirty_rings")?;
+                Ok(n as u64)
+            }
+        }
+    }
+}

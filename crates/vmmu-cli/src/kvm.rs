@@ -1,0 +1,507 @@
+//! `vmmu kvm`: vmmu side by side with the host's real KVM (`/dev/kvm`).
+//!
+//! - `vmmu kvm compare [--mem-gib N] [--ratios R,...] [--rounds R] [--json]`: per dirty-log
+//!   mode (`get`: KVM_GET_DIRTY_LOG; `get-clear`: manual protect, GET + KVM_CLEAR_DIRTY_LOG)
+//!   and dirty ratio, the same stride of pages is written on a KVM guest and through
+//!   vmmu's CPU model, both harvest, and the two bitmaps are compared word for word; then
+//!   the first-touch fault-in of a fresh slot and the deletion of the fully mapped slot,
+//!   on 4 KiB and THP host backing. Each figure is the median over `--rounds` rounds.
+//! - `vmmu kvm conformance [--rounds N] [--seed S]`: random write schedules and clears on
+//!   both, every harvested bitmap compared (the test `vmmu-kvm/tests/conformance.rs` runs
+//!   the same with fewer rounds).
+//!
+//! With `--json`, `compare` prints records of the bench contract: scenario `kvm-compare`,
+//! variants `kvm` and `vmmu`, metrics `harvest_us`, `fault_ns_per_page`, `delete_us`, and
+//! `bitmap_equal` (variant `vmmu`: 1 if vmmu's bitmap equalled KVM's in every round).
+//!
+//! Where `/dev/kvm` cannot be opened both commands fail with an error saying so: nothing
+//! is ever reported as compared that was not.
+
+use clap::{Args, Subcommand};
+
+/// `vmmu kvm` arguments.
+#[derive(Args, Debug)]
+pub struct KvmArgs {
+    #[command(subcommand)]
+    command: KvmCommand,
+}
+
+#[derive(Subcommand, Debug)]
+enum KvmCommand {
+    /// Run the same writes on /dev/kvm and on vmmu: compare dirty bitmaps bit for bit and
+    /// harvest, fault-in and memslot-delete costs side by side.
+    Compare(CompareArgs),
+    /// Random write schedules and clears on /dev/kvm and on vmmu; every harvested dirty
+    /// bitmap must be identical.
+    Conformance(ConformanceArgs),
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    /// Size of the data memslot, in GiB (1..=64; KVM's side is real, populated memory).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    mem_gib: u32,
+
+    /// Dirty ratios to measure, comma-separated, each in [0, 1] (0: nothing dirty, the
+    /// harvest's fixed cost). Ratio r writes every round(1/r)-th page.
+    #[arg(long, value_delimiter = ',', value_parser = parse_ratio,
+          default_value = "0,0.001,0.01,0.1,0.5,1")]
+    ratios: Vec<f64>,
+
+    /// Measured rounds per figure; each figure is the median (>= 1).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+
+    /// Print one JSON object per record on stdout, and nothing else.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Debug)]
+struct ConformanceArgs {
+    /// Rounds per slot configuration (>= 1).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    rounds: u64,
+
+    /// Seed of the random schedules (a run is reproducible from it).
+    #[arg(long, default_value_t = 0x766d_6d75)]
+    seed: u64,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    let r: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
+    if (0.0..=1.0).contains(&r) {
+        Ok(r)
+    } else {
+        Err(format!("{r} is not in [0, 1]"))
+    }
+}
+
+/// Run `vmmu kvm ...`.
+pub fn run(args: &KvmArgs) -> Result<(), Box<dyn std::error::Error>> {
+    imp::run(args)
+}
+
+#[cfg(not(feature = "kvm"))]
+mod imp {
+    pub fn run(_: &super::KvmArgs) -> Result<(), Box<dyn std::error::Error>> {
+        Err("this vmmu was built without the `kvm` feature: nothing was compared".into())
+    }
+}
+
+#[cfg(feature = "kvm")]
+mod imp {
+    use std::io::{self, IsTerminal, Write};
+    use std::time::Duration;
+
+    use serde_json::{json, Map, Value};
+    use vmmu_kvm::compare::{self, Bitmaps, FaultDelete};
+    use vmmu_kvm::conformance;
+    use vmmu_kvm::model::VmmuGuest;
+    use vmmu_kvm::{DirtyLog, HostBacking, Schedule, SlotConfig};
+
+    use super::{CompareArgs, ConformanceArgs, KvmArgs, KvmCommand};
+    use crate::bench::median::median;
+    use crate::bench::{output, Record};
+
+    type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
+
+    const SCENARIO: &str = "kvm-compare";
+
+    pub fn run(args: &KvmArgs) -> Result<()> {
+        // Fail before anything else, and say why, when there is no KVM to compare with.
+        vmmu_kvm::kvm_available()?;
+        match &args.command {
+            KvmCommand::Compare(a) => compare_command(a),
+            KvmCommand::Conformance(a) => conformance_command(a),
+        }
+    }
+
+    /// Progress on stderr, one line rewritten in place, only on a terminal.
+    fn progress(msg: &str) {
+        if io::stderr().is_terminal() {
+            eprint!("\r\x1b[2K{msg}");
+        }
+    }
+
+    fn us(d: Duration) -> f64 {
+        d.as_nanos() as f64 / 1e3
+    }
+
+    fn med(v: &[f64]) -> f64 {
+        median(v).unwrap_or(f64::NAN)
+    }
+
+    fn record(
+        variant: &str,
+        metric: &str,
+        params: &Map<String, Value>,
+        v: f64,
+        unit: &str,
+    ) -> Record {
+        Record {
+            scenario: SCENARIO.into(),
+            variant: variant.into(),
+            metric: metric.into(),
+            value: v,
+            unit: unit.into(),
+            params: params.clone(),
+        }
+    }
+
+    /// One (mode, ratio) row: medians over the rounds.
+    struct HarvestRow {
+        mode: DirtyLog,
+        ratio: f64,
+        writes: u64,
+        kvm_us: f64,
+        vmmu_us: f64,
+        equal: bool,
+        diff: Option<String>,
+    }
+
+    /// One backing's fault-in and delete, medians over the rounds.
+    struct FaultRow {
+        backing: HostBacking,
+        kvm_fault_ns: f64,
+        vmmu_fault_ns: f64,
+        kvm_delete_us: f64,
+        vmmu_delete_us: f64,
+        kvm_huge_bytes: Option<u64>,
+    }
+
+    fn harvest_rows(a: &CompareArgs, mode: DirtyLog) -> Result<Vec<HarvestRow>> {
+        let slot = SlotConfig::new(u64::from(a.mem_gib) << 30, HostBacking::Page4K, mode);
+        let mut kvm = vmmu_kvm::open_kvm(&slot)?;
+        let mut vmmu = VmmuGuest::new(&slot)?;
+        let mut bufs = Bitmaps::new(slot.bitmap_words());
+        // Map every page once and empty the log, so rounds measure re-dirtying (a write
+        // fault on a write-protected SPTE), not first touch.
+        let all = Schedule::every_page(slot.pages());
+        compare::harvest_round(&mut *kvm, &mut vmmu, &all, &mut bufs)?;
+        let mut rows = Vec::new();
+        for &ratio in &a.ratios {
+            progress(&format!("kvm compare: {} ratio {ratio}", mode.name()));
+            let s = Schedule::for_ratio(slot.pages(), ratio);
+            // One untimed round first: every written page is then mapped and protected.
+            let warm = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
+            let mut diff = warm.diff.map(|d| format!("warm-up round: {d}"));
+            let (mut k, mut v) = (Vec::new(), Vec::new());
+            for i in 0..a.rounds {
+                let r = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
+                k.push(us(r.kvm));
+                v.push(us(r.vmmu));
+                if diff.is_none() {
+                    diff = r.diff.map(|d| format!("round {i}: {d}"));
+                }
+            }
+            rows.push(HarvestRow {
+                mode,
+                ratio,
+                writes: s.len(),
+                kvm_us: med(&k),
+                vmmu_us: med(&v),
+                equal: diff.is_none(),
+                diff,
+            });
+        }
+        Ok(rows)
+    }
+
+    fn fault_row(a: &CompareArgs, backing: HostBacking) -> Result<FaultRow> {
+        let slot = SlotConfig::new(u64::from(a.mem_gib) << 30, backing, DirtyLog::Off);
+        let (mut kf, mut kd, mut vf, mut vd) = (vec![], vec![], vec![], vec![]);
+        let mut huge = None;
+        for i in 1..=a.rounds {
+            progress(&format!(
+                "kvm compare: fault-in and delete, {} backing, round {i}/{}",
+                backing.name(),
+                a.rounds
+            ));
+            let mut kvm = vmmu_kvm::open_kvm(&slot)?;
+            huge = kvm.host_huge_bytes();
+            let k: FaultDelete = compare::fault_in_and_delete(&mut *kvm)?;
+            drop(kvm);
+            let mut vmmu = VmmuGuest::new(&slot)?;
+            let v = compare::fault_in_and_delete(&mut vmmu)?;
+            drop(vmmu);
+            kf.push(k.fault_ns_per_page());
+            kd.push(us(k.delete));
+            vf.push(v.fault_ns_per_page());
+            vd.push(us(v.delete));
+        }
+        Ok(FaultRow {
+            backing,
+            kvm_fault_ns: med(&kf),
+            vmmu_fault_ns: med(&vf),
+            kvm_delete_us: med(&kd),
+            vmmu_delete_us: med(&vd),
+            kvm_huge_bytes: huge,
+        })
+    }
+
+    fn compare_command(a: &CompareArgs) -> Result<()> {
+        let mut rows = Vec::new();
+        for mode in [DirtyLog::Get, DirtyLog::GetClear] {
+            rows.extend(harvest_rows(a, mode)?);
+        }
+        let faults = HostBacking::ALL
+            .iter()
+            .map(|&b| fault_row(a, b))
+            .collect::<Result<Vec<_>>>()?;
+        progress("");
+        let mut out = io::stdout().lock();
+        if a.json {
+            output::write_json(&mut out, &records(a, &rows, &faults))?;
+        } else {
+            write_tables(&mut out, a, &rows, &faults)?;
+        }
+        out.flush()?;
+        let differ: Vec<String> = rows
+            .iter()
+            .filter_map(|r| {
+                r.diff
+                    .as_ref()
+                    .map(|d| format!("{} ratio {}: {d}", r.mode.name(), r.ratio))
+            })
+            .collect();
+        if differ.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "KVM's and vmmu's dirty bitmaps differ: {}",
+                differ.join("; ")
+            )
+            .into())
+        }
+    }
+
+    fn records(a: &CompareArgs, rows: &[HarvestRow], faults: &[FaultRow]) -> Vec<Record> {
+        let mut v = Vec::new();
+        for r in rows {
+            let p: Map<String, Value> = [
+                ("mode", json!(r.mode.name())),
+                ("ratio", json!(r.ratio)),
+                ("pages_written", json!(r.writes)),
+                ("backing", json!("4k")),
+                ("mem_gib", json!(a.mem_gib)),
+                ("host_populated", json!(true)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            v.push(record("kvm", "harvest_us", &p, r.kvm_us, "us"));
+            v.push(record("vmmu", "harvest_us", &p, r.vmmu_us, "us"));
+            let eq = if r.equal { 1.0 } else { 0.0 };
+            v.push(record("vmmu", "bitmap_equal", &p, eq, "bool"));
+        }
+        for f in faults {
+            let p: Map<String, Value> = [
+                ("backing", json!(f.backing.name())),
+                ("mem_gib", json!(a.mem_gib)),
+                ("host_populated", json!(true)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+            v.push(record("kvm", "fault_ns_per_page", &p, f.kvm_fault_ns, "ns"));
+            v.push(record(
+                "vmmu",
+                "fault_ns_per_page",
+                &p,
+                f.vmmu_fault_ns,
+                "ns",
+            ));
+            v.push(record("kvm", "delete_us", &p, f.kvm_delete_us, "us"));
+            v.push(record("vmmu", "delete_us", &p, f.vmmu_delete_us, "us"));
+        }
+        v
+    }
+
+    /// `x.yz` with enough digits for small values, fewer for large ones.
+    fn num(v: f64) -> String {
+        if v < 10.0 {
+            format!("{v:.2}")
+        } else if v < 1000.0 {
+            format!("{v:.1}")
+        } else {
+            format!("{v:.0}")
+        }
+    }
+
+    fn table(out: &mut impl Write, header: &[&str], rows: &[Vec<String>]) -> io::Result<()> {
+        let mut w: Vec<usize> = header.iter().map(|h| h.len()).collect();
+        for r in rows {
+            for (w, c) in w.iter_mut().zip(r) {
+                *w = (*w).max(c.len());
+            }
+        }
+        let head: Vec<String> = header.iter().map(|s| s.to_string()).collect();
+        for (i, r) in std::iter::once(&head).chain(rows).enumerate() {
+            let cells: Vec<String> = r
+                .iter()
+                .zip(&w)
+                .enumerate()
+                .map(|(j, (c, &w))| {
+                    // First column left-aligned, numbers right-aligned.
+                    if j == 0 || i == 0 && j == r.len() - 1 {
+                        format!("{c:<w$}")
+                    } else {
+                        format!("{c:>w$}")
+                    }
+                })
+                .collect();
+            writeln!(out, "{}", cells.join("  ").trim_end())?;
+        }
+        Ok(())
+    }
+
+    fn write_tables(
+        out: &mut impl Write,
+        a: &CompareArgs,
+        rows: &[HarvestRow],
+        faults: &[FaultRow],
+    ) -> io::Result<()> {
+        let pages = (u64::from(a.mem_gib) << 30) / 4096;
+        writeln!(
+            out,
+            "vmmu kvm compare: a {} GiB data memslot ({pages} pages) at gpa {:#x}, median of {} rounds",
+            a.mem_gib,
+            vmmu_kvm::image::DATA_GPA,
+            a.rounds
+        )?;
+        writeln!(
+            out,
+            "  kvm:  /dev/kvm, one vCPU at CPL 3 on 2 MiB guest pages; host memory populated \
+             before the VM starts (no host page faults in the figures)"
+        )?;
+        writeln!(
+            out,
+            "  vmmu: the same slot over simulated host memory, written through the CPU model"
+        )?;
+        writeln!(out)?;
+        writeln!(
+            out,
+            "dirty-log harvest (4 KiB host pages; every page mapped, then each ratio's pages \
+             re-dirtied and harvested)"
+        )?;
+        let body: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.mode.name().to_owned(),
+                    format!("{}", r.ratio),
+                    r.writes.to_string(),
+                    num(r.kvm_us),
+                    num(r.vmmu_us),
+                    format!("{}x", num(r.kvm_us / r.vmmu_us)),
+                    if r.equal { "identical" } else { "DIFFER" }.to_owned(),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                "mode", "ratio", "pages", "kvm us", "vmmu us", "kvm/vmmu", "bitmaps",
+            ],
+            &body,
+        )?;
+        for r in rows {
+            if let Some(d) = &r.diff {
+                writeln!(out, "  {} ratio {}: {d}", r.mode.name(), r.ratio)?;
+            }
+        }
+        writeln!(out)?;
+        writeln!(
+            out,
+            "first touch of every page of a fresh slot (no dirty logging), then deleting the \
+             fully mapped slot"
+        )?;
+        let body: Vec<Vec<String>> = faults
+            .iter()
+            .map(|f| {
+                vec![
+                    f.backing.name().to_owned(),
+                    num(f.kvm_fault_ns),
+                    num(f.vmmu_fault_ns),
+                    format!("{}x", num(f.kvm_fault_ns / f.vmmu_fault_ns)),
+                    num(f.kvm_delete_us),
+                    num(f.vmmu_delete_us),
+                    format!("{}x", num(f.kvm_delete_us / f.vmmu_delete_us)),
+                ]
+            })
+            .collect();
+        table(
+            out,
+            &[
+                "backing",
+                "kvm fault ns/page",
+                "vmmu fault ns/page",
+                "kvm/vmmu",
+                "kvm delete us",
+                "vmmu delete us",
+                "kvm/vmmu",
+            ],
+            &body,
+        )?;
+        for f in faults {
+            if f.backing == HostBacking::Thp {
+                match f.kvm_huge_bytes {
+                    Some(b) => writeln!(
+                        out,
+                        "  2m: the host backed {:.2} of {} GiB of KVM's slot with THP",
+                        b as f64 / (1u64 << 30) as f64,
+                        a.mem_gib
+                    )?,
+                    None => writeln!(out, "  2m: how much THP the host gave is unknown")?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn conformance_command(a: &ConformanceArgs) -> Result<()> {
+        let mut out = io::stdout().lock();
+        let mut differ = 0;
+        for (i, slot) in conformance::standard_slots().iter().enumerate() {
+            progress(&format!(
+                "kvm conformance: {} slot of {} pages, {} rounds",
+                slot.log.name(),
+                slot.pages(),
+                a.rounds
+            ));
+            let mut kvm = vmmu_kvm::open_kvm(slot)?;
+            let mut vmmu = VmmuGuest::new(slot)?;
+            let r = conformance::run(&mut *kvm, &mut vmmu, a.rounds, a.seed + i as u64)?;
+            progress("");
+            writeln!(out, "{r}")?;
+            for m in &r.mismatches {
+                writeln!(out, "  {m}")?;
+            }
+            differ += r.mismatch_count;
+        }
+        out.flush()?;
+        if differ == 0 {
+            Ok(())
+        } else {
+            Err(format!("{differ} harvested bitmaps differ between KVM and vmmu").into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ratios_parse_and_are_bounded() {
+        assert_eq!(parse_ratio("0.5"), Ok(0.5));
+        assert_eq!(parse_ratio(" 1 "), Ok(1.0));
+        assert!(parse_ratio("1.5").is_err());
+        assert!(parse_ratio("-0.1").is_err());
+        assert!(parse_ratio("x").is_err());
+    }
+}
