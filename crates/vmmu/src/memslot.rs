@@ -104,8 +104,14 @@ pub enum SlotChange {
 }
 
 /// A slot's dirty bitmap: one bit per 4 KiB page, set by write faults.
+///
+/// `count` follows the number of set bits (KVM 2012's `nr_dirty_pages`): markers add
+/// after setting a bit, harvesters subtract after clearing bits, so it may lag or even dip
+/// below zero for a moment but is zero at rest exactly when no bit is set. A harvester
+/// that reads zero may skip the scan: a bit set concurrently is reported next time.
 pub struct DirtyBitmap {
     words: Box<[AtomicU64]>,
+    count: core::sync::atomic::AtomicI64,
 }
 
 impl DirtyBitmap {
@@ -124,14 +130,31 @@ impl DirtyBitmap {
                     AtomicU64::new(v)
                 })
                 .collect(),
+            count: core::sync::atomic::AtomicI64::new(if all_set { npages as i64 } else { 0 }),
         }
+    }
+
+    /// Whether some bit may be set (see the type's docs).
+    #[inline]
+    pub fn maybe_dirty(&self) -> bool {
+        self.count.load(Ordering::Acquire) != 0
+    }
+
+    /// Account for `n` bits a harvester cleared.
+    #[inline]
+    pub fn cleared(&self, n: u64) {
+        self.count.fetch_sub(n as i64, Ordering::AcqRel);
     }
     /// Mark page `offset` dirty; returns whether it was clean. `Relaxed` is enough: the
     /// harvester's exchange of the word is the only reader and the bit is all it needs.
     #[inline]
     pub fn mark(&self, offset: u64) -> bool {
         let bit = 1u64 << (offset % 64);
-        self.words[(offset / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0
+        let clean = self.words[(offset / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0;
+        if clean {
+            self.count.fetch_add(1, Ordering::AcqRel);
+        }
+        clean
     }
     /// Whether page `offset` is marked.
     #[inline]

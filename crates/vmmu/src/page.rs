@@ -163,6 +163,28 @@ impl ShadowPage {
         old
     }
 
+    /// Clear W in entry `i`, which held the writable leaf `old` (dirty-logging
+    /// protection). Only W changes: present, MMIO and possibly-writable (MMU-writable is
+    /// kept) stay as they were, so no counter moves and `&self` suffices. Returns the old
+    /// value with every bit a CPU set until the change.
+    #[inline]
+    pub fn spte_write_protect(&self, i: usize, old: Spte) -> Spte {
+        debug_assert!(old.is_writable());
+        let t = self.table();
+        if old.has_volatile_bits() {
+            t.swap(i, old.write_protected())
+        } else {
+            t.set(i, old.write_protected());
+            old
+        }
+    }
+
+    /// The possibly-writable bitmap words (seed 001).
+    #[inline]
+    pub fn possible_writable_words(&self) -> [u64; SPTE_ENT_PER_PAGE / 64] {
+        self.writable_bitmap
+    }
+
     /// Clear entry `i`, returning the old value with every bit the CPU set until the
     /// clear (KVM's `mmu_spte_clear_track_bits`).
     #[inline]

@@ -137,6 +137,14 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 got: out.len(),
             });
         }
+        if !bitmap.maybe_dirty() {
+            // Nothing marked since the last harvest: no scan (KVM 2012's shortcut).
+            out[..words.len()].fill(0);
+            return Ok(HarvestReport {
+                dirty_pages: 0,
+                wrprot: None,
+            });
+        }
         let mut nr = 0u64;
         for (o, w) in out.iter_mut().zip(words) {
             let v = w.load(Ordering::Relaxed);
@@ -147,6 +155,9 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 v
             };
             nr += o.count_ones() as u64;
+        }
+        if !manual {
+            bitmap.cleared(nr);
         }
         if manual || nr == 0 {
             return Ok(HarvestReport {
@@ -224,6 +235,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             }
             let m = word.fetch_and(!user, Ordering::AcqRel) & user;
             cleared += m.count_ones() as u64;
+            dirty.cleared(m.count_ones() as u64);
             removed.merge(st.mmu.write_protect_masked(
                 &st.slots,
                 Gfn(base.0 + first_page + 64 * k as u64),

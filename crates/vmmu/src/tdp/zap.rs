@@ -100,13 +100,28 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Clear entry `i` of `page` under the exclusive lock, taking a child table out with
     /// it. A plain store suffices unless a CPU may still set A/D bits in the SPTE.
-    pub(crate) fn zap_entry(&self, page: &TdpPage, i: usize, seen: Spte, removed: &mut Removed, guard: &Guard) {
+    pub(crate) fn zap_entry(
+        &self,
+        page: &TdpPage,
+        i: usize,
+        seen: Spte,
+        removed: &mut Removed,
+        guard: &Guard,
+    ) {
         self.zap_entry_in(page, i, seen, true, removed, guard);
     }
 
     /// [`zap_entry`](Self::zap_entry), leaving the used-entries bit alone unless
     /// `table_stays` (the table itself is about to be freed).
-    fn zap_entry_in(&self, page: &TdpPage, i: usize, seen: Spte, table_stays: bool, removed: &mut Removed, guard: &Guard) {
+    fn zap_entry_in(
+        &self,
+        page: &TdpPage,
+        i: usize,
+        seen: Spte,
+        table_stays: bool,
+        removed: &mut Removed,
+        guard: &Guard,
+    ) {
         let old = if seen.has_volatile_bits() {
             page.table().swap(i, Spte::NONE)
         } else {
@@ -147,7 +162,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         }
     }
 
-    fn handle_removed(&self, table: Shared<'_, TdpPage>, exclusive: bool, removed: &mut Removed, guard: &Guard) {
+    fn handle_removed(
+        &self,
+        table: Shared<'_, TdpPage>,
+        exclusive: bool,
+        removed: &mut Removed,
+        guard: &Guard,
+    ) {
         // SAFETY: pinned; retired only through the epoch.
         let t = unsafe { table.deref() };
         if t.level > Level::L4K {
