@@ -204,9 +204,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
             DirtyWrprot::Adaptive => {
                 let mapped = slots
                     .by_id(slot_id)
-                    .map_or(0, |s| s.rmap_entries(Level::L4K));
-                nr_dirty * COST_PER_GFN
-                    < self.pages.len() as u64 * COST_PER_PAGE + mapped * COST_PER_WRITABLE
+                    .map_or(0, |s| s.rmap_entries(Level::L4K))
+                    .max(nr_dirty);
+                let mispredicts = nr_dirty * (mapped - nr_dirty) / mapped.max(1);
+                let walk = self.pages.len() as u64 * COST_PER_PAGE
+                    + mapped * COST_PER_WRITABLE
+                    + mispredicts * COST_PER_MISPREDICT;
+                nr_dirty * COST_PER_GFN < walk
             }
         };
         if per_gfn {
