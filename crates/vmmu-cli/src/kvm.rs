@@ -63,8 +63,8 @@ struct ConformanceArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
     rounds: u64,
 
-    /// Seed of the random schedules (a run is reproducible from it).
-    #[arg(long, default_value_t = 0x766d_6d75)]
+    /// Seed of the random schedules, decimal or 0x-hex (a run is reproducible from it).
+    #[arg(long, default_value = "0x766d6d75", value_parser = parse_seed)]
     seed: u64,
 }
 
@@ -78,6 +78,15 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{r} is not in [0, 1]"))
     }
+}
+
+fn parse_seed(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    match s.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16),
+        None => s.parse(),
+    }
+    .map_err(|_| format!("{s:?} is not a decimal or 0x-hex number"))
 }
 
 /// Run `vmmu kvm ...`.
@@ -380,7 +389,8 @@ mod imp {
         )?;
         writeln!(
             out,
-            "  vmmu: the same slot over simulated host memory, written through the CPU model"
+            "  vmmu: the same slot over simulated host memory, vmmu's default configuration, \
+             written through the CPU model"
         )?;
         writeln!(out)?;
         writeln!(
@@ -503,5 +513,12 @@ mod tests {
         assert!(parse_ratio("1.5").is_err());
         assert!(parse_ratio("-0.1").is_err());
         assert!(parse_ratio("x").is_err());
+    }
+
+    #[test]
+    fn seeds_parse_in_decimal_and_hex() {
+        assert_eq!(parse_seed("12"), Ok(12));
+        assert_eq!(parse_seed("0x10"), Ok(16));
+        assert!(parse_seed("0xg").is_err());
     }
 }

@@ -146,12 +146,13 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     pub fn write_protect_masked(&mut self, slots: &Memslots, base: Gfn, mask: u64) -> Removed {
         match self {
             Mmu::Shadow(m) => flush_only(m.write_protect_masked(slots, base, mask)),
-            Mmu::Tdp(m) => m.clear_dirty_masked(base, mask, &tdp::pin()),
+            Mmu::Tdp(m) => m.clear_dirty(base, &[mask], &tdp::pin()),
         }
     }
 
-    /// Write-protect the harvested dirty pages of a slot (GET). The shadow MMU chooses
-    /// its method as configured (seed 004); the TDP MMU goes by 64-page masks.
+    /// Write-protect exactly the pages whose bits are set in `masks` (64 pages a word from
+    /// `base`): the pages GET harvested or CLEAR cleared. The shadow MMU chooses its method
+    /// as configured (seed 004); the TDP MMU walks per mask or once, by density.
     pub fn write_protect_dirty(
         &mut self,
         slots: &Memslots,
@@ -165,20 +166,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
                 let (f, how) = m.write_protect_dirty(slots, slot, base, masks, nr_dirty);
                 (flush_only(f), Some(how))
             }
-            Mmu::Tdp(m) => {
-                let guard = tdp::pin();
-                let mut removed = Removed::default();
-                for (k, &mask) in masks.iter().enumerate() {
-                    if mask != 0 {
-                        removed.merge(m.clear_dirty_masked(
-                            Gfn(base.0 + 64 * k as u64),
-                            mask,
-                            &guard,
-                        ));
-                    }
-                }
-                (removed, None)
-            }
+            Mmu::Tdp(m) => (m.clear_dirty(base, masks, &tdp::pin()), None),
         }
     }
 

@@ -8,6 +8,10 @@
 //! - `ring`: a per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING`): the VMM harvests the
 //!   vCPU's ring and calls `KVM_RESET_DIRTY_RINGS`, which write-protects the entries.
 //!
+//! Each mode runs on the shadow MMU (`get`, `get-clear`, `ring`) and on the TDP MMU in
+//! used-entries mode (`tdp-get`, `tdp-get-clear`, `tdp-ring`), whose write protection
+//! goes by 64-page masks through its iterator under the shared lock.
+//!
 //! Per mode and dirty `ratio`, on a fresh VM with a `--mem-gib` GiB slot on 4 KiB host
 //! pages (untimed): the guest writes every page (fault-in), LOG_DIRTY_PAGES goes on
 //! (write-protecting the slot), and one harvest empties the log. Then, timed: the guest's
@@ -52,6 +56,13 @@ enum Mode {
 
 const MODES: [Mode; 3] = [Mode::Get, Mode::GetClear, Mode::Ring];
 
+/// The MMUs the modes run on, with the prefix of their variant names: the shadow MMU's
+/// variants are plain (`get`), the TDP MMU's are `tdp-get` and so on.
+const MMUS: [(MmuKind, &str); 2] = [
+    (MmuKind::ShadowDirect, ""),
+    (MmuKind::Tdp(vmmu::TdpIteration::UsedEntries), "tdp-"),
+];
+
 impl Mode {
     fn name(self) -> &'static str {
         match self {
@@ -83,26 +94,29 @@ impl Mode {
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::new();
     for ratio in RATIOS {
-        for mode in MODES {
-            let round = round(config, mode, ratio)?;
-            let p = ratio_params(config, ratio);
-            if round.written != 0 {
-                let ns = round.write_ns / round.written as f64;
+        for (mmu, prefix) in MMUS {
+            for mode in MODES {
+                let round = round(config, mode, mmu, ratio)?;
+                let p = ratio_params(config, ratio);
+                let variant = format!("{prefix}{}", mode.name());
+                if round.written != 0 {
+                    let ns = round.write_ns / round.written as f64;
+                    samples.push(Sample::new(
+                        &variant,
+                        "write_ns_per_page",
+                        p.clone(),
+                        ns,
+                        "ns",
+                    ));
+                }
                 samples.push(Sample::new(
-                    mode.name(),
-                    "write_ns_per_page",
-                    p.clone(),
-                    ns,
-                    "ns",
+                    &variant,
+                    "harvest_us",
+                    p,
+                    round.harvest_ns / 1e3,
+                    "us",
                 ));
             }
-            samples.push(Sample::new(
-                mode.name(),
-                "harvest_us",
-                p,
-                round.harvest_ns / 1e3,
-                "us",
-            ));
         }
     }
     Ok(samples)
@@ -116,11 +130,11 @@ struct Round {
 }
 
 /// One round on a fresh VM: see the module doc.
-fn round(config: &BenchConfig, mode: Mode, ratio: f64) -> Result<Round, BenchError> {
+fn round(config: &BenchConfig, mode: Mode, mmu: MmuKind, ratio: f64) -> Result<Round, BenchError> {
     let npages = config.mem_bytes() / vmmu::types::PAGE_SIZE;
     let dirty = random_pages(npages, dirty_count(npages, ratio));
     let vm_config = VmConfig {
-        mmu: MmuKind::ShadowDirect,
+        mmu,
         dirty_log: mode.config(dirty.len() as u64),
         ..VmConfig::default()
     };

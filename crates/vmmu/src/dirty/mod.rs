@@ -220,7 +220,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             });
         }
         let base = s.base_gfn;
-        let mut removed = Removed::default();
+        let mut masks = alloc::vec![0u64; nwords];
         let mut cleared = 0u64;
         for (k, &user) in bitmap[..nwords].iter().enumerate() {
             let left = num_pages - 64 * k as u64;
@@ -236,12 +236,11 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             let m = word.fetch_and(!user, Ordering::AcqRel) & user;
             cleared += m.count_ones() as u64;
             dirty.cleared(m.count_ones() as u64);
-            removed.merge(st.mmu.write_protect_masked(
-                &st.slots,
-                Gfn(base.0 + first_page + 64 * k as u64),
-                m,
-            ));
+            masks[k] = m;
         }
+        let (removed, _) =
+            st.mmu
+                .write_protect_dirty(&st.slots, slot, Gfn(base.0 + first_page), &masks, cleared);
         self.commit(st, removed);
         Ok(cleared)
     }

@@ -32,6 +32,16 @@ const COST_PER_PAGE: u64 = 20;
 const COST_PER_WRITABLE: u64 = 8;
 const COST_PER_MISPREDICT: u64 = 120;
 
+/// Whether `gfn`'s bit is set in `masks` (64 gfns a word from its `Gfn`); true without
+/// masks.
+#[inline]
+fn in_masks(masks: Option<(Gfn, &[u64])>, gfn: Gfn) -> bool {
+    masks.is_none_or(|(base, m)| {
+        let bit = gfn.0.wrapping_sub(base.0) as usize;
+        m.get(bit / 64).is_some_and(|w| w & (1 << (bit % 64)) != 0)
+    })
+}
+
 /// Call `f` on every entry of `head`, iterating as `mode` says (seed 000).
 #[inline]
 pub(crate) fn for_each_rmap_spte(
@@ -114,6 +124,18 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// entries or only the possibly-writable ones (seed 001), as configured. Returns
     /// whether a writable SPTE was protected.
     pub fn write_protect_page(&mut self, id: u32, lo: Gfn, hi: Gfn) -> bool {
+        self.write_protect_page_masked(id, lo, hi, None)
+    }
+
+    /// [`write_protect_page`](Self::write_protect_page), protecting only the 4K leaves
+    /// whose gfn's bit is set in `masks` (64 gfns a word from its `Gfn`), when given.
+    fn write_protect_page_masked(
+        &mut self,
+        id: u32,
+        lo: Gfn,
+        hi: Gfn,
+        masks: Option<(Gfn, &[u64])>,
+    ) -> bool {
         let sp = self.pages.get(id);
         let level = sp.role.level();
         let shift = level.gfn_shift();
@@ -131,6 +153,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         && spte.is_leaf(level)
                         && spte.is_writable()
                         && (first..last).contains(&i)
+                        && in_masks(masks, sp.gfn_at(i))
                     {
                         sp.spte_write_protect(i, spte);
                         flush = true;
@@ -146,7 +169,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         let i = w * 64 + bits.trailing_zeros() as usize;
                         bits &= bits - 1;
                         let spte = sp.table().get(i);
-                        if spte.is_writable() && (first..last).contains(&i) {
+                        if spte.is_writable()
+                            && (first..last).contains(&i)
+                            && in_masks(masks, sp.gfn_at(i))
+                        {
                             sp.spte_write_protect(i, spte);
                             flush = true;
                         }
@@ -161,10 +187,27 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// it (KVM's `kvm_mmu_slot_remove_write_access` of 2012: every page in use is looked
     /// at; those mapping the slot are protected).
     pub fn slot_remove_write_access(&mut self, slots: &Memslots, slot_id: u32) -> Flush {
+        self.walk_write_protect(slots, slot_id, None)
+    }
+
+    /// Walk every shadow page mapping memslot `slot_id` and write-protect its leaves, or
+    /// with `masks` only the 4K leaves whose gfn's bit is set.
+    fn walk_write_protect(
+        &mut self,
+        slots: &Memslots,
+        slot_id: u32,
+        masks: Option<(Gfn, &[u64])>,
+    ) -> Flush {
         let Some(slot) = slots.by_id(slot_id) else {
             return Flush::NONE;
         };
-        let (lo, hi) = (slot.base_gfn, slot.end_gfn());
+        let (lo, hi) = match masks {
+            None => (slot.base_gfn, slot.end_gfn()),
+            Some((base, m)) => (
+                base.max(slot.base_gfn),
+                Gfn(base.0 + 64 * m.len() as u64).min(slot.end_gfn()),
+            ),
+        };
         let mut flush = false;
         for id in 1..self.pages.id_limit() {
             let Some(sp) = self.pages.try_get(id) else {
@@ -178,7 +221,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             if sp.gfn.0 >= hi.0 || sp.gfn.0 + span <= lo.0 {
                 continue;
             }
-            flush |= self.write_protect_page(id, lo, hi);
+            flush |= self.write_protect_page_masked(id, lo, hi, masks);
         }
         Flush::new(flush)
     }
@@ -223,7 +266,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             (flush, DirtyWrprot::PerGfn)
         } else {
             (
-                self.slot_remove_write_access(slots, slot_id),
+                self.walk_write_protect(slots, slot_id, Some((base, masks))),
                 DirtyWrprot::WalkPages,
             )
         }

@@ -86,38 +86,65 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         (removed, resume)
     }
 
-    /// Write-protect the 4K leaves of gfns `base + i` for every bit `i` of `mask` (KVM's
-    /// `kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode).
-    pub fn clear_dirty_masked(&self, base: Gfn, mask: u64, guard: &Guard) -> Removed {
+    /// Write-protect the 4K leaves of the gfns `base + 64 * k + i` for every bit `i` of
+    /// `masks[k]` (KVM's `kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode; like it,
+    /// under the exclusive lock, so a plain store suffices where no CPU can set A/D).
+    /// Sparse masks get one short walk each; when there is more than one dirty page per
+    /// 64 on average, one walk over the whole range tests each leaf's bit instead.
+    pub fn clear_dirty(&self, base: Gfn, masks: &[u64], guard: &Guard) -> Removed {
         let mut removed = Removed::default();
-        if mask == 0 {
+        let nr: u64 = masks.iter().map(|m| m.count_ones() as u64).sum();
+        if nr == 0 {
             return removed;
         }
-        let start = Gfn(base.0 + mask.trailing_zeros() as u64);
-        let end = Gfn(base.0 + 64 - mask.leading_zeros() as u64);
+        let span = |k: usize, m: u64| {
+            let at = base.0 + 64 * k as u64;
+            (
+                Gfn(at + m.trailing_zeros() as u64),
+                Gfn(at + 64 - m.leading_zeros() as u64),
+            )
+        };
+        let nonzero = || masks.iter().enumerate().filter(|(_, &m)| m != 0);
+        let dense = nr > masks.len() as u64;
+        let whole = {
+            let (first, _) = nonzero().next().map(|(k, &m)| span(k, m)).expect("nr > 0");
+            let (_, last) = nonzero()
+                .next_back()
+                .map(|(k, &m)| span(k, m))
+                .expect("nr > 0");
+            (first, last)
+        };
         for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
-            while it.valid() {
-                let s = it.spte;
-                let bit = it.gfn().0.wrapping_sub(base.0);
-                if it.level() == Level::L4K
-                    && bit < 64
-                    && mask & (1 << bit) != 0
-                    && s.is_shadow_present()
-                    && s.is_writable()
-                {
-                    if it
-                        .page()
-                        .table()
-                        .compare_exchange(it.index(), s, s.write_protected())
-                        .is_err()
+            let mut walk = |start: Gfn, end: Gfn| {
+                let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
+                while it.valid() {
+                    let s = it.spte;
+                    let bit = it.gfn().0.wrapping_sub(base.0) as usize;
+                    if it.level() == Level::L4K
+                        && s.is_shadow_present()
+                        && s.is_writable()
+                        && masks
+                            .get(bit / 64)
+                            .is_some_and(|m| m & (1 << (bit % 64)) != 0)
                     {
-                        it.reread();
-                        continue;
+                        let t = it.page().table();
+                        if s.has_volatile_bits() {
+                            t.fetch_and_not(it.index(), bits::WRITABLE);
+                        } else {
+                            t.set(it.index(), s.write_protected());
+                        }
+                        removed.flush.set();
                     }
-                    removed.flush.set();
+                    it.next();
                 }
-                it.next();
+            };
+            if dense {
+                walk(whole.0, whole.1);
+            } else {
+                for (k, &m) in nonzero() {
+                    let (start, end) = span(k, m);
+                    walk(start, end);
+                }
             }
         }
         removed
