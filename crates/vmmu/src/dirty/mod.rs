@@ -278,25 +278,42 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 n += r.lock().reset(|e| entries.push(e));
             }
         }
+        // Scatter the entries into 64-page masks per slot (KVM coalesces only neighbours
+        // in ring order; a random write order would then cost one walk per entry), and
+        // protect them as GET does.
+        entries.sort_unstable_by_key(|e| e.slot);
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut removed = Removed::default();
-        let mut cur: Option<(u32, u64, u64)> = None;
-        for e in entries.into_iter().map(Some).chain(core::iter::once(None)) {
-            if let (Some((slot, base, mask)), Some(e)) = (cur, e) {
-                if e.slot == slot && e.offset >= base && e.offset < base + 64 {
-                    cur = Some((slot, base, mask | 1 << (e.offset - base)));
-                    continue;
-                }
+        for group in entries.chunk_by(|a, b| a.slot == b.slot) {
+            let slot = group[0].slot;
+            // The slot may have gone away since the push; then nothing maps it.
+            let Some(s) = st.slots.by_id(slot) else {
+                continue;
+            };
+            let first = group
+                .iter()
+                .map(|e| e.offset)
+                .min()
+                .expect("non-empty group")
+                / 64;
+            let last = group
+                .iter()
+                .map(|e| e.offset)
+                .max()
+                .expect("non-empty group")
+                / 64;
+            let mut masks = alloc::vec![0u64; (last - first + 1) as usize];
+            for e in group.iter().filter(|e| e.offset < s.npages) {
+                let bit = e.offset - first * 64;
+                masks[(bit / 64) as usize] |= 1 << (bit % 64);
             }
-            if let Some((slot, base, mask)) = cur {
-                // The slot may have gone away since the push; then nothing maps it.
-                if let Some(s) = st.slots.by_id(slot) {
-                    let gfn = Gfn(s.base_gfn.0 + base);
-                    removed.merge(st.mmu.write_protect_masked(&st.slots, gfn, mask));
-                }
-            }
-            cur = e.map(|e| (e.slot, e.offset, 1));
+            let nr = masks.iter().map(|m| m.count_ones() as u64).sum();
+            let base = Gfn(s.base_gfn.0 + first * 64);
+            let (r, _) = st
+                .mmu
+                .write_protect_dirty(&st.slots, slot, base, &masks, nr);
+            removed.merge(r);
         }
         self.commit(st, removed);
         Ok(n)
