@@ -579,22 +579,41 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Zap every mapping of gfns in `[start, end)`, flush, free emptied tables.
     pub fn zap_gfn_range(&self, start: Gfn, end: Gfn) -> Result<(), Error> {
         self.check_range(start, end)?;
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
-        self.commit(st, removed);
+        self.zap_range_yielding(start, end);
         Ok(())
     }
 
     /// Zap every mapping of memslot `slot` (the slot stays).
     pub fn zap_memslot(&self, slot: u32) -> Result<(), Error> {
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
-        let (start, end) = (s.base_gfn, s.end_gfn());
-        let removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
-        self.commit(st, removed);
+        let (start, end) = {
+            let st = self.lock_shared();
+            let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+            (s.base_gfn, s.end_gfn())
+        };
+        self.zap_range_yielding(start, end);
         Ok(())
+    }
+
+    /// Zap `[start, end)`. The TDP MMU's walk stops every [`tdp::YIELD_BUDGET`] positions
+    /// to flush, free and let the lock go (so faults and other operations get a turn, as
+    /// KVM's `tdp_mmu_iter_cond_resched`), then resumes past everything already walked.
+    fn zap_range_yielding(&self, mut start: Gfn, end: Gfn) {
+        loop {
+            let mut guard = self.lock();
+            let st = &mut *guard;
+            let (removed, resume) = match &mut st.mmu {
+                Mmu::Tdp(m) => {
+                    let epoch = tdp::pin();
+                    m.zap_leafs(start, end, tdp::YIELD_BUDGET, &epoch)
+                }
+                Mmu::Shadow(_) => (st.mmu.zap_gfn_range(&mut st.slots, start, end), None),
+            };
+            self.commit(st, removed);
+            match resume {
+                Some(r) if r < end => start = r,
+                _ => return,
+            }
+        }
     }
 
     /// Zap everything (KVM's `kvm_mmu_zap_all`); the roots stay (the TDP MMU zaps each

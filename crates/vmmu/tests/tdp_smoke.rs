@@ -105,3 +105,85 @@ fn fast_zap_invalidates_roots_and_vcpus_reload() {
     );
     vm.audit().unwrap();
 }
+
+/// The iterator stops after its budget and reports a resume point past everything it
+/// walked: a zap in small chunks, each under its own lock hold, still finishes, with
+/// strictly increasing resume points, and leaves nothing mapped.
+#[test]
+fn yielding_walks_make_progress_and_finish() {
+    for mode in [
+        TdpIteration::ScanAll,
+        TdpIteration::SkipNonPresent,
+        TdpIteration::UsedEntries,
+    ] {
+        let (host, vm) = new_vm(VmConfig {
+            mmu: MmuKind::Tdp(mode),
+            ..VmConfig::default()
+        });
+        let hva = mmap(&host, 4 * M2, Backing::Page4K);
+        let spec = add_slot(
+            &vm,
+            SlotSpec {
+                id: 0,
+                gpa: G1,
+                size: 4 * M2,
+                hva,
+                flags: MemslotFlags::empty(),
+            },
+        );
+        let mut v = vm.create_vcpu().unwrap();
+        for p in (0..4 * M2).step_by(K4 as usize) {
+            access_ok(&vm, &mut v, &host, &spec, G1 + p, AccessKind::Write);
+        }
+        let (mut start, end) = (Gpa(G1).gfn(), Gpa(G1 + 4 * M2).gfn());
+        let mut chunks = 0;
+        loop {
+            let (removed, resume) =
+                vm.with_tdp(|_, t| t.zap_leafs(start, end, 100, &vmmu::tdp::pin()));
+            vm.flush_remote_tlbs();
+            // SAFETY: flushed after the unlinks.
+            vm.with_tdp(|_, t| unsafe { t.retire(removed) });
+            chunks += 1;
+            match resume {
+                Some(r) => {
+                    assert!(
+                        r > start,
+                        "{mode:?}: resume {r:?} does not advance past {start:?}"
+                    );
+                    start = r;
+                }
+                None => break,
+            }
+            assert!(chunks < 1000, "{mode:?}: no end in sight");
+        }
+        assert!(
+            chunks >= 10,
+            "{mode:?}: 1024 leaves in budgets of 100 took {chunks} chunks"
+        );
+        vm.audit().unwrap();
+        let mapped = vm.with_tdp(|_, t| {
+            let g = vmmu::tdp::pin();
+            let root = t.root(&g);
+            let mut it = vmmu::tdp::TdpIter::new(
+                root,
+                vmmu::types::Level::L4K,
+                Gpa(G1).gfn(),
+                end,
+                TdpIteration::ScanAll,
+                u64::MAX,
+                &g,
+            );
+            let mut n = 0;
+            while it.valid() {
+                n += (it.spte.is_shadow_present() && it.spte.is_leaf(it.level())) as u32;
+                it.next();
+            }
+            n
+        });
+        assert_eq!(mapped, 0, "{mode:?}");
+        for p in (0..4 * M2).step_by(64 * K4 as usize) {
+            access_ok(&vm, &mut v, &host, &spec, G1 + p, AccessKind::Read);
+        }
+        vm.audit().unwrap();
+    }
+}

@@ -66,6 +66,15 @@ pub fn pin() -> Guard {
     }
 }
 
+/// The earlier of two resume points (a walk over several roots resumes where the first
+/// of them stopped; `None` means finished).
+pub(crate) fn earliest(a: Option<Gfn>, b: Option<Gfn>) -> Option<Gfn> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, None) | (None, x) => x,
+    }
+}
+
 /// Run the frees the epoch collector still holds back, as far as this thread can make the
 /// epoch advance (each pin-and-flush may advance it one step; three steps free everything
 /// retired before the call when no other thread is pinned).

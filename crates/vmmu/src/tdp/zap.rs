@@ -93,7 +93,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 }
                 it.next();
             }
-            resume = resume.max(it.resume());
+            resume = super::earliest(resume, it.resume());
         }
         (removed, resume)
     }
