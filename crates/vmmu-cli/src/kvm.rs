@@ -190,7 +190,15 @@ mod imp {
         // Map every page once and empty the log, so rounds measure re-dirtying (a write
         // fault on a write-protected SPTE), not first touch.
         let all = Schedule::every_page(slot.pages());
-        compare::harvest_round(&mut *kvm, &mut vmmu, &all, &mut bufs)?;
+        let first = compare::harvest_round(&mut *kvm, &mut vmmu, &all, &mut bufs)?;
+        if let Some(d) = first.diff {
+            return Err(format!(
+                "{}: KVM's and vmmu's dirty bitmaps differ after the first write of every \
+                 page: {d}",
+                mode.name()
+            )
+            .into());
+        }
         let mut rows = Vec::new();
         for &ratio in &a.ratios {
             progress(&format!("kvm compare: {} ratio {ratio}", mode.name()));
