@@ -16,6 +16,11 @@
 //!
 //! Where `/dev/kvm` cannot be opened both commands fail with an error saying so: nothing
 //! is ever reported as compared that was not.
+//!
+//! KVM's long operations (a harvest of thousands of pages, a memslot delete) run in the
+//! kernel on the calling thread and are preempted like it: on a busy machine they read up
+//! to twice as slow. Run under a real-time policy (`chrt -f 20 vmmu kvm compare`) or on
+//! an idle machine for figures to quote.
 
 use clap::{Args, Subcommand};
 

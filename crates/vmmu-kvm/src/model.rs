@@ -34,8 +34,14 @@ pub struct VmmuGuest {
 }
 
 impl VmmuGuest {
-    /// Build the VM, its data slot and its vCPU.
+    /// Build the VM (vmmu's default configuration), its data slot and its vCPU.
     pub fn new(config: &SlotConfig) -> Result<Self, Error> {
+        Self::with_vm_config(config, VmConfig::default())
+    }
+
+    /// Build the VM from `vm_config` (e.g. another MMU or algorithm choice), its data slot
+    /// and its vCPU. The dirty-log mode comes from `config`, replacing `vm_config`'s.
+    pub fn with_vm_config(config: &SlotConfig, vm_config: VmConfig) -> Result<Self, Error> {
         let host = Arc::new(SimHostMemory::new());
         let backing = match config.backing {
             HostBacking::Page4K => Backing::Page4K,
@@ -49,7 +55,7 @@ impl VmmuGuest {
                 manual_protect: config.log == DirtyLog::GetClear,
                 ..DirtyLogConfig::default()
             },
-            ..VmConfig::default()
+            ..vm_config
         };
         let vm = Vm::new(vm_config, host);
         let flags = if config.log == DirtyLog::Off {

@@ -154,7 +154,11 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             } else {
                 v
             };
-            nr += o.count_ones() as u64;
+            if *o != 0 {
+                // Baseline x86-64 has no popcnt instruction: skip the software count on
+                // the (usually many) clean words.
+                nr += o.count_ones() as u64;
+            }
         }
         if !manual {
             bitmap.cleared(nr);
@@ -222,14 +226,17 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let base = s.base_gfn;
         let mut masks = alloc::vec![0u64; nwords];
         let mut cleared = 0u64;
-        for (k, &user) in bitmap[..nwords].iter().enumerate() {
-            let left = num_pages - 64 * k as u64;
-            let user = if left < 64 {
-                user & ((1u64 << left) - 1)
+        let words = &dirty.words()[first_page as usize / 64..][..nwords];
+        for (k, (&user, word)) in bitmap[..nwords].iter().zip(words).enumerate() {
+            if user == 0 {
+                continue;
+            }
+            // Only the last word of a range ending with the slot may be partial.
+            let user = if k + 1 == nwords && num_pages % 64 != 0 {
+                user & ((1u64 << (num_pages % 64)) - 1)
             } else {
                 user
             };
-            let word = &dirty.words()[first_page as usize / 64 + k];
             if user & word.load(Ordering::Relaxed) == 0 {
                 continue;
             }

@@ -111,13 +111,24 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// Write-protect the 4K mappings of the gfns `base + i` for every bit `i` of `mask`
     /// (KVM's `kvm_mmu_write_protect_pt_masked`).
     pub fn write_protect_masked(&mut self, slots: &Memslots, base: Gfn, mut mask: u64) -> Flush {
-        let mut flush = Flush::NONE;
+        // One memslot lookup per mask: its 64 gfns lie in one slot.
+        let Some(slot) = slots.lookup(Gfn(base.0 + mask.trailing_zeros() as u64)) else {
+            return Flush::NONE;
+        };
+        let mut flush = false;
+        let (pages, pool, mode) = (&mut self.pages, &self.pool, self.algos.rmap_iteration);
         while mask != 0 {
-            let i = mask.trailing_zeros() as u64;
+            let gfn = Gfn(base.0 + mask.trailing_zeros() as u64);
             mask &= mask - 1;
-            flush |= self.rmap_write_protect(slots, Gfn(base.0 + i), Level::L4K, false);
+            for level in Level::LEAF_LEVELS {
+                if slot.rmap_entries(level) != 0 && slot.contains(gfn) {
+                    for_each_rmap_spte(slot.rmap_head(gfn, level), pool, mode, |s| {
+                        flush |= spte_write_protect(pages, s, false);
+                    });
+                }
+            }
         }
-        flush
+        Flush::new(flush)
     }
 
     /// Write-protect the leaves of page `id` that map gfns in `[lo, hi)`, reading all 512
