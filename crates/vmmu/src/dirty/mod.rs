@@ -232,7 +232,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 continue;
             }
             // Only the last word of a range ending with the slot may be partial.
-            let user = if k + 1 == nwords && num_pages % 64 != 0 {
+            let user = if k + 1 == nwords && !num_pages.is_multiple_of(64) {
                 user & ((1u64 << (num_pages % 64)) - 1)
             } else {
                 user
