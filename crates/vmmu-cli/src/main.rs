@@ -7,6 +7,7 @@
 
 mod bench;
 mod kvm;
+mod report;
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
@@ -30,6 +31,9 @@ enum Command {
     Bench(BenchArgs),
     /// Side by side with the host's KVM (/dev/kvm): dirty bitmaps and costs.
     Kvm(kvm::KvmArgs),
+    /// Every scenario, the floor and KVM in one run: writes index.html, report.md and
+    /// results.json, and prints the seeds' claims against the measurements.
+    Report(report::ReportArgs),
 }
 
 #[derive(Args, Debug)]
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench_command(&args),
         Command::Kvm(args) => kvm::run(&args),
+        Command::Report(args) => report::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -96,9 +101,7 @@ fn bench_command(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(ScenarioArg::Run(scenario)) if !args.list => scenario,
         _ => return Ok(bench::output::write_list(&mut stdout, bench::SCENARIOS)?),
     };
-    let config = BenchConfig {
-        mem_gib: args.mem_gib,
-    };
+    let config = BenchConfig::new(args.mem_gib);
     let progress = Progress::new(scenario.name);
     let records = bench::run(scenario, &config, args.runs, |i, n| progress.run(i, n))?;
     progress.done();

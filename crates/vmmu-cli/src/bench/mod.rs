@@ -10,9 +10,9 @@
 //! published they are kept, and new ones are added beside them.
 
 mod dirty_log;
-mod dirty_ratio;
+pub mod dirty_ratio;
 mod fault_in;
-mod guest;
+pub mod guest;
 pub mod median;
 pub mod output;
 mod pte_list_destroy;
@@ -27,7 +27,7 @@ mod zap;
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 /// Every scenario `vmmu bench` knows, in the order `vmmu bench list` prints them.
@@ -67,12 +67,43 @@ pub struct Scenario {
 pub struct BenchConfig {
     /// Size of the guest memory slot, in GiB.
     pub mem_gib: u32,
+    /// A smaller workload (`vmmu report --quick`): every slot is [`QUICK_SCALE`] times
+    /// smaller than `mem_gib` says and fixed-size workloads shrink by the same factor
+    /// ([`BenchConfig::scaled`]); every published (scenario, variant, metric, params) is
+    /// still measured, and [`run`] adds `"quick": true` to the params of its records.
+    pub quick: bool,
 }
 
+/// How much smaller a [`BenchConfig::quick`] workload is.
+pub const QUICK_SCALE: u64 = 16;
+
 impl BenchConfig {
-    /// Slot size in bytes.
+    /// The full-size workload on a `mem_gib` GiB slot.
+    pub fn new(mem_gib: u32) -> Self {
+        BenchConfig {
+            mem_gib,
+            quick: false,
+        }
+    }
+
+    /// Slot size in bytes: `mem_gib` GiB, or [`QUICK_SCALE`] times less when quick.
     pub fn mem_bytes(&self) -> u64 {
-        u64::from(self.mem_gib) << 30
+        let bytes = u64::from(self.mem_gib) << 30;
+        if self.quick {
+            bytes / QUICK_SCALE
+        } else {
+            bytes
+        }
+    }
+
+    /// `n`, or [`QUICK_SCALE`] times less (at least 1) when quick: for workloads whose size
+    /// does not come from the slot.
+    pub fn scaled(&self, n: usize) -> usize {
+        if self.quick {
+            (n / QUICK_SCALE as usize).max(1)
+        } else {
+            n
+        }
     }
 }
 
@@ -116,7 +147,7 @@ impl Sample {
 }
 
 /// One line of `vmmu bench --json` output: a sample's median over the runs.
-#[derive(Clone, Debug, PartialEq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Record {
     /// The scenario's public name.
     pub scenario: String,
@@ -160,7 +191,13 @@ pub fn run(
     }
     Ok(median::median_by_key(samples)
         .into_iter()
-        .map(|s| Record::new(scenario.name, s))
+        .map(|mut s| {
+            if config.quick {
+                // A quick workload is a different measurement: its key says so.
+                s.params.insert("quick".into(), Value::Bool(true));
+            }
+            Record::new(scenario.name, s)
+        })
         .collect())
 }
 
@@ -242,14 +279,35 @@ mod tests {
             run: counting,
         };
         let mut seen = Vec::new();
-        let records = run(&scenario, &BenchConfig { mem_gib: 1 }, 4, |i, r| {
-            seen.push((i, r))
-        })
-        .unwrap();
+        let records = run(&scenario, &BenchConfig::new(1), 4, |i, r| seen.push((i, r))).unwrap();
         assert_eq!(seen, [(1, 4), (2, 4), (3, 4), (4, 4)]);
         assert_eq!(records.len(), 1);
         assert_eq!(records[0].scenario, "counting");
         assert_eq!(records[0].value, 25.0);
+        assert!(!records[0].params.contains_key("quick"));
+    }
+
+    #[test]
+    fn quick_shrinks_the_workload_and_marks_the_records() {
+        let quick = BenchConfig {
+            mem_gib: 1,
+            quick: true,
+        };
+        assert_eq!(
+            quick.mem_bytes() * QUICK_SCALE,
+            BenchConfig::new(1).mem_bytes()
+        );
+        assert_eq!(quick.scaled(1 << 20), (1 << 20) / QUICK_SCALE as usize);
+        assert_eq!(quick.scaled(3), 1);
+        assert_eq!(BenchConfig::new(1).scaled(3), 3);
+        let scenario = Scenario {
+            name: "counting",
+            about: "test",
+            run: counting,
+        };
+        let records = run(&scenario, &quick, 1, |_, _| {}).unwrap();
+        assert_eq!(records[0].params["quick"], json!(true));
+        assert_eq!(records[0].params["backing"], json!("4k"));
     }
 
     #[test]

@@ -29,10 +29,11 @@ pub const SCENARIO: Scenario = Scenario {
 /// List lengths measured.
 const LENS: [usize; 2] = [200, 1000];
 
-fn run(_config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+    let total = config.scaled(TOTAL_SPTES);
     let mut samples = Vec::new();
     for len in LENS {
-        let lists = (TOTAL_SPTES / len).max(1);
+        let lists = (total / len).max(1);
         for (variant, drop_lists) in [
             ("one-by-one", drop_one_by_one as fn(&mut RmapLists) -> usize),
             ("destroy", drop_destroy),

@@ -37,25 +37,28 @@ pub const SCENARIO: Scenario = Scenario {
 /// List lengths measured.
 const LENS: [usize; 7] = [1, 2, 4, 16, 64, 256, 1024];
 
-/// SPTEs built per length: about a million, whatever the length.
+/// SPTEs built per length: about a million, whatever the length ([`BenchConfig::scaled`]
+/// down for a quick run).
 pub(super) const TOTAL_SPTES: usize = 1 << 20;
 
 /// Bound on the entries the restart scan reads in one pass (it reads about `len² / 2` per
 /// list). Above it, fewer lists are timed, so the pass stays well under a second at
-/// `len` 1024; the value is per SPTE, so it stays comparable.
+/// `len` 1024; the value is per SPTE, so it stays comparable. Scaled down for a quick run.
 const RESTART_SCAN_BUDGET: usize = 1 << 28;
 
-fn run(_config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+    let total = config.scaled(TOTAL_SPTES);
+    let budget = config.scaled(RESTART_SCAN_BUDGET);
     let mut samples = Vec::new();
     for len in LENS {
-        let lists = (TOTAL_SPTES / len).max(1);
+        let lists = (total / len).max(1);
         for (variant, walk) in [
             ("restart-scan", Walk::RestartScan),
             ("iterator", Walk::Iterator),
         ] {
             let fixture = RmapLists::build(lists, len)?; // untimed
             let timed = match walk {
-                Walk::RestartScan => restart_scan_lists(lists, len),
+                Walk::RestartScan => restart_scan_lists(lists, len, budget),
                 Walk::Iterator => lists,
             };
             let heads = &fixture.heads[..timed];
@@ -91,9 +94,9 @@ enum Walk {
 }
 
 /// How many of the `lists` lists the restart scan walks: all of them unless that would read
-/// more than [`RESTART_SCAN_BUDGET`] entries.
-fn restart_scan_lists(lists: usize, len: usize) -> usize {
-    (RESTART_SCAN_BUDGET / (len * len)).clamp(1, lists)
+/// more than `budget` entries.
+fn restart_scan_lists(lists: usize, len: usize, budget: usize) -> usize {
+    (budget / (len * len)).clamp(1, lists)
 }
 
 /// KVM's age handler body for one SPTE: if the accessed bit is set, clear it (atomically:
@@ -284,10 +287,13 @@ mod tests {
     fn restart_scan_is_bounded() {
         for len in LENS {
             let lists = (TOTAL_SPTES / len).max(1);
-            let timed = restart_scan_lists(lists, len);
+            let timed = restart_scan_lists(lists, len, RESTART_SCAN_BUDGET);
             assert!(timed >= 1 && timed <= lists);
             assert!(timed * len * len <= RESTART_SCAN_BUDGET.max(len * len));
         }
-        assert_eq!(restart_scan_lists(TOTAL_SPTES, 1), TOTAL_SPTES);
+        assert_eq!(
+            restart_scan_lists(TOTAL_SPTES, 1, RESTART_SCAN_BUDGET),
+            TOTAL_SPTES
+        );
     }
 }

@@ -1,0 +1,216 @@
+//! `vmmu report`: the files it writes and what they hold. No test here checks a measured
+//! value, only that everything measured is there and in the contract's shape.
+//!
+//! The always-on test runs `--quick` on the debug binary (about 5 s: slots and fixed
+//! workloads 16 times smaller, one run) with `VMMU_KVM_DEVICE` pointing nowhere, so it
+//! also checks that an unavailable KVM is reported as skipped. The test with the host's
+//! KVM is ignored: in a debug build vmmu's side of the comparison takes most of a minute.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn vmmu(args: &[&str], device: Option<&str>) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_vmmu"));
+    c.args(args);
+    if let Some(d) = device {
+        c.env("VMMU_KVM_DEVICE", d);
+    }
+    c.output().expect("run vmmu")
+}
+
+/// A fresh directory under the system's temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("vmmu-report-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The registry's scenario names, as `vmmu bench list` prints them.
+fn scenario_names() -> Vec<String> {
+    let out = vmmu(&["bench", "list"], None);
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| l.split_whitespace().next().unwrap().to_owned())
+        .collect()
+}
+
+/// Runs `vmmu report --quick --out DIR` and checks everything but KVM; returns the parsed
+/// results.json and the page.
+fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
+    let out = vmmu(
+        &["report", "--quick", "--out", dir.to_str().unwrap()],
+        device,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for f in ["index.html", "report.md", "results.json"] {
+        assert!(dir.join(f).is_file(), "{f} not written");
+    }
+
+    // results.json: the run, every source, the seed rows and every record in the contract.
+    let json: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap())
+            .expect("results.json parses");
+    assert_eq!(json["meta"]["quick"], true);
+    let records = json["records"].as_array().expect("records");
+    for r in records {
+        let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            ["metric", "params", "scenario", "unit", "value", "variant"]
+        );
+        assert!(r["value"].as_f64().is_some_and(f64::is_finite), "{r}");
+    }
+    let sources = json["sources"].as_array().expect("sources");
+    let status = |name: &str| {
+        sources
+            .iter()
+            .find(|s| s["name"] == name)
+            .map(|s| s["state"]["status"].as_str().unwrap().to_owned())
+    };
+    for name in scenario_names().iter().map(String::as_str).chain(["floor"]) {
+        assert_eq!(status(name).as_deref(), Some("ok"), "{name}");
+        assert!(
+            records.iter().any(|r| r["scenario"] == name),
+            "no record of {name}"
+        );
+    }
+    // Quick records say so; kvm-compare's (full size, fewer rounds) do not.
+    assert!(records
+        .iter()
+        .filter(|r| r["scenario"] != "kvm-compare")
+        .all(|r| r["params"]["quick"] == true));
+    let seeds = json["seeds"].as_array().expect("seeds");
+    let ids: Vec<&str> = seeds.iter().map(|s| s["seed"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["000", "001", "002", "003", "004"]);
+    assert!(seeds.iter().all(|s| s["verdict"] != "no-data"), "{seeds:?}");
+
+    // index.html: self-contained, with a plot per figure that has data.
+    let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    for banned in ["<script", "<link", "<img", "src="] {
+        assert!(
+            !html.contains(banned),
+            "the page must not load anything: {banned}"
+        );
+    }
+    assert!(html.matches("<svg").count() >= 8, "plots missing");
+    for text in [
+        "reverse-map length (SPTEs per gfn, log)",
+        "time per SPTE visited (ns, log)",
+        "iterator (rmap_get_first/next, seed 000)",
+        "restart-scan (pte_list_next, before)",
+        "pages written, log)",
+        "per-gfn (rmap_write_protect, seed 004)",
+        "ring (harvest + KVM_RESET_DIRTY_RINGS)",
+        "floor: atomic AND per dirty SPTE",
+        "TDP iteration mode",
+        "fork time against children",
+    ] {
+        assert!(html.contains(text), "index.html lacks {text:?}");
+    }
+
+    // report.md: the same seed table and tables.
+    let md = std::fs::read_to_string(dir.join("report.md")).unwrap();
+    assert!(md.contains("| seed | claim | variants compared | measured | rule | held |"));
+    assert!(md.contains("**rmap-iter · ns_per_spte (ns)**"));
+
+    // stdout ends with the seed table.
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let last: Vec<&str> = stdout.lines().rev().take(6).collect();
+    assert!(
+        last[5].starts_with("seed") && last[5].ends_with("held"),
+        "{stdout}"
+    );
+    for (line, seed) in last[..5]
+        .iter()
+        .rev()
+        .zip(["000", "001", "002", "003", "004"])
+    {
+        assert!(line.starts_with(seed), "{stdout}");
+    }
+    (json, html)
+}
+
+#[test]
+fn quick_report_writes_the_page_the_document_and_the_data() {
+    let dir = TempDir::new("quick");
+    let (json, html) = quick_report(&dir.0, Some("/nonexistent/kvm"));
+    let kvm = json["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "kvm-compare")
+        .expect("kvm-compare is listed");
+    assert_eq!(kvm["state"]["status"], "skipped");
+    let reason = kvm["state"]["reason"].as_str().unwrap();
+    if cfg!(feature = "kvm") {
+        assert!(reason.contains("/nonexistent/kvm"), "{reason}");
+        assert!(html.contains("kvm-compare skipped: cannot open /nonexistent/kvm"));
+    } else {
+        assert!(
+            reason.starts_with("not available in this build"),
+            "{reason}"
+        );
+    }
+}
+
+#[test]
+#[ignore = "runs the KVM comparison: most of a minute in a debug build, needs /dev/kvm"]
+fn quick_report_with_the_hosts_kvm() {
+    let dir = TempDir::new("kvm");
+    let (json, html) = quick_report(&dir.0, None);
+    let records = json["records"].as_array().unwrap();
+    let kvm_opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let kvm: Vec<&Value> = records
+        .iter()
+        .filter(|r| r["scenario"] == "kvm-compare")
+        .collect();
+    if !kvm_opens {
+        assert!(kvm.is_empty());
+        return;
+    }
+    for (variant, metric) in [
+        ("kvm", "harvest_us"),
+        ("vmmu", "harvest_us"),
+        ("kvm", "delete_us"),
+        ("kvm", "fault_ns_per_page"),
+    ] {
+        assert!(
+            kvm.iter()
+                .any(|r| r["variant"] == variant && r["metric"] == metric),
+            "{variant} {metric}"
+        );
+    }
+    assert!(html.contains("KVM get (/dev/kvm)"));
+}
+
+#[test]
+fn report_options_are_checked() {
+    for args in [
+        &["report", "--mem-gib", "0"][..],
+        &["report", "--mem-gib", "65"],
+        &["report", "--runs", "0"],
+    ] {
+        assert_eq!(vmmu(args, None).status.code(), Some(2), "{args:?}");
+    }
+}
