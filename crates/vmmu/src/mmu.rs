@@ -108,9 +108,9 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         Ok(match self {
             Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => {
-                m.invalidate_all_roots()?;
                 let guard = tdp::pin();
-                let (mut removed, _) = m.reap_invalid_roots(&guard);
+                let mut removed = m.invalidate_all_roots(&guard)?;
+                removed.merge(m.reap_invalid_roots(&guard).0);
                 removed.flush.set();
                 removed
             }
@@ -118,11 +118,15 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     }
 
     /// Zap huge leaves over `[start, end)` (exclusive lock): the shadow MMU's way to force
-    /// 4K mappings. The TDP MMU splits them instead (see `Vm`).
+    /// 4K mappings. The TDP MMU splits them first (see `Vm`); this zaps whatever the split
+    /// could not (out of table memory), so no huge leaf survives.
     pub fn zap_huge(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Removed {
         match self {
             Mmu::Shadow(m) => flush_only(m.zap_gfn_range_levels(slots, start, end, Level::L2M)),
-            Mmu::Tdp(_) => Removed::default(),
+            Mmu::Tdp(m) => {
+                m.zap_leafs_from(start, end, Level::L2M, u64::MAX, &tdp::pin())
+                    .0
+            }
         }
     }
 

@@ -219,22 +219,39 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     }
 
     /// A new vCPU, with the VM's root loaded.
+    ///
+    /// Lock order: the MMU lock is never taken while the vCPU list is held (a remote
+    /// flush under the MMU lock reads the list), so the root is taken first.
     pub fn create_vcpu(&self) -> Result<Vcpu, Error> {
         // Before any vCPU can enter guest mode (see `hw::vcpu`).
         crate::sync::init_asymmetric_fences();
-        let mut vcpus = self.vcpus.write();
-        if vcpus.len() as u32 >= self.config.max_vcpus {
-            return Err(Error::TooManyVcpus {
-                max: self.config.max_vcpus,
-            });
-        }
-        let shared = Arc::new(VcpuShared::new(self.config.dirty_log.ring_size));
         let root = match &self.lock_shared().mmu {
             Mmu::Shadow(m) => m.root_frame(),
             Mmu::Tdp(m) => m.get_root(),
         };
-        vcpus.push(shared.clone());
-        Ok(Vcpu::new(vcpus.len() as u32 - 1, shared, root))
+        let shared = Arc::new(VcpuShared::new(self.config.dirty_log.ring_size));
+        let id = {
+            let mut vcpus = self.vcpus.write();
+            if vcpus.len() as u32 >= self.config.max_vcpus {
+                drop(vcpus);
+                if let Mmu::Tdp(m) = &self.lock_shared().mmu {
+                    m.put_root(root);
+                }
+                return Err(Error::TooManyVcpus {
+                    max: self.config.max_vcpus,
+                });
+            }
+            vcpus.push(shared.clone());
+            vcpus.len() as u32 - 1
+        };
+        // A fast zap between taking the root and joining the list did not reach this
+        // vCPU: have it reload before it runs.
+        if let Mmu::Tdp(m) = &self.lock_shared().mmu {
+            if !m.is_valid_root(root) {
+                crate::hw::request_vcpus(core::iter::once(&*shared), crate::hw::REQ_MMU_RELOAD);
+            }
+        }
+        Ok(Vcpu::new(id, shared, root))
     }
 
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
@@ -311,7 +328,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         if let (SlotChange::FlagsOnly { old: old_flags }, Some((start, end, _))) = (change, old) {
             let log = MemslotFlags::LOG_DIRTY_PAGES;
             match (old_flags.contains(log), region.flags.contains(log)) {
-                (false, true) => self.start_logging(region.slot, start, end, initially_set)?,
+                (false, true) => self.start_logging(region.slot, start, end, initially_set),
                 (true, false) => self.stop_logging(start, end),
                 _ => {}
             }
@@ -320,15 +337,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     }
 
     /// Logging starts on a slot: only 4K mappings may stay (the shadow MMU zaps huge
-    /// leaves; the TDP MMU splits them eagerly, allocating tables outside the lock), then
-    /// every leaf is write-protected unless every bit starts set.
-    fn start_logging(
-        &self,
-        slot: u32,
-        start: Gfn,
-        end: Gfn,
-        initially_set: bool,
-    ) -> Result<(), Error> {
+    /// leaves; the TDP MMU splits them eagerly, allocating tables outside the lock, and
+    /// zaps those it could not get tables for), then every leaf is write-protected unless
+    /// every bit starts set. It cannot fail: a lack of table memory costs faults, not
+    /// logged writes.
+    fn start_logging(&self, slot: u32, start: Gfn, end: Gfn, initially_set: bool) {
         let mut prealloc = Vec::new();
         let mut from = start;
         loop {
@@ -352,11 +365,17 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                     self.commit_tdp(m, removed);
                     drop(guard);
                     // Out of the lock: the allocator may be slow (or sleep, in a kernel).
+                    let before = prealloc.len();
                     for _ in 0..pages {
-                        prealloc.push(
-                            TdpPage::new(&*self.alloc, Level::L2M, Gfn(0))
-                                .ok_or(Error::OutOfTableMemory)?,
-                        );
+                        match TdpPage::new(&*self.alloc, Level::L2M, Gfn(0)) {
+                            Some(p) => prealloc.push(p),
+                            None => break,
+                        }
+                    }
+                    if prealloc.len() == before {
+                        // Out of table memory: what is left huge is zapped below instead
+                        // (the next faults map it at 4K).
+                        break;
                     }
                     from = resume;
                 }
@@ -373,7 +392,6 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             removed.merge(st.mmu.write_protect_slot(&st.slots, slot));
         }
         self.commit(st, removed);
-        Ok(())
     }
 
     /// Logging stopped: let huge mappings come back (the shadow MMU zaps the 4K leaves of

@@ -267,14 +267,23 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         (removed, counts)
     }
 
-    /// KVM's fast zap: mark every root invalid and make a new one; vCPUs must reload.
-    /// Invalid roots are zapped by [`reap_invalid_roots`](Self::reap_invalid_roots) once
-    /// no vCPU holds them. Exclusive lock.
-    pub fn invalidate_all_roots(&mut self) -> Result<(), Error> {
+    /// KVM's fast zap: mark every root invalid, make a new one (vCPUs must reload) and
+    /// zap what the invalid roots map at once (`kvm_tdp_mmu_zap_invalidated_roots`), so an
+    /// idle vCPU holds only an empty root page. The page itself is freed by
+    /// [`reap_invalid_roots`](Self::reap_invalid_roots) once no vCPU holds it. Exclusive
+    /// lock.
+    pub fn invalidate_all_roots(&mut self, guard: &Guard) -> Result<Removed, Error> {
         for r in &mut self.roots {
             r.invalid = true;
         }
-        self.new_root()
+        self.new_root()?;
+        let mut removed = Removed::default();
+        for (root, valid) in self.roots(guard) {
+            if !valid {
+                removed.merge(self.zap_root(root, guard).0);
+            }
+        }
+        Ok(removed)
     }
 
     /// Zap and unlink invalid roots no vCPU holds any more (exclusive lock). The root

@@ -252,6 +252,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         removed,
                     };
                 };
+                // The table joins the MMU's accounting when it leaves the preallocation.
+                self.stats
+                    .pages_allocated
+                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
                 let below = level.below().expect("huge level");
                 child.level = below;
                 child.gfn = it.gfn();

@@ -82,10 +82,23 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         budget: u64,
         guard: &Guard,
     ) -> (Removed, Option<Gfn>) {
+        self.zap_leafs_from(start, end, Level::L4K, budget, guard)
+    }
+
+    /// [`zap_leafs`](Self::zap_leafs) for leaves of `min_level` and above only (huge
+    /// pages, when they must go and their 4K neighbours may stay).
+    pub fn zap_leafs_from(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        min_level: Level,
+        budget: u64,
+        guard: &Guard,
+    ) -> (Removed, Option<Gfn>) {
         let mut removed = Removed::default();
         let mut resume = None;
         for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, budget, guard);
+            let mut it = TdpIter::new(root, min_level, start, end, self.mode, budget, guard);
             while it.valid() {
                 let s = it.spte;
                 if s.is_shadow_present() && s.is_leaf(it.level()) {
