@@ -1,7 +1,8 @@
 //! Concurrency smoke test: two vCPU threads access random pages of a shared 16 MiB slot
 //! while a third thread zaps ranges (and toggles dirty logging). Every access must return
 //! the host's translation; afterwards the audit passes and every translation is correct.
-//! Bounded by iteration counts, not time.
+//! Bounded by iteration counts, not time. Runs against the MMU under test (see
+//! `common::test_mmu`); `tdp_stress.rs` has the TDP MMU's own stress tests.
 
 mod common;
 
@@ -91,8 +92,11 @@ fn run(backing: Backing, toggle_logging: bool) {
                     }
                     std::thread::yield_now();
                 }
-                if n % 250 == 249 {
+                if n % 500 == 249 {
                     vm.zap_all().unwrap();
+                } else if n % 500 == 499 {
+                    // The TDP MMU's fast zap: a new root, vCPUs reload mid-run.
+                    vm.zap_all_fast().unwrap();
                 } else if toggle_logging && n % 100 == 50 {
                     logging = !logging;
                     let flags = if logging {
@@ -123,7 +127,7 @@ fn run(backing: Backing, toggle_logging: bool) {
     assert!(vcpus.iter().all(|v| v.accesses == ACCESSES_PER_VCPU));
     // Every page translates, from a fresh vCPU and from the two that ran.
     let mut fresh = vm.create_vcpu().unwrap();
-    let final_spec = vm.with_mmu(|s, _| {
+    let final_spec = with_slots(&vm, |s| {
         let m = s.by_id(0).unwrap();
         SlotSpec {
             flags: m.flags,
@@ -146,8 +150,15 @@ fn run(backing: Backing, toggle_logging: bool) {
     assert!(rep2.leaves >= rep.leaves);
     check_leaves_against_host(&vm, &host);
     vm.zap_all().unwrap();
-    assert_eq!(vm.stats().shadow_pages, 1);
+    assert_eq!(table_count(&vm), 1, "zap_all left tables under the root");
     audit(&vm);
+    // Every vCPU runs again; then the allocator holds exactly the tables the MMU reaches
+    // (the TDP MMU frees through the epoch collector).
+    for v in vcpus.iter_mut().chain(std::iter::once(&mut fresh)) {
+        access_ok(&vm, v, &host, &final_spec, spec.gpa, AccessKind::Read);
+    }
+    audit(&vm);
+    assert_eq!(settle_tables(&vm), table_count(&vm) as u64);
 }
 
 #[test]
@@ -163,4 +174,65 @@ fn vcpus_and_zapper_4k() {
 #[test]
 fn vcpus_zapper_and_dirty_logging_toggles() {
     run(Backing::Thp, true);
+}
+
+/// vCPUs created while another thread zaps (KVM creates vCPUs while the VM runs). Both
+/// take the VM's two locks (the vCPU list and the MMU lock): they must not wait on each
+/// other. Rounds of a creator against a zapper that maps and zaps in a loop; a watchdog
+/// turns a deadlock into a failure instead of a hang (the stuck threads are left behind).
+#[test]
+fn creating_vcpus_while_zapping_does_not_deadlock() {
+    const ROUNDS: usize = 200;
+    const VCPUS: usize = 16;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for round in 0..ROUNDS {
+            let (host, vm) = new_vm(VmConfig::default());
+            let vm = std::sync::Arc::new(vm);
+            let h = mmap(&host, 2 * M1, Backing::Page4K);
+            let spec = add_slot(
+                &vm,
+                SlotSpec {
+                    id: 0,
+                    gpa: G1,
+                    size: 2 * M1,
+                    hva: h,
+                    flags: MemslotFlags::empty(),
+                },
+            );
+            let done = std::sync::Arc::new(AtomicBool::new(false));
+            let zapper = {
+                let (vm, done) = (vm.clone(), done.clone());
+                std::thread::spawn(move || {
+                    let mut v = vm.create_vcpu().unwrap();
+                    let mut n = 0u64;
+                    while !done.load(Ordering::Relaxed) || n < 4 {
+                        vm.write(&mut v, Gpa(spec.page_gpa(n % 8))).unwrap();
+                        if n.is_multiple_of(2) {
+                            vm.zap_all().unwrap();
+                        } else {
+                            vm.zap_gfn_range(spec.base_gfn(), spec.end_gfn()).unwrap();
+                        }
+                        n += 1;
+                    }
+                })
+            };
+            for _ in 0..VCPUS {
+                vm.create_vcpu().unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+            zapper.join().unwrap();
+            tx.send(round).unwrap();
+        }
+    });
+    for round in 0..ROUNDS {
+        match rx.recv_timeout(std::time::Duration::from_secs(20)) {
+            Ok(r) => assert_eq!(r, round),
+            Err(e) => panic!(
+                "round {round}: no progress for 20 s ({e}): create_vcpu and a zap deadlocked \
+                 (create_vcpu holds the vCPU list and waits for the MMU lock; the zap holds the \
+                 MMU lock and waits for the vCPU list to flush)"
+            ),
+        }
+    }
 }

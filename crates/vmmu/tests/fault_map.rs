@@ -52,17 +52,23 @@ fn map_all(
     let faults = want.difference(&before).count() as u64;
     assert_eq!(vcpu.exits - exits0, faults, "one exit per leaf mapped");
     let stats = vm.stats();
-    assert_eq!(stats.mmu.faults - stats0.mmu.faults, faults);
-    assert_eq!(
-        stats.mmu.leaves_installed - stats0.mmu.leaves_installed,
-        faults
-    );
+    if !is_tdp(vm) {
+        // The shadow MMU counts its faults; the TDP MMU's fault path, run in parallel,
+        // touches no shared counter: the vCPU's exits above count them there.
+        assert_eq!(stats.mmu.faults - stats0.mmu.faults, faults);
+        assert_eq!(
+            stats.mmu.leaves_installed - stats0.mmu.leaves_installed,
+            faults
+        );
+        assert_eq!(stats.mmu.mmio_faults, stats0.mmu.mmio_faults);
+    }
     assert_eq!(stats.mmu.spurious_faults, stats0.mmu.spurious_faults);
-    assert_eq!(stats.mmu.mmio_faults, stats0.mmu.mmio_faults);
     check_leaves_against_host(vm, host);
     let rep = audit(vm);
     assert_eq!(rep.leaves, all.len());
-    assert_eq!(rep.rmap_entries, all.len());
+    if !is_tdp(vm) {
+        assert_eq!(rep.rmap_entries, all.len());
+    }
     want
 }
 
@@ -278,10 +284,15 @@ fn hugetlb_slots_map_1g_2m_and_4k() {
     assert_eq!(count_levels(&want, &specs[3]), [0, 32, 0]);
     let want = map_all(&vm, &host, &mut vcpu, &specs[..1], Level::L1G, 1);
     assert_eq!(want, BTreeSet::from([((4 * G1) / PAGE_SIZE, Level::L1G)]));
-    assert_eq!(
-        vm.with_mmu(|s, m| m.rmap_entries(s, Gpa(4 * G1).gfn(), Level::L1G).len()),
-        1
-    );
+    if is_tdp(&vm) {
+        let (_, level, _) = leaf_of(&vm, Gpa(4 * G1 + 12345 * K4).gfn()).unwrap();
+        assert_eq!(level, Level::L1G);
+    } else {
+        assert_eq!(
+            vm.with_mmu(|s, m| m.rmap_entries(s, Gpa(4 * G1).gfn(), Level::L1G).len()),
+            1
+        );
+    }
     remap_is_free(&vm, &host, &mut vcpu, &specs, 1);
     edges_are_mmio(&vm, &mut vcpu, &specs);
     assert_eq!(leaf_counts(&vm), [515, 36, 1]);
@@ -363,6 +374,7 @@ fn second_vcpu_shares_the_tables() {
     let mut b = vm.create_vcpu().unwrap();
     map_all(&vm, &host, &mut a, &specs, Level::L1G, 1);
     let installed = vm.stats().mmu.leaves_installed;
+    let tables = table_leaves(&vm);
     for spec in &specs {
         for i in 0..spec.pages() {
             let gpa = spec.page_gpa(i);
@@ -374,6 +386,14 @@ fn second_vcpu_shares_the_tables() {
     }
     assert_eq!(b.exits, 0, "vCPU b found every page mapped by the walk");
     assert_eq!(vm.stats().mmu.leaves_installed, installed);
+    // Only the A/D bits the second vCPU's writes set may differ.
+    let ad = vmmu::spte::bits::ACCESSED | vmmu::spte::bits::DIRTY;
+    let strip = |m: std::collections::BTreeMap<(u64, Level), vmmu::spte::Spte>| {
+        m.into_iter()
+            .map(|(k, v)| (k, v.0 & !ad))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(strip(table_leaves(&vm)), strip(tables), "b changed the tables");
     audit(&vm);
 }
 
@@ -501,7 +521,7 @@ fn out_of_table_memory_is_reported_and_recoverable() {
         inner: vmmu::table::HeapTableAllocator::new(),
         cap: 3.into(),
     });
-    let vm = vmmu::Vm::with_allocator(VmConfig::default(), host.clone(), alloc.clone()).unwrap();
+    let vm = vmmu::Vm::with_allocator(default_config(), host.clone(), alloc.clone()).unwrap();
     let h = mmap(&host, 2 * M1, Backing::Page4K);
     let spec = SlotSpec {
         id: 0,
@@ -539,8 +559,10 @@ fn out_of_table_memory_is_reported_and_recoverable() {
     vm.audit().unwrap();
     vm.zap_all().unwrap();
     vm.audit().unwrap();
+    assert_eq!(table_count(&vm), 1, "zap_all leaves only the root");
+    // (The TDP MMU frees through the epoch collector: let it run.)
     assert_eq!(
-        alloc.inner.live(),
+        settle_tables_with(&vm, || alloc.inner.live()),
         1,
         "zap_all frees every table but the root"
     );

@@ -35,6 +35,8 @@ enum Op {
         len: i64,
     },
     ZapAll,
+    /// KVM's fast zap: the TDP MMU's vCPUs move to a new root.
+    ZapAllFast,
     ZapSlot {
         idx: u32,
     },
@@ -83,6 +85,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0..WIN_SIZE / PAGE_SIZE, prop_oneof![Just(0i64), -8..0i64, 1..16i64, 1..2048i64, 1..20000i64])
             .prop_map(|(start, len)| Op::Zap { start, len }),
         1 => Just(Op::ZapAll),
+        1 => Just(Op::ZapAllFast),
         1 => (0..4u32).prop_map(|idx| Op::ZapSlot { idx }),
         2 => (0..3usize, at(), any::<bool>()).prop_map(|(idx, at, readonly)| Op::Create { idx, at, readonly: readonly && idx == 1 }),
         1 => (0..3usize).prop_map(|idx| Op::Delete { idx }),
@@ -182,9 +185,9 @@ impl Harness {
         if let (Some(s), Ok(_)) = (slot, &got) {
             if kind == AccessKind::Write && s.logging() {
                 let page = (gpa - s.gpa) / PAGE_SIZE;
-                let marked = self
-                    .vm
-                    .with_mmu(|sl, _| sl.by_id(s.id).unwrap().dirty_bitmap().unwrap().test(page));
+                let marked = with_slots(&self.vm, |sl| {
+                    sl.by_id(s.id).unwrap().dirty_bitmap().unwrap().test(page)
+                });
                 assert!(
                     marked,
                     "step {}: write to logging slot {} not in the bitmap",
@@ -259,7 +262,12 @@ impl Harness {
             Op::ZapAll => {
                 self.vm.zap_all().unwrap();
                 assert!(leaves(&self.vm).is_empty());
-                assert_eq!(self.vm.stats().shadow_pages, 1);
+                assert_eq!(table_count(&self.vm), 1);
+            }
+            Op::ZapAllFast => {
+                self.vm.zap_all_fast().unwrap();
+                assert!(leaves(&self.vm).is_empty());
+                assert_eq!(table_count(&self.vm), 1);
             }
             Op::ZapSlot { idx } => {
                 let exists = self.slots.get(idx as usize).is_some_and(|s| s.is_some());
@@ -361,7 +369,7 @@ impl Harness {
             panic!("step {}: {e}", self.step);
         }
         check_leaves_against_host(&self.vm, &self.host);
-        let vm_slots: Vec<(u32, u64, u64, u32)> = self.vm.with_mmu(|s, _| {
+        let vm_slots: Vec<(u32, u64, u64, u32)> = with_slots(&self.vm, |s| {
             s.iter()
                 .map(|m| (m.id, m.base_gfn.0, m.npages, m.flags.bits()))
                 .collect()

@@ -1,6 +1,10 @@
 //! Zapping ranges of mapped memory: exactly the leaves that intersect the range go (huge
 //! pages cut by the range go whole), the flush is counted, emptied tables are freed, and
 //! the guest faults the pages back in with the host's translations.
+//!
+//! Emptied tables: the shadow MMU frees a table when its last entry goes; the TDP MMU,
+//! as KVM's `tdp_mmu_zap_leafs`, keeps them until a zap of the whole root, and frees
+//! unlinked tables through the epoch collector once no walker can see them.
 
 mod common;
 
@@ -43,10 +47,13 @@ fn zap_and_check(
         assert_eq!(kept[k], *spte, "zap changed a leaf it should keep");
     }
     let stats = vm.stats();
-    assert_eq!(
-        stats.mmu.leaves_zapped - stats0.mmu.leaves_zapped,
-        gone.len() as u64
-    );
+    if !is_tdp(vm) {
+        // The shadow MMU counts the leaves it zaps (the TDP MMU keeps no such counter).
+        assert_eq!(
+            stats.mmu.leaves_zapped - stats0.mmu.leaves_zapped,
+            gone.len() as u64
+        );
+    }
     assert_eq!(
         stats.remote_tlb_flushes - stats0.remote_tlb_flushes,
         u64::from(!gone.is_empty()),
@@ -165,7 +172,7 @@ fn zap_cutting_a_huge_page_zaps_it_whole_with(config: VmConfig) {
     let specs = setup(&host, &vm);
     let mut vcpu = vm.create_vcpu().unwrap();
     map_everything(&vm, &host, &mut vcpu, &specs);
-    let pages0 = vm.stats().shadow_pages;
+    let pages0 = table_count(&vm);
     // 44 pages in the middle of the second 2M page of slot 0.
     let start = specs[0].base_gfn().0 + 512 + 256;
     let gone = zap_and_check(&vm, &host, start, start + 44);
@@ -174,7 +181,7 @@ fn zap_cutting_a_huge_page_zaps_it_whole_with(config: VmConfig) {
         vec![(specs[0].base_gfn().0 + 512, Level::L2M)]
     );
     assert_eq!(
-        vm.stats().shadow_pages,
+        table_count(&vm),
         pages0,
         "the 2M table still holds other leaves"
     );
@@ -296,9 +303,27 @@ fn emptied_tables_are_freed_up_to_the_root_with(config: VmConfig) {
     );
     let mut vcpu = vm.create_vcpu().unwrap();
     reaccess(&vm, &host, &mut vcpu, &[spec], &all_pages(&[spec]));
-    assert_eq!(vm.stats().shadow_pages, 7);
+    assert_eq!(table_count(&vm), 7);
     assert_eq!(vm.allocator().live(), 7);
     let b = spec.base_gfn().0;
+    if is_tdp(&vm) {
+        // The TDP MMU keeps emptied tables after a leaf zap (as KVM's does): every zap
+        // below leaves all seven; zap_all takes them, freed once the epoch has passed.
+        for (lo, hi) in [(512, 1024), (0, 511), (511, 512), (1024, 2048)] {
+            zap_and_check(&vm, &host, b + lo, b + hi);
+            assert_eq!(table_count(&vm), 7, "a leaf zap freed a table");
+        }
+        let rep = audit(&vm);
+        assert_eq!((rep.leaves, rep.nonleaves), (0, 6));
+        assert_eq!(settle_tables(&vm), 7);
+        vm.zap_all().unwrap();
+        assert_eq!(table_count(&vm), 1);
+        assert_eq!(settle_tables(&vm), 1);
+        reaccess(&vm, &host, &mut vcpu, &[spec], &all_pages(&[spec]));
+        assert_eq!(table_count(&vm), 7);
+        assert_eq!(settle_tables(&vm), 7);
+        return;
+    }
     let freed0 = vm.stats().mmu.pages_freed;
     zap_and_check(&vm, &host, b + 512, b + 1024);
     assert_eq!(vm.stats().shadow_pages, 6);
@@ -334,7 +359,20 @@ fn zapping_everything_leaves_only_the_root_with(config: VmConfig) {
     let (host, vm) = new_vm(config);
     let specs = setup(&host, &vm);
     let mut vcpu = vm.create_vcpu().unwrap();
-    let check_empty = |vm: &TestVm| {
+    // Nothing mapped. The shadow MMU has freed every table but the root; the TDP MMU
+    // keeps the tables a leaf zap emptied (its `empty_tables` argument says whether only
+    // the root may be left, as after a zap_all).
+    let check_empty = |vm: &TestVm, root_only: bool| {
+        assert!(leaves(vm).is_empty() && table_leaves(vm).is_empty());
+        if is_tdp(vm) {
+            let rep = audit(vm);
+            assert_eq!(rep.leaves, 0);
+            if root_only {
+                assert_eq!(table_count(vm), 1, "only the root remains");
+            }
+            settle_tables(vm);
+            return;
+        }
         let st = vm.stats();
         assert_eq!(st.shadow_pages, 1, "only the root remains");
         assert_eq!(st.rmap_descs, 0, "descriptor pool empty");
@@ -345,17 +383,20 @@ fn zapping_everything_leaves_only_the_root_with(config: VmConfig) {
             (rep.pages, rep.leaves, rep.nonleaves, rep.rmap_entries),
             (1, 0, 0, 0)
         );
-        assert!(leaves(vm).is_empty() && table_leaves(vm).is_empty());
     };
 
     map_everything(&vm, &host, &mut vcpu, &specs);
     let n = leaves(&vm).len() as u64;
-    let pages = vm.stats().shadow_pages as u64;
+    let pages = table_count(&vm) as u64;
     let st0 = vm.stats();
     // 1. One range over the whole guest-physical space.
     zap_and_check(&vm, &host, 0, 1 << 36);
-    check_empty(&vm);
-    assert_eq!(vm.stats().mmu.pages_freed - st0.mmu.pages_freed, pages - 1);
+    check_empty(&vm, false);
+    if is_tdp(&vm) {
+        assert_eq!(table_count(&vm) as u64, pages, "a leaf zap freed a table");
+    } else {
+        assert_eq!(vm.stats().mmu.pages_freed - st0.mmu.pages_freed, pages - 1);
+    }
     let exits0 = vcpu.exits;
     map_everything(&vm, &host, &mut vcpu, &specs);
     assert_eq!(vcpu.exits - exits0, n, "every leaf faults back in");
@@ -363,8 +404,10 @@ fn zapping_everything_leaves_only_the_root_with(config: VmConfig) {
     // 2. zap_all.
     let st0 = vm.stats();
     vm.zap_all().unwrap();
-    check_empty(&vm);
-    assert_eq!(vm.stats().mmu.leaves_zapped - st0.mmu.leaves_zapped, n);
+    check_empty(&vm, true);
+    if !is_tdp(&vm) {
+        assert_eq!(vm.stats().mmu.leaves_zapped - st0.mmu.leaves_zapped, n);
+    }
     assert_eq!(vm.stats().remote_tlb_flushes - st0.remote_tlb_flushes, 1);
     map_everything(&vm, &host, &mut vcpu, &specs);
 
@@ -384,18 +427,30 @@ fn zapping_everything_leaves_only_the_root_with(config: VmConfig) {
         }
         audit(&vm);
         if k + 1 < specs.len() {
-            assert!(vm.stats().shadow_pages > 1);
+            assert!(table_count(&vm) > 1);
         }
     }
-    check_empty(&vm);
+    check_empty(&vm, false);
     map_everything(&vm, &host, &mut vcpu, &specs);
     // 4. zap_all with nothing mapped: no leaves, so no flush is needed.
     vm.zap_all().unwrap();
-    check_empty(&vm);
+    check_empty(&vm, true);
+    if is_tdp(&vm) {
+        // A leaf zap keeps the tables it empties; the fast zap (new root, vCPUs reload)
+        // frees the old root's tables once the vCPU has moved.
+        access_ok(&vm, &mut vcpu, &host, &specs[0], specs[0].gpa, AccessKind::Read);
+        vm.zap_gfn_range(Gfn(0), Gfn(1 << 36)).unwrap();
+        assert_eq!(settle_tables(&vm), 3, "the root and the two tables over one 2M leaf");
+        vm.zap_all_fast().unwrap();
+        assert_eq!(table_count(&vm), 1);
+        access_ok(&vm, &mut vcpu, &host, &specs[0], specs[0].gpa, AccessKind::Read);
+        assert_eq!(settle_tables(&vm), 3, "the old root was freed");
+        vm.zap_all().unwrap();
+    }
     let flushes = vm.stats().remote_tlb_flushes;
     vm.zap_all().unwrap();
     vm.zap_gfn_range(Gfn(0), Gfn(1 << 36)).unwrap();
-    check_empty(&vm);
+    check_empty(&vm, true);
     assert_eq!(
         vm.stats().remote_tlb_flushes,
         flushes,
@@ -437,6 +492,7 @@ fn refault_after_zap_installs_fresh_leaves() {
 /// The pre-seed-003 way of dropping reverse maps (one SPTE at a time through the full
 /// `drop_spte` path) must zap exactly the same leaves, with the same counters.
 fn one_by_one() -> VmConfig {
+    // (The shadow MMU's algorithm: under the TDP MMU these would repeat the tests above.)
     VmConfig {
         algorithms: Algorithms {
             rmap_drop: RmapDrop::OneByOne,
@@ -446,27 +502,45 @@ fn one_by_one() -> VmConfig {
     }
 }
 
+const ONE_BY_ONE: &str =
+    "RmapDrop::OneByOne is how the shadow MMU drops reverse maps; the TDP MMU has none";
+
 #[test]
 fn one_by_one_zap_cutting_a_huge_page_zaps_it_whole() {
+    if shadow_only(ONE_BY_ONE) {
+        return;
+    }
     zap_cutting_a_huge_page_zaps_it_whole_with(one_by_one());
 }
 
 #[test]
 fn one_by_one_zaps_across_slot_edges_and_gaps() {
+    if shadow_only(ONE_BY_ONE) {
+        return;
+    }
     zaps_across_slot_edges_and_gaps_with(one_by_one());
 }
 
 #[test]
 fn one_by_one_random_zaps_then_reaccess() {
+    if shadow_only(ONE_BY_ONE) {
+        return;
+    }
     random_zaps_then_reaccess_with(one_by_one());
 }
 
 #[test]
 fn one_by_one_emptied_tables_are_freed_up_to_the_root() {
+    if shadow_only(ONE_BY_ONE) {
+        return;
+    }
     emptied_tables_are_freed_up_to_the_root_with(one_by_one());
 }
 
 #[test]
 fn one_by_one_zapping_everything_leaves_only_the_root() {
+    if shadow_only(ONE_BY_ONE) {
+        return;
+    }
     zapping_everything_leaves_only_the_root_with(one_by_one());
 }

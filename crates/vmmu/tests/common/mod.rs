@@ -5,6 +5,17 @@
 //! The expected translation is never taken from the MMU: it is
 //! `host.translate(slot_hva + offset).pfn * 4096 + page offset`, computed from the slot
 //! parameters the test chose.
+//!
+//! # Which MMU
+//! Every test runs against the MMU named by the environment variable `VMMU_TEST_MMU`:
+//! `shadow` (the default), `tdp-scan`, `tdp-skip` or `tdp-used` (the TDP MMU in each of
+//! its iteration modes). [`new_vm`] puts it into any configuration that left `mmu` at its
+//! default; the inspection helpers below work on both MMUs. For the shadow MMU they look
+//! through the reverse maps and the shadow pages; for the TDP MMU, which has no reverse
+//! maps, one view walks the tables with the library's iterator (`vmmu::tdp::TdpIter`, in
+//! the VM's own iteration mode, so the used-entries bitmap is checked too) and the other
+//! follows the `children` pointers by hand. Tests of mechanisms only one MMU has call
+//! [`shadow_only`] and return early, printing why.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -12,10 +23,13 @@ use std::sync::Arc;
 
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
 use vmmu::hw::Vcpu;
+use vmmu::memslot::Memslots;
+use vmmu::table::TableAllocator;
 use vmmu::rmap;
 use vmmu::spte::Spte;
+use vmmu::tdp::{TdpIter, TdpPage};
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, Level, PAGE_SIZE};
-use vmmu::{Exit, MemoryRegion, MemslotFlags, Vm, VmConfig, VmStats};
+use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vm, VmConfig, VmStats};
 
 /// The VM type every test uses.
 pub type TestVm = Vm<Arc<SimHostMemory>>;
@@ -25,11 +39,241 @@ pub const M1: u64 = 1 << 20;
 pub const M2: u64 = 2 << 20;
 pub const G1: u64 = 1 << 30;
 
-/// A fresh host and a VM over it.
+/// The MMU the tests run against: `VMMU_TEST_MMU` = `shadow` (default) | `tdp-scan` |
+/// `tdp-skip` | `tdp-used`.
+pub fn test_mmu() -> MmuKind {
+    match std::env::var("VMMU_TEST_MMU").as_deref() {
+        Err(_) | Ok("") | Ok("shadow") => MmuKind::ShadowDirect,
+        Ok("tdp-scan") => MmuKind::Tdp(TdpIteration::ScanAll),
+        Ok("tdp-skip") => MmuKind::Tdp(TdpIteration::SkipNonPresent),
+        Ok("tdp-used") => MmuKind::Tdp(TdpIteration::UsedEntries),
+        Ok(other) => {
+            panic!("VMMU_TEST_MMU={other:?}: expected shadow, tdp-scan, tdp-skip or tdp-used")
+        }
+    }
+}
+
+/// Whether the tests run against the TDP MMU.
+pub fn testing_tdp() -> bool {
+    matches!(test_mmu(), MmuKind::Tdp(_))
+}
+
+/// The default configuration with the MMU under test.
+pub fn default_config() -> VmConfig {
+    with_test_mmu(VmConfig::default())
+}
+
+/// `config` with the MMU under test, unless the test chose an MMU itself.
+pub fn with_test_mmu(mut config: VmConfig) -> VmConfig {
+    if config.mmu == MmuKind::default() {
+        config.mmu = test_mmu();
+    }
+    config
+}
+
+/// A fresh host and a VM over it, running the MMU under test (see [`test_mmu`]) unless
+/// `config` names an MMU other than the default.
 pub fn new_vm(config: VmConfig) -> (Arc<SimHostMemory>, TestVm) {
     let host = Arc::new(SimHostMemory::new());
-    let vm = Vm::new(config, host.clone());
+    let vm = Vm::new(with_test_mmu(config), host.clone());
     (host, vm)
+}
+
+/// Whether `vm` runs the TDP MMU.
+pub fn is_tdp<H: HostMemory, A: TableAllocator>(vm: &Vm<H, A>) -> bool {
+    matches!(vm.config().mmu, MmuKind::Tdp(_))
+}
+
+/// For a test (or a part of one) that checks a mechanism of the shadow MMU alone: `true`,
+/// after printing `why` past the test harness's capture, when the tests run against the
+/// TDP MMU, so the caller returns (or skips that part).
+pub fn shadow_only(why: &str) -> bool {
+    if !testing_tdp() {
+        return false;
+    }
+    use std::io::Write;
+    let name = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_string();
+    // Straight to the stream: the harness captures `eprintln!` of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
+        "note: {name}: skipped under {:?}: {why}",
+        test_mmu()
+    );
+    true
+}
+
+/// Run `f` with the VM's memslots, under the MMU lock, whichever MMU it runs.
+pub fn with_slots<H: HostMemory, A: TableAllocator, R>(
+    vm: &Vm<H, A>,
+    f: impl FnOnce(&Memslots) -> R,
+) -> R {
+    if is_tdp(vm) {
+        vm.with_tdp(|slots, _| f(slots))
+    } else {
+        vm.with_mmu(|slots, _| f(slots))
+    }
+}
+
+/// One TDP table entry as a walk saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct TdpEntry {
+    /// Whether the walk came from the valid root (or from an invalidated one that a vCPU
+    /// still holds).
+    pub valid_root: bool,
+    pub gfn: u64,
+    pub level: Level,
+    pub spte: Spte,
+}
+
+/// Every entry of the TDP tables that the library's iterator yields in the VM's own
+/// iteration mode (every entry in scan-all, the present ones in the other two), for the
+/// valid root only or for every root.
+pub fn tdp_entries(vm: &TestVm, all_roots: bool) -> Vec<TdpEntry> {
+    vm.with_tdp(|_, tdp| {
+        let guard = vmmu::tdp::pin();
+        let mut out = Vec::new();
+        for (root, valid) in tdp.roots(&guard) {
+            if !(valid || all_roots) {
+                continue;
+            }
+            let mut it = TdpIter::new(
+                root,
+                Level::L4K,
+                Gfn(0),
+                Gfn(1 << 36),
+                tdp.mode(),
+                u64::MAX,
+                &guard,
+            );
+            while it.valid() {
+                out.push(TdpEntry {
+                    valid_root: valid,
+                    gfn: it.gfn().0,
+                    level: it.level(),
+                    spte: it.spte,
+                });
+                it.next();
+            }
+        }
+        out
+    })
+}
+
+/// Present leaves of the TDP tables through the library's iterator.
+fn tdp_iter_leaves(vm: &TestVm, all_roots: bool) -> BTreeMap<(u64, Level), Spte> {
+    let mut out = BTreeMap::new();
+    for e in tdp_entries(vm, all_roots) {
+        if e.spte.is_shadow_present() && e.spte.is_leaf(e.level) {
+            let old = out.insert((e.gfn, e.level), e.spte);
+            assert!(
+                old.is_none() || all_roots,
+                "the iterator yielded leaf {:#x} at {:?} twice",
+                e.gfn,
+                e.level
+            );
+        }
+    }
+    out
+}
+
+/// What a walk of the TDP tables by hand (following each page's `children`, checking the
+/// child against the SPTE, not using the library's iterator) finds under one root.
+#[derive(Default)]
+struct HandWalk {
+    leaves: BTreeMap<(u64, Level), Spte>,
+    tables: usize,
+}
+
+/// Walk the TDP tables by hand: the valid root's (or every root's) leaves and tables.
+fn tdp_hand_walk<H: HostMemory, A: TableAllocator>(vm: &Vm<H, A>, all_roots: bool) -> HandWalk {
+    vm.with_tdp(|_, tdp| {
+        let guard = vmmu::tdp::pin();
+        let mut out = HandWalk::default();
+        let mut stack: Vec<&TdpPage> = tdp
+            .roots(&guard)
+            .filter(|&(_, valid)| valid || all_roots)
+            .map(|(root, _)| root)
+            .collect();
+        while let Some(page) = stack.pop() {
+            out.tables += 1;
+            for i in 0..512usize {
+                let spte = page.table().get(i);
+                if !spte.is_shadow_present() {
+                    continue;
+                }
+                if spte.is_leaf(page.level) {
+                    out.leaves.insert((page.gfn_at(i).0, page.level), spte);
+                    continue;
+                }
+                // SAFETY: the guard pins the epoch and the VM's lock is held.
+                let child = unsafe { page.child(i, &guard).as_ref() }.unwrap_or_else(|| {
+                    panic!("non-leaf at {:?} without a child page", page.gfn_at(i))
+                });
+                assert_eq!(child.frame, spte.pfn(), "child page differs from its SPTE");
+                assert_eq!(Some(child.level), page.level.below(), "child level");
+                assert_eq!(child.gfn, page.gfn_at(i), "child gfn");
+                stack.push(child);
+            }
+        }
+        out
+    })
+}
+
+/// Tables the MMU uses now: the shadow MMU's pages, or the tables reachable from the TDP
+/// MMU's valid root (an invalidated root a vCPU still holds is not counted).
+pub fn table_count<H: HostMemory, A: TableAllocator>(vm: &Vm<H, A>) -> usize {
+    if is_tdp(vm) {
+        tdp_hand_walk(vm, false).tables
+    } else {
+        vm.stats().shadow_pages
+    }
+}
+
+/// Tables reachable from any root (the TDP MMU's valid root and the invalidated roots
+/// vCPUs still hold; for the shadow MMU, its pages).
+pub fn tables_held<H: HostMemory, A: TableAllocator>(vm: &Vm<H, A>) -> usize {
+    if is_tdp(vm) {
+        tdp_hand_walk(vm, true).tables
+    } else {
+        vm.stats().shadow_pages
+    }
+}
+
+/// The TDP MMU frees unlinked tables through the epoch collector, after every thread
+/// that may still see them has moved on: drive the collector (from this thread) until
+/// the allocator holds exactly the tables reachable from a root, and return that number.
+/// Panics if it never gets there (a table leaked, or one still linked was freed). For
+/// the shadow MMU, which frees after the flush, this only checks the allocator.
+#[track_caller]
+pub fn settle_tables(vm: &TestVm) -> u64 {
+    settle_tables_with(vm, || vm.allocator().live())
+}
+
+/// [`settle_tables`] for a VM whose allocator reports its live tables through `live`.
+#[track_caller]
+pub fn settle_tables_with<H: HostMemory, A: TableAllocator>(
+    vm: &Vm<H, A>,
+    live: impl Fn() -> u64,
+) -> u64 {
+    let held = tables_held(vm) as u64;
+    if is_tdp(vm) {
+        for _ in 0..200_000 {
+            if live() == held {
+                break;
+            }
+            vmmu::tdp::pin().flush();
+            std::thread::yield_now();
+        }
+    }
+    assert_eq!(
+        live(),
+        held,
+        "the allocator holds other tables than the ones the MMU can reach"
+    );
+    held
 }
 
 /// A region argument.
@@ -193,7 +437,12 @@ pub fn audit(vm: &TestVm) -> vmmu::audit::AuditReport {
 }
 
 /// Every present leaf reachable through the reverse maps: (first gfn, level) -> SPTE.
+/// For the TDP MMU, which has none: every present leaf under the valid root, as the
+/// library's iterator yields them in the VM's iteration mode.
 pub fn leaves(vm: &TestVm) -> BTreeMap<(u64, Level), Spte> {
+    if is_tdp(vm) {
+        return tdp_iter_leaves(vm, false);
+    }
     vm.with_mmu(|slots, mmu| {
         let mut out = BTreeMap::new();
         for slot in slots.iter() {
@@ -213,8 +462,12 @@ pub fn leaves(vm: &TestVm) -> BTreeMap<(u64, Level), Spte> {
 }
 
 /// Leaves by walking the tables from the root (independent of the reverse maps):
-/// (first gfn, level) -> SPTE.
+/// (first gfn, level) -> SPTE. For the TDP MMU: a walk of the valid root by hand,
+/// independent of the library's iterator.
 pub fn table_leaves(vm: &TestVm) -> BTreeMap<(u64, Level), Spte> {
+    if is_tdp(vm) {
+        return tdp_hand_walk(vm, false).leaves;
+    }
     vm.with_mmu(|_, mmu| {
         let mut out = BTreeMap::new();
         let mut stack = vec![(mmu.root_id(), Level::ROOT, 0u64)];
@@ -237,8 +490,32 @@ pub fn table_leaves(vm: &TestVm) -> BTreeMap<(u64, Level), Spte> {
     })
 }
 
-/// The leaf (first gfn, level, SPTE) mapping `gfn`, found through the reverse maps.
+/// The leaf (first gfn, level, SPTE) mapping `gfn`, found through the reverse maps (for
+/// the TDP MMU: by the library's iterator over `[gfn, gfn + 1)` under the valid root).
 pub fn leaf_of(vm: &TestVm, gfn: Gfn) -> Option<(Gfn, Level, Spte)> {
+    if is_tdp(vm) {
+        return vm.with_tdp(|_, tdp| {
+            let guard = vmmu::tdp::pin();
+            let mut it = TdpIter::new(
+                tdp.root(&guard),
+                Level::L4K,
+                gfn,
+                Gfn(gfn.0 + 1),
+                tdp.mode(),
+                u64::MAX,
+                &guard,
+            );
+            let mut found = None;
+            while it.valid() {
+                if it.spte.is_shadow_present() && it.spte.is_leaf(it.level()) {
+                    assert!(found.is_none(), "gfn {gfn:?} mapped at two levels");
+                    found = Some((it.gfn(), it.level(), it.spte));
+                }
+                it.next();
+            }
+            found
+        });
+    }
     vm.with_mmu(|slots, mmu| {
         let mut found = None;
         for level in Level::LEAF_LEVELS {
@@ -272,7 +549,9 @@ pub fn leaf_counts(vm: &TestVm) -> [usize; 3] {
 
 /// Check every leaf against the host: its pfn is the host frame of the slot's hva at the
 /// leaf's first gfn, aligned to the level; no writable leaf in a READONLY slot, no huge
-/// leaf in a logging slot. The reverse-map view and the table view agree.
+/// leaf in a logging slot. The reverse-map view and the table view agree (for the TDP
+/// MMU: the library's iterator in the VM's mode and the walk by hand agree, and the
+/// leaves of invalidated roots that vCPUs still hold are checked against the host too).
 #[track_caller]
 pub fn check_leaves_against_host(vm: &TestVm, host: &SimHostMemory) {
     let by_rmap = leaves(vm);
@@ -280,10 +559,21 @@ pub fn check_leaves_against_host(vm: &TestVm, host: &SimHostMemory) {
     assert_eq!(
         by_rmap.keys().collect::<Vec<_>>(),
         by_table.keys().collect::<Vec<_>>(),
-        "reverse maps and tables disagree on the leaves"
+        "{} and tables disagree on the leaves",
+        if is_tdp(vm) {
+            "the TDP iterator"
+        } else {
+            "reverse maps"
+        }
     );
-    vm.with_mmu(|slots, _| {
-        for (&(gfn, level), spte) in &by_rmap {
+    assert_eq!(by_rmap, by_table, "the two views disagree on an SPTE");
+    let mut all = by_rmap;
+    if is_tdp(vm) {
+        let stale = tdp_hand_walk(vm, true).leaves;
+        all.extend(stale);
+    }
+    with_slots(vm, |slots| {
+        for (&(gfn, level), spte) in &all {
             let slot = slots.lookup(Gfn(gfn)).expect("leaf in a slot");
             let hva = slot.gfn_to_hva(Gfn(gfn));
             let hp = host.translate(hva).expect("host mapping behind a leaf");
@@ -319,8 +609,11 @@ pub struct Snapshot {
     pub generation: u64,
 }
 
+/// For the TDP MMU, `stats.shadow_pages` is replaced by the tables reachable from any
+/// root and `stats.mmu.pages_freed` by 0: both move when the epoch collector runs, which
+/// any thread may make it do at any time.
 pub fn snapshot(vm: &TestVm) -> Snapshot {
-    let (slots, generation) = vm.with_mmu(|s, _| {
+    let (slots, generation) = with_slots(vm, |s| {
         (
             s.iter()
                 .map(|m| {
@@ -336,8 +629,13 @@ pub fn snapshot(vm: &TestVm) -> Snapshot {
             s.generation(),
         )
     });
+    let mut stats = vm.stats();
+    if is_tdp(vm) {
+        stats.shadow_pages = tables_held(vm);
+        stats.mmu.pages_freed = 0;
+    }
     Snapshot {
-        stats: vm.stats(),
+        stats,
         leaves: table_leaves(vm),
         slots,
         generation,
