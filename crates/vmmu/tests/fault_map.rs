@@ -393,7 +393,11 @@ fn second_vcpu_shares_the_tables() {
             .map(|(k, v)| (k, v.0 & !ad))
             .collect::<Vec<_>>()
     };
-    assert_eq!(strip(table_leaves(&vm)), strip(tables), "b changed the tables");
+    assert_eq!(
+        strip(table_leaves(&vm)),
+        strip(tables),
+        "b changed the tables"
+    );
     audit(&vm);
 }
 

@@ -291,7 +291,11 @@ impl Mmu {
     fn get_dirty_log(&self) -> (u64, u32) {
         let _excl = self.lock.write().unwrap();
         let v = self.dirty.load(Relaxed);
-        let got = if v != 0 { self.dirty.swap(0, AcqRel) } else { v };
+        let got = if v != 0 {
+            self.dirty.swap(0, AcqRel)
+        } else {
+            v
+        };
         let mut flush = false;
         if got & 1 != 0 {
             let e = self.t(0).entry.load(Acquire);
@@ -451,7 +455,11 @@ fn check_end(mmu: &Mmu, harvests: &[(u64, u32)]) {
     let root = mmu.t(0);
     let e = root.entry.load(Acquire);
     assert_ne!(e, FROZEN, "frozen root entry at the end");
-    assert_eq!(root.used.load(Acquire) & 1 != 0, present(e), "root used bit");
+    assert_eq!(
+        root.used.load(Acquire) & 1 != 0,
+        present(e),
+        "root used bit"
+    );
     if present(e) {
         assert_eq!(root.child.load(Acquire), child_of(e) + 1, "child pointer");
         let t = mmu.t(child_of(e));
@@ -465,7 +473,11 @@ fn check_end(mmu: &Mmu, harvests: &[(u64, u32)]) {
             );
         }
     } else {
-        assert_eq!(root.child.load(Acquire), 0, "child recorded under an empty entry");
+        assert_eq!(
+            root.child.load(Acquire),
+            0,
+            "child recorded under an empty entry"
+        );
     }
     // Every table handed out is linked (at most one) or freed.
     let handed = mmu.next.load(Relaxed).min(TABLES) - 1;

@@ -253,12 +253,22 @@ fn dirty_logging_forces_4k_and_logs_every_write() {
         access_ok(&vm, &mut v1, &host, &s, s.page_gpa(i), AccessKind::Write);
     }
     assert_eq!(levels_in(&vm, &s), [0, 8, 0]);
-    assert!(with_slots(&vm, |sl| sl.by_id(2).unwrap().dirty_bitmap().is_none()));
+    assert!(with_slots(&vm, |sl| sl
+        .by_id(2)
+        .unwrap()
+        .dirty_bitmap()
+        .is_none()));
 
     // Logging on: the huge leaves go at once, with a flush. The shadow MMU zaps them;
     // the TDP MMU splits them eagerly into read-only 4K leaves (KVM's eager split).
     let split = is_tdp(&vm);
-    let after_split = |pages: u64| if split { [pages as usize, 0, 0] } else { [0, 0, 0] };
+    let after_split = |pages: u64| {
+        if split {
+            [pages as usize, 0, 0]
+        } else {
+            [0, 0, 0]
+        }
+    };
     s.flags = MemslotFlags::LOG_DIRTY_PAGES;
     let st0 = vm.stats();
     vm.set_user_memory_region(s.region()).unwrap();
@@ -344,7 +354,11 @@ fn dirty_logging_forces_4k_and_logs_every_write() {
     // is mapped at 4K since the split).
     s.flags = MemslotFlags::empty();
     vm.set_user_memory_region(s.region()).unwrap();
-    assert!(with_slots(&vm, |sl| sl.by_id(2).unwrap().dirty_bitmap().is_none()));
+    assert!(with_slots(&vm, |sl| sl
+        .by_id(2)
+        .unwrap()
+        .dirty_bitmap()
+        .is_none()));
     if split {
         assert_eq!(levels_in(&vm, &s), [0, 8, 0]);
     } else {

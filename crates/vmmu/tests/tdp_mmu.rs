@@ -67,7 +67,11 @@ fn stats_count_the_tables_of_an_eager_split() {
         assert_eq!(leaf_counts(&vm), [2048, 0, 0], "{mode:?}: eager split");
         audit(&vm);
         let live = settle_tables(&vm);
-        assert_eq!(vm.stats().shadow_pages as u64, live, "{mode:?}: after the split");
+        assert_eq!(
+            vm.stats().shadow_pages as u64,
+            live,
+            "{mode:?}: after the split"
+        );
         // Logging off: the four 4K tables are replaced by huge leaves and freed.
         vm.set_user_memory_region(spec.region()).unwrap();
         assert_eq!(leaf_counts(&vm), [0, 4, 0], "{mode:?}: recovery");
@@ -255,7 +259,11 @@ fn the_three_iteration_modes_agree_on_a_used_entries_vm() {
         let (used, used_loops) = walk(vm, TdpIteration::UsedEntries);
         assert_eq!(skip, all, "{what}: skip-non-present");
         assert_eq!(used, all, "{what}: used-entries");
-        assert_eq!(skip_loops, all.len() as u64, "{what}: skip-non-present loops");
+        assert_eq!(
+            skip_loops,
+            all.len() as u64,
+            "{what}: skip-non-present loops"
+        );
         assert_eq!(used_loops, all.len() as u64, "{what}: used-entries loops");
         let tables = table_count(vm) as u64;
         assert_eq!(scan_loops, 512 * tables, "{what}: scan-all loops");
@@ -264,10 +272,22 @@ fn the_three_iteration_modes_agree_on_a_used_entries_vm() {
     for round in 0..20 {
         for _ in 0..200 {
             let i = rng.below(small.pages());
-            access_ok(&vm, &mut vcpu, &host, &small, small.page_gpa(i), kind_for(i));
+            access_ok(
+                &vm,
+                &mut vcpu,
+                &host,
+                &small,
+                small.page_gpa(i),
+                kind_for(i),
+            );
         }
         // MMIO SPTEs next to the small slot.
-        access_mmio(&vm, &mut vcpu, small.gpa + small.size + rng.below(64) * K4, AccessKind::Read);
+        access_mmio(
+            &vm,
+            &mut vcpu,
+            small.gpa + small.size + rng.below(64) * K4,
+            AccessKind::Read,
+        );
         check(&vm, &format!("round {round}: faults"));
         let start = small.base_gfn().0 + rng.below(small.pages());
         vm.zap_gfn_range(Gfn(start), Gfn(start + 1 + rng.below(300)))

@@ -193,14 +193,8 @@ fn run(mode: TdpIteration, manual: bool) {
                                 } else {
                                     MemslotFlags::empty()
                                 };
-                                vm.set_user_memory_region(
-                                    SlotSpec {
-                                        flags,
-                                        ..specs[1]
-                                    }
-                                    .region(),
-                                )
-                                .unwrap();
+                                vm.set_user_memory_region(SlotSpec { flags, ..specs[1] }.region())
+                                    .unwrap();
                             }
                             _ => {
                                 let s = &specs[rng.below(3) as usize];
@@ -252,7 +246,11 @@ fn run(mode: TdpIteration, manual: bool) {
         lost.is_empty(),
         "{what}: pages written and never harvested: {lost:?}"
     );
-    assert!(written.len() > 100, "{what}: only {} pages written", written.len());
+    assert!(
+        written.len() > 100,
+        "{what}: only {} pages written",
+        written.len()
+    );
     // Every vCPU translates every page as the host does.
     let mut final_specs = specs;
     final_specs[1].flags = if slot1_logging {
@@ -270,7 +268,10 @@ fn run(mode: TdpIteration, manual: bool) {
     audit(&vm);
     check_leaves_against_host(&vm, &host);
     let exits: u64 = vcpus.iter().map(|v| v.exits).sum();
-    assert!(exits > 1000, "{what}: only {exits} exits: the zaps did not bite");
+    assert!(
+        exits > 1000,
+        "{what}: only {exits} exits: the zaps did not bite"
+    );
     settle_tables(&vm);
 }
 

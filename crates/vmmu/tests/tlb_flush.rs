@@ -318,7 +318,12 @@ fn dirty_logging_start_flushes_writable_tlb_entries() {
     // The write must reach the MMU (slow or lockless fault) to be logged: a stale
     // writable TLB entry would let it through unseen.
     access_ok(&vm, &mut a, &host, &log, p, AccessKind::Write);
-    assert!(with_slots(&vm, |s| s.by_id(0).unwrap().dirty_bitmap().unwrap().test(3)));
+    assert!(with_slots(&vm, |s| s
+        .by_id(0)
+        .unwrap()
+        .dirty_bitmap()
+        .unwrap()
+        .test(3)));
     audit(&vm);
 }
 

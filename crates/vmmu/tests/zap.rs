@@ -438,12 +438,30 @@ fn zapping_everything_leaves_only_the_root_with(config: VmConfig) {
     if is_tdp(&vm) {
         // A leaf zap keeps the tables it empties; the fast zap (new root, vCPUs reload)
         // frees the old root's tables once the vCPU has moved.
-        access_ok(&vm, &mut vcpu, &host, &specs[0], specs[0].gpa, AccessKind::Read);
+        access_ok(
+            &vm,
+            &mut vcpu,
+            &host,
+            &specs[0],
+            specs[0].gpa,
+            AccessKind::Read,
+        );
         vm.zap_gfn_range(Gfn(0), Gfn(1 << 36)).unwrap();
-        assert_eq!(settle_tables(&vm), 3, "the root and the two tables over one 2M leaf");
+        assert_eq!(
+            settle_tables(&vm),
+            3,
+            "the root and the two tables over one 2M leaf"
+        );
         vm.zap_all_fast().unwrap();
         assert_eq!(table_count(&vm), 1);
-        access_ok(&vm, &mut vcpu, &host, &specs[0], specs[0].gpa, AccessKind::Read);
+        access_ok(
+            &vm,
+            &mut vcpu,
+            &host,
+            &specs[0],
+            specs[0].gpa,
+            AccessKind::Read,
+        );
         assert_eq!(settle_tables(&vm), 3, "the old root was freed");
         vm.zap_all().unwrap();
     }
