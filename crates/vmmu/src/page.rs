@@ -26,7 +26,8 @@ use crate::types::{AccessFlags, Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 
 /// What a shadow page shadows, packed as KVM's `kvm_mmu_page_role` word.
 ///
-/// Bits 0..=3 level, bit 4 direct, bits 5..=7 access, bit 8 invalid.
+/// Bits 0..=3 level (always 1..=4: roles are only built from a [`Level`]), bit 4
+/// direct, bits 5..=7 access, bit 8 invalid.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Role(u32);
 
@@ -41,8 +42,14 @@ impl Role {
         Role(level as u32 | Self::DIRECT | ((AccessFlags::ALL.bits() as u32) << Self::ACCESS_SHIFT))
     }
     /// The level of the table.
+    #[inline]
     pub fn level(self) -> Level {
-        Level::from_u8((self.0 & Self::LEVEL_MASK) as u8).expect("role level")
+        match self.0 & Self::LEVEL_MASK {
+            1 => Level::L4K,
+            2 => Level::L2M,
+            3 => Level::L1G,
+            _ => Level::L512G,
+        }
     }
     /// Whether the page maps gfns directly (no guest table behind it).
     pub const fn is_direct(self) -> bool {
@@ -226,11 +233,12 @@ impl ShadowPage {
     }
 
     #[inline]
+    #[inline]
     fn account_at(&mut self, i: usize, old: Spte, new: Spte) {
-        let (was, is) = (
-            self.is_possible_writable(old),
-            self.is_possible_writable(new),
-        );
+        let level = self.role.level();
+        let pw =
+            |s: Spte| s.is_leaf(level) && (s.is_writable() || s.can_be_made_writable_locklessly());
+        let (was, is) = (pw(old), pw(new));
         if was != is {
             self.writable_bitmap[i / 64] ^= 1 << (i % 64);
             if is {
