@@ -233,7 +233,6 @@ impl ShadowPage {
     }
 
     #[inline]
-    #[inline]
     fn account_at(&mut self, i: usize, old: Spte, new: Spte) {
         let level = self.role.level();
         let pw =
