@@ -182,12 +182,15 @@ fn vcpus_zapper_and_dirty_logging_toggles() {
 /// turns a deadlock into a failure instead of a hang (the stuck threads are left behind).
 #[test]
 fn creating_vcpus_while_zapping_does_not_deadlock() {
-    const ROUNDS: usize = 200;
-    const VCPUS: usize = 16;
+    const ROUNDS: usize = 40;
+    const VCPUS: usize = 64;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for round in 0..ROUNDS {
-            let (host, vm) = new_vm(VmConfig::default());
+            let (host, vm) = new_vm(VmConfig {
+                max_vcpus: VCPUS as u32 + 1,
+                ..VmConfig::default()
+            });
             let vm = std::sync::Arc::new(vm);
             let h = mmap(&host, 2 * M1, Backing::Page4K);
             let spec = add_slot(
@@ -201,24 +204,31 @@ fn creating_vcpus_while_zapping_does_not_deadlock() {
                 },
             );
             let done = std::sync::Arc::new(AtomicBool::new(false));
+            let zaps = std::sync::Arc::new(AtomicU64::new(0));
             let zapper = {
-                let (vm, done) = (vm.clone(), done.clone());
+                let (vm, done, zaps) = (vm.clone(), done.clone(), zaps.clone());
                 std::thread::spawn(move || {
                     let mut v = vm.create_vcpu().unwrap();
                     let mut n = 0u64;
                     while !done.load(Ordering::Relaxed) || n < 4 {
+                        zaps.store(n, Ordering::Relaxed);
                         vm.write(&mut v, Gpa(spec.page_gpa(n % 8))).unwrap();
-                        if n.is_multiple_of(2) {
-                            vm.zap_all().unwrap();
-                        } else {
-                            vm.zap_gfn_range(spec.base_gfn(), spec.end_gfn()).unwrap();
+                        match n % 3 {
+                            0 => vm.zap_all().unwrap(),
+                            1 => vm.zap_all_fast().unwrap(),
+                            _ => vm.zap_gfn_range(spec.base_gfn(), spec.end_gfn()).unwrap(),
                         }
                         n += 1;
                     }
                 })
             };
+            // Each creation overlaps a different zap (the zapper runs before the first).
             for _ in 0..VCPUS {
+                let z = zaps.load(Ordering::Relaxed);
                 vm.create_vcpu().unwrap();
+                while zaps.load(Ordering::Relaxed) == z {
+                    std::thread::yield_now();
+                }
             }
             done.store(true, Ordering::Relaxed);
             zapper.join().unwrap();
