@@ -1,7 +1,47 @@
 //! Every error the public API returns, in one enum.
 //!
 //! An operation that returns an error has changed nothing: inputs are validated before
-//! any state is touched.
+//! any state is touched. (A guest access is not an operation on the VM's state: a fault
+//! that fails may have built intermediate tables, but nothing the guest can see changed.)
+//!
+//! Every variant, and the calls that return it:
+//!
+//! | Variant | Returned by |
+//! | --- | --- |
+//! | [`InvalidSlotId`](Error::InvalidSlotId) | `Vm::set_user_memory_region` |
+//! | [`InvalidFlags`](Error::InvalidFlags) | `MemslotFlags::from_bits` (and so `set_user_memory_region`) |
+//! | [`UnalignedGuestPhysAddr`](Error::UnalignedGuestPhysAddr) | `set_user_memory_region` |
+//! | [`UnalignedSize`](Error::UnalignedSize) | `set_user_memory_region` |
+//! | [`UnalignedUserspaceAddr`](Error::UnalignedUserspaceAddr) | `set_user_memory_region` |
+//! | [`ZeroSize`](Error::ZeroSize) | `set_user_memory_region` (deleting a slot that does not exist) |
+//! | [`AddressOverflow`](Error::AddressOverflow) | `set_user_memory_region` |
+//! | [`BeyondGuestPhysWidth`](Error::BeyondGuestPhysWidth) | `set_user_memory_region` |
+//! | [`Overlap`](Error::Overlap) | `set_user_memory_region` (create, move) |
+//! | [`TooManySlots`](Error::TooManySlots) | `set_user_memory_region` (create) |
+//! | [`SlotResize`](Error::SlotResize) | `set_user_memory_region` |
+//! | [`SlotHvaChange`](Error::SlotHvaChange) | `set_user_memory_region` |
+//! | [`ReadonlyFlagChange`](Error::ReadonlyFlagChange) | `set_user_memory_region` |
+//! | [`NoSuchSlot`](Error::NoSuchSlot) | `zap_memslot`, `get_dirty_log`, `clear_dirty_log` |
+//! | [`InvalidRange`](Error::InvalidRange) | `zap_gfn_range`, `track_write`, `untrack_write`, `page_fault`, `access` (as `Exit::Error`) |
+//! | [`NoHostMapping`](Error::NoHostMapping) | `access` (as `Exit::Error`), `page_fault` |
+//! | [`HostReadOnly`](Error::HostReadOnly) | `access` (as `Exit::Error`), `page_fault` |
+//! | [`OutOfTableMemory`](Error::OutOfTableMemory) | `Vm::with_allocator`, `access`, `page_fault`, `zap_all_fast` |
+//! | [`FaultLoop`](Error::FaultLoop) | `access` (as `Exit::Error`) |
+//! | [`NotLogging`](Error::NotLogging) | `get_dirty_log`, `clear_dirty_log` |
+//! | [`BitmapTooSmall`](Error::BitmapTooSmall) | `get_dirty_log`, `clear_dirty_log` |
+//! | [`ClearLogUnaligned`](Error::ClearLogUnaligned) | `clear_dirty_log` |
+//! | [`ClearLogRange`](Error::ClearLogRange) | `clear_dirty_log` |
+//! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log`, `harvest_dirty_ring`, `reset_dirty_rings` |
+//! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring` |
+//! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
+//! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write` |
+//! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
+//! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
+//! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
+//!
+//! The differential tests (`tests/proptest_ops.rs`), the fuzz target (`fuzz/`) and
+//! `tests/errors.rs` check that each rejected call returns the variant the reference
+//! model predicts, payload included, and leaves the VM exactly as it was.
 
 use core::fmt;
 

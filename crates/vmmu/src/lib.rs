@@ -16,6 +16,7 @@
 //! - [`rmap`]: KVM's `pte_list`: reverse maps from a gfn to the SPTEs that map it
 //! - [`page`]: shadow pages (`kvm_mmu_page`) and the store naming them by table id
 //! - [`memslot`]: KVM_SET_USER_MEMORY_REGION slots with their per-level metadata
+//! - `faultin`: what a fault maps (host page, level, leaf), shared by both MMUs
 //! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping, write protection
 //! - [`tdp`]: the TDP MMU: parallel faults, the one iterator (three modes, seed 002)
 //! - [`flush`]: the `#[must_use]` TLB flush token
@@ -58,6 +59,7 @@ extern crate std;
 pub mod audit;
 pub mod dirty;
 pub mod error;
+mod faultin;
 pub mod flush;
 pub mod host;
 pub mod hw;

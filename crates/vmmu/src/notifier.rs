@@ -111,7 +111,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// point the guest's SPTEs there read-only, or drop them if the new host mapping is
     /// writable (`change_pte`). Flushes before returning.
     pub fn change_pte(&self, hva: Hva, new_pfn: Pfn, writable: bool) -> Result<(), Error> {
-        let (start, end) = check(hva, Hva(hva.0 + 1))?;
+        let (start, end) = check(hva, Hva(hva.0.saturating_add(1)))?;
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut removed = Removed::default();

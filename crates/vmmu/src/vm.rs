@@ -667,7 +667,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let st = &mut *guard;
         let slot = st.slots.lookup_mut(gfn).ok_or(Error::InvalidRange {
             start: gfn.0,
-            end: gfn.0 + 1,
+            end: gfn.0.saturating_add(1),
         })?;
         if !slot.track_write(gfn, true) {
             return Err(Error::WriteTrackCount { gfn: gfn.0 });
@@ -683,7 +683,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let mut guard = self.lock();
         let slot = guard.slots.lookup_mut(gfn).ok_or(Error::InvalidRange {
             start: gfn.0,
-            end: gfn.0 + 1,
+            end: gfn.0.saturating_add(1),
         })?;
         if slot.track_write(gfn, false) {
             Ok(())

@@ -8,14 +8,15 @@
 //! memslot update changes the generation.
 
 use crate::error::Error;
+use crate::faultin::{plan_fault, FaultPlan};
 use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::page::Role;
 use crate::rmap::SpteRef;
-use crate::spte::{LeafAttrs, Spte};
+use crate::spte::Spte;
 use crate::table::TableAllocator;
-use crate::types::{ErrorCode, Gfn, Gpa, Level, Pfn};
+use crate::types::{ErrorCode, Gfn, Gpa, Level};
 
 use super::ShadowMmu;
 
@@ -87,67 +88,30 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let gfn = gpa.gfn();
         let write = ec.contains(ErrorCode::WRITE);
         let mut flush = Flush::NONE;
-        let generation = slots.generation();
-        let Some(slot) = slots.lookup(gfn) else {
-            let id = self.walk_to(slots, gfn, Level::L4K, &mut flush)?;
-            let i = gfn.index_at(Level::L4K);
-            let sp = self.pages.get_mut(id);
-            let old = sp.table().get(i);
-            let mmio = Spte::new_mmio(gfn, generation);
-            if old.is_mmio() {
-                sp.spte_update(i, mmio);
-            } else {
-                debug_assert!(
-                    old == Spte::NONE,
-                    "non-MMIO SPTE for a gfn outside every slot"
-                );
-                sp.spte_set(i, mmio);
-            }
-            self.stats.mmio_faults += 1;
-            return Ok(Fault::new(FaultOutcome::Mmio, flush));
-        };
-        if write && slot.is_readonly() {
-            return Ok(Fault::new(FaultOutcome::ReadOnlyWrite, flush));
-        }
-        let hva = slot.gfn_to_hva(gfn);
-        if self.invalidation.covers(hva) {
-            return Ok(Fault::new(FaultOutcome::Retry, flush));
-        }
-        let dirty = (write && slot.is_logging()).then(|| DirtyGfn {
-            slot: slot.id,
-            offset: gfn.0 - slot.base_gfn.0,
-        });
-        let host_page = host
-            .translate(hva)
-            .ok_or(Error::NoHostMapping { gpa, hva })?;
-        if write && !host_page.writable {
-            return Err(Error::HostReadOnly { gpa, hva });
-        }
-        let level = slot.max_mapping_level(gfn, self.max_level.min(host_page.level));
-        let logging = slot.is_logging();
-        let tracked = slot.is_write_tracked(gfn);
-        if write && tracked {
-            return Ok(Fault::new(FaultOutcome::WriteTracked, flush));
-        }
-        let mmu_writable = !slot.is_readonly() && host_page.writable && !tracked;
-        // While logging, only a write fault maps W, so every write is seen (and logged) by
-        // a fault; otherwise map W at once, as KVM does, to spare a second fault.
-        let writable = mmu_writable && (write || !logging);
+        let (level, new, dirty) =
+            match plan_fault(slots, host, gpa, ec, self.max_level, &self.invalidation)? {
+                FaultPlan::Exit(outcome) => return Ok(Fault::new(outcome, flush)),
+                FaultPlan::Mmio(mmio) => {
+                    let id = self.walk_to(slots, gfn, Level::L4K, &mut flush)?;
+                    let i = gfn.index_at(Level::L4K);
+                    let sp = self.pages.get_mut(id);
+                    let old = sp.table().get(i);
+                    if old.is_mmio() {
+                        sp.spte_update(i, mmio);
+                    } else {
+                        debug_assert!(
+                            old == Spte::NONE,
+                            "non-MMIO SPTE for a gfn outside every slot"
+                        );
+                        sp.spte_set(i, mmio);
+                    }
+                    self.stats.mmio_faults += 1;
+                    return Ok(Fault::new(FaultOutcome::Mmio, flush));
+                }
+                FaultPlan::Map { level, spte, dirty } => (level, spte, dirty),
+            };
         let base_gfn = gfn.align_down(level);
-        let pfn = Pfn(host_page.pfn.0 & !(level.pages() - 1));
-        let new = Spte::new_leaf(
-            pfn,
-            level,
-            LeafAttrs {
-                writable,
-                executable: true,
-                host_writable: host_page.writable,
-                mmu_writable,
-                accessed: true,
-                dirty: write,
-                ..LeafAttrs::default()
-            },
-        );
+        let pfn = new.pfn();
 
         let id = self.walk_to(slots, gfn, level, &mut flush)?;
         let i = gfn.index_at(level);

@@ -12,12 +12,13 @@ use super::iter::{TdpIter, TdpIteration};
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
 use crate::error::Error;
+use crate::faultin::{plan_fault, FaultPlan};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::shadow::{DirtyGfn, FaultOutcome};
-use crate::spte::{LeafAttrs, Spte, FROZEN};
+use crate::spte::{Spte, FROZEN};
 use crate::table::TableAllocator;
-use crate::types::{ErrorCode, Gpa, Level, Pfn};
+use crate::types::{ErrorCode, Gpa, Level};
 
 /// The result of a TDP fault.
 #[derive(Debug)]
@@ -56,50 +57,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         use core::sync::atomic::Ordering::Relaxed;
         let gfn = gpa.gfn();
         let write = ec.contains(ErrorCode::WRITE);
-        let generation = slots.generation();
-        let (level, new, dirty) = match slots.lookup(gfn) {
-            None => (Level::L4K, Spte::new_mmio(gfn, generation), None),
-            Some(slot) => {
-                if write && slot.is_readonly() {
-                    return Ok(TdpFault::new(FaultOutcome::ReadOnlyWrite));
-                }
-                let hva = slot.gfn_to_hva(gfn);
-                if self.invalidation.covers(hva) {
-                    return Ok(TdpFault::new(FaultOutcome::Retry));
-                }
-                let host_page = host
-                    .translate(hva)
-                    .ok_or(Error::NoHostMapping { gpa, hva })?;
-                if write && !host_page.writable {
-                    return Err(Error::HostReadOnly { gpa, hva });
-                }
-                let tracked = slot.is_write_tracked(gfn);
-                if write && tracked {
-                    return Ok(TdpFault::new(FaultOutcome::WriteTracked));
-                }
-                let level = slot.max_mapping_level(gfn, self.max_level.min(host_page.level));
-                let logging = slot.is_logging();
-                let mmu_writable = !slot.is_readonly() && host_page.writable && !tracked;
-                let new = Spte::new_leaf(
-                    Pfn(host_page.pfn.0 & !(level.pages() - 1)),
-                    level,
-                    LeafAttrs {
-                        writable: mmu_writable && (write || !logging),
-                        executable: true,
-                        host_writable: host_page.writable,
-                        mmu_writable,
-                        accessed: true,
-                        dirty: write,
-                        ..LeafAttrs::default()
-                    },
-                );
-                let dirty = (write && logging).then(|| DirtyGfn {
-                    slot: slot.id,
-                    offset: gfn.0 - slot.base_gfn.0,
-                });
-                (level, new, dirty)
-            }
-        };
+        let (level, new, dirty) =
+            match plan_fault(slots, host, gpa, ec, self.max_level, &self.invalidation)? {
+                FaultPlan::Exit(outcome) => return Ok(TdpFault::new(outcome)),
+                FaultPlan::Mmio(mmio) => (Level::L4K, mmio, None),
+                FaultPlan::Map { level, spte, dirty } => (level, spte, dirty),
+            };
         let used = self.mode == TdpIteration::UsedEntries;
         let mut removed = Removed::default();
         let mut it = TdpIter::new(

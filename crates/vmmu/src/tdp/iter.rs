@@ -275,3 +275,100 @@ impl<'g> TdpIter<'g> {
         true
     }
 }
+
+/// What a loop body tells [`TdpMmu::walk`](super::TdpMmu::walk).
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Step {
+    /// Go on to the next position.
+    Next,
+    /// Read the entry again and run the body on it again (a compare-exchange lost).
+    Retry,
+    /// End the walk.
+    Stop,
+}
+
+/// How a walk ended.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Walked {
+    /// Where to start again, if the walk stopped to yield.
+    pub resume: Option<Gfn>,
+    /// Whether a body ended the walk with [`Step::Stop`].
+    pub stopped: bool,
+    /// Positions yielded.
+    pub loops: u64,
+    /// SPTEs read.
+    pub reads: u64,
+}
+
+impl<A: crate::table::TableAllocator + 'static> super::TdpMmu<A> {
+    /// The one loop over the iterator: run `body` at every position of a walk of
+    /// `[start, end)` down to `min_level` under `root`, yielding after `budget`
+    /// positions. Every TDP operation over a range is a body given to this.
+    pub fn walk_root<'g>(
+        &self,
+        root: &'g TdpPage,
+        range: core::ops::Range<Gfn>,
+        min_level: Level,
+        budget: u64,
+        guard: &'g Guard,
+        mut body: impl FnMut(&mut TdpIter<'g>) -> Step,
+    ) -> Walked {
+        let mut it = TdpIter::new(
+            root,
+            min_level,
+            range.start,
+            range.end,
+            self.mode(),
+            budget,
+            guard,
+        );
+        let mut stopped = false;
+        while it.valid() {
+            match body(&mut it) {
+                Step::Next => it.next(),
+                Step::Retry => {
+                    it.reread();
+                }
+                Step::Stop => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        Walked {
+            resume: it.resume(),
+            stopped,
+            loops: it.loops,
+            reads: it.reads,
+        }
+    }
+
+    /// [`walk_root`](Self::walk_root) under every root (only the valid one with
+    /// `valid_only`), resuming where the earliest walk stopped and ending at the first
+    /// [`Step::Stop`].
+    pub fn walk<'g>(
+        &self,
+        range: core::ops::Range<Gfn>,
+        min_level: Level,
+        budget: u64,
+        valid_only: bool,
+        guard: &'g Guard,
+        mut body: impl FnMut(&mut TdpIter<'g>) -> Step,
+    ) -> Walked {
+        let mut all = Walked::default();
+        for (root, valid) in self.roots(guard) {
+            if valid_only && !valid {
+                continue;
+            }
+            let w = self.walk_root(root, range.clone(), min_level, budget, guard, &mut body);
+            all.resume = super::earliest(all.resume, w.resume);
+            all.loops += w.loops;
+            all.reads += w.reads;
+            if w.stopped {
+                all.stopped = true;
+                break;
+            }
+        }
+        all
+    }
+}

@@ -35,7 +35,7 @@ use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use crossbeam_epoch::{Guard, Owned, Shared};
 
 pub use fault::TdpFault;
-pub use iter::{TdpIter, TdpIteration};
+pub use iter::{Step, TdpIter, TdpIteration, Walked};
 pub use ops::SplitProgress;
 pub use page::TdpPage;
 pub use zap::ZapCounts;

@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 
 use crossbeam_epoch::{Guard, Owned};
 
-use super::iter::{TdpIter, TdpIteration};
+use super::iter::{Step, TdpIteration};
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
 use crate::host::HostMemory;
@@ -52,38 +52,33 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         guard: &Guard,
     ) -> (Removed, Option<Gfn>) {
         let mut removed = Removed::default();
-        let mut resume = None;
-        for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, min_level, start, end, self.mode, budget, guard);
-            while it.valid() {
-                let s = it.spte;
-                let protect = s.is_shadow_present()
-                    && s.is_leaf(it.level())
-                    && (s.is_writable() || (track && s.is_mmu_writable()));
-                if protect {
-                    let new = if track {
-                        s.write_tracked()
-                    } else {
-                        s.write_protected()
-                    };
-                    if it
-                        .page()
-                        .table()
-                        .compare_exchange(it.index(), s, new)
-                        .is_err()
-                    {
-                        it.reread();
-                        continue;
-                    }
-                    if s.is_writable() {
-                        removed.flush.set();
-                    }
-                }
-                it.next();
+        let w = self.walk(start..end, min_level, budget, false, guard, |it| {
+            let s = it.spte;
+            let protect = s.is_shadow_present()
+                && s.is_leaf(it.level())
+                && (s.is_writable() || (track && s.is_mmu_writable()));
+            if !protect {
+                return Step::Next;
             }
-            resume = super::earliest(resume, it.resume());
-        }
-        (removed, resume)
+            let new = if track {
+                s.write_tracked()
+            } else {
+                s.write_protected()
+            };
+            if it
+                .page()
+                .table()
+                .compare_exchange(it.index(), s, new)
+                .is_err()
+            {
+                return Step::Retry;
+            }
+            if s.is_writable() {
+                removed.flush.set();
+            }
+            Step::Next
+        });
+        (removed, w.resume)
     }
 
     /// Write-protect the 4K leaves of the gfns `base + 64 * k + i` for every bit `i` of
@@ -105,46 +100,42 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             )
         };
         let nonzero = || masks.iter().enumerate().filter(|(_, &m)| m != 0);
-        let dense = nr > masks.len() as u64;
-        let whole = {
-            let (first, _) = nonzero().next().map(|(k, &m)| span(k, m)).expect("nr > 0");
-            let (_, last) = nonzero()
-                .next_back()
-                .map(|(k, &m)| span(k, m))
-                .expect("nr > 0");
-            (first, last)
-        };
-        for (root, _) in self.roots(guard) {
-            let mut walk = |start: Gfn, end: Gfn| {
-                let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
-                while it.valid() {
-                    let s = it.spte;
-                    let bit = it.gfn().0.wrapping_sub(base.0) as usize;
-                    if it.level() == Level::L4K
-                        && s.is_shadow_present()
-                        && s.is_writable()
-                        && masks
-                            .get(bit / 64)
-                            .is_some_and(|m| m & (1 << (bit % 64)) != 0)
-                    {
-                        let t = it.page().table();
-                        if s.has_volatile_bits() {
-                            t.fetch_and_not(it.index(), bits::WRITABLE);
-                        } else {
-                            t.set(it.index(), s.write_protected());
-                        }
-                        removed.flush.set();
+        let mut protect = |start: Gfn, end: Gfn| {
+            self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
+                let s = it.spte;
+                let bit = it.gfn().0.wrapping_sub(base.0) as usize;
+                if it.level() == Level::L4K
+                    && s.is_shadow_present()
+                    && s.is_writable()
+                    && masks
+                        .get(bit / 64)
+                        .is_some_and(|m| m & (1 << (bit % 64)) != 0)
+                {
+                    let t = it.page().table();
+                    if s.has_volatile_bits() {
+                        t.fetch_and_not(it.index(), bits::WRITABLE);
+                    } else {
+                        t.set(it.index(), s.write_protected());
                     }
-                    it.next();
+                    removed.flush.set();
                 }
-            };
-            if dense {
-                walk(whole.0, whole.1);
-            } else {
-                for (k, &m) in nonzero() {
-                    let (start, end) = span(k, m);
-                    walk(start, end);
-                }
+                Step::Next
+            });
+        };
+        if nr > masks.len() as u64 {
+            let first = nonzero()
+                .next()
+                .map(|(k, &m)| span(k, m).0)
+                .expect("nr > 0");
+            let last = nonzero()
+                .next_back()
+                .map(|(k, &m)| span(k, m).1)
+                .expect("nr > 0");
+            protect(first, last);
+        } else {
+            for (k, &m) in nonzero() {
+                let (start, end) = span(k, m);
+                protect(start, end);
             }
         }
         removed
@@ -154,37 +145,32 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// young. A lost compare-exchange is not retried (KVM tolerates it).
     pub fn age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
         let mut young = false;
-        for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
-            while it.valid() {
-                let s = it.spte;
-                if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
-                    young = true;
-                    let _ = it.page().table().compare_exchange(
-                        it.index(),
-                        s,
-                        s.without_bits(bits::ACCESSED),
-                    );
-                }
-                it.next();
+        self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
+            let s = it.spte;
+            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+                young = true;
+                let _ = it.page().table().compare_exchange(
+                    it.index(),
+                    s,
+                    s.without_bits(bits::ACCESSED),
+                );
             }
-        }
+            Step::Next
+        });
         young
     }
 
-    /// Whether any leaf mapping `[start, end)` is young.
+    /// Whether any leaf mapping `[start, end)` is young; stops at the first.
     pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
-        for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, Level::L4K, start, end, self.mode, u64::MAX, guard);
-            while it.valid() {
-                let s = it.spte;
-                if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
-                    return true;
-                }
-                it.next();
+        self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
+            let s = it.spte;
+            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+                Step::Stop
+            } else {
+                Step::Next
             }
-        }
-        false
+        })
+        .stopped
     }
 
     /// The host now maps `gfn` at `new_pfn` (exclusive lock): point 4K leaves there
@@ -192,17 +178,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// `gfn` are zapped.
     pub fn change_pte(&self, gfn: Gfn, new_pfn: Pfn, writable: bool, guard: &Guard) -> Removed {
         let mut removed = Removed::default();
-        for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(
-                root,
-                Level::L4K,
-                gfn,
-                Gfn(gfn.0 + 1),
-                self.mode,
-                u64::MAX,
-                guard,
-            );
-            while it.valid() {
+        self.walk(
+            gfn..Gfn(gfn.0 + 1),
+            Level::L4K,
+            u64::MAX,
+            false,
+            guard,
+            |it| {
                 let s = it.spte;
                 if s.is_shadow_present() && s.is_leaf(it.level()) {
                     if writable || it.level() > Level::L4K {
@@ -215,9 +197,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         removed.flush.set();
                     }
                 }
-                it.next();
-            }
-        }
+                Step::Next
+            },
+        );
         removed
     }
 
@@ -233,65 +215,71 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     ) -> SplitProgress {
         let mut removed = Removed::default();
         let used = self.mode == TdpIteration::UsedEntries;
-        for (root, valid) in self.roots(guard) {
-            if !valid {
-                continue;
+        let mut need = None;
+        self.walk(start..end, Level::L2M, u64::MAX, true, guard, |it| {
+            let s = it.spte;
+            let level = it.level();
+            if !(s.is_shadow_present() && level > Level::L4K && s.is_leaf(level)) {
+                return Step::Next;
             }
-            let mut it = TdpIter::new(root, Level::L2M, start, end, self.mode, u64::MAX, guard);
-            while it.valid() {
-                let s = it.spte;
-                let level = it.level();
-                if !(s.is_shadow_present() && level > Level::L4K && s.is_leaf(level)) {
-                    it.next();
-                    continue;
-                }
-                let Some(mut child) = prealloc.pop() else {
-                    return SplitProgress::NeedPages {
-                        pages: 1 + ((end.0 - it.gfn().0) >> Level::L2M.gfn_shift()) as usize,
-                        resume: it.gfn(),
-                        removed,
-                    };
-                };
-                // The table joins the MMU's accounting when it leaves the preallocation.
-                self.stats
-                    .pages_allocated
-                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                let below = level.below().expect("huge level");
-                child.level = below;
-                child.gfn = it.gfn();
-                for k in 0..SPTE_ENT_PER_PAGE {
-                    let sub = Spte(
-                        s.0 & !bits::PFN_MASK & !if below == Level::L4K { bits::LARGE } else { 0 },
-                    )
+            let Some(mut child) = prealloc.pop() else {
+                need = Some((
+                    1 + ((end.0 - it.gfn().0) >> Level::L2M.gfn_shift()) as usize,
+                    it.gfn(),
+                ));
+                return Step::Stop;
+            };
+            // The table joins the MMU's accounting when it leaves the preallocation.
+            self.stats
+                .pages_allocated
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            let below = level.below().expect("huge level");
+            child.level = below;
+            child.gfn = it.gfn();
+            for k in 0..SPTE_ENT_PER_PAGE {
+                let large = if below == Level::L4K { bits::LARGE } else { 0 };
+                let sub = Spte(s.0 & !bits::PFN_MASK & !large)
                     .with_pfn(Pfn(s.pfn().0 + ((k as u64) << below.gfn_shift())));
-                    child.table().set(k, sub);
-                    if used {
-                        child.set_used(k);
-                    }
+                child.table().set(k, sub);
+                if used {
+                    child.set_used(k);
                 }
-                let frame = child.frame;
-                let shared = Owned::new(child).into_shared(guard);
-                let page = it.page();
-                if !page.claim_child(it.index(), shared, guard)
-                    || page
-                        .table()
-                        .compare_exchange(it.index(), s, Spte::new_nonleaf(frame))
-                        .is_err()
-                {
-                    // Lost a race: give the table back for the next try.
-                    page.clear_child(it.index());
-                    removed.push(shared);
-                    it.reread();
-                    continue;
-                }
-                self.stats
-                    .huge_split
-                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                it.reread();
-                it.next();
             }
+            let frame = child.frame;
+            let shared = Owned::new(child).into_shared(guard);
+            let page = it.page();
+            let claimed = page.claim_child(it.index(), shared, guard);
+            if !claimed
+                || page
+                    .table()
+                    .compare_exchange(it.index(), s, Spte::new_nonleaf(frame))
+                    .is_err()
+            {
+                // Lost a race: give the table back for the next try. Forget the child only
+                // if it is ours: a failed claim means a racing fault recorded its own table
+                // there.
+                if claimed {
+                    page.clear_child(it.index());
+                }
+                removed.push(shared);
+                return Step::Retry;
+            }
+            self.stats
+                .huge_split
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            // Read the new table entry, so the walk steps into the table and splits its
+            // huge leaves in turn (1G into 2M into 4K).
+            it.reread();
+            Step::Next
+        });
+        match need {
+            None => SplitProgress::Done(removed),
+            Some((pages, resume)) => SplitProgress::NeedPages {
+                pages,
+                resume,
+                removed,
+            },
         }
-        SplitProgress::Done(removed)
     }
 
     /// Replace the tables under `[start, end)` whose range the memslot and the host would
@@ -306,40 +294,31 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         guard: &Guard,
     ) -> Removed {
         let mut removed = Removed::default();
-        for (root, valid) in self.roots(guard) {
-            if !valid {
-                continue;
+        self.walk(start..end, Level::L2M, u64::MAX, true, guard, |it| {
+            let s = it.spte;
+            let level = it.level();
+            if level > self.max_level || !s.is_shadow_present() || s.is_leaf(level) {
+                return Step::Next;
             }
-            let mut it = TdpIter::new(root, Level::L2M, start, end, self.mode, u64::MAX, guard);
-            while it.valid() {
-                let s = it.spte;
-                let level = it.level();
-                if level > self.max_level || !s.is_shadow_present() || s.is_leaf(level) {
-                    it.next();
-                    continue;
-                }
-                let Some(new) = self.huge_leaf_for(slots, host, it.gfn(), level) else {
-                    it.next();
-                    continue;
-                };
-                let page = it.page();
-                if page
-                    .table()
-                    .compare_exchange(it.index(), s, FROZEN)
-                    .is_err()
-                {
-                    it.reread();
-                    continue;
-                }
-                self.remove_subtree(page, it.index(), s, false, &mut removed, guard);
-                page.table().set(it.index(), new);
-                self.stats
-                    .huge_recovered
-                    .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
-                it.reread();
-                it.next();
+            let Some(new) = self.huge_leaf_for(slots, host, it.gfn(), level) else {
+                return Step::Next;
+            };
+            let page = it.page();
+            if page
+                .table()
+                .compare_exchange(it.index(), s, FROZEN)
+                .is_err()
+            {
+                return Step::Retry;
             }
-        }
+            self.remove_subtree(page, it.index(), s, false, &mut removed, guard);
+            page.table().set(it.index(), new);
+            self.stats
+                .huge_recovered
+                .fetch_add(1, core::sync::atomic::Ordering::Relaxed);
+            it.reread();
+            Step::Next
+        });
         removed
     }
 

@@ -8,7 +8,7 @@
 
 use crossbeam_epoch::{Guard, Shared};
 
-use super::iter::TdpIter;
+use super::iter::Step;
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
 use crate::spte::{Spte, FROZEN};
@@ -46,25 +46,24 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         let mut counts = ZapCounts::default();
         let mut zap_level = Level::L4K;
         loop {
-            let mut it = TdpIter::new(root, zap_level, Gfn(0), MAX_GFN, self.mode, u64::MAX, guard);
-            while it.valid() {
+            // Tables below the root are freed by the next pass: only the root's
+            // used-entries bits need clearing.
+            let keep = zap_level == root.level;
+            let w = self.walk_root(root, Gfn(0)..MAX_GFN, zap_level, u64::MAX, guard, |it| {
                 if it.level() == zap_level && it.spte != Spte::NONE {
-                    // Tables below the root are freed by the next pass: only the root's
-                    // used-entries bits need clearing.
-                    let keep = zap_level == root.level;
                     self.zap_entry_in(it.page(), it.index(), it.spte, keep, &mut removed, guard);
                     counts.zapped += 1;
                 }
-                it.next();
-            }
-            counts.loops += it.loops;
-            counts.reads += it.reads;
+                Step::Next
+            });
+            counts.loops += w.loops;
+            counts.reads += w.reads;
             self.stats
                 .zap_loops
-                .fetch_add(it.loops, core::sync::atomic::Ordering::Relaxed);
+                .fetch_add(w.loops, core::sync::atomic::Ordering::Relaxed);
             self.stats
                 .zap_reads
-                .fetch_add(it.reads, core::sync::atomic::Ordering::Relaxed);
+                .fetch_add(w.reads, core::sync::atomic::Ordering::Relaxed);
             match zap_level.above() {
                 Some(l) if l <= root.level => zap_level = l,
                 _ => break,
@@ -96,19 +95,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         guard: &Guard,
     ) -> (Removed, Option<Gfn>) {
         let mut removed = Removed::default();
-        let mut resume = None;
-        for (root, _) in self.roots(guard) {
-            let mut it = TdpIter::new(root, min_level, start, end, self.mode, budget, guard);
-            while it.valid() {
-                let s = it.spte;
-                if s.is_shadow_present() && s.is_leaf(it.level()) {
-                    self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
-                }
-                it.next();
+        let w = self.walk(start..end, min_level, budget, false, guard, |it| {
+            let s = it.spte;
+            if s.is_shadow_present() && s.is_leaf(it.level()) {
+                self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
             }
-            resume = super::earliest(resume, it.resume());
-        }
-        (removed, resume)
+            Step::Next
+        });
+        (removed, w.resume)
     }
 
     /// Clear entry `i` of `page` under the exclusive lock, taking a child table out with
