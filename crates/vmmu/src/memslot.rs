@@ -636,8 +636,22 @@ impl Memslots {
             }
             SlotChange::Delete => self.slots.retain(|s| s.id != region.slot),
             SlotChange::Move { .. } => {
-                self.slots.retain(|s| s.id != region.slot);
+                // The dirty bitmap moves with the slot, as in KVM: pages written and not
+                // yet harvested must still be reported (its bits are page offsets, which
+                // a move keeps).
+                let i = self
+                    .slots
+                    .iter()
+                    .position(|s| s.id == region.slot)
+                    .expect("checked slot");
+                let bitmap = self.slots.remove(i).dirty_bitmap;
                 self.apply(region, SlotChange::Create);
+                if let Some(b) = bitmap {
+                    let s = self.by_id_mut(region.slot).expect("just created");
+                    if s.flags.contains(MemslotFlags::LOG_DIRTY_PAGES) {
+                        s.dirty_bitmap = Some(b);
+                    }
+                }
                 return;
             }
             SlotChange::FlagsOnly { .. } => {

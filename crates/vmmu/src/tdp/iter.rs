@@ -50,6 +50,7 @@ pub struct TdpIter<'g> {
     mode: TdpIteration,
     valid: bool,
     budget: u64,
+    start: Gfn,
     resume: Option<Gfn>,
     guard: &'g Guard,
     /// The entry at the current position, as last read.
@@ -86,6 +87,7 @@ impl<'g> TdpIter<'g> {
             mode,
             valid: start < end,
             budget,
+            start,
             resume: None,
             guard,
             spte: Spte::NONE,
@@ -151,9 +153,22 @@ impl<'g> TdpIter<'g> {
             return;
         }
         if self.loops >= self.budget {
-            self.valid = false;
-            self.resume = Some(self.next_last_level_gfn.max(Gfn(self.gfn.0 + 1)));
-            return;
+            // Resume at the current entry if the walk would step into it (its subtree is
+            // not visited yet), else just past it. Stop only if that is past where this
+            // walk started, so repeated yields still make progress.
+            let descends = self.level > self.min_level
+                && self.spte.is_shadow_present()
+                && !self.spte.is_leaf(self.level);
+            let resume = if descends {
+                self.gfn
+            } else {
+                Gfn(self.gfn.0 + self.level.pages())
+            };
+            if resume > self.start {
+                self.valid = false;
+                self.resume = Some(resume);
+                return;
+            }
         }
         if self.try_step_down() && self.landed_ok() {
             self.count();
