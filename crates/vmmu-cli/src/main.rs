@@ -8,6 +8,7 @@
 mod bench;
 mod kvm;
 mod report;
+mod soak;
 
 use std::io::{self, IsTerminal, Write};
 use std::process::ExitCode;
@@ -34,6 +35,9 @@ enum Command {
     /// Every scenario, the floor and KVM in one run: writes index.html, report.md and
     /// results.json, and prints the seeds' claims against the measurements.
     Report(report::ReportArgs),
+    /// Concurrent soak: vCPU, harvester, notifier and memslot threads for a bounded time,
+    /// with the audit and the reference model's checks at quiescent points.
+    Soak(soak::SoakArgs),
 }
 
 #[derive(Args, Debug)]
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench_command(&args),
         Command::Kvm(args) => kvm::run(&args),
         Command::Report(args) => report::run(&args),
+        Command::Soak(args) => soak::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -38,7 +38,8 @@ fn list_prints_the_public_scenarios() {
                 "tdp-zap-hello",
                 "tdp-zap",
                 "tdp-fault-in",
-                "tdp-fault-parallel"
+                "tdp-fault-parallel",
+                "memory"
             ]
         );
     }
@@ -285,4 +286,22 @@ fn dirty_log_json_lines() {
         }
     }
     check_records("dirty-log", &want);
+}
+
+#[test]
+fn soak_prints_what_it_ran_as_json() {
+    let out = vmmu(&["soak", "--seconds", "1", "--mmu", "shadow", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_str(stdout(&out).trim()).expect("one JSON object");
+    assert_eq!(v["failures"], 0, "{v}");
+    assert!(v["operations"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["checks_passed"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["ops"]["write"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["checks"]["audit"].as_u64().unwrap() > 0, "{v}");
+    let bad = vmmu(&["soak", "--seconds", "1", "--mmu", "nested"]);
+    assert_eq!(bad.status.code(), Some(2));
 }

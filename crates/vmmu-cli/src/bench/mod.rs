@@ -14,6 +14,7 @@ pub mod dirty_ratio;
 mod fault_in;
 pub mod guest;
 pub mod median;
+mod memory;
 pub mod output;
 mod pte_list_destroy;
 mod rmap_iter;
@@ -43,6 +44,7 @@ pub const SCENARIOS: &[Scenario] = &[
     tdp_zap::SCENARIO,
     tdp_fault_in::SCENARIO,
     tdp_fault_parallel::SCENARIO,
+    memory::SCENARIO,
 ];
 
 /// Looks a scenario up by its public name.

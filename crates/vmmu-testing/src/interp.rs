@@ -1,0 +1,1239 @@
+//! The operation interpreter: one VM, its host memory, its vCPUs and the [`Model`],
+//! driven by [`Op`]s.
+//!
+//! Every call's result is compared with the model's prediction (errors included, with
+//! their payloads); a call the model says must fail is also checked to change nothing
+//! ([`view::Snapshot`] before and after). After every step ([`Interp::check`]):
+//!
+//! 1. the audit passes;
+//! 2. the VM's slot set and generation equal the model's, and so do the dirty bitmaps (in
+//!    the bitmap modes; in ring mode each ring harvest is checked against the model);
+//! 3. every leaf under every root any vCPU may use maps only what the guest may reach,
+//!    at the host's current frame, and is writable only where the guest may write and,
+//!    while its slot logs, only where the write is already logged ([`view::check_entries`]);
+//! 4. every vCPU reads every touched page and gets exactly the model's answer (a TLB
+//!    entry that survived a change shows up as a stale host-physical address).
+//!
+//! Operations with an effect to verify at once check it right after the call: after a
+//! zap or an unmap nothing maps the range; after `age` nothing there is young.
+//!
+//! At [`teardown`](Interp::teardown) every table, reverse-map descriptor and shadow page
+//! must have been freed.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+
+use vmmu::host::{Backing, HostMemory, SimHostMemory};
+use vmmu::hw::Vcpu;
+use vmmu::memslot::MemslotLimits;
+use vmmu::table::HeapTableAllocator;
+use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
+use vmmu::{
+    Algorithms, DirtyWrprot, Error, Exit, MemoryRegion, MemslotFlags, MmuKind, PageWrprot,
+    RmapDrop, RmapIteration, Vm, VmConfig,
+};
+
+use crate::model::{DirtyMode, Expect, Model};
+use crate::op::{Bytes, Op};
+use crate::view::{self, SimVm, Snapshot, Tables};
+use crate::Rng;
+
+/// Guest-physical window of the small slots: 64 MiB from 1 GiB.
+pub const WIN: u64 = 1 << 30;
+/// Size of the window.
+pub const WIN_SIZE: u64 = 64 << 20;
+/// Where the 1 GiB hugetlb slot goes (or 2 GiB above).
+pub const HUGE_GPA: u64 = 4 << 30;
+
+/// A slot shape: its size and where its host memory comes from.
+#[derive(Clone, Copy, Debug)]
+pub struct Shape {
+    /// Slot size.
+    pub size: u64,
+    /// Host backing of its region.
+    pub backing: Backing,
+    /// Host region size.
+    pub region: u64,
+    /// Offset of the slot's first byte in its host region.
+    pub hva_off: u64,
+}
+
+/// The slot shapes: 0 is 4 MiB of THP from a 2 MiB-aligned hva; 1 is 3 MiB + 3 pages of
+/// 4K pages (its bitmap ends in a partial word); 2 is 5 MiB of THP from 1 MiB into a huge
+/// page (4K edges); 3 (with `hugetlb`) is 1 GiB of 1 GiB hugetlb pages.
+pub const SHAPES: [Shape; 4] = [
+    Shape {
+        size: 4 << 20,
+        backing: Backing::Thp,
+        region: 8 << 20,
+        hva_off: 0,
+    },
+    Shape {
+        size: (3 << 20) + 3 * PAGE_SIZE,
+        backing: Backing::Page4K,
+        region: 4 << 20,
+        hva_off: 0,
+    },
+    Shape {
+        size: 5 << 20,
+        backing: Backing::Thp,
+        region: 8 << 20,
+        hva_off: 1 << 20,
+    },
+    Shape {
+        size: 1 << 30,
+        backing: Backing::HugeTlb1G,
+        region: 1 << 30,
+        hva_off: 0,
+    },
+];
+
+/// How a run is set up.
+#[derive(Clone, Copy, Debug)]
+pub struct RunConfig {
+    /// The MMU.
+    pub mmu: MmuKind,
+    /// The dirty-log mode.
+    pub dirty: DirtyMode,
+    /// Largest mapping level.
+    pub max_level: Level,
+    /// The shadow MMU's algorithm switches.
+    pub algorithms: Algorithms,
+    /// Guest-physical width.
+    pub gpa_bits: u8,
+    /// Most slots at once.
+    pub max_slots: u32,
+    /// Most vCPUs.
+    pub max_vcpus: u32,
+    /// vCPUs created at the start.
+    pub vcpus: usize,
+    /// Whether shape 3 (1 GiB hugetlb) exists.
+    pub hugetlb: bool,
+    /// Whether the model keeps a dirty bitmap across a move (KVM does).
+    pub move_keeps_dirty: bool,
+}
+
+impl RunConfig {
+    /// Defaults for `mmu`: GET mode, 1 GiB max level, 3 vCPUs, no hugetlb slot.
+    pub fn new(mmu: MmuKind) -> Self {
+        RunConfig {
+            mmu,
+            dirty: DirtyMode::Get,
+            max_level: Level::L1G,
+            algorithms: Algorithms::default(),
+            gpa_bits: 48,
+            max_slots: 32764,
+            max_vcpus: 1024,
+            vcpus: 3,
+            hugetlb: false,
+            move_keeps_dirty: true,
+        }
+    }
+
+    /// A configuration from the first bytes of a fuzz input (consumed).
+    pub fn decode(r: &mut Bytes<'_>) -> Self {
+        let mmu = crate::MMUS[r.u8() as usize % crate::MMUS.len()].1;
+        let mut c = RunConfig::new(mmu);
+        let b = r.u8();
+        c.dirty = match b % 6 {
+            0 | 1 => DirtyMode::Get,
+            2 => DirtyMode::Manual,
+            3 => DirtyMode::ManualInitSet,
+            4 => DirtyMode::Ring(4 + (b as u32 >> 3) % 32),
+            _ => DirtyMode::Ring(4096),
+        };
+        c.max_level = [Level::L1G, Level::L2M, Level::L4K][r.u8() as usize % 3];
+        c.algorithms = algorithms(r.u8());
+        let b = r.u8();
+        c.gpa_bits = [48, 48, 40, 36, 33][b as usize % 5];
+        c.max_slots = [32764, 32764, 3, 2][(b as usize >> 3) % 4];
+        let b = r.u8();
+        c.max_vcpus = [1024, 1024, 2, 4][b as usize % 4];
+        c.vcpus = 1 + (b as usize >> 2) % 3;
+        c.hugetlb = b & 0x80 != 0;
+        c
+    }
+
+    /// Shapes in use.
+    pub fn nshapes(&self) -> usize {
+        if self.hugetlb {
+            4
+        } else {
+            3
+        }
+    }
+}
+
+/// The seeds' algorithm switches from the bits of `b`.
+pub fn algorithms(b: u8) -> Algorithms {
+    Algorithms {
+        rmap_iteration: if b & 1 == 0 {
+            RmapIteration::RestartScan
+        } else {
+            RmapIteration::Iterator
+        },
+        rmap_drop: if b & 2 == 0 {
+            RmapDrop::OneByOne
+        } else {
+            RmapDrop::Destroy
+        },
+        page_wrprot: if b & 4 == 0 {
+            PageWrprot::Scan512
+        } else {
+            PageWrprot::Bitmap
+        },
+        dirty_wrprot: [
+            DirtyWrprot::PerGfn,
+            DirtyWrprot::WalkPages,
+            DirtyWrprot::Kvm2012,
+            DirtyWrprot::Adaptive,
+        ][(b as usize >> 3) % 4],
+    }
+}
+
+/// What a run did.
+#[derive(Clone, Debug, Default)]
+pub struct RunStats {
+    /// Operations applied, by kind.
+    pub ops: BTreeMap<&'static str, u64>,
+    /// Steps whose full check passed.
+    pub checks: u64,
+    /// Rejected calls verified to change nothing.
+    pub rejected: u64,
+    /// Accesses checked against the model (operations and the per-step reads).
+    pub accesses: u64,
+    /// Operations not issued (an access that would wait on the caller's own open
+    /// invalidation, or an operation on a slot that does not exist).
+    pub skipped: u64,
+}
+
+impl RunStats {
+    /// Operations in all.
+    pub fn total_ops(&self) -> u64 {
+        self.ops.values().sum()
+    }
+    /// Add another run's counts.
+    pub fn add(&mut self, o: &RunStats) {
+        for (k, v) in &o.ops {
+            *self.ops.entry(k).or_default() += v;
+        }
+        self.checks += o.checks;
+        self.rejected += o.rejected;
+        self.accesses += o.accesses;
+        self.skipped += o.skipped;
+    }
+}
+
+/// A broken property: where and what.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Step (1-based; 0 = setup, past the last = teardown).
+    pub step: usize,
+    /// The operation, if any.
+    pub op: Option<Op>,
+    /// What broke.
+    pub what: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.op {
+            Some(op) => write!(f, "step {} ({op:?}): {}", self.step, self.what),
+            None => write!(f, "step {}: {}", self.step, self.what),
+        }
+    }
+}
+
+impl std::error::Error for Failure {}
+
+/// A host region behind one shape.
+#[derive(Clone, Debug)]
+struct HostRegion {
+    hva: u64,
+    shape: Shape,
+    /// Ranges munmapped and not yet mapped again.
+    holes: Vec<(u64, u64)>,
+}
+
+const SENTINEL: u64 = 0x5a5a_5a5a_5a5a_5a5a;
+const TOUCHED: usize = 24;
+
+/// The interpreter.
+pub struct Interp {
+    /// The configuration.
+    pub cfg: RunConfig,
+    /// The host.
+    pub host: Arc<SimHostMemory>,
+    vm: Option<SimVm>,
+    alloc: Arc<HeapTableAllocator>,
+    /// The vCPUs.
+    pub vcpus: Vec<Vcpu>,
+    /// The model.
+    pub model: Model,
+    regions: Vec<HostRegion>,
+    touched: VecDeque<u64>,
+    /// What was done.
+    pub stats: RunStats,
+    step: usize,
+    op: Option<Op>,
+}
+
+impl Interp {
+    /// A VM as `cfg` says, its host regions mapped, its vCPUs created; no slot yet.
+    pub fn new(cfg: RunConfig) -> Result<Self, Failure> {
+        let host = Arc::new(SimHostMemory::new());
+        let mut regions = Vec::new();
+        for shape in &SHAPES[..cfg.nshapes()] {
+            let hva = host
+                .mmap(shape.region, shape.backing, true)
+                .map_err(|e| fail0(format!("host mmap: {e}")))?
+                .0;
+            regions.push(HostRegion {
+                hva,
+                shape: *shape,
+                holes: Vec::new(),
+            });
+        }
+        let limits = MemslotLimits {
+            max_slots: cfg.max_slots,
+            gpa_bits: cfg.gpa_bits,
+            ..MemslotLimits::default()
+        };
+        let config = VmConfig {
+            mmu: cfg.mmu,
+            max_level: cfg.max_level,
+            limits,
+            max_vcpus: cfg.max_vcpus,
+            algorithms: cfg.algorithms,
+            dirty_log: cfg.dirty.config(),
+        };
+        let alloc = Arc::new(HeapTableAllocator::new());
+        let vm = Vm::with_allocator(config, host.clone(), alloc.clone())
+            .map_err(|e| fail0(format!("Vm::with_allocator: {e}")))?;
+        let mut model = Model::new(limits, cfg.dirty, cfg.max_vcpus);
+        model.move_keeps_dirty = cfg.move_keeps_dirty;
+        let mut it = Interp {
+            cfg,
+            host,
+            vm: Some(vm),
+            alloc,
+            vcpus: Vec::new(),
+            model,
+            regions,
+            touched: VecDeque::new(),
+            stats: RunStats::default(),
+            step: 0,
+            op: None,
+        };
+        for _ in 0..cfg.vcpus {
+            it.create_vcpu()?;
+        }
+        Ok(it)
+    }
+
+    /// Run `ops` from a fresh VM, then tear down.
+    pub fn run(cfg: RunConfig, ops: &[Op]) -> Result<RunStats, Failure> {
+        let mut it = Interp::new(cfg)?;
+        for op in ops {
+            it.apply(op)?;
+        }
+        it.teardown()?;
+        Ok(it.stats)
+    }
+
+    /// The VM.
+    pub fn vm(&self) -> &SimVm {
+        self.vm.as_ref().expect("the VM exists until teardown")
+    }
+
+    fn fail<T>(&self, what: impl Into<String>) -> Result<T, Failure> {
+        Err(Failure {
+            step: self.step,
+            op: self.op.clone(),
+            what: what.into(),
+        })
+    }
+
+    fn snap(&self) -> Snapshot {
+        view::snapshot(self.vm(), &self.vcpus)
+    }
+
+    /// Compare a call's result with the model's; a call that must fail must change
+    /// nothing.
+    fn call<T: PartialEq + fmt::Debug>(
+        &mut self,
+        what: &str,
+        want: Result<T, Error>,
+        f: impl FnOnce(&mut Self) -> Result<T, Error>,
+    ) -> Result<Option<T>, Failure> {
+        let before = want.is_err().then(|| self.snap());
+        let got = f(self);
+        if got != want {
+            return self.fail(format!("{what}: got {got:?}, the model says {want:?}"));
+        }
+        if let Some(before) = before {
+            let after = self.snap();
+            if after != before {
+                return self.fail(format!(
+                    "{what} was rejected ({want:?}) but changed the VM: {}",
+                    diff(&before, &after)
+                ));
+            }
+            self.stats.rejected += 1;
+        }
+        Ok(got.ok())
+    }
+
+    fn touch(&mut self, gfn: u64) {
+        if let Some(i) = self.touched.iter().position(|&g| g == gfn) {
+            self.touched.remove(i);
+        }
+        self.touched.push_back(gfn);
+        if self.touched.len() > TOUCHED {
+            self.touched.pop_front();
+        }
+    }
+
+    fn shape_hva(&self, idx: usize) -> u64 {
+        let r = &self.regions[idx % self.regions.len()];
+        r.hva + r.shape.hva_off
+    }
+
+    /// Host-virtual `[start, end)` of pages `[page, page + pages)` of shape `slot`'s
+    /// memory (the page may run past the slot, up to the region's end and a little more).
+    fn hva_range(&self, slot: u8, page: u64, pages: u64) -> (u64, u64) {
+        let idx = slot as usize % self.regions.len();
+        let r = &self.regions[idx];
+        let span = (r.shape.region - r.shape.hva_off) / PAGE_SIZE + 16;
+        let start = self.shape_hva(idx) + (page % span) * PAGE_SIZE;
+        (start, start + pages * PAGE_SIZE)
+    }
+
+    fn window_gpa(&self, idx: usize, at: u64) -> u64 {
+        if idx == 3 {
+            HUGE_GPA + (at % 2) * (2 << 30)
+        } else {
+            WIN + ((at % WIN_SIZE) & !(PAGE_SIZE - 1))
+        }
+    }
+
+    fn flags(log: bool, readonly: bool) -> MemslotFlags {
+        let mut f = MemslotFlags::empty();
+        if log {
+            f = f | MemslotFlags::LOG_DIRTY_PAGES;
+        }
+        if readonly {
+            f = f | MemslotFlags::READONLY;
+        }
+        f
+    }
+
+    fn create_vcpu(&mut self) -> Result<(), Failure> {
+        let want = self.model.clone().create_vcpu().map(|_| ());
+        let mut made = None;
+        self.call("create_vcpu", want, |it| {
+            it.vm().create_vcpu().map(|v| {
+                made = Some(v);
+            })
+        })?;
+        if let Some(v) = made {
+            self.model.create_vcpu().expect("the model allowed it");
+            self.vcpus.push(v);
+        }
+        Ok(())
+    }
+
+    fn set_region(&mut self, r: MemoryRegion) -> Result<(), Failure> {
+        let want = self.model.check_region(&r);
+        let got = self.call("set_user_memory_region", want.clone().map(|_| ()), |it| {
+            it.vm().set_user_memory_region(r)
+        })?;
+        if got.is_some() {
+            self.model.apply_region(&r, want.expect("ok"));
+        }
+        Ok(())
+    }
+
+    /// One access through the CPU model, checked against the model.
+    fn access(&mut self, v: usize, gpa: u64, kind: AccessKind) -> Result<(), Failure> {
+        let want = self.model.expect_access(&self.host, gpa, kind);
+        let Expect::Done(want) = want else {
+            self.stats.skipped += 1;
+            return Ok(());
+        };
+        let vm = self.vm.as_ref().expect("vm");
+        let was_full = self.vcpus[v].dirty_ring_soft_full();
+        let got = vm.access(&mut self.vcpus[v], Gpa(gpa), kind);
+        self.stats.accesses += 1;
+        let gfn = gpa >> 12;
+        if got == Err(Exit::DirtyRingFull) && self.cfg.dirty.is_ring() {
+            if !self.vcpus[v].dirty_ring_soft_full() {
+                return self.fail(format!(
+                    "vCPU {v}: DirtyRingFull for {kind:?} of {gpa:#x}, but its ring is not soft-full"
+                ));
+            }
+            if !was_full {
+                // The access filled the ring: only a write fault pushes, and it made the
+                // page writable and logged it before the vCPU stopped (KVM exits with
+                // KVM_EXIT_DIRTY_RING_FULL after the fault; the guest retries the write).
+                if kind != AccessKind::Write {
+                    return self.fail(format!(
+                        "vCPU {v}: a {kind:?} of {gpa:#x} filled the dirty ring"
+                    ));
+                }
+                self.model.wrote(v, gpa);
+            } else if let Some(s) = self.model.lookup(gfn).copied() {
+                if kind == AccessKind::Write && s.logging() {
+                    self.model.tried_write(v, s.id, gfn - s.base);
+                }
+            }
+            return Ok(());
+        }
+        if got != want {
+            return self.fail(format!(
+                "vCPU {v}: {kind:?} of gpa {gpa:#x}: got {got:?}, the model says {want:?}"
+            ));
+        }
+        if got.is_ok() && kind == AccessKind::Write {
+            self.model.wrote(v, gpa);
+        }
+        self.touch(gfn);
+        Ok(())
+    }
+
+    fn leaves_in(&self, ranges: &[(u64, u64)]) -> Vec<view::Entry> {
+        let t = view::read_tables(self.vm(), &self.vcpus, &[]);
+        t.entries
+            .into_iter()
+            .filter(|e| {
+                !e.spte.is_mmio()
+                    && ranges
+                        .iter()
+                        .any(|&(lo, hi)| e.gfn < hi && e.gfn + e.level.pages() > lo)
+            })
+            .collect()
+    }
+
+    fn nothing_mapped(&self, what: &str, ranges: &[(u64, u64)]) -> Result<(), Failure> {
+        let left = self.leaves_in(ranges);
+        if let Some(e) = left.first() {
+            return self.fail(format!(
+                "after {what}: a {} leaf at gfn {:#x} still maps the range ({} leaves in all)",
+                e.level.name(),
+                e.gfn,
+                left.len()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Host-virtual `[start, end)` with the notifier's protocol around a host change:
+    /// `invalidate_range_start`, the change, `invalidate_range_end`.
+    fn host_change(
+        &mut self,
+        start: u64,
+        end: u64,
+        change: impl FnOnce(&SimHostMemory) -> bool,
+    ) -> Result<bool, Failure> {
+        let want = self.model.invalidate_start(start, end);
+        self.call("invalidate_range_start", want, |it| {
+            it.vm().invalidate_range_start(Hva(start), Hva(end))
+        })?;
+        let ranges = self.model.gfn_ranges(start, end);
+        self.nothing_mapped("invalidate_range_start", &ranges)?;
+        let changed = change(&self.host);
+        let want = self.model.invalidate_end();
+        self.call("invalidate_range_end", want, |it| {
+            it.vm().invalidate_range_end()
+        })?;
+        Ok(changed)
+    }
+
+    /// Apply one operation, check its result, then check everything.
+    pub fn apply(&mut self, op: &Op) -> Result<(), Failure> {
+        self.step += 1;
+        self.op = Some(op.clone());
+        *self.stats.ops.entry(op.kind()).or_default() += 1;
+        self.apply_op(op)?;
+        self.check()
+    }
+
+    fn apply_op(&mut self, op: &Op) -> Result<(), Failure> {
+        let nshapes = self.cfg.nshapes();
+        match *op {
+            Op::Create {
+                slot,
+                at,
+                log,
+                readonly,
+            } => {
+                let idx = slot as usize % nshapes;
+                let r = MemoryRegion {
+                    slot: idx as u32,
+                    flags: Self::flags(log, readonly),
+                    guest_phys_addr: self.window_gpa(idx, at),
+                    memory_size: SHAPES[idx].size,
+                    userspace_addr: self.shape_hva(idx),
+                };
+                self.set_region(r)
+            }
+            Op::Delete { slot } => {
+                let id = slot as u32 % 8;
+                let mut r = match self.model.slots.get(&id) {
+                    Some(s) => s.region(),
+                    None => MemoryRegion {
+                        slot: id,
+                        flags: MemslotFlags::empty(),
+                        guest_phys_addr: 0,
+                        memory_size: 0,
+                        userspace_addr: 0,
+                    },
+                };
+                r.memory_size = 0;
+                self.set_region(r)
+            }
+            Op::Move { slot, at } => {
+                let id = slot as u32 % 8;
+                let Some(s) = self.model.slots.get(&id).copied() else {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                };
+                let mut r = s.region();
+                r.guest_phys_addr = self.window_gpa(id as usize, at);
+                self.set_region(r)
+            }
+            Op::Flags {
+                slot,
+                log,
+                readonly,
+            } => {
+                let id = slot as u32 % 8;
+                let Some(s) = self.model.slots.get(&id).copied() else {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                };
+                let mut r = s.region();
+                r.flags = Self::flags(log, readonly);
+                self.set_region(r)
+            }
+            Op::Region {
+                slot,
+                flags,
+                gpa,
+                size,
+                hva,
+                hva_off,
+            } => {
+                let flags = match MemslotFlags::from_bits(flags) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        if e != Error::InvalidFlags(flags) {
+                            return self
+                                .fail(format!("MemslotFlags::from_bits({flags:#x}): {e:?}"));
+                        }
+                        return Ok(());
+                    }
+                };
+                let hva = hva.unwrap_or_else(|| {
+                    self.shape_hva(slot as usize % nshapes)
+                        .wrapping_add(hva_off)
+                });
+                self.set_region(MemoryRegion {
+                    slot,
+                    flags,
+                    guest_phys_addr: gpa,
+                    memory_size: size,
+                    userspace_addr: hva,
+                })
+            }
+            Op::Access {
+                vcpu,
+                slot,
+                page,
+                off,
+                kind,
+            } => {
+                let v = vcpu as usize % self.vcpus.len();
+                let id = slot as u32 % 8;
+                let off = off as u64 % PAGE_SIZE;
+                let gpa = match self.model.slots.get(&id) {
+                    Some(s) => (s.base + page % s.npages) * PAGE_SIZE + off,
+                    None => WIN + (page % (WIN_SIZE / PAGE_SIZE)) * PAGE_SIZE + off,
+                };
+                self.access(v, gpa, kind)
+            }
+            Op::AccessGpa { vcpu, gpa, kind } => {
+                let v = vcpu as usize % self.vcpus.len();
+                self.access(v, gpa, kind)
+            }
+            Op::GetLog { slot, short } => self.get_log(slot, short),
+            Op::ClearLog {
+                slot,
+                first,
+                num,
+                pattern,
+                short,
+            } => self.clear_log(slot, first, num, pattern, short),
+            Op::Harvest { vcpu } => {
+                let idx = vcpu as u32;
+                let want = match self.model.harvest_error(idx) {
+                    Some(e) => Err(e),
+                    None => Ok(()),
+                };
+                let mut out = Vec::new();
+                let mut n = 0;
+                self.call("harvest_dirty_ring", want, |it| {
+                    it.vm().harvest_dirty_ring(idx, &mut out).map(|k| {
+                        n = k;
+                    })
+                })?;
+                if n != out.len() {
+                    return self.fail(format!(
+                        "harvest_dirty_ring returned {n} but appended {}",
+                        out.len()
+                    ));
+                }
+                if self.model.harvest_error(idx).is_none() {
+                    let entries: Vec<(u32, u64)> = out.iter().map(|e| (e.slot, e.offset)).collect();
+                    if let Err(e) = self.model.harvested_ring(idx as usize, &entries) {
+                        return self.fail(e);
+                    }
+                }
+                Ok(())
+            }
+            Op::Reset => {
+                let want = self.model.clone().reset_rings();
+                let got = self.call("reset_dirty_rings", want, |it| it.vm().reset_dirty_rings())?;
+                if got.is_some() {
+                    self.model.reset_rings().expect("ring mode");
+                }
+                Ok(())
+            }
+            Op::Unmap { slot, page, pages } => {
+                let (start, end) = self.hva_range(slot, page, pages);
+                self.unmap(start, end)
+            }
+            Op::Age {
+                slot,
+                page,
+                pages,
+                test,
+            } => {
+                let (start, end) = self.hva_range(slot, page, pages);
+                self.age(start, end, test)
+            }
+            Op::ChangePte { slot, page } => {
+                let idx = slot as usize % nshapes;
+                let hva = self.shape_hva(idx) + (page % (SHAPES[idx].size / PAGE_SIZE)) * PAGE_SIZE;
+                let Ok(pfn) = self.host.remap_page(Hva(hva)) else {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                };
+                let writable = self.host.translate(Hva(hva)).is_some_and(|p| p.writable);
+                self.call("change_pte", Ok(()), |it| {
+                    it.vm().change_pte(Hva(hva), pfn, writable)
+                })?;
+                Ok(())
+            }
+            Op::HostRemap { slot, page } => {
+                let (start, end) = self.hva_range(slot, page, 1);
+                self.host_change(start, end, |h| h.remap_page(Hva(start)).is_ok())?;
+                Ok(())
+            }
+            Op::HostProtect {
+                slot,
+                page,
+                pages,
+                writable,
+                notify,
+            } => {
+                let (start, end) = self.hva_range(slot, page, pages);
+                if writable && !notify {
+                    let _ = self.host.set_writable(Hva(start), end - start, true);
+                } else {
+                    self.host_change(start, end, |h| {
+                        h.set_writable(Hva(start), end - start, writable).is_ok()
+                    })?;
+                }
+                Ok(())
+            }
+            Op::HostUnmap { slot, page, pages } => {
+                let (start, end) = self.hva_range(slot, page, pages);
+                let unmapped =
+                    self.host_change(start, end, |h| h.munmap(Hva(start), end - start).is_ok())?;
+                if unmapped {
+                    let idx = slot as usize % self.regions.len();
+                    self.regions[idx].holes.push((start, end));
+                }
+                Ok(())
+            }
+            Op::HostRestore { slot } => {
+                let idx = slot as usize % self.regions.len();
+                let backing = self.regions[idx].shape.backing;
+                let holes = std::mem::take(&mut self.regions[idx].holes);
+                for (s, e) in holes {
+                    if self.host.mmap_fixed(Hva(s), e - s, backing, true).is_err() {
+                        self.regions[idx].holes.push((s, e));
+                    }
+                }
+                Ok(())
+            }
+            Op::HostSplit { slot, page } => {
+                let (start, _) = self.hva_range(slot, page, 1);
+                let lo = start & !((2 << 20) - 1);
+                self.host_change(lo, lo + (2 << 20), |h| h.split_huge(Hva(start)).is_ok())?;
+                Ok(())
+            }
+            Op::InvalidateStart { slot, page, pages } => {
+                let (start, end) = self.hva_range(slot, page, pages);
+                let want = self.model.invalidate_start(start, end);
+                let ok = want.is_ok();
+                self.call("invalidate_range_start", want, |it| {
+                    it.vm().invalidate_range_start(Hva(start), Hva(end))
+                })?;
+                if ok {
+                    let ranges = self.model.gfn_ranges(start, end);
+                    self.nothing_mapped("invalidate_range_start", &ranges)?;
+                }
+                Ok(())
+            }
+            Op::InvalidateEnd => {
+                let want = self.model.invalidate_end();
+                self.call("invalidate_range_end", want, |it| {
+                    it.vm().invalidate_range_end()
+                })?;
+                Ok(())
+            }
+            Op::HvaRange { which, start, end } => match which {
+                0 => self.unmap(start, end),
+                1 => self.age(start, end, false),
+                _ => self.age(start, end, true),
+            },
+            Op::Zap { start, len } => {
+                let s = WIN / PAGE_SIZE + start;
+                self.zap(s, s.wrapping_add_signed(len))
+            }
+            Op::ZapRaw { start, end } => self.zap(start, end),
+            Op::ZapSlot { slot } => {
+                let s = self.model.slots.get(&slot).copied();
+                let want = match s {
+                    Some(_) => Ok(()),
+                    None => Err(Error::NoSuchSlot(slot)),
+                };
+                self.call("zap_memslot", want, |it| it.vm().zap_memslot(slot))?;
+                if let Some(s) = s {
+                    self.nothing_mapped("zap_memslot", &[(s.base, s.end())])?;
+                }
+                Ok(())
+            }
+            Op::ZapAll | Op::ZapAllFast => {
+                let fast = matches!(op, Op::ZapAllFast);
+                self.call("zap_all", Ok(()), |it| {
+                    if fast {
+                        it.vm().zap_all_fast()
+                    } else {
+                        it.vm().zap_all()
+                    }
+                })?;
+                self.nothing_mapped("zap_all", &[(0, u64::MAX)])
+            }
+            Op::Track {
+                slot,
+                page,
+                untrack,
+            } => {
+                let id = slot as u32 % 8;
+                let gfn = match self.model.slots.get(&id) {
+                    Some(s) => s.base + page % s.npages,
+                    None => WIN / PAGE_SIZE + page % (WIN_SIZE / PAGE_SIZE),
+                };
+                self.track(gfn, untrack)
+            }
+            Op::TrackGfn { gfn, untrack } => self.track(gfn, untrack),
+            Op::CreateVcpu => {
+                if self.vcpus.len() >= 6 {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                }
+                self.create_vcpu()
+            }
+        }
+    }
+
+    fn track(&mut self, gfn: u64, untrack: bool) -> Result<(), Failure> {
+        let want = self.model.clone().track_write(gfn, !untrack);
+        let got = self.call("track_write", want, |it| {
+            if untrack {
+                it.vm().untrack_write(Gfn(gfn))
+            } else {
+                it.vm().track_write(Gfn(gfn))
+            }
+        })?;
+        if got.is_some() {
+            self.model
+                .track_write(gfn, !untrack)
+                .expect("the model allowed it");
+            self.touch(gfn);
+        }
+        Ok(())
+    }
+
+    fn zap(&mut self, start: u64, end: u64) -> Result<(), Failure> {
+        let want = if start >= end || end > self.model.max_gfn() {
+            Err(Error::InvalidRange { start, end })
+        } else {
+            Ok(())
+        };
+        let ok = want.is_ok();
+        self.call("zap_gfn_range", want, |it| {
+            it.vm().zap_gfn_range(Gfn(start), Gfn(end))
+        })?;
+        if ok {
+            self.nothing_mapped("zap_gfn_range", &[(start, end)])?;
+        }
+        Ok(())
+    }
+
+    fn unmap(&mut self, start: u64, end: u64) -> Result<(), Failure> {
+        // unmap_hva_range is invalidate_range_start + _end.
+        let want = self.model.invalidate_start(start, end);
+        let ok = want.is_ok();
+        self.call("unmap_hva_range", want, |it| {
+            it.vm().unmap_hva_range(Hva(start), Hva(end))
+        })?;
+        if ok {
+            self.model.invalidate_end().expect("just started");
+            let ranges = self.model.gfn_ranges(start, end);
+            self.nothing_mapped("unmap_hva_range", &ranges)?;
+        }
+        Ok(())
+    }
+
+    fn age(&mut self, start: u64, end: u64, test: bool) -> Result<(), Failure> {
+        let bad = (start >= end).then_some(Error::InvalidHvaRange { start, end });
+        let ranges = self.model.gfn_ranges(start, end);
+        let young_now = || -> bool { self.leaves_in(&ranges).iter().any(|e| e.spte.is_accessed()) };
+        let expect_young = if bad.is_none() && test {
+            Some(young_now())
+        } else {
+            None
+        };
+        let want: Result<(), Error> = bad.map_or(Ok(()), Err);
+        let mut young = false;
+        self.call(
+            if test {
+                "test_age_hva_range"
+            } else {
+                "age_hva_range"
+            },
+            want.clone(),
+            |it| {
+                let r = if test {
+                    it.vm().test_age_hva_range(Hva(start), Hva(end))
+                } else {
+                    it.vm().age_hva_range(Hva(start), Hva(end))
+                };
+                r.map(|y| {
+                    young = y;
+                })
+            },
+        )?;
+        if want.is_err() {
+            return Ok(());
+        }
+        if let Some(e) = expect_young {
+            if e != young {
+                return self.fail(format!(
+                    "test_age_hva_range says young={young}, the leaves there say {e}"
+                ));
+            }
+        } else {
+            let left = self.leaves_in(&ranges);
+            if let Some(e) = left.iter().find(|e| e.spte.is_accessed()) {
+                return self.fail(format!(
+                    "after age_hva_range the {} leaf at gfn {:#x} is still young",
+                    e.level.name(),
+                    e.gfn
+                ));
+            }
+            let again = self.vm().test_age_hva_range(Hva(start), Hva(end));
+            if again != Ok(false) {
+                return self.fail(format!("test_age right after age: {again:?}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn get_log(&mut self, slot: u32, short: u8) -> Result<(), Failure> {
+        let needed = self
+            .model
+            .slots
+            .get(&slot)
+            .map_or(1, |s| s.npages.div_ceil(64) as usize);
+        let len = if short == 0 {
+            needed + 1
+        } else {
+            needed.saturating_sub(short as usize)
+        };
+        let want = self.model.get_dirty_log(slot, len);
+        let mut out = vec![SENTINEL; len];
+        let want_count = want
+            .as_ref()
+            .map(|w| w.iter().map(|x| x.count_ones() as u64).sum::<u64>())
+            .map_err(Clone::clone);
+        let got = self.call("get_dirty_log", want_count, |it| {
+            it.vm().get_dirty_log(slot, &mut out).map(|r| r.dirty_pages)
+        })?;
+        if let (Some(_), Ok(words)) = (got, want) {
+            if out[..words.len()] != words[..] {
+                return self.fail(format!(
+                    "get_dirty_log copied {:x?}, the model says {words:x?}",
+                    &out[..words.len()]
+                ));
+            }
+            if out[words.len()..].iter().any(|&w| w != SENTINEL) {
+                return self.fail("get_dirty_log wrote past the slot's words");
+            }
+            self.model.got_dirty_log(slot);
+        }
+        Ok(())
+    }
+
+    fn clear_log(
+        &mut self,
+        slot: u32,
+        first: u64,
+        num: u64,
+        pattern: u64,
+        short: u8,
+    ) -> Result<(), Failure> {
+        let nwords = num.div_ceil(64).min(1 << 14) as usize;
+        let len = nwords.saturating_sub(short as usize);
+        let mut bitmap = vec![0u64; len];
+        match pattern {
+            0 => {
+                if let Some(d) = self.model.dirty.get(&slot) {
+                    for &p in d.range(first..first.saturating_add(num)) {
+                        let i = p - first;
+                        if let Some(w) = bitmap.get_mut((i / 64) as usize) {
+                            *w |= 1 << (i % 64);
+                        }
+                    }
+                }
+            }
+            1 => bitmap.fill(u64::MAX),
+            _ => {
+                let mut rng = Rng::new(pattern ^ first ^ num);
+                bitmap.iter_mut().for_each(|w| *w = rng.next_u64());
+            }
+        }
+        let mut model = self.model.clone();
+        let want = model.clear_dirty_log(slot, first, num, &bitmap);
+        let got = self.call("clear_dirty_log", want, |it| {
+            it.vm().clear_dirty_log(slot, first, num, &bitmap)
+        })?;
+        if got.is_some() {
+            self.model = model;
+        }
+        Ok(())
+    }
+
+    /// Check everything (see the module docs).
+    pub fn check(&mut self) -> Result<(), Failure> {
+        if let Err(e) = self.vm().audit() {
+            return self.fail(format!("{e}"));
+        }
+        let mut probe: Vec<u64> = self.touched.iter().copied().collect();
+        for s in self.model.slots.values() {
+            probe.push(s.base);
+            probe.push(s.end() - 1);
+        }
+        let t: Tables = view::read_tables(self.vm(), &self.vcpus, &probe);
+        let mut rows: Vec<view::SlotRow> = self
+            .model
+            .slots
+            .values()
+            .map(|s| (s.id, s.base, s.npages, s.hva, s.flags.bits()))
+            .collect();
+        rows.sort_by_key(|r| r.1);
+        if t.slots != rows {
+            return self.fail(format!(
+                "slots differ from the model: VM {:x?}, model {rows:x?}",
+                t.slots
+            ));
+        }
+        if t.generation != self.model.generation {
+            return self.fail(format!(
+                "memslot generation {} but the model counted {} updates",
+                t.generation, self.model.generation
+            ));
+        }
+        let logging: Vec<u32> = self
+            .model
+            .slots
+            .values()
+            .filter(|s| s.logging())
+            .map(|s| s.id)
+            .collect();
+        if t.bitmaps.keys().copied().collect::<Vec<_>>() != logging {
+            return self.fail(format!(
+                "slots with a dirty bitmap {:?}, logging slots {logging:?}",
+                t.bitmaps.keys().collect::<Vec<_>>()
+            ));
+        }
+        if !self.cfg.dirty.is_ring() {
+            for (&id, words) in &t.bitmaps {
+                let want = self
+                    .model
+                    .get_dirty_log(id, usize::MAX)
+                    .expect("a logging slot");
+                if *words != want {
+                    let pages = |w: &[u64]| -> Vec<u64> {
+                        (0..w.len() as u64 * 64)
+                            .filter(|&p| w[(p / 64) as usize] & (1 << (p % 64)) != 0)
+                            .collect()
+                    };
+                    return self.fail(format!(
+                        "slot {id}'s dirty bitmap holds pages {:?}, the model says {:?}",
+                        pages(words),
+                        pages(&want)
+                    ));
+                }
+            }
+        }
+        for &g in &probe {
+            if let Some(s) = self.model.lookup(g) {
+                let vm_says = t.tracked.contains(&(s.id, g - s.base));
+                if vm_says != (self.model.tracked(s.id, g - s.base) != 0) {
+                    return self.fail(format!(
+                        "gfn {g:#x}: write-tracked {vm_says} in the VM, count {} in the model",
+                        self.model.tracked(s.id, g - s.base)
+                    ));
+                }
+            }
+        }
+        let sample: BTreeSet<u64> = probe.iter().copied().collect();
+        if let Err(e) = view::check_entries(&t, &self.model, &self.host, &sample) {
+            return self.fail(e);
+        }
+        // Every vCPU reads every touched page.
+        for v in 0..self.vcpus.len() {
+            for &g in &probe {
+                self.access(v, g * PAGE_SIZE + 8, AccessKind::Read)?;
+            }
+        }
+        self.stats.checks += 1;
+        Ok(())
+    }
+
+    /// End the run: close open invalidations, read a sample of every slot's pages from
+    /// every vCPU, zap everything and check the MMU holds only its roots, then drop the VM
+    /// and check every table went back to the allocator.
+    pub fn teardown(&mut self) -> Result<(), Failure> {
+        self.step += 1;
+        self.op = None;
+        while self.model.invalidations > 0 {
+            self.model.invalidate_end().expect("open");
+            if let Err(e) = self.vm().invalidate_range_end() {
+                return self.fail(format!("closing an open invalidation: {e}"));
+            }
+        }
+        let slots: Vec<_> = self.model.slots.values().copied().collect();
+        for s in slots {
+            let step = (s.npages / 64).max(1) | 1;
+            let mut p = 0;
+            while p < s.npages {
+                for v in 0..self.vcpus.len() {
+                    self.access(v, (s.base + p) * PAGE_SIZE, AccessKind::Read)?;
+                }
+                p += step;
+            }
+            for v in 0..self.vcpus.len() {
+                self.access(v, (s.end() - 1) * PAGE_SIZE, AccessKind::Read)?;
+            }
+        }
+        self.check()?;
+        self.vm().zap_all().expect("zap_all cannot fail");
+        let t = view::read_tables(self.vm(), &self.vcpus, &[]);
+        if let Some(e) = t.entries.iter().find(|e| !e.spte.is_mmio()) {
+            return self.fail(format!("a leaf at gfn {:#x} survived zap_all", e.gfn));
+        }
+        match self.cfg.mmu {
+            MmuKind::ShadowDirect => {
+                let (pages, descs, created, freed) = self.vm().with_mmu(|_, m| {
+                    let (c, f) = m.pages().created_freed();
+                    (m.pages().len(), m.pool().in_use(), c, f)
+                });
+                if pages != 1 || descs != 0 || created - freed != 1 {
+                    return self.fail(format!(
+                        "after zap_all the shadow MMU holds {pages} pages ({created} created, {freed} freed) and {descs} rmap descriptors; only the root should be left"
+                    ));
+                }
+            }
+            MmuKind::Tdp(_) => {
+                let roots = self.vm().with_tdp(|_, m| {
+                    let g = vmmu::tdp::pin();
+                    m.roots(&g).count()
+                });
+                let mut vroots: Vec<_> = self.vcpus.iter().map(|v| v.root().0).collect();
+                vroots.sort();
+                vroots.dedup();
+                if t.tables > roots.max(1) + vroots.len() {
+                    return self.fail(format!(
+                        "after zap_all {} tables are reachable from {roots} roots",
+                        t.tables
+                    ));
+                }
+            }
+        }
+        self.vcpus.clear();
+        self.vm = None;
+        let live = view::settle_live(&self.alloc);
+        if live != 0 {
+            return self.fail(format!(
+                "{live} tables still allocated after the VM was dropped ({} allocated, {} freed)",
+                self.alloc.allocated(),
+                self.alloc.freed()
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn fail0(what: String) -> Failure {
+    Failure {
+        step: 0,
+        op: None,
+        what,
+    }
+}
+
+/// What differs between two snapshots, briefly.
+pub fn diff(a: &Snapshot, b: &Snapshot) -> String {
+    if a.stats != b.stats {
+        return format!("counters {:?} -> {:?}", a.stats, b.stats);
+    }
+    let (x, y) = (&a.tables, &b.tables);
+    if x.slots != y.slots || x.generation != y.generation {
+        return format!(
+            "slots {:x?} (gen {}) -> {:x?} (gen {})",
+            x.slots, x.generation, y.slots, y.generation
+        );
+    }
+    if x.bitmaps != y.bitmaps {
+        return "a dirty bitmap changed".into();
+    }
+    if x.tables != y.tables {
+        return format!("{} tables -> {}", x.tables, y.tables);
+    }
+    let (ea, eb): (BTreeSet<_>, BTreeSet<_>) =
+        (x.entries.iter().collect(), y.entries.iter().collect());
+    if let Some(e) = ea.difference(&eb).next() {
+        return format!("entry {e:?} went or changed");
+    }
+    if let Some(e) = eb.difference(&ea).next() {
+        return format!("entry {e:?} appeared");
+    }
+    "something changed".into()
+}
