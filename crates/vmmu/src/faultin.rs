@@ -35,6 +35,7 @@ pub(crate) enum FaultPlan {
 }
 
 /// Decide what a fault at `gpa` with error code `ec` maps, mapping at most `max_level`.
+#[inline]
 pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
     slots: &Memslots,
     host: &H,

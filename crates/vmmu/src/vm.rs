@@ -263,10 +263,12 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
 
     /// Perform the flush an operation owes, then free the tables it unlinked (KVM's
     /// `kvm_mmu_commit_zap_page`). Exclusive lock.
+    #[inline]
     pub(crate) fn commit(&self, st: &mut VmState<A>, removed: Removed) {
-        if st.mmu.pending(&removed) {
-            self.flush_remote_tlbs();
+        if !st.mmu.pending(&removed) {
+            return;
         }
+        self.flush_remote_tlbs();
         // SAFETY: the flush above made every vCPU leave guest mode after the unlinks.
         unsafe { st.mmu.free_after_flush(removed) };
     }

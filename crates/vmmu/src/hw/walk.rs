@@ -93,6 +93,7 @@ pub unsafe fn lockless_walk<A: TableAllocator + ?Sized>(
 ///
 /// # Safety
 /// As [`lockless_walk`].
+#[inline]
 pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
     alloc: &A,
     root: Pfn,
@@ -147,6 +148,7 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
 ///
 /// # Safety
 /// As [`lockless_walk`].
+#[inline]
 pub unsafe fn fast_page_fault<A: TableAllocator + ?Sized>(alloc: &A, root: Pfn, gpa: Gpa) -> bool {
     loop {
         // SAFETY: forwarded contract.
