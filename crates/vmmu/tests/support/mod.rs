@@ -480,9 +480,10 @@ pub fn run_concurrent(p: &Params) -> Outcome {
                         if !active || failures.any() {
                             break;
                         }
-                        if done.load(Ordering::SeqCst) < target {
-                            h.outcome.mid_round_harvests += 1;
-                        }
+                        // This harvest started while writers were still in the round.
+                        // (Counting after it would race with writers finishing: they wait
+                        // mid-round for a harvest, so every round has at least one.)
+                        h.outcome.mid_round_harvests += 1;
                         std::thread::yield_now();
                     }
                     // The writers have stopped (they wait at the barrier): harvest again.
