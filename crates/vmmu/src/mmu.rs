@@ -36,10 +36,6 @@ pub enum Mmu<A: TableAllocator + 'static> {
     Tdp(TdpMmu<A>),
 }
 
-fn flush_only(flush: Flush) -> Removed {
-    Removed::flush_only(flush)
-}
-
 impl<A: TableAllocator + 'static> Mmu<A> {
     /// The shadow MMU, if that is what runs.
     pub fn shadow(&self) -> Option<&ShadowMmu<Arc<A>>> {
@@ -84,7 +80,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// Zap every leaf mapping `[start, end)` (exclusive lock).
     pub fn zap_gfn_range(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Removed {
         match self {
-            Mmu::Shadow(m) => flush_only(m.zap_gfn_range(slots, start, end)),
+            Mmu::Shadow(m) => Removed::flush_only(m.zap_gfn_range(slots, start, end)),
             Mmu::Tdp(m) => {
                 let guard = tdp::pin();
                 m.zap_leafs(start, end, u64::MAX, &guard).0
@@ -96,7 +92,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// TDP MMU zaps each root in passes of increasing level).
     pub fn zap_all(&mut self, slots: &mut Memslots) -> Removed {
         match self {
-            Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
+            Mmu::Shadow(m) => Removed::flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => m.zap_all_roots(&tdp::pin()).0,
         }
     }
@@ -106,7 +102,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// zapped as soon as no vCPU runs on them. The shadow MMU zaps in place.
     pub fn zap_all_fast(&mut self, slots: &mut Memslots) -> Result<Removed, crate::Error> {
         Ok(match self {
-            Mmu::Shadow(m) => flush_only(m.zap_all(slots)),
+            Mmu::Shadow(m) => Removed::flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => {
                 let guard = tdp::pin();
                 let mut removed = m.invalidate_all_roots(&guard)?;
@@ -122,7 +118,9 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// could not (out of table memory), so no huge leaf survives.
     pub fn zap_huge(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Removed {
         match self {
-            Mmu::Shadow(m) => flush_only(m.zap_gfn_range_levels(slots, start, end, Level::L2M)),
+            Mmu::Shadow(m) => {
+                Removed::flush_only(m.zap_gfn_range_levels(slots, start, end, Level::L2M))
+            }
             Mmu::Tdp(m) => {
                 m.zap_leafs_from(start, end, Level::L2M, u64::MAX, &tdp::pin())
                     .0
@@ -137,20 +135,12 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         };
         let (start, end) = (s.base_gfn, s.end_gfn());
         match self {
-            Mmu::Shadow(m) => flush_only(m.slot_remove_write_access(slots, slot)),
+            Mmu::Shadow(m) => Removed::flush_only(m.slot_remove_write_access(slots, slot)),
             Mmu::Tdp(m) => {
                 let guard = tdp::pin();
                 m.write_protect_range(start, end, Level::L4K, false, u64::MAX, &guard)
                     .0
             }
-        }
-    }
-
-    /// Write-protect the 4K leaves of `base + i` for the bits `i` of `mask`.
-    pub fn write_protect_masked(&mut self, slots: &Memslots, base: Gfn, mask: u64) -> Removed {
-        match self {
-            Mmu::Shadow(m) => flush_only(m.write_protect_masked(slots, base, mask)),
-            Mmu::Tdp(m) => m.clear_dirty(base, &[mask], &tdp::pin()),
         }
     }
 
@@ -168,7 +158,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         match self {
             Mmu::Shadow(m) => {
                 let (f, how) = m.write_protect_dirty(slots, slot, base, masks, nr_dirty);
-                (flush_only(f), Some(how))
+                (Removed::flush_only(f), Some(how))
             }
             Mmu::Tdp(m) => (m.clear_dirty(base, masks, &tdp::pin()), None),
         }
@@ -178,7 +168,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// over it go (exclusive lock).
     pub fn track_write(&mut self, slots: &mut Memslots, gfn: Gfn) -> Removed {
         match self {
-            Mmu::Shadow(m) => flush_only(
+            Mmu::Shadow(m) => Removed::flush_only(
                 m.zap_gfn_range_levels(slots, gfn, Gfn(gfn.0 + 1), Level::L2M)
                     | m.rmap_write_protect(slots, gfn, Level::L4K, true),
             ),
@@ -214,7 +204,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         writable: bool,
     ) -> Removed {
         match self {
-            Mmu::Shadow(m) => flush_only(m.change_pte(slots, gfn, new_pfn, writable)),
+            Mmu::Shadow(m) => Removed::flush_only(m.change_pte(slots, gfn, new_pfn, writable)),
             Mmu::Tdp(m) => m.change_pte(gfn, new_pfn, writable, &tdp::pin()),
         }
     }
@@ -248,7 +238,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
                     }
                     g = next;
                 }
-                flush_only(flush)
+                Removed::flush_only(flush)
             }
             Mmu::Tdp(m) => m.recover_huge_pages(slots, host, start, end, &tdp::pin()),
         }

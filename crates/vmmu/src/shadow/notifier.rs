@@ -65,7 +65,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// Clear the accessed bit of every leaf mapping a gfn in `[start, end)`; whether any
     /// was young (KVM's `kvm_age_gfn`). No flush: a cached translation stays correct, the
     /// CPU just will not set A again until it walks.
-    pub fn age_gfn_range(&mut self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
+    pub fn age_gfn_range(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         let mut young = false;
         self.for_each_leaf_in_range(slots, start, end, |pages, s| {
             let t = pages.get(s.table_id()).table();
@@ -82,25 +82,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// (KVM's `kvm_test_age_gfn`).
     pub fn test_age_gfn_range(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         let mut young = false;
-        let mode = self.algos.rmap_iteration;
-        'slots: for slot in slots.iter() {
-            let (lo, hi) = (start.max(slot.base_gfn), end.min(slot.end_gfn()));
-            for level in Level::LEAF_LEVELS {
-                if slot.rmap_entries(level) == 0 {
-                    continue;
-                }
-                let mut g = lo;
-                while g < hi {
-                    for_each_rmap_spte(slot.rmap_head(g, level), &self.pool, mode, |s| {
-                        young |= self.spte(s).is_accessed();
-                    });
-                    if young {
-                        break 'slots;
-                    }
-                    g = Gfn(g.align_down(level).0 + level.pages());
-                }
-            }
-        }
+        self.for_each_leaf_in_range(slots, start, end, |pages, s| {
+            young = pages.get(s.table_id()).table().get(s.index()).is_accessed();
+            !young
+        });
         young
     }
 
@@ -143,11 +128,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// Call `f(pages, sref)` on every leaf mapping a gfn in `[start, end)`, at every
     /// level; `f` returns false to stop.
     fn for_each_leaf_in_range(
-        &mut self,
+        &self,
         slots: &Memslots,
         start: Gfn,
         end: Gfn,
-        mut f: impl FnMut(&mut crate::page::Pages, crate::rmap::SpteRef) -> bool,
+        mut f: impl FnMut(&crate::page::Pages, crate::rmap::SpteRef) -> bool,
     ) {
         let mode = self.algos.rmap_iteration;
         for slot in slots.iter() {
@@ -159,7 +144,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 let mut g = lo;
                 while g < hi {
                     let mut go = true;
-                    let pages = &mut self.pages;
+                    let pages = &self.pages;
                     for_each_rmap_spte(slot.rmap_head(g, level), &self.pool, mode, |s| {
                         if go {
                             go = f(pages, s);
