@@ -307,7 +307,13 @@ impl Interp {
             max_vcpus: cfg.max_vcpus,
             algorithms: cfg.algorithms,
             dirty_log: cfg.dirty.config(),
+            ..VmConfig::default()
         };
+        if cfg.mmu == MmuKind::ShadowPaging {
+            return Err(fail0(
+                "the interpreter drives guest-physical accesses; shadow paging runs under the guest OS model".into(),
+            ));
+        }
         let alloc = Arc::new(HeapTableAllocator::new());
         let vm = Vm::with_allocator(config, host.clone(), alloc.clone())
             .map_err(|e| fail0(format!("Vm::with_allocator: {e}")))?;
@@ -1171,6 +1177,7 @@ impl Interp {
                     ));
                 }
             }
+            MmuKind::ShadowPaging => unreachable!("rejected by Interp::new"),
             MmuKind::Tdp(_) => {
                 let roots = self.vm().with_tdp(|_, m| {
                     let g = vmmu::tdp::pin();

@@ -75,7 +75,9 @@ pub struct Tables {
 /// MMU-specific piece of the walk: a third MMU adds an arm here).
 pub fn with_tables<R>(vm: &SimVm, f: impl FnOnce(&Memslots, Vec<Pfn>) -> R) -> R {
     match vm.config().mmu {
-        MmuKind::ShadowDirect => vm.with_mmu(|slots, m| f(slots, vec![m.root_frame()])),
+        MmuKind::ShadowDirect | MmuKind::ShadowPaging => {
+            vm.with_mmu(|slots, m| f(slots, vec![m.root_frame()]))
+        }
         MmuKind::Tdp(_) => vm.with_tdp(|slots, m| {
             let guard = vmmu::tdp::pin();
             let roots = m.roots(&guard).map(|(r, _)| r.frame).collect();

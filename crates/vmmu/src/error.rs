@@ -38,6 +38,8 @@
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
 //! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
 //! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
+//! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; shadow-paging faults and `gva_*` accesses (as `Exit::Error`) |
+//! | [`WrongPagingMode`](Error::WrongPagingMode) | `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*` (on a VM without shadow paging); `access` (on one with it) |
 //!
 //! The differential tests (`tests/proptest_ops.rs`), the fuzz target (`fuzz/`) and
 //! `tests/errors.rs` check that each rejected call returns the variant the reference
@@ -180,6 +182,14 @@ pub enum Error {
     NoInvalidationInProgress,
     /// A VM configuration value is out of range.
     InvalidConfig(&'static str),
+    /// A guest-memory access outside the guest's memory, or not 8-byte aligned.
+    GuestMemory {
+        /// The address.
+        gpa: Gpa,
+    },
+    /// A shadow-paging operation on a VM whose MMU does not shadow guest page tables, or
+    /// a guest-physical access on one that does.
+    WrongPagingMode(&'static str),
     /// A vCPU limit was reached.
     TooManyVcpus {
         /// Configured maximum.
@@ -246,6 +256,11 @@ impl fmt::Display for Error {
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
             Error::InvalidConfig(why) => write!(f, "invalid VM configuration: {why}"),
+            Error::GuestMemory { gpa } => write!(
+                f,
+                "guest memory access at gpa {gpa} is outside the guest's memory or not 8-byte aligned"
+            ),
+            Error::WrongPagingMode(why) => write!(f, "wrong paging mode: {why}"),
             Error::NotLogging(s) => write!(f, "memslot {s} does not log dirty pages (LOG_DIRTY_PAGES is off)"),
             Error::BitmapTooSmall { needed, got } => {
                 write!(f, "bitmap of {got} words is too small: {needed} needed")

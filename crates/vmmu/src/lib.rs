@@ -20,6 +20,7 @@
 //! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping, write protection
 //! - [`tdp`]: the TDP MMU: parallel faults, the one iterator (three modes, seed 002)
 //! - [`flush`]: the `#[must_use]` TLB flush token
+//! - [`guest`]: shadow paging's guest side: guest memory, guest PTEs, paging registers
 //! - [`dirty`]: dirty logging: bitmap GET / CLEAR (manual protect), per-vCPU dirty rings
 //! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
 //! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB, the vCPU mode protocol
@@ -61,6 +62,7 @@ pub mod dirty;
 pub mod error;
 mod faultin;
 pub mod flush;
+pub mod guest;
 pub mod host;
 pub mod hw;
 pub mod memslot;
@@ -82,4 +84,4 @@ pub use memslot::{MemoryRegion, MemslotFlags};
 pub use mmu::MmuKind;
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
-pub use vm::{DirtyLogConfig, Exit, Vm, VmConfig, VmStats};
+pub use vm::{DirtyLogConfig, Exit, PagingConfig, PagingStats, Vm, VmConfig, VmStats};

@@ -26,6 +26,10 @@ pub enum MmuKind {
     ShadowDirect,
     /// KVM's TDP MMU, iterating as given (seed 002).
     Tdp(tdp::TdpIteration),
+    /// KVM's shadow MMU shadowing the guest's own page tables (no EPT: what PVM and hosts
+    /// without EPT/NPT run). Shadow tables use the legacy x86-64 format and map
+    /// guest-virtual addresses; the VM needs guest memory (`Vm::with_guest_memory`).
+    ShadowPaging,
 }
 
 /// The MMU of a VM.

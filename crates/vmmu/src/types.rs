@@ -53,6 +53,34 @@ frame_or_addr!(
     /// Host-physical address.
     Hpa
 );
+frame_or_addr!(
+    /// Guest-virtual address (shadow paging: what the guest's own page tables map).
+    Gva
+);
+
+impl Gva {
+    /// Offset inside the 4 KiB page.
+    #[inline]
+    pub const fn page_offset(self) -> u64 {
+        self.0 & (PAGE_SIZE - 1)
+    }
+    /// The 4 KiB virtual page number (the address shifted right by 12).
+    #[inline]
+    pub const fn vpn(self) -> u64 {
+        (self.0 & ((1 << 48) - 1)) >> PAGE_SHIFT
+    }
+    /// Index of this address in a table of `level` (the 9 bits that select the entry).
+    #[inline]
+    pub const fn index_at(self, level: Level) -> usize {
+        ((self.0 >> (PAGE_SHIFT + level.gfn_shift())) & 511) as usize
+    }
+    /// Whether the address is canonical for 4-level paging (bits 63..=47 all equal).
+    #[inline]
+    pub const fn is_canonical(self) -> bool {
+        let top = self.0 >> 47;
+        top == 0 || top == (1 << 17) - 1
+    }
+}
 
 impl Gpa {
     /// The frame this address lies in.

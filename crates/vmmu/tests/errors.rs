@@ -51,6 +51,8 @@ fn name(e: &Error) -> &'static str {
         Error::NoInvalidationInProgress => "NoInvalidationInProgress",
         Error::InvalidConfig(_) => "InvalidConfig",
         Error::TooManyVcpus { .. } => "TooManyVcpus",
+        Error::GuestMemory { .. } => "GuestMemory",
+        Error::WrongPagingMode(_) => "WrongPagingMode",
     }
 }
 
@@ -100,6 +102,10 @@ fn every_variant_has_a_message() {
         Error::NoInvalidationInProgress,
         Error::InvalidConfig("why"),
         Error::TooManyVcpus { max: 1 },
+        Error::GuestMemory {
+            gpa: vmmu::types::Gpa(0x1004),
+        },
+        Error::WrongPagingMode("why"),
     ];
     let mut seen = std::collections::BTreeSet::new();
     for e in &all {

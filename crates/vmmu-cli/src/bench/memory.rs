@@ -119,7 +119,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             let mut guest = Guest::with_vm_config(config, backing, vm_config)?;
             guest.write_every_page()?;
             let b = match mmu {
-                MmuKind::ShadowDirect => shadow_bytes(&guest),
+                MmuKind::ShadowDirect | MmuKind::ShadowPaging => shadow_bytes(&guest),
                 MmuKind::Tdp(_) => tdp_bytes(&guest),
             };
             let pages = guest.pages as f64;

@@ -18,6 +18,7 @@ use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use super::tlb::Tlb;
 use crate::dirty::DirtyRing;
+use crate::guest::PagingState;
 use crate::sync::{heavy_fence, light_fence, Mutex};
 use crate::types::Pfn;
 
@@ -80,6 +81,8 @@ pub struct Vcpu {
     pub accesses: u64,
     /// Exits to the MMU (EPT violations and misconfigurations).
     pub exits: u64,
+    /// Paging registers (shadow paging).
+    pub(crate) paging: PagingState,
 }
 
 impl Vcpu {
@@ -91,6 +94,7 @@ impl Vcpu {
             root,
             accesses: 0,
             exits: 0,
+            paging: PagingState::default(),
         }
     }
 
@@ -153,5 +157,16 @@ impl Vcpu {
     /// The TLB.
     pub fn tlb(&self) -> &Tlb {
         &self.tlb
+    }
+
+    /// The paging registers (shadow paging).
+    pub fn paging(&self) -> PagingState {
+        self.paging
+    }
+
+    /// Change the privilege level (a syscall, an interrupt, IRET): user accesses are the
+    /// ones made at CPL 3. No MMU work: the shadow tables carry the U/S bit.
+    pub fn set_cpl(&mut self, cpl: u8) {
+        self.paging.cpl = cpl & 3;
     }
 }

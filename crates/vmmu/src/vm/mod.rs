@@ -23,7 +23,11 @@ use crate::shadow::{Algorithms, FaultOutcome, MmuStats, ShadowMmu};
 use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::tdp::{self, Removed, TdpMmu, TdpPage};
-use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Hpa, Level, PAGE_SHIFT};
+use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Gva, Hpa, Level, PAGE_SHIFT};
+
+mod paging;
+
+pub use paging::PagingStats;
 
 /// VM configuration.
 #[derive(Clone, Copy, Debug)]
@@ -40,6 +44,30 @@ pub struct VmConfig {
     pub algorithms: Algorithms,
     /// How dirty pages are reported.
     pub dirty_log: DirtyLogConfig,
+    /// Shadow paging's choices (used with [`MmuKind::ShadowPaging`]).
+    pub paging: PagingConfig,
+    /// A monotonic clock in nanoseconds. When given, the VM adds up the time its MMU
+    /// spends handling exits and operations ([`VmStats::mmu_ns`]); `None` costs nothing.
+    pub clock: Option<fn() -> u64>,
+}
+
+/// Shadow paging's choices.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PagingConfig {
+    /// Let a last-level shadow page go unsync when the guest writes its table, instead of
+    /// emulating every write (KVM's default).
+    pub unsync: bool,
+    /// Previous roots each vCPU keeps for CR3 switches (KVM keeps 3).
+    pub prev_roots: u8,
+}
+
+impl Default for PagingConfig {
+    fn default() -> Self {
+        PagingConfig {
+            unsync: true,
+            prev_roots: 3,
+        }
+    }
 }
 
 impl Default for VmConfig {
@@ -51,6 +79,8 @@ impl Default for VmConfig {
             max_vcpus: 1024,
             algorithms: Algorithms::default(),
             dirty_log: DirtyLogConfig::default(),
+            paging: PagingConfig::default(),
+            clock: None,
         }
     }
 }
@@ -88,6 +118,14 @@ pub enum Exit {
     /// The vCPU's dirty ring is (soft) full: harvest and reset before running it again
     /// (KVM_EXIT_DIRTY_RING_FULL).
     DirtyRingFull,
+    /// Shadow paging: the guest's own page tables forbid the access; the fault goes to
+    /// the guest's handler (KVM injects #PF).
+    GuestPageFault {
+        /// The faulting address (the guest's CR2).
+        gva: Gva,
+        /// The page-fault error code.
+        error_code: ErrorCode,
+    },
     /// The MMU could not map the page (the VMM gets the error, as KVM returns -EFAULT).
     Error(Error),
 }
@@ -102,6 +140,13 @@ impl core::fmt::Display for Exit {
             ),
             Exit::WriteTracked { gpa } => write!(f, "write to write-tracked gpa {gpa}"),
             Exit::DirtyRingFull => write!(f, "the vCPU's dirty ring is full: harvest and reset it"),
+            Exit::GuestPageFault { gva, error_code } => {
+                write!(
+                    f,
+                    "guest page fault at gva {gva}, error code {:#x}",
+                    error_code.bits()
+                )
+            }
             Exit::Error(e) => write!(f, "{e}"),
         }
     }
@@ -131,6 +176,11 @@ pub struct VmStats {
     pub shadow_pages: usize,
     /// Reverse-map descriptors in use now.
     pub rmap_descs: usize,
+    /// Shadow-paging counters.
+    pub paging: PagingStats,
+    /// Nanoseconds the MMU spent handling exits and operations (with
+    /// [`VmConfig::clock`]; 0 without).
+    pub mmu_ns: u64,
 }
 
 pub(crate) struct VmState<A: TableAllocator + 'static> {
@@ -186,6 +236,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 config.algorithms,
             )?),
             MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
+            MmuKind::ShadowPaging => {
+                return Err(Error::WrongPagingMode(
+                    "a shadow-paging VM needs guest memory: use Vm::with_guest_memory",
+                ))
+            }
         };
         let mut slots = Memslots::new(config.limits);
         slots.set_dirty_initially_set(
@@ -718,6 +773,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             mmu,
             shadow_pages: pages,
             rmap_descs: descs,
+            paging: PagingStats::default(),
+            mmu_ns: 0,
         }
     }
 
