@@ -89,7 +89,7 @@ impl Kernel {
     /// Boots on `ram_bytes` of `mem` (a multiple of 2 MiB, at most 512 GiB): builds the
     /// direct map and the idle PML4.
     pub fn boot(mem: Arc<dyn GuestMemory>, ram_bytes: u64) -> Result<Kernel, OsError> {
-        if ram_bytes % HUGE_2M != 0 || ram_bytes == 0 || ram_bytes > 512 << 30 {
+        if !ram_bytes.is_multiple_of(HUGE_2M) || ram_bytes == 0 || ram_bytes > 512 << 30 {
             return Err(OsError::BadArgument(
                 "RAM must be a nonzero multiple of 2 MiB",
             ));

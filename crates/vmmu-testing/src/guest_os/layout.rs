@@ -66,8 +66,8 @@ pub const fn canonical(addr: u64) -> u64 {
 /// Whether `[start, start + len)` is a page-aligned, non-empty range of user space.
 #[inline]
 pub fn user_range_ok(start: u64, len: u64) -> bool {
-    start % PAGE_SIZE == 0
-        && len % PAGE_SIZE == 0
+    start.is_multiple_of(PAGE_SIZE)
+        && len.is_multiple_of(PAGE_SIZE)
         && len != 0
         && start.checked_add(len).is_some_and(|end| end <= USER_END)
 }

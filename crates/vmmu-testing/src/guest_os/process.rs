@@ -131,7 +131,7 @@ impl Kernel {
 
     /// Maps `len` bytes of anonymous memory at the lowest free address of the mmap area.
     pub fn mmap(&self, p: &mut Process, len: u64, prot: Prot) -> Result<Gva, OsError> {
-        if len == 0 || len % PAGE_SIZE != 0 {
+        if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
             return Err(OsError::BadArgument("mmap length"));
         }
         let at =
