@@ -120,7 +120,7 @@ fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
         "ring (harvest + KVM_RESET_DIRTY_RINGS)",
         "floor: atomic AND per dirty SPTE",
         "TDP iteration mode",
-        "fork time against children",
+        "children forked, each reading every page (log)",
     ] {
         assert!(html.contains(text), "index.html lacks {text:?}");
     }
