@@ -294,3 +294,128 @@ fn guest_os_on_vcpu_threads_with_unsync_pages() {
 fn guest_os_on_vcpu_threads_all_tables_write_protected() {
     run(false);
 }
+
+/// Minimal reproducers of core bugs the guest OS model hit, on the raw API (no model):
+/// each builds its guest tables in guest memory by hand.
+mod repro {
+    use std::sync::Arc;
+
+    use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
+    use vmmu::host::{Backing, SimHostMemory};
+    use vmmu::hw::Vcpu;
+    use vmmu::types::{AccessKind, Gpa, Gva};
+    use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, Vm, VmConfig};
+
+    const RAM: u64 = 8 << 20;
+    const KERNEL: u64 = 0xffff_8880_0000_0000;
+    const TABLE: u64 = pte::P | pte::RW | pte::US | pte::A | pte::D;
+    const KTABLE: u64 = pte::P | pte::RW | pte::A | pte::D;
+
+    /// A shadow-paging VM over `RAM` of 4 KiB host pages, guest tables at gfns 1..=7:
+    /// PML4 0x1000; a direct map (gva KERNEL + gpa -> gpa, one 2 MiB supervisor page per
+    /// 2 MiB: PDPT 0x6000, PD 0x7000); user PDPT 0x2000, PD 0x3000, PT 0x4000 for the
+    /// user gva 0x20_0000 (PD index 1). A vCPU at CPL 0 on CR3 0x1000.
+    fn vm(unsync: bool) -> (Arc<SimGuestMemory>, Vm<Arc<SimHostMemory>>, Vcpu) {
+        let mem = Arc::new(SimGuestMemory::new(RAM));
+        let w = |gpa: u64, v: u64| mem.write_u64(Gpa(gpa), v).unwrap();
+        w(0x1000 + 273 * 8, 0x6000 | KTABLE);
+        w(0x6000, 0x7000 | KTABLE);
+        for i in 0..RAM >> 21 {
+            w(0x7000 + i * 8, (i << 21) | KTABLE | pte::PS | pte::NX);
+        }
+        w(0x1000, 0x2000 | TABLE);
+        w(0x2000, 0x3000 | TABLE);
+        w(0x3000 + 8, 0x4000 | TABLE);
+        let host = Arc::new(SimHostMemory::new());
+        let hva = host.mmap(RAM, Backing::Page4K, true).unwrap();
+        let config = VmConfig {
+            mmu: MmuKind::ShadowPaging,
+            paging: PagingConfig {
+                unsync,
+                prev_roots: 3,
+            },
+            ..VmConfig::default()
+        };
+        let vm = Vm::new_paging(config, host, mem.clone() as Arc<dyn GuestMemory>);
+        vm.set_user_memory_region(MemoryRegion {
+            slot: 0,
+            flags: MemslotFlags::empty(),
+            guest_phys_addr: 0,
+            memory_size: RAM,
+            userspace_addr: hva.0,
+        })
+        .unwrap();
+        let mut vcpu = vm.create_vcpu().unwrap();
+        let paging = PagingState {
+            cr3: Gpa(0x1000),
+            ..PagingState::default()
+        };
+        vm.set_paging(&mut vcpu, paging).unwrap();
+        (mem, vm, vcpu)
+    }
+
+    /// A kernel read through a 2 MiB guest page mapped with 4 KiB SPTEs (direct shadow
+    /// pages under a guest huge page) must reach the gpa the guest entry names. The direct
+    /// page's gfn must be the 2 MiB-aligned base (KVM: `gfn_round_for_level(gfn,
+    /// it.level)` in `FNAME(fetch)`), not the faulting gfn; else `gfn_at` is off by the
+    /// first faulting page's offset and the rmap bookkeeping of later faults breaks
+    /// ("leaf SPTE missing from its reverse map").
+    #[test]
+    fn kernel_reads_through_a_2m_guest_page_reach_the_right_gpa() {
+        let (mem, vm, mut vcpu) = vm(true);
+        for gpa in [0x5008u64, 0x9010, 0x10_0000, 0x1f_f000] {
+            mem.write_u64(Gpa(gpa), 0xabc0 + gpa).unwrap();
+        }
+        for gpa in [0x5008u64, 0x9010, 0x10_0000, 0x1f_f000] {
+            assert_eq!(
+                vm.gva_read_u64(&mut vcpu, Gva(KERNEL + gpa)),
+                Ok(0xabc0 + gpa),
+                "gpa {gpa:#x}"
+            );
+        }
+        vm.audit().unwrap();
+    }
+
+    /// An unsync last-level shadow page unlinked by an emulated PDE clear stays hashed
+    /// with stale SPTEs (the flush syncs only pages under the root). When the guest links
+    /// the same table again and a fault finds that page in the hash, it must be synced
+    /// before use (KVM's `kvm_mmu_find_shadow_page` calls `kvm_sync_page` on an unsync
+    /// page); else the stale SPTE still translates a PTE the guest cleared.
+    #[test]
+    fn an_unsync_page_found_in_the_hash_is_synced_before_reuse() {
+        let (mem, vm, mut vcpu) = vm(true);
+        let user = 0x20_0000u64;
+        mem.write_u64(Gpa(0x4000), 0x10_0000 | TABLE | pte::NX)
+            .unwrap();
+        mem.write_u64(Gpa(0x4008), 0x10_1000 | TABLE | pte::NX)
+            .unwrap();
+        vcpu.set_cpl(3);
+        assert_eq!(
+            vm.gva_access(&mut vcpu, Gva(user), AccessKind::Read),
+            Ok(Gpa(0x10_0000))
+        );
+        vcpu.set_cpl(0);
+        // The kernel clears PTE 0 (the PT goes unsync), then the PDE (emulated), flushes,
+        // and links the same PT again.
+        vm.gva_write_u64(&mut vcpu, Gva(KERNEL + 0x4000), 0)
+            .unwrap();
+        vm.gva_write_u64(&mut vcpu, Gva(KERNEL + 0x3008), 0)
+            .unwrap();
+        vm.flush_guest_tlb(&mut vcpu).unwrap();
+        vm.gva_write_u64(&mut vcpu, Gva(KERNEL + 0x3008), 0x4000 | TABLE)
+            .unwrap();
+        vcpu.set_cpl(3);
+        // A fault through PTE 1 finds the old shadow PT in the hash.
+        assert_eq!(
+            vm.gva_access(&mut vcpu, Gva(user + 0x1000), AccessKind::Read),
+            Ok(Gpa(0x10_1000))
+        );
+        // PTE 0 is clear in the guest's table: not present.
+        let got = vm.gva_access(&mut vcpu, Gva(user), AccessKind::Read);
+        assert!(
+            matches!(got, Err(Exit::GuestPageFault { .. })),
+            "stale translation: {got:?}"
+        );
+        vm.audit().unwrap();
+    }
+}
