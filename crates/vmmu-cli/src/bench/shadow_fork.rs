@@ -1,9 +1,9 @@
 //! `shadow-fork`: fork under shadow paging, and the reverse maps it leaves behind.
 //!
 //! A process maps 64 MiB of anonymous memory and writes every page; it forks `children`
-//! children (1, 32, 500), each of which runs (context switch) and reads every page, so
-//! each of the parent's frames ends up mapped by `children + 1` shadow PTEs (the
-//! reverse map of one gfn is that long). Then the host reclaims the parent's 64 MiB: an
+//! children (1, 32, 500), each of which runs (context switch) and reads every page; then
+//! the parent runs again and reads every page, so each of its frames ends up mapped by
+//! `children + 1` shadow PTEs (the reverse map of one gfn is that long). Then the host reclaims the parent's 64 MiB: an
 //! MMU-notifier `unmap_hva_range` over its host pages zaps every one of those long
 //! reverse maps, which is where seed 000 (iterate without restarting) and seed 003 (drop
 //! a whole list at once) matter. Then every child exits, and the parent.
@@ -114,6 +114,11 @@ fn one_run(bytes: u64, children: u64, algorithms: Algorithms) -> Result<ForkRun,
         touch_all(k, &mut cpu, &mut child, base, pages, AccessKind::Read)?;
         kids.push(child);
     }
+    // The parent runs again and reads its memory: its own SPTEs, dropped when fork
+    // write-protected its PTEs, come back, so each gfn is mapped by children + 1.
+    k.switch_to(&mut cpu, &parent)
+        .context("switch to the parent")?;
+    touch_all(k, &mut cpu, &mut parent, base, pages, AccessKind::Read)?;
     let max_rmap_len = m.vm.max_rmap_len();
 
     // The host reclaims the parent's memory: every frame its VMA maps.

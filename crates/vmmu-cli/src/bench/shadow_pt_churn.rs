@@ -31,7 +31,7 @@ pub const SCENARIO: Scenario = Scenario {
 /// Bytes mapped per iteration.
 const SIZE: u64 = 2 << 20;
 /// Iterations of the loop.
-const ITERATIONS: usize = 64;
+const ITERATIONS: usize = 256;
 
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let iterations = config.scaled(ITERATIONS) as u64;
