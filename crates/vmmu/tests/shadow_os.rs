@@ -14,14 +14,14 @@ use std::sync::Arc;
 
 use vmmu::guest::{GuestMemory, SimGuestMemory};
 use vmmu::host::Backing;
-use vmmu::types::{AccessKind, Gva, PAGE_SIZE};
+use vmmu::types::{AccessKind, Gfn, Gva, PAGE_SIZE};
 use vmmu::{PagingConfig, VmConfig};
 use vmmu_testing::guest_os::check::{check_process, check_refcounts};
 use vmmu_testing::guest_os::{Cpu, Image, Kernel, Machine, OsError, Process, Prot, SoftCpu};
 
 const RAM: u64 = 32 << 20;
 const THREADS: u64 = 3;
-const STEPS: usize = 60;
+const STEPS: usize = 150;
 const MAX_PROCS: usize = 5;
 
 /// xorshift64*: a fixed-seed script per thread.
@@ -49,6 +49,8 @@ struct Ops {
     switches: AtomicU64,
     touches: AtomicU64,
     segfaults: AtomicU64,
+    host_unmaps: AtomicU64,
+    reclaims: AtomicU64,
 }
 
 fn audit(m: Option<&Machine>, what: &str) {
@@ -176,6 +178,23 @@ fn vcpu_thread(k: &Kernel, mut cpu: impl Cpu, m: Option<&Machine>, seed: u64, op
                 k.switch_to(&mut cpu, &procs[cur]).unwrap();
                 ops.exits.fetch_add(1, Ordering::Relaxed);
             }
+            // The host reclaims 64 pages of guest RAM (MMU-notifier unmap): the guest
+            // sees nothing, its next accesses fault them back in.
+            95..=96 if m.is_some() => {
+                let m = m.unwrap();
+                let frames = RAM / PAGE_SIZE;
+                let first = rng.below(frames - 64);
+                m.vm.unmap_hva_range(m.hva_of(Gfn(first)), m.hva_of(Gfn(first + 64)))
+                    .unwrap_or_else(|e| panic!("{what}: unmap_hva_range: {e}"));
+                ops.host_unmaps.fetch_add(1, Ordering::Relaxed);
+            }
+            // The shrinker zaps a few shadow pages (roots in use are reloaded).
+            97..=98 if m.is_some() => {
+                m.unwrap()
+                    .vm
+                    .reclaim_shadow_pages(1 + rng.below(16) as usize);
+                ops.reclaims.fetch_add(1, Ordering::Relaxed);
+            }
             _ => {
                 cur = rng.below(procs.len() as u64) as usize;
                 k.switch_to(&mut cpu, &procs[cur]).unwrap();
@@ -196,7 +215,7 @@ fn vcpu_thread(k: &Kernel, mut cpu: impl Cpu, m: Option<&Machine>, seed: u64, op
     audit(m, "the exits");
 }
 
-fn run(unsync: bool) {
+fn run(unsync: bool, backing: Backing) {
     let config = VmConfig {
         paging: PagingConfig {
             unsync,
@@ -204,7 +223,7 @@ fn run(unsync: bool) {
         },
         ..VmConfig::default()
     };
-    let m = Machine::new(RAM, Backing::Page4K, config).unwrap();
+    let m = Machine::new(RAM, backing, config).unwrap();
     let ops = Ops::default();
     std::thread::scope(|s| {
         for t in 0..THREADS {
@@ -223,7 +242,7 @@ fn run(unsync: bool) {
     let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let st = m.vm.stats();
     eprintln!(
-        "unsync={unsync}: forks {} execs {} exits {} mmaps {} munmaps {} switches {} touches {} \
+        "unsync={unsync} {backing:?}: forks {} execs {} exits {} mmaps {} munmaps {} switches {} touches {} \
          segfaults {}; kernel {:?}; paging {:?}",
         l(&ops.forks),
         l(&ops.execs),
@@ -235,6 +254,11 @@ fn run(unsync: bool) {
         l(&ops.segfaults),
         k.stats(),
         st.paging
+    );
+    eprintln!(
+        "  host unmaps {}, shadow-page reclaims {}",
+        l(&ops.host_unmaps),
+        l(&ops.reclaims)
     );
     for (name, n) in [
         ("fork", &ops.forks),
@@ -287,12 +311,14 @@ fn scripts_on_the_reference_cpu() {
 
 #[test]
 fn guest_os_on_vcpu_threads_with_unsync_pages() {
-    run(true);
+    run(true, Backing::Page4K);
+    run(true, Backing::Thp);
 }
 
 #[test]
 fn guest_os_on_vcpu_threads_all_tables_write_protected() {
-    run(false);
+    run(false, Backing::Page4K);
+    run(false, Backing::Thp);
 }
 
 /// Minimal reproducers of core bugs the guest OS model hit, on the raw API (no model):
