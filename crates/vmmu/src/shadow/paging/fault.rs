@@ -140,7 +140,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     walk.pt_access[cur as usize - 1],
                 )
             } else {
-                (gfn.align_down(below), true, access)
+                // A direct page covers this entry's span: its first gfn is aligned to it.
+                (gfn.align_down(cur), true, access)
             };
             let role = self.pages.get(id).role.child(below, direct, child_access);
             let spte = self.pages.get(id).table().get(i);
