@@ -193,3 +193,55 @@ fn roots_are_cached_shared_and_survive_reclaim() {
     drop((v, w));
     g.audit();
 }
+
+/// A last-level table that went unsync under one process, changed while no root reached
+/// it, then linked into another process: its stale shadow entries must not be used.
+#[test]
+fn an_unsync_table_relinked_elsewhere_is_not_stale() {
+    let mut g = guest(true);
+    let (x, y) = (0x10_0000u64, 0x20_0000u64);
+    let (va, va2) = (Gva(0x40_0000_1000), Gva(0x40_0000_2000));
+    let f1 = (1u64 << 30) + 0x10_0000;
+    let f2 = (1u64 << 30) + 0x20_0000;
+    let leaf = g.map(x, va, f1, UP, Level::L4K);
+    let leaf2 = g.map(x, va2, f1 + 0x1000, UP, Level::L4K);
+    let table = leaf.0 & !0xfff;
+    // Kernel mappings of the table page, in both address spaces.
+    let kbase = 0xffff_8880_0000_0000u64;
+    for cr3 in [x, y] {
+        g.map(cr3, Gva(kbase + table), table, pte::P | pte::RW, Level::L4K);
+    }
+    // Y's PD slot for `va`, empty for now, and a kernel mapping of Y's PD.
+    let y_pde = g.entry_gpa(y, va, Level::L2M);
+    g.map(
+        y,
+        Gva(kbase + (y_pde.0 & !0xfff)),
+        y_pde.0 & !0xfff,
+        pte::P | pte::RW,
+        Level::L4K,
+    );
+    let mut v = g.vcpu(x);
+    assert_eq!(g.vm.gva_access(&mut v, va, AccessKind::Read), Ok(Gpa(f1)));
+    assert_eq!(
+        g.vm.gva_access(&mut v, va2, AccessKind::Read),
+        Ok(Gpa(f1 + 0x1000))
+    );
+    // Touch the table through the kernel map: it goes unsync.
+    g.vm.gva_write_u64(&mut v, Gva(kbase + leaf.0), f1 | UP)
+        .unwrap();
+    g.audit();
+    assert!(g.vm.stats().paging.unsynced_pages > 0);
+    // Switch to Y; repoint va2 in the table (unsync: written directly), then link the
+    // table into Y and flush.
+    g.vm.load_cr3(&mut v, Gpa(y)).unwrap();
+    g.vm.gva_write_u64(&mut v, Gva(kbase + leaf2.0), f2 | UP)
+        .unwrap();
+    g.vm.gva_write_u64(&mut v, Gva(kbase + y_pde.0), table | UP)
+        .unwrap();
+    g.vm.flush_guest_tlb(&mut v).unwrap();
+    g.audit();
+    // The first access links the table; the second must not find va2's old entry.
+    assert_eq!(g.vm.gva_access(&mut v, va, AccessKind::Read), Ok(Gpa(f1)));
+    assert_eq!(g.vm.gva_access(&mut v, va2, AccessKind::Read), Ok(Gpa(f2)));
+    g.audit();
+}

@@ -167,6 +167,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
             }
             let (child, created, f) = self.get_shadow_page(slots, child_gfn, role)?;
             flush |= f;
+            if !created && self.pages.get(child).unsync {
+                // Found unlinked and unsync: no sync point covered it while it was out of
+                // every root, so bring its entries in line before linking (it stays
+                // unsync; KVM syncs such a page in its lookup).
+                flush |= self.refresh_unsync(slots, guest, child)?;
+            }
             self.link_child(id, i, child);
             let csp = self.pages.get(child);
             if csp.unsync || csp.unsync_children != 0 {
