@@ -190,7 +190,13 @@ fn roots_are_cached_shared_and_survive_reclaim() {
     let after = g.vm.stats().paging;
     assert_eq!(after.root_cache_hits - before.root_cache_hits, 20);
     assert_eq!(after.root_cache_misses, before.root_cache_misses);
-    drop((v, w));
+    // Zapped while held, the roots stay until their vCPUs let go of them.
+    g.vm.reclaim_shadow_pages(usize::MAX);
+    assert!(g.vm.stats().shadow_pages > 0, "held roots survive the zap");
+    g.audit();
+    g.vm.release_vcpu(v);
+    g.vm.release_vcpu(w);
+    assert_eq!(g.vm.stats().shadow_pages, 0, "released roots are freed");
     g.audit();
 }
 
