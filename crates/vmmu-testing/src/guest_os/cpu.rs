@@ -60,10 +60,12 @@ pub fn paging_state(cr3: Gpa, cpl: u8) -> PagingState {
     }
 }
 
-/// A vmmu vCPU under shadow paging.
+/// A vmmu vCPU under shadow paging. Dropping it gives the vCPU back to the VM
+/// ([`Vm::release_vcpu`]), so the roots it held can go.
 pub struct VcpuCpu<'vm, H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     vm: &'vm Vm<H, A>,
-    vcpu: Vcpu,
+    /// Always `Some` until drop.
+    vcpu: Option<Vcpu>,
     cr3: Gpa,
     cpl: u8,
 }
@@ -76,7 +78,7 @@ impl<'vm, H: HostMemory, A: TableAllocator + 'static> VcpuCpu<'vm, H, A> {
             .map_err(OsError::Vm)?;
         Ok(VcpuCpu {
             vm,
-            vcpu,
+            vcpu: Some(vcpu),
             cr3,
             cpl: 0,
         })
@@ -84,7 +86,12 @@ impl<'vm, H: HostMemory, A: TableAllocator + 'static> VcpuCpu<'vm, H, A> {
 
     /// The vCPU.
     pub fn vcpu(&self) -> &Vcpu {
-        &self.vcpu
+        self.vcpu.as_ref().expect("live until drop")
+    }
+
+    #[inline]
+    fn v(&mut self) -> &mut Vcpu {
+        self.vcpu.as_mut().expect("live until drop")
     }
 
     /// The VM.
@@ -95,8 +102,16 @@ impl<'vm, H: HostMemory, A: TableAllocator + 'static> VcpuCpu<'vm, H, A> {
     #[inline]
     fn set_cpl(&mut self, cpl: u8) {
         if self.cpl != cpl {
-            self.vcpu.set_cpl(cpl);
+            self.v().set_cpl(cpl);
             self.cpl = cpl;
+        }
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator + 'static> Drop for VcpuCpu<'_, H, A> {
+    fn drop(&mut self) {
+        if let Some(v) = self.vcpu.take() {
+            self.vm.release_vcpu(v);
         }
     }
 }
@@ -119,7 +134,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Cpu for VcpuCpu<'_, H, A> {
     fn kernel_read(&mut self, gpa: Gpa) -> Result<u64, OsError> {
         self.set_cpl(0);
         self.vm
-            .gva_read_u64(&mut self.vcpu, phys_to_virt(gpa))
+            .gva_read_u64(self.vcpu.as_mut().expect("live"), phys_to_virt(gpa))
             .map_err(kernel_exit)
     }
 
@@ -127,7 +142,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Cpu for VcpuCpu<'_, H, A> {
     fn kernel_write(&mut self, gpa: Gpa, val: u64) -> Result<(), OsError> {
         self.set_cpl(0);
         self.vm
-            .gva_write_u64(&mut self.vcpu, phys_to_virt(gpa), val)
+            .gva_write_u64(self.vcpu.as_mut().expect("live"), phys_to_virt(gpa), val)
             .map_err(kernel_exit)
     }
 
@@ -138,7 +153,10 @@ impl<H: HostMemory, A: TableAllocator + 'static> Cpu for VcpuCpu<'_, H, A> {
         kind: AccessKind,
     ) -> Result<Result<Gpa, ErrorCode>, OsError> {
         self.set_cpl(3);
-        match self.vm.gva_access(&mut self.vcpu, gva, kind) {
+        match self
+            .vm
+            .gva_access(self.vcpu.as_mut().expect("live"), gva, kind)
+        {
             Ok(gpa) => Ok(Ok(gpa)),
             Err(Exit::GuestPageFault { error_code, .. }) => Ok(Err(error_code)),
             Err(other) => Err(OsError::Exit(other)),
@@ -146,17 +164,23 @@ impl<H: HostMemory, A: TableAllocator + 'static> Cpu for VcpuCpu<'_, H, A> {
     }
 
     fn load_cr3(&mut self, cr3: Gpa) -> Result<(), OsError> {
-        self.vm.load_cr3(&mut self.vcpu, cr3).map_err(OsError::Vm)?;
+        self.vm
+            .load_cr3(self.vcpu.as_mut().expect("live"), cr3)
+            .map_err(OsError::Vm)?;
         self.cr3 = cr3;
         Ok(())
     }
 
     fn invlpg(&mut self, gva: Gva) -> Result<(), OsError> {
-        self.vm.invlpg(&mut self.vcpu, gva).map_err(OsError::Vm)
+        self.vm
+            .invlpg(self.vcpu.as_mut().expect("live"), gva)
+            .map_err(OsError::Vm)
     }
 
     fn flush_tlb(&mut self) -> Result<(), OsError> {
-        self.vm.flush_guest_tlb(&mut self.vcpu).map_err(OsError::Vm)
+        self.vm
+            .flush_guest_tlb(self.vcpu.as_mut().expect("live"))
+            .map_err(OsError::Vm)
     }
 }
 
