@@ -8,6 +8,10 @@
 //! present pages to their frame, read-only pages fault on writes, absent pages and the
 //! pages around each VMA fault not-present; the frames' reference counts equal the PTEs
 //! mapping them. At the end every frame is free and zero, and the audit still passes.
+//!
+//! `VMMU_SHADOW_OS_STEPS` (default 150 a thread) and `VMMU_SHADOW_OS_SEED` (default 0)
+//! make it a longer soak over other scripts, e.g. in release:
+//! `VMMU_SHADOW_OS_STEPS=2000 VMMU_SHADOW_OS_SEED=7 cargo test --release -p vmmu --test shadow_os`.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -21,7 +25,19 @@ use vmmu_testing::guest_os::{Cpu, Image, Kernel, Machine, OsError, Process, Prot
 
 const RAM: u64 = 32 << 20;
 const THREADS: u64 = 3;
-const STEPS: usize = 150;
+/// Steps per thread; `VMMU_SHADOW_OS_STEPS` overrides (a longer soak).
+fn steps() -> usize {
+    env_u64("VMMU_SHADOW_OS_STEPS").map_or(150, |n| n as usize)
+}
+
+/// Added to every thread's seed; `VMMU_SHADOW_OS_SEED` sets it (other scripts).
+fn seed_base() -> u64 {
+    env_u64("VMMU_SHADOW_OS_SEED").unwrap_or(0)
+}
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.parse().ok())
+}
 const MAX_PROCS: usize = 5;
 
 /// xorshift64*: a fixed-seed script per thread.
@@ -87,7 +103,7 @@ fn vcpu_thread(k: &Kernel, mut cpu: impl Cpu, m: Option<&Machine>, seed: u64, op
     k.exec(&mut cpu, &mut p, &Image::default()).unwrap();
     procs.push(p);
     let mut cur = 0;
-    for step in 0..STEPS {
+    for step in 0..steps() {
         let op = rng.below(100);
         let what = format!("thread {seed} step {step} op {op}");
         match op {
@@ -228,7 +244,15 @@ fn run(unsync: bool, backing: Backing) {
     std::thread::scope(|s| {
         for t in 0..THREADS {
             let (m, ops) = (&m, &ops);
-            s.spawn(move || vcpu_thread(&m.kernel, m.cpu().unwrap(), Some(m), t + 1, ops));
+            s.spawn(move || {
+                vcpu_thread(
+                    &m.kernel,
+                    m.cpu().unwrap(),
+                    Some(m),
+                    seed_base() + t + 1,
+                    ops,
+                )
+            });
         }
     });
     let k = &m.kernel;
@@ -287,7 +311,7 @@ fn scripts_on_the_reference_cpu() {
     let ops = Ops::default();
     for t in 0..THREADS {
         let cpu = SoftCpu::new(mem.clone(), k.idle_pml4());
-        vcpu_thread(&k, cpu, None, t + 1, &ops);
+        vcpu_thread(&k, cpu, None, seed_base() + t + 1, &ops);
     }
     assert_eq!(k.frames().free_frames(), k.frames().total_frames());
     k.check_free_frames_zero().unwrap();
