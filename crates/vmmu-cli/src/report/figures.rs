@@ -575,9 +575,10 @@ fn fork(rs: &[Record]) -> Figure {
             "A process maps 64 MiB (4 MiB in a quick run) and forks that many children, each \
              reading every page, so every gfn is mapped by children + 1 shadow PTEs{}; the \
              host then unmaps the parent's memory, zapping each of those reverse maps. \
-             Restarting the scan at every step (before seed 000) and dropping SPTEs one by \
-             one (before seed 003) each cost time quadratic in the list's length; with both \
-             seeds the cost per SPTE should stay flat. The literature's case for reverse-map \
+             Before seed 003 every SPTE is dropped through the full drop path, the list \
+             searched and reshuffled each time; seed 003 clears the whole list in one pass \
+             and frees its descriptors together; seed 000 decides whether a walk of the \
+             list keeps its place or restarts from the head. The literature's case for reverse-map \
              descriptors: forking 500 children under shadow paging went from 473.9 to 351.0 \
              with the 2021 rmap descriptor rework.",
             longest.map_or(String::new(), |l| format!(
