@@ -42,7 +42,7 @@ impl Prot {
     };
 }
 
-/// One page's record: 0 when not present, else the gfn, with [`PageRecord::WRITABLE`] set
+/// One page's record: 0 when not present, else the gfn, with bit 31 set
 /// when the PTE is writable. Gfn 0 is a boot frame, never a user page.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PageRecord(u32);
