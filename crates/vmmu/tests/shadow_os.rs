@@ -96,7 +96,14 @@ fn some_page(rng: &mut Rng, p: &Process) -> Option<u64> {
 
 /// One vCPU's script: its own processes, random system calls, checks after each (the
 /// audit too when there is a VM: `m`).
-fn vcpu_thread(k: &Kernel, mut cpu: impl Cpu, m: Option<&Machine>, seed: u64, ops: &Ops) {
+fn vcpu_thread(
+    k: &Kernel,
+    mut cpu: impl Cpu,
+    m: Option<&Machine>,
+    label: &str,
+    seed: u64,
+    ops: &Ops,
+) {
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (seed * 0x1234_5678_9abc));
     let mut procs: Vec<Process> = Vec::new();
     let mut p = k.spawn(&mut cpu).unwrap();
@@ -105,7 +112,7 @@ fn vcpu_thread(k: &Kernel, mut cpu: impl Cpu, m: Option<&Machine>, seed: u64, op
     let mut cur = 0;
     for step in 0..steps() {
         let op = rng.below(100);
-        let what = format!("thread {seed} step {step} op {op}");
+        let what = format!("{label}: thread {seed} step {step} op {op}");
         match op {
             // Touch a few pages: demand paging and copy-on-write.
             0..=29 => {
@@ -241,14 +248,16 @@ fn run(unsync: bool, backing: Backing) {
     };
     let m = Machine::new(RAM, backing, config).unwrap();
     let ops = Ops::default();
+    let label = format!("unsync={unsync} {backing:?}");
     std::thread::scope(|s| {
         for t in 0..THREADS {
-            let (m, ops) = (&m, &ops);
+            let (m, ops, label) = (&m, &ops, &label);
             s.spawn(move || {
                 vcpu_thread(
                     &m.kernel,
                     m.cpu().unwrap(),
                     Some(m),
+                    label,
                     seed_base() + t + 1,
                     ops,
                 )
@@ -311,7 +320,7 @@ fn scripts_on_the_reference_cpu() {
     let ops = Ops::default();
     for t in 0..THREADS {
         let cpu = SoftCpu::new(mem.clone(), k.idle_pml4());
-        vcpu_thread(&k, cpu, None, seed_base() + t + 1, &ops);
+        vcpu_thread(&k, cpu, None, "reference", seed_base() + t + 1, &ops);
     }
     assert_eq!(k.frames().free_frames(), k.frames().total_frames());
     k.check_free_frames_zero().unwrap();
