@@ -75,9 +75,22 @@ fn audit(m: Option<&Machine>, what: &str) {
     }
 }
 
-fn check(k: &Kernel, cpu: &mut impl Cpu, procs: &[Process], cur: usize, what: &str) {
+fn check(
+    k: &Kernel,
+    cpu: &mut impl Cpu,
+    m: Option<&Machine>,
+    procs: &[Process],
+    cur: usize,
+    what: &str,
+) {
     if let Err(e) = check_process(k, cpu, &procs[cur]) {
-        panic!("after {what}: {e}");
+        // Where the stale translation lives: gone after a full flush (it was in the TLB,
+        // or in an unsync page the flush syncs), or still there (the shadow tables).
+        let audit = m.map(|m| m.vm.audit().map(|_| ()));
+        let flushed = cpu.flush_tlb().map(|()| check_process(k, cpu, &procs[cur]));
+        panic!(
+            "after {what}: {e}\n  audit: {audit:?}\n  after a full guest TLB flush: {flushed:?}"
+        );
     }
     if let Err(e) = check_refcounts(k, procs) {
         panic!("after {what}: {e}");
@@ -171,7 +184,7 @@ fn vcpu_thread(
                     .fork(&mut cpu, &mut procs[cur])
                     .unwrap_or_else(|e| panic!("{what}: fork: {e}"));
                 procs.push(child);
-                check(k, &mut cpu, &procs, cur, &what);
+                check(k, &mut cpu, m, &procs, cur, &what);
                 cur = procs.len() - 1;
                 k.switch_to(&mut cpu, &procs[cur]).unwrap();
                 if rng.below(2) == 0 {
@@ -225,11 +238,11 @@ fn vcpu_thread(
             }
         }
         audit(m, &what);
-        check(k, &mut cpu, &procs, cur, &what);
+        check(k, &mut cpu, m, &procs, cur, &what);
     }
     // Every process, checked once more, then gone.
     for i in 0..procs.len() {
-        check(k, &mut cpu, &procs, i, "the last step");
+        check(k, &mut cpu, m, &procs, i, "the last step");
     }
     for p in procs {
         k.exit(&mut cpu, p).unwrap();
@@ -474,6 +487,49 @@ mod repro {
         assert!(
             matches!(got, Err(Exit::GuestPageFault { .. })),
             "stale translation: {got:?}"
+        );
+        vm.audit().unwrap();
+    }
+
+    /// A root zapped (here by reclaim) while a last-level page under it is unsync leaves
+    /// the subtree below it linked and marked unsync-children. The guest's flush then
+    /// loads a new root and syncs under it, when nothing is linked yet; the next fault
+    /// links the old subtree back as it is, and its stale SPTE serves the access until
+    /// the next flush (here: a fault on the next page links the subtree, then a write
+    /// through the PTE the guest write-protected succeeds). KVM's `FNAME(fetch)` syncs a
+    /// found upper-level page that has unsync children (`mmu_sync_children`) before
+    /// linking it.
+    #[test]
+    fn a_subtree_with_unsync_children_is_synced_when_a_new_root_links_it() {
+        let (mem, vm, mut vcpu) = vm(true);
+        let user = 0x20_0000u64;
+        let rw = 0x10_0000 | TABLE | pte::NX;
+        mem.write_u64(Gpa(0x4000), rw).unwrap();
+        mem.write_u64(Gpa(0x4008), 0x10_1000 | TABLE | pte::NX)
+            .unwrap();
+        vcpu.set_cpl(3);
+        assert_eq!(
+            vm.gva_access(&mut vcpu, Gva(user), AccessKind::Write),
+            Ok(Gpa(0x10_0000))
+        );
+        // The kernel write-protects the PTE (the PT goes unsync, the write lands).
+        vcpu.set_cpl(0);
+        vm.gva_write_u64(&mut vcpu, Gva(KERNEL + 0x4000), rw & !pte::RW)
+            .unwrap();
+        // The host's shrinker zaps the oldest shadow page: the root.
+        assert!(vm.reclaim_shadow_pages(1) >= 1);
+        // The guest flushes, as it must after write-protecting a PTE.
+        vm.flush_guest_tlb(&mut vcpu).unwrap();
+        vcpu.set_cpl(3);
+        // A fault on the next page links the old subtree under the new root.
+        assert_eq!(
+            vm.gva_access(&mut vcpu, Gva(user + 0x1000), AccessKind::Read),
+            Ok(Gpa(0x10_1000))
+        );
+        let got = vm.gva_access(&mut vcpu, Gva(user), AccessKind::Write);
+        assert!(
+            matches!(got, Err(Exit::GuestPageFault { .. })),
+            "write through a read-only PTE after the flush: {got:?}"
         );
         vm.audit().unwrap();
     }
