@@ -10,12 +10,15 @@
 //!   simulation
 //! - [`pte`]: the x86-64 page-table entry bits (the guest's format, and the legacy format
 //!   the shadow tables use)
+//! - [`walk`]: the MMU's walk of the guest tables (KVM's `walk_addr_generic`)
 //! - [`PagingState`]: CR3, CR0.WP, EFER.NX and CPL: what decides a guest translation
 
 pub mod memory;
 pub mod pte;
+pub mod walk;
 
 pub use memory::{GuestMemory, SimGuestMemory};
+pub use walk::{walk_addr, GuestWalk};
 
 use crate::types::Gpa;
 

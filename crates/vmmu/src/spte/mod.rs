@@ -30,6 +30,10 @@ use core::fmt;
 
 use crate::types::{Gfn, Level, Pfn};
 
+pub mod legacy;
+
+pub use legacy::SpteFormat;
+
 /// The SPTE bit layout, as `u64` masks (and shifts where a field is wider than a bit).
 pub mod bits {
     /// Read access (EPT bit 0).
