@@ -246,7 +246,7 @@ pub fn access_name(kind: AccessKind, cpl: u8) -> String {
 pub struct Rig {
     pub guest: Guest,
     pub host: Arc<SimHostMemory>,
-    pub vm: PagingVm,
+    pub vm: Arc<PagingVm>,
     pub vcpu: Vcpu,
     pub regs: PagingState,
     pub config: PagingConfig,
@@ -260,7 +260,7 @@ impl Rig {
     pub fn start(guest: Guest, config: PagingConfig, backing: Backing) -> Rig {
         let host = Arc::new(SimHostMemory::new());
         let hva = host.mmap(GUEST_MEM, backing, true).expect("host mmap").0;
-        let vm = Vm::new_paging(
+        let vm = Arc::new(Vm::new_paging(
             VmConfig {
                 mmu: MmuKind::ShadowPaging,
                 paging: config,
@@ -268,7 +268,7 @@ impl Rig {
             },
             host.clone(),
             guest.mem.clone() as Arc<dyn GuestMemory>,
-        );
+        ));
         vm.set_user_memory_region(MemoryRegion {
             slot: 0,
             flags: MemslotFlags::empty(),
@@ -312,6 +312,14 @@ impl Rig {
 
     pub fn invlpg(&mut self, gva: Gva) {
         self.vm.invlpg(&mut self.vcpu, gva).expect("invlpg");
+    }
+
+    /// MOV CR3 to another address space.
+    pub fn set_cr3(&mut self, cr3: u64) {
+        self.regs.cr3 = Gpa(cr3);
+        self.vm
+            .load_cr3(&mut self.vcpu, Gpa(cr3))
+            .expect("load_cr3");
     }
 
     /// MOV CR3 with the current CR3 (a full flush of non-global translations).
@@ -376,7 +384,8 @@ impl Rig {
     /// One access of `kind` to `gva` at CPL `cpl`, checked against the reference: the
     /// outcome (gpa or #PF error code) and afterwards every entry in `watch` (the walk's
     /// entries hold what the reference computed, the others are unchanged). Returns the
-    /// reference walk, or a description of every difference.
+    /// reference walk, or a description of every difference. An empty `watch` means the
+    /// entries the reference walks.
     pub fn check_access(
         &mut self,
         gva: Gva,
@@ -387,6 +396,8 @@ impl Rig {
         self.set_cpl(cpl);
         self.checks += 1;
         let want = rw::walk(&*self.guest.mem, &self.regs, gva, kind);
+        let walked: Vec<u64> = want.entries.iter().map(|e| e.gpa.0).collect();
+        let watch = if watch.is_empty() { &walked[..] } else { watch };
         let before: Vec<u64> = watch.iter().map(|&g| self.guest.peek(g)).collect();
         let got = self.vm.gva_access(&mut self.vcpu, gva, kind);
         let mut err = String::new();

@@ -1,0 +1,444 @@
+//! Regression tests for bug shapes known from KVM's shadow MMU, through the public API only:
+//! after every step the audit must hold and every access must match the reference walker
+//! (`vmmu_testing::reference_walk`) exactly (gpa or #PF error code, A/D bits).
+//!
+//! - a huge guest PDE turned into a pointer to a page table and back while shadow mappings
+//!   of the huge page exist (flushed with INVLPG, then with MOV CR3), and a write to a
+//!   page table through a huge guest mapping of it;
+//! - roots in use (and roots in a vCPU's cache of previous roots) zapped by reclaim;
+//! - an emulated page-table write racing a zap of the page it targets.
+
+mod paging_rig;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use paging_rig::*;
+use vmmu::guest::pte;
+use vmmu::host::Backing;
+use vmmu::types::{AccessKind, Gva};
+use vmmu::PagingConfig;
+use vmmu_testing::Rng;
+
+const ACCESSES: [(AccessKind, u8); 6] = [
+    (AccessKind::Read, 0),
+    (AccessKind::Write, 0),
+    (AccessKind::Fetch, 0),
+    (AccessKind::Read, 3),
+    (AccessKind::Write, 3),
+    (AccessKind::Fetch, 3),
+];
+
+fn configs() -> [PagingConfig; 2] {
+    [
+        PagingConfig {
+            unsync: true,
+            ..PagingConfig::default()
+        },
+        PagingConfig {
+            unsync: false,
+            ..PagingConfig::default()
+        },
+    ]
+}
+
+/// Check every access kind at every gva in `gvas` (empty watch: the walk's entries), then
+/// the audit; failures go to `fails` labelled with `what`.
+fn round(rig: &mut Rig, fails: &mut Failures, gvas: &[Gva], what: &str) {
+    for &gva in gvas {
+        for (kind, cpl) in ACCESSES {
+            let r = rig.check_access(gva, kind, cpl, &[]);
+            fails.note(r, || {
+                format!(
+                    "[unsync={}] {what}: {} at {gva}",
+                    rig.config.unsync,
+                    access_name(kind, cpl)
+                )
+            });
+        }
+    }
+    let r = rig.audit();
+    fails.note(r, || {
+        format!("[unsync={}] audit after {what}", rig.config.unsync)
+    });
+}
+
+/// (a) A 2 MiB guest page becomes a page table and back while shadow mappings of it exist.
+fn huge_pde_to_table_and_back(config: PagingConfig, backing: Backing) -> Failures {
+    let mut g = Guest::new();
+    let pdpt = g.alloc_table();
+    let pd = g.alloc_table();
+    let pt = g.alloc_table();
+    g.poke(g.pml4 + 8, pdpt | FULL);
+    g.poke(pdpt + 8 * 3, pd | FULL);
+    // The page table: 4K pages with varied rights, none of them at the huge frame.
+    for j in 0..512u64 {
+        let mut v = (DATA4K + ((j * 7) % DATA4K_PAGES) * K4) | FULL;
+        if j % 5 == 1 {
+            v &= !pte::RW;
+        }
+        if j % 7 == 2 {
+            v &= !pte::US;
+        }
+        if j % 11 == 3 {
+            v |= pte::NX;
+        }
+        if j % 13 == 4 {
+            v &= !pte::P;
+        }
+        g.poke(pt + 8 * j, v);
+    }
+    let pde = pd + 8 * 5;
+    let huge1 = (DATA2M + M2) | pte::PS | FULL;
+    let huge2 = (DATA2M + 3 * M2) | pte::PS | FULL | pte::NX;
+    g.poke(pde, huge1);
+    let base = gva_of(1, 3, 5, 0, 0);
+    let gvas: Vec<Gva> = [0u64, 1, 2, 3, 4, 100, 255, 511]
+        .iter()
+        .map(|&j| Gva(base.0 + j * K4 + 0x5a8))
+        .collect();
+    let table = pt | FULL;
+
+    let mut rig = Rig::start(g, config, backing);
+    let mut fails = Failures::default();
+    let b = format!("{backing:?}");
+    round(&mut rig, &mut fails, &gvas, &format!("{b}: huge PDE"));
+    let r = rig.guest_write(pde, table);
+    fails.note(r, || "huge -> table write".into());
+    rig.invlpg(gvas[0]);
+    round(
+        &mut rig,
+        &mut fails,
+        &gvas,
+        &format!("{b}: huge -> table, INVLPG"),
+    );
+
+    let r = rig.guest_write(pde, huge2);
+    fails.note(r, || "table -> huge write".into());
+    rig.invlpg(gvas[3]);
+    round(
+        &mut rig,
+        &mut fails,
+        &gvas,
+        &format!("{b}: table -> huge, INVLPG"),
+    );
+
+    // The unused page table changes while the PDE is huge, then becomes used again.
+    for j in [0u64, 1, 2] {
+        let v = (DATA4K + (300 + j) * K4) | FULL;
+        let r = rig.guest_write(pt + 8 * j, v);
+        fails.note(r, || "write to the unlinked table".into());
+    }
+    let r = rig.guest_write(pde, table);
+    fails.note(r, || "huge -> table write".into());
+    rig.reload_cr3();
+    round(
+        &mut rig,
+        &mut fails,
+        &gvas,
+        &format!("{b}: huge -> table, MOV CR3"),
+    );
+
+    let r = rig.guest_write(pde, huge1);
+    fails.note(r, || "table -> huge write".into());
+    rig.reload_cr3();
+    round(
+        &mut rig,
+        &mut fails,
+        &gvas,
+        &format!("{b}: table -> huge, MOV CR3"),
+    );
+
+    // And once more with a full flush, the huge frame moved.
+    let r = rig.guest_write(pde, table);
+    fails.note(r, || "huge -> table write".into());
+    rig.vm.flush_guest_tlb(&mut rig.vcpu).expect("flush");
+    round(
+        &mut rig,
+        &mut fails,
+        &gvas,
+        &format!("{b}: huge -> table, full flush"),
+    );
+    fails
+}
+
+#[test]
+fn huge_pde_becomes_table_and_back() {
+    if vmmu_testing::skip_rerun("huge_pde_becomes_table_and_back") {
+        return;
+    }
+    for config in configs() {
+        for backing in [Backing::Page4K, Backing::Thp] {
+            huge_pde_to_table_and_back(config, backing).finish(
+                &format!("huge <-> table unsync={} {backing:?}", config.unsync),
+                0,
+            );
+        }
+    }
+}
+
+/// (a') The guest maps its own page-table area with a 2 MiB page and writes a PTE through
+/// it: the write must reach the MMU (emulated or unsync), never a writable huge shadow
+/// mapping that bypasses write protection.
+fn write_table_through_huge_alias(config: PagingConfig, backing: Backing) -> Failures {
+    let mut g = Guest::new();
+    let path = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+    g.poke(path.upper, path.upper_value(0b00111));
+    g.poke(path.leaf, path.leaf_value(0b00111, DATA4K));
+    // PML4[3] -> PDPT -> PD[0] = 2M page at gpa 0 (the first 512 table pages).
+    let pdpt = g.alloc_table();
+    let pd = g.alloc_table();
+    g.poke(g.pml4 + 8 * 3, pdpt | FULL);
+    g.poke(pdpt, pd | FULL);
+    g.poke(pd, pte::PS | FULL);
+    assert!(path.leaf < M2);
+    let alias = |gpa: u64| gva_of(3, 0, 0, 0, 0).0 + gpa;
+
+    let mut rig = Rig::start(g, config, backing);
+    let mut fails = Failures::default();
+    let mut rng = Rng::new(7);
+    for i in 0..64u64 {
+        // Read through the alias (the MMU may map it now), then the tested address.
+        let r = rig.check_access(Gva(alias(path.leaf)), AccessKind::Read, 0, &[]);
+        fails.note(r, || format!("step {i}: read of the PTE through the alias"));
+        round(&mut rig, &mut fails, &[path.gva], &format!("step {i}"));
+        // A write through the alias: an ordinary data write at CPL 3 (US everywhere).
+        let l = rng.below(64) as u32;
+        let v = path.leaf_value(l, DATA4K + (i % 16) * K4);
+        rig.set_cpl(3);
+        let r = rig
+            .vm
+            .gva_write_u64(&mut rig.vcpu, Gva(alias(path.leaf)), v);
+        rig.set_cpl(0);
+        if let Err(e) = r {
+            fails.push(format!("step {i}: write through the alias: {e:?}"));
+        }
+        if rig.guest.peek(path.leaf) != v {
+            fails.push(format!(
+                "step {i}: the write through the alias did not land"
+            ));
+        }
+        rig.invlpg(path.gva);
+        round(
+            &mut rig,
+            &mut fails,
+            &[path.gva],
+            &format!(
+                "step {i}: after alias write of {}",
+                vmmu_testing::reference_walk::describe_entry(v)
+            ),
+        );
+    }
+    fails
+}
+
+#[test]
+fn page_table_written_through_a_huge_alias() {
+    if vmmu_testing::skip_rerun("page_table_written_through_a_huge_alias") {
+        return;
+    }
+    for config in configs() {
+        for backing in [Backing::Page4K, Backing::Thp] {
+            write_table_through_huge_alias(config, backing).finish(
+                &format!("huge alias unsync={} {backing:?}", config.unsync),
+                0,
+            );
+        }
+    }
+}
+
+/// (b) Roots in use, and roots in the vCPU's cache of previous roots, zapped by reclaim.
+fn reclaim_roots(config: PagingConfig) -> Failures {
+    let mut g = Guest::new();
+    // Address space A (the guest's PML4) and B (a second PML4 sharing the direct map);
+    // the same gva maps different frames in each.
+    let pa = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+    g.poke(pa.upper, pa.upper_value(0b00111));
+    g.poke(pa.leaf, pa.leaf_value(0b00111, DATA4K));
+    let cr3_a = g.pml4;
+    let cr3_b = g.alloc_table();
+    g.poke(
+        cr3_b + 8 * DIRECT_MAP_SLOT,
+        g.peek(cr3_a + 8 * DIRECT_MAP_SLOT),
+    );
+    g.pml4 = cr3_b;
+    let pb = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+    g.poke(pb.upper, pb.upper_value(0b00111));
+    g.poke(pb.leaf, pb.leaf_value(0b00111, DATA4K + K4));
+    g.pml4 = cr3_a;
+    assert_eq!(pa.gva, pb.gva);
+    let gva = pa.gva;
+
+    let mut rig = Rig::start(g, config, Backing::Page4K);
+    let mut fails = Failures::default();
+    let mut rng = Rng::new(0xb);
+    for i in 0..24u64 {
+        round(&mut rig, &mut fails, &[gva], &format!("iter {i}: A"));
+        let n = rig.vm.reclaim_shadow_pages(usize::MAX);
+        if n == 0 {
+            fails.push(format!(
+                "iter {i}: reclaim(MAX) zapped nothing with pages in use"
+            ));
+        }
+        round(
+            &mut rig,
+            &mut fails,
+            &[gva],
+            &format!("iter {i}: A after reclaim(MAX)"),
+        );
+        rig.set_cr3(cr3_b);
+        round(&mut rig, &mut fails, &[gva], &format!("iter {i}: B"));
+        rig.set_cr3(cr3_a);
+        round(
+            &mut rig,
+            &mut fails,
+            &[gva],
+            &format!("iter {i}: back to A"),
+        );
+        // Zap both roots (A in use, B cached), then switch to the cached one.
+        rig.vm.reclaim_shadow_pages(usize::MAX);
+        rig.set_cr3(cr3_b);
+        round(
+            &mut rig,
+            &mut fails,
+            &[gva],
+            &format!("iter {i}: cached B after reclaim"),
+        );
+        // Change A's leaf while running B (through the shared direct map), reclaim a few
+        // pages, then come back to A.
+        let v = pa.leaf_value(rng.below(64) as u32 | 1, DATA4K + (2 + rng.below(8)) * K4);
+        let r = rig.guest_write(pa.leaf, v);
+        fails.note(r, || format!("iter {i}: write A's leaf from B"));
+        rig.vm.reclaim_shadow_pages(1 + rng.below(4) as usize);
+        rig.set_cr3(cr3_a);
+        round(
+            &mut rig,
+            &mut fails,
+            &[gva],
+            &format!("iter {i}: A after its leaf changed"),
+        );
+        if i.is_multiple_of(3) {
+            rig.vm.zap_all().expect("zap_all");
+            round(
+                &mut rig,
+                &mut fails,
+                &[gva],
+                &format!("iter {i}: A after zap_all"),
+            );
+        }
+        // Reclaim oldest-first one page at a time between accesses.
+        for k in 0..6 {
+            rig.vm.reclaim_shadow_pages(1);
+            round(
+                &mut rig,
+                &mut fails,
+                &[gva],
+                &format!("iter {i}: reclaim(1) #{k}"),
+            );
+        }
+    }
+    fails
+}
+
+#[test]
+fn reclaim_zaps_roots_in_use() {
+    if vmmu_testing::skip_rerun("reclaim_zaps_roots_in_use") {
+        return;
+    }
+    for config in configs() {
+        reclaim_roots(config).finish(&format!("reclaim roots unsync={}", config.unsync), 0);
+    }
+}
+
+/// (c) The vCPU thread rewrites a guest PTE through the direct map (an emulated write, or
+/// an unsync page) and accesses the address, checking each access against the reference;
+/// another thread reclaims shadow pages and zaps everything meanwhile. Guest memory is
+/// only changed by the vCPU thread, so its checks are exact despite the race.
+fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
+    let mut g = Guest::new();
+    let p4 = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+    let p2 = Path::build(&mut g, Family::Pde2M, 2, (4, 6, 0), 0x1a_b5a8);
+    for p in [&p4, &p2] {
+        g.poke(p.upper, p.upper_value(0b00111));
+        g.poke(p.leaf, p.leaf_value(0b00111, p.family.frame(0)));
+    }
+    let mut rig = Rig::start(g, config, Backing::Page4K);
+    let vm = rig.vm.clone();
+    let done = AtomicBool::new(false);
+    let mut fails = Failures::default();
+    std::thread::scope(|s| {
+        let zapper = s.spawn(|| {
+            let mut rng = Rng::new(0x2a9);
+            let mut zaps = 0u64;
+            while !done.load(Ordering::Acquire) {
+                match rng.below(8) {
+                    0 => vm.zap_all().expect("zap_all"),
+                    1 => {
+                        vm.reclaim_shadow_pages(usize::MAX);
+                    }
+                    _ => {
+                        vm.reclaim_shadow_pages(1 + rng.below(3) as usize);
+                    }
+                }
+                zaps += 1;
+                std::thread::yield_now();
+            }
+            zaps
+        });
+        let mut rng = Rng::new(0xc0de);
+        for i in 0..iters {
+            let p = if rng.chance(1, 2) { &p4 } else { &p2 };
+            let l = rng.below(64) as u32 | 1; // present, so something maps now and then
+            let v = p.leaf_value(l, p.family.frame(rng.below(4)));
+            let r = rig.guest_write(p.leaf, v);
+            fails.note(r, || format!("iter {i}: PTE write"));
+            if rng.chance(1, 8) {
+                let u = p.upper_value(rng.below(32) as u32 | 1);
+                let r = rig.guest_write(p.upper, u);
+                fails.note(r, || format!("iter {i}: upper write"));
+            }
+            rig.invlpg(p.gva);
+            for _ in 0..2 {
+                let (kind, cpl) = ACCESSES[rng.below(6) as usize];
+                let r = rig.check_access(p.gva, kind, cpl, &p.entries);
+                fails.note(r, || {
+                    format!(
+                        "[unsync={}] iter {i} ({}): {} at {}",
+                        config.unsync,
+                        p.family.name(),
+                        access_name(kind, cpl),
+                        p.gva
+                    )
+                });
+            }
+            if i % 64 == 63 {
+                let r = rig.audit();
+                fails.note(r, || format!("audit at iter {i} (racing)"));
+            }
+        }
+        done.store(true, Ordering::Release);
+        let zaps = zapper.join().expect("zapper panicked");
+        eprintln!(
+            "unsync={}: {iters} iterations raced {zaps} zaps",
+            config.unsync
+        );
+    });
+    let r = rig.audit();
+    fails.note(r, || "final audit".into());
+    for p in [&p4, &p2] {
+        rig.invlpg(p.gva);
+        round(&mut rig, &mut fails, &[p.gva], "after the race");
+    }
+    fails
+}
+
+#[test]
+fn emulated_pte_write_races_zap() {
+    if vmmu_testing::skip_rerun("emulated_pte_write_races_zap") {
+        return;
+    }
+    let iters = if cfg!(debug_assertions) { 2000 } else { 20000 };
+    for config in configs() {
+        emulated_write_races_zap(config, iters)
+            .finish(&format!("write/zap race unsync={}", config.unsync), 0);
+    }
+}
