@@ -169,8 +169,10 @@ pub fn audit<A: TableAllocator>(
                     Some(csp.role.level()) == level.below(),
                     "child {child} of {sref:?} has the wrong level"
                 );
+                // An indirect page's child shadows whatever table the guest entry names
+                // (checked against guest memory by `audit_paging`).
                 ensure!(
-                    csp.gfn == gfn,
+                    sp.has_translations() || csp.gfn == gfn,
                     "child {child} of {sref:?} has gfn {:?}, expected {gfn:?}",
                     csp.gfn
                 );
@@ -200,8 +202,10 @@ pub fn audit<A: TableAllocator>(
                 "parent {p:?} does not point at page {id}"
             );
         }
-        if id == mmu.root_id() {
-            ensure!(sp.parent_ptes.is_empty(), "the root has parents");
+        if id == mmu.root_id() || sp.root_count != 0 {
+            ensure!(sp.parent_ptes.is_empty(), "root {id} has parents");
+        } else if sp.hashed {
+            // Shadow paging: a page may outlive its last parent, found again by gfn.
         } else {
             ensure!(
                 !sp.parent_ptes.is_empty(),
@@ -264,6 +268,171 @@ pub fn audit<A: TableAllocator>(
     );
     rep.mmio = pages.iter().map(|(_, p)| p.mmio as usize).sum();
     Ok(rep)
+}
+
+/// The shadow-paging invariants (see `shadow::paging`), on top of [`audit`]: the hash
+/// names every hashed page once and no two share gfn and role; invalid pages are roots
+/// still in use and unhashed; tables above the last level are write-tracked; while a
+/// table has a sync shadow page no SPTE maps it writable; every entry of a sync indirect
+/// page agrees with the guest entry in `guest` (links name the guest's table, leaves its
+/// gfn with no more rights); the unsync-child marks match the children.
+pub fn audit_paging<A: TableAllocator>(
+    slots: &Memslots,
+    mmu: &ShadowMmu<A>,
+    guest: &dyn crate::guest::GuestMemory,
+) -> Result<(), AuditError> {
+    use crate::guest::pte;
+    use crate::shadow::paging::spte_allowed_by;
+    use crate::types::{Gfn, Gpa, PAGE_SHIFT};
+    let pages = mmu.pages();
+    let hashed = mmu.hashed_pages();
+    let mut seen = alloc::collections::BTreeSet::new();
+    for &id in &hashed {
+        let sp = pages.try_get(id);
+        ensure!(sp.is_some(), "hash names missing page {id}");
+        let sp = sp.expect("checked");
+        ensure!(sp.hashed, "page {id} is in the hash but not marked hashed");
+        ensure!(!sp.role.is_invalid(), "invalid page {id} is hashed");
+        ensure!(
+            seen.insert((sp.gfn.0, sp.role.word())),
+            "two hashed pages share gfn {:?} and role {:?}",
+            sp.gfn,
+            sp.role
+        );
+        ensure!(
+            mmu.find_page(sp.gfn, sp.role) == Some(id),
+            "page {id} not found under its gfn"
+        );
+    }
+    for (id, sp) in pages.iter() {
+        ensure!(
+            sp.role.is_paging(),
+            "page {id} of a shadow-paging MMU has a direct-MMU role"
+        );
+        ensure!(
+            sp.hashed || (sp.role.is_invalid() && sp.root_count != 0),
+            "page {id} is neither hashed nor an invalid root in use"
+        );
+        // Unsync-child marks.
+        for i in 0..SPTE_ENT_PER_PAGE {
+            let c = sp.child(i);
+            let want = c != 0 && {
+                let csp = pages.get(c);
+                csp.unsync || csp.unsync_children != 0
+            };
+            let have = sp.unsync_child_bitmap[i / 64] & (1 << (i % 64)) != 0;
+            ensure!(
+                want == have,
+                "page {id} entry {i}: unsync-child mark {have}, child says {want}"
+            );
+        }
+        ensure!(
+            sp.unsync_children as u32
+                == sp
+                    .unsync_child_bitmap
+                    .iter()
+                    .map(|w| w.count_ones())
+                    .sum::<u32>(),
+            "page {id}: unsync_children count off"
+        );
+        ensure!(
+            !sp.unsync || (sp.role.level() == Level::L4K && !sp.role.is_direct()),
+            "page {id} is unsync but not an indirect last-level page"
+        );
+        if sp.role.is_direct() || !sp.hashed {
+            continue;
+        }
+        let slot = slots.lookup(sp.gfn);
+        ensure!(
+            slot.is_some(),
+            "page {id} shadows gfn {:?} outside the memslots",
+            sp.gfn
+        );
+        let slot = slot.expect("checked");
+        let level = sp.role.level();
+        if level > Level::L4K {
+            ensure!(
+                slot.is_write_tracked(sp.gfn),
+                "page {id} shadows the level-{} table {:?}, which is not write-tracked",
+                level as u8,
+                sp.gfn
+            );
+        } else {
+            ensure!(
+                slot.disallow_lpage(sp.gfn, Level::L2M) != 0,
+                "page {id} shadows last-level table {:?} under a huge-page allowance",
+                sp.gfn
+            );
+        }
+        let all_sync = mmu
+            .pages_of_gfn(sp.gfn)
+            .iter()
+            .all(|&p| pages.get(p).role.is_direct() || !pages.get(p).unsync);
+        if all_sync {
+            for l in Level::LEAF_LEVELS {
+                if l > Level::L4K && slot.rmap_entries(l) == 0 {
+                    continue;
+                }
+                for sref in rmap::iter(slot.rmap_head(sp.gfn, l), mmu.pool()) {
+                    let spte = mmu.spte(sref);
+                    ensure!(
+                        !spte.is_writable() && !spte.is_mmu_writable(),
+                        "guest table {:?} (page {id}) is mapped writable by {sref:?}",
+                        sp.gfn
+                    );
+                }
+            }
+        }
+        if sp.unsync {
+            continue;
+        }
+        for i in 0..SPTE_ENT_PER_PAGE {
+            let spte = sp.table().get(i);
+            if !spte.is_shadow_present() {
+                continue;
+            }
+            let gpa = Gpa(sp.gfn.gpa().0 + i as u64 * 8);
+            let gpte = guest
+                .read_u64(gpa)
+                .map_err(|e| AuditError(format!("page {id}: reading guest entry: {e}")))?;
+            let frame = Gfn((gpte & pte::ADDR_MASK) >> PAGE_SHIFT);
+            if !spte.is_leaf(level) {
+                let csp = pages.get(sp.child(i));
+                ensure!(
+                    gpte & pte::P != 0,
+                    "page {id} entry {i} links a table the guest entry no longer maps"
+                );
+                if csp.role.is_direct() {
+                    ensure!(
+                        gpte & pte::PS != 0 && csp.gfn.align_down(level) == frame.align_down(level),
+                        "page {id} entry {i}: direct child {:?} for guest entry {gpte:#x}",
+                        csp.gfn
+                    );
+                } else {
+                    ensure!(
+                        gpte & pte::PS == 0 && csp.gfn == frame,
+                        "page {id} entry {i}: child shadows {:?}, guest entry {gpte:#x}",
+                        csp.gfn
+                    );
+                }
+            } else if level == Level::L4K {
+                ensure!(
+                    spte_allowed_by(spte, gpte, sp.gfn_at(i), sp.role),
+                    "page {id} entry {i}: {spte:?} grants more than guest entry {gpte:#x} (gfn {:?})",
+                    sp.gfn_at(i)
+                );
+            } else {
+                ensure!(
+                    gpte & pte::P != 0
+                        && gpte & pte::PS != 0
+                        && frame.align_down(level) == sp.gfn_at(i),
+                    "page {id} entry {i}: huge leaf for gfn {:?}, guest entry {gpte:#x}",
+                    sp.gfn_at(i)
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Check every invariant of the TDP MMU `mmu` against `slots` (at a quiescent point):

@@ -39,6 +39,8 @@
 //! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
 //! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
 //! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; shadow-paging faults and `gva_*` accesses (as `Exit::Error`) |
+//! | [`NonCanonical`](Error::NonCanonical) | `invlpg`, `gva_*` (as `Exit::Error`) |
+//! | [`Unaligned`](Error::Unaligned) | `gva_read_u64`, `gva_write_u64` (as `Exit::Error`) |
 //! | [`WrongPagingMode`](Error::WrongPagingMode) | `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*` (on a VM without shadow paging); `access` (on one with it) |
 //!
 //! The differential tests (`tests/proptest_ops.rs`), the fuzz target (`fuzz/`) and
@@ -47,7 +49,7 @@
 
 use core::fmt;
 
-use crate::types::{Gpa, Hva};
+use crate::types::{Gpa, Gva, Hva};
 
 /// An error from the vmmu public API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,6 +189,17 @@ pub enum Error {
         /// The address.
         gpa: Gpa,
     },
+    /// A guest-virtual address that is not canonical (bits 63..=47 differ): the CPU
+    /// raises #GP, not a page fault.
+    NonCanonical {
+        /// The address.
+        gva: Gva,
+    },
+    /// A guest-virtual data access (`gva_read_u64`, `gva_write_u64`) not 8-byte aligned.
+    Unaligned {
+        /// The address.
+        gva: Gva,
+    },
     /// A shadow-paging operation on a VM whose MMU does not shadow guest page tables, or
     /// a guest-physical access on one that does.
     WrongPagingMode(&'static str),
@@ -261,6 +274,12 @@ impl fmt::Display for Error {
                 "guest memory access at gpa {gpa} is outside the guest's memory or not 8-byte aligned"
             ),
             Error::WrongPagingMode(why) => write!(f, "wrong paging mode: {why}"),
+            Error::NonCanonical { gva } => {
+                write!(f, "guest-virtual address {gva} is not canonical (#GP)")
+            }
+            Error::Unaligned { gva } => {
+                write!(f, "guest-virtual word access at {gva} is not 8-byte aligned")
+            }
             Error::NotLogging(s) => write!(f, "memslot {s} does not log dirty pages (LOG_DIRTY_PAGES is off)"),
             Error::BitmapTooSmall { needed, got } => {
                 write!(f, "bitmap of {got} words is too small: {needed} needed")

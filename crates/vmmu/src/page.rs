@@ -27,7 +27,9 @@ use crate::types::{AccessFlags, Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 /// What a shadow page shadows, packed as KVM's `kvm_mmu_page_role` word.
 ///
 /// Bits 0..=3 level (always 1..=4: roles are only built from a [`Level`]), bit 4
-/// direct, bits 5..=7 access, bit 8 invalid.
+/// direct, bits 5..=7 access, bit 8 invalid; for shadow paging, bit 9 CR0.WP and bit 10
+/// EFER.NX of the context the page was built in (pages built under different values
+/// are not shared, as KVM's role keeps them apart), bit 11 "shadow paging".
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Role(u32);
 
@@ -36,10 +38,50 @@ impl Role {
     const DIRECT: u32 = 1 << 4;
     const ACCESS_SHIFT: u32 = 5;
     const INVALID: u32 = 1 << 8;
+    const CR0_WP: u32 = 1 << 9;
+    const EFER_NX: u32 = 1 << 10;
+    const PAGING: u32 = 1 << 11;
 
     /// A direct-map role (the page maps a contiguous gfn range; KVM's `role.direct`).
     pub const fn direct(level: Level) -> Role {
         Role(level as u32 | Self::DIRECT | ((AccessFlags::ALL.bits() as u32) << Self::ACCESS_SHIFT))
+    }
+    /// A shadow-paging role: a page shadowing a guest table of `level` (`direct` false), or
+    /// a direct page standing for part of a guest huge page (`direct` true), granting
+    /// `access` to its children, built under CR0.WP `wp` and EFER.NX `nx`.
+    pub const fn paging(
+        level: Level,
+        direct: bool,
+        access: AccessFlags,
+        wp: bool,
+        nx: bool,
+    ) -> Role {
+        Role(
+            level as u32
+                | if direct { Self::DIRECT } else { 0 }
+                | ((access.bits() as u32) << Self::ACCESS_SHIFT)
+                | if wp { Self::CR0_WP } else { 0 }
+                | if nx { Self::EFER_NX } else { 0 }
+                | Self::PAGING,
+        )
+    }
+    /// Whether the page belongs to a shadow-paging MMU (indirect, or direct under a guest
+    /// huge page); such pages are hashed by gfn and role.
+    pub const fn is_paging(self) -> bool {
+        self.0 & Self::PAGING != 0
+    }
+    /// CR0.WP of the context the page was built in (shadow paging).
+    pub const fn cr0_wp(self) -> bool {
+        self.0 & Self::CR0_WP != 0
+    }
+    /// EFER.NX of the context the page was built in (shadow paging).
+    pub const fn efer_nx(self) -> bool {
+        self.0 & Self::EFER_NX != 0
+    }
+    /// The role of a child page `below` this one, reached through an entry granting
+    /// `access` (shadow paging).
+    pub const fn child(self, below: Level, direct: bool, access: AccessFlags) -> Role {
+        Role::paging(below, direct, access, self.cr0_wp(), self.efer_nx())
     }
     /// The level of the table.
     #[inline]
@@ -93,7 +135,8 @@ pub struct ShadowPage {
     pub frame: Pfn,
     /// What the page shadows.
     pub role: Role,
-    /// First gfn the page maps (direct pages).
+    /// First gfn the page maps (direct pages), or the gfn of the guest table it shadows
+    /// (indirect pages).
     pub gfn: Gfn,
     /// Reverse map of the non-leaf SPTEs that point at this page.
     pub parent_ptes: RmapHead,
@@ -113,6 +156,23 @@ pub struct ShadowPage {
     /// Number of bits set in `writable_bitmap`.
     pub possible_writable: u16,
     children: Option<Box<[u32; SPTE_ENT_PER_PAGE]>>,
+    /// Shadow paging: what each entry maps (KVM's `shadowed_translation`): the gfn of a
+    /// leaf, in an indirect page whose gfns do not follow from its position.
+    translations: Option<Box<[u64; SPTE_ENT_PER_PAGE]>>,
+    /// Shadow paging: the page is unsync: the guest writes its table directly and the
+    /// entries are brought back in line at the next sync point.
+    pub unsync: bool,
+    /// Shadow paging: entries whose child is unsync or has unsync descendants
+    /// (KVM's `unsync_child_bitmap`), and how many.
+    pub unsync_child_bitmap: [u64; SPTE_ENT_PER_PAGE / 64],
+    /// Number of bits set in `unsync_child_bitmap`.
+    pub unsync_children: u16,
+    /// Shadow paging: emulated writes since the page was last used by a fault.
+    pub write_flooding_count: u8,
+    /// Shadow paging: the page is in the MMU's hash (KVM's `mmu_page_hash`).
+    pub hashed: bool,
+    /// Creation order (reclaim zaps the oldest first, as KVM's active list).
+    pub seq: u64,
 }
 
 // SAFETY: the table pointer is owned by the page (the frame is allocated for the page's
@@ -137,6 +197,49 @@ impl ShadowPage {
     #[inline]
     pub fn child(&self, i: usize) -> u32 {
         self.children.as_ref().map_or(0, |c| c[i])
+    }
+    /// The gfn mapped by entry `i`: from the position for a direct page, from the recorded
+    /// translation for an indirect one (KVM's `kvm_mmu_page_get_gfn`).
+    #[inline]
+    pub fn gfn_at(&self, i: usize) -> Gfn {
+        match &self.translations {
+            Some(t) => Gfn(t[i]),
+            None => Gfn(self.gfn.0 + ((i as u64) << self.role.level().gfn_shift())),
+        }
+    }
+    /// Record the gfn entry `i` maps (indirect pages).
+    #[inline]
+    pub fn set_gfn_at(&mut self, i: usize, gfn: Gfn) {
+        self.translations
+            .as_mut()
+            .expect("direct page has no translations")[i] = gfn.0;
+    }
+    /// Whether the page records per-entry gfns (an indirect shadow-paging page).
+    #[inline]
+    pub fn has_translations(&self) -> bool {
+        self.translations.is_some()
+    }
+    /// Mark entry `i` as leading to unsync pages; whether the page had none before.
+    #[inline]
+    pub fn set_unsync_child(&mut self, i: usize) -> bool {
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        if self.unsync_child_bitmap[w] & b != 0 {
+            return false;
+        }
+        self.unsync_child_bitmap[w] |= b;
+        self.unsync_children += 1;
+        self.unsync_children == 1
+    }
+    /// Clear entry `i`'s unsync mark; whether the page has none left (and had one).
+    #[inline]
+    pub fn clear_unsync_child(&mut self, i: usize) -> bool {
+        let (w, b) = (i / 64, 1u64 << (i % 64));
+        if self.unsync_child_bitmap[w] & b == 0 {
+            return false;
+        }
+        self.unsync_child_bitmap[w] &= !b;
+        self.unsync_children -= 1;
+        self.unsync_children == 0
     }
     /// Record (or clear, with 0) the child page id under entry `i`.
     #[inline]
@@ -255,12 +358,6 @@ impl ShadowPage {
             self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
         self.mmio = self.mmio + new.is_mmio() as u16 - old.is_mmio() as u16;
     }
-
-    /// The gfn mapped by entry `i` of a direct page.
-    #[inline]
-    pub fn gfn_at(&self, i: usize) -> Gfn {
-        Gfn(self.gfn.0 + ((i as u64) << self.role.level().gfn_shift()))
-    }
 }
 
 impl fmt::Debug for ShadowPage {
@@ -283,6 +380,7 @@ pub struct Pages {
     live: usize,
     created: u64,
     freed: u64,
+    seq: u64,
 }
 
 impl Default for Pages {
@@ -300,6 +398,7 @@ impl Pages {
             live: 0,
             created: 0,
             freed: 0,
+            seq: 0,
         }
     }
 
@@ -328,6 +427,9 @@ impl Pages {
             return None;
         };
         let children = (role.level() > Level::L4K).then(|| Box::new([0u32; SPTE_ENT_PER_PAGE]));
+        let translations =
+            (role.is_paging() && !role.is_direct()).then(|| Box::new([0u64; SPTE_ENT_PER_PAGE]));
+        self.seq += 1;
         self.slots[id as usize] = Some(ShadowPage {
             table: alloc.table_ptr(frame),
             frame,
@@ -341,6 +443,13 @@ impl Pages {
             writable_bitmap: [0; SPTE_ENT_PER_PAGE / 64],
             possible_writable: 0,
             children,
+            translations,
+            unsync: false,
+            unsync_child_bitmap: [0; SPTE_ENT_PER_PAGE / 64],
+            unsync_children: 0,
+            write_flooding_count: 0,
+            hashed: false,
+            seq: self.seq,
         });
         self.live += 1;
         self.created += 1;
@@ -423,6 +532,11 @@ impl Pages {
             + self.free_ids.capacity() * 4
             + self.iter().filter(|(_, p)| p.children.is_some()).count()
                 * core::mem::size_of::<[u32; SPTE_ENT_PER_PAGE]>()
+            + self
+                .iter()
+                .filter(|(_, p)| p.translations.is_some())
+                .count()
+                * core::mem::size_of::<[u64; SPTE_ENT_PER_PAGE]>()
     }
 }
 

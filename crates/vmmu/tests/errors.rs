@@ -53,6 +53,8 @@ fn name(e: &Error) -> &'static str {
         Error::TooManyVcpus { .. } => "TooManyVcpus",
         Error::GuestMemory { .. } => "GuestMemory",
         Error::WrongPagingMode(_) => "WrongPagingMode",
+        Error::NonCanonical { .. } => "NonCanonical",
+        Error::Unaligned { .. } => "Unaligned",
     }
 }
 
@@ -106,6 +108,12 @@ fn every_variant_has_a_message() {
             gpa: vmmu::types::Gpa(0x1004),
         },
         Error::WrongPagingMode("why"),
+        Error::NonCanonical {
+            gva: vmmu::types::Gva(1 << 50),
+        },
+        Error::Unaligned {
+            gva: vmmu::types::Gva(4),
+        },
     ];
     let mut seen = std::collections::BTreeSet::new();
     for e in &all {

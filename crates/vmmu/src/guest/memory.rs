@@ -63,7 +63,7 @@ impl SimGuestMemory {
 
     #[inline]
     fn check(&self, gpa: Gpa) -> Result<(usize, usize), Error> {
-        if gpa.0 % 8 != 0 || gpa.0 >= self.size {
+        if !gpa.0.is_multiple_of(8) || gpa.0 >= self.size {
             return Err(Error::GuestMemory { gpa });
         }
         Ok((
@@ -174,7 +174,7 @@ mod tests {
     #[test]
     fn rejects_unaligned_and_out_of_range() {
         let m = SimGuestMemory::new(4096);
-        for gpa in [Gpa(4), Gpa(4096), Gpa(u64::MAX & !7)] {
+        for gpa in [Gpa(4), Gpa(4096), Gpa(!7)] {
             assert_eq!(m.read_u64(gpa), Err(Error::GuestMemory { gpa }));
             assert_eq!(m.write_u64(gpa, 1), Err(Error::GuestMemory { gpa }));
             assert_eq!(m.cmpxchg_u64(gpa, 0, 1), Err(Error::GuestMemory { gpa }));

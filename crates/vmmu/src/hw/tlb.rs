@@ -25,6 +25,11 @@ pub struct TlbEntry {
     pub executable: bool,
     /// The leaf's D bit was set when the entry was filled.
     pub dirty: bool,
+    /// User-accessible (shadow paging; always true for EPT).
+    pub user: bool,
+    /// Shadow paging: the first guest frame of the leaf page (what the guest's tables
+    /// translated the virtual page to). Unused for EPT, where the tag is the gfn.
+    pub gfn: Gfn,
 }
 
 const EMPTY: TlbEntry = TlbEntry {
@@ -34,6 +39,8 @@ const EMPTY: TlbEntry = TlbEntry {
     writable: false,
     executable: false,
     dirty: false,
+    user: false,
+    gfn: Gfn(0),
 };
 
 const SETS: [usize; 3] = [1024, 64, 8];
@@ -95,6 +102,43 @@ impl Tlb {
         None
     }
 
+    /// Shadow paging: a translation of virtual page `vpn` that allows `kind` by a user
+    /// (`user`) or supervisor access, if cached. Returns the pfn and gfn of `vpn`.
+    #[inline]
+    pub fn lookup_virt(&mut self, vpn: u64, kind: AccessKind, user: bool) -> Option<(Pfn, Gfn)> {
+        for level in Level::LEAF_LEVELS {
+            let (i, tag) = Self::slot(level, Gfn(vpn));
+            let e = &self.sets[level.leaf_index()][i];
+            if e.tag == tag {
+                let ok = (!user || e.user)
+                    && match kind {
+                        AccessKind::Read => true,
+                        AccessKind::Write => e.writable && e.dirty,
+                        AccessKind::Fetch => e.executable,
+                    };
+                if ok {
+                    self.hits += 1;
+                    let off = vpn & (level.pages() - 1);
+                    return Some((Pfn(e.pfn.0 + off), Gfn(e.gfn.0 + off)));
+                }
+                break;
+            }
+        }
+        self.misses += 1;
+        None
+    }
+
+    /// Drop the translation of virtual page `vpn`, at any page size (INVLPG).
+    pub fn flush_virt(&mut self, vpn: u64) {
+        for level in Level::LEAF_LEVELS {
+            let (i, tag) = Self::slot(level, Gfn(vpn));
+            let e = &mut self.sets[level.leaf_index()][i];
+            if e.tag == tag {
+                *e = EMPTY;
+            }
+        }
+    }
+
     /// Cache a translation of the leaf page of `level` containing `gfn`.
     #[inline]
     pub fn fill(&mut self, gfn: Gfn, entry: TlbEntry) {
@@ -117,6 +161,8 @@ impl Tlb {
             writable,
             executable,
             dirty,
+            user: true,
+            gfn: Gfn(0),
         }
     }
 

@@ -19,8 +19,10 @@ use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 use super::tlb::Tlb;
 use crate::dirty::DirtyRing;
 use crate::guest::PagingState;
+use crate::shadow::RootRef;
 use crate::sync::{heavy_fence, light_fence, Mutex};
 use crate::types::Pfn;
+use alloc::vec::Vec;
 
 const OUTSIDE_GUEST_MODE: u8 = 0;
 const IN_GUEST_MODE: u8 = 1;
@@ -83,6 +85,10 @@ pub struct Vcpu {
     pub exits: u64,
     /// Paging registers (shadow paging).
     pub(crate) paging: PagingState,
+    /// Shadow paging: the root for the current CR3, and the previous ones kept for
+    /// switching back (most recent first).
+    pub(crate) proot: Option<RootRef>,
+    pub(crate) prev_roots: Vec<RootRef>,
 }
 
 impl Vcpu {
@@ -95,6 +101,8 @@ impl Vcpu {
             accesses: 0,
             exits: 0,
             paging: PagingState::default(),
+            proot: None,
+            prev_roots: Vec::new(),
         }
     }
 

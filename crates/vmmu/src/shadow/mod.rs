@@ -18,6 +18,7 @@
 mod algorithms;
 mod fault;
 mod notifier;
+pub mod paging;
 mod wrprot;
 mod zap;
 
@@ -26,12 +27,13 @@ use alloc::vec::Vec;
 pub use algorithms::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use fault::{DirtyGfn, Fault, FaultOutcome};
 pub use notifier::Invalidation;
+pub use paging::{PagingConfig, PagingFault, PagingOutcome, PagingStats, RootRef};
 
 use crate::error::Error;
 use crate::memslot::Memslots;
 use crate::page::{Pages, Role};
 use crate::rmap::{self, DescPool, SpteRef};
-use crate::spte::Spte;
+use crate::spte::{Spte, SpteFormat};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn};
 
@@ -57,8 +59,13 @@ pub struct ShadowMmu<A: TableAllocator> {
     pub(crate) alloc: A,
     pub(crate) pages: Pages,
     pub(crate) pool: DescPool,
+    /// The direct-mode root (0 under shadow paging, whose roots are per CR3).
     root: u32,
     invalid_list: Vec<u32>,
+    pub(crate) format: SpteFormat,
+    pub(crate) paging: Option<alloc::boxed::Box<paging::Paging>>,
+    /// Shadow paging: a zap invalidated a root in use; the VM has vCPUs reload.
+    pub(crate) roots_invalidated: bool,
     max_level: Level,
     pub(crate) algos: Algorithms,
     pub(crate) invalidation: Invalidation,
@@ -80,6 +87,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
             pool: DescPool::new(),
             root,
             invalid_list: Vec::new(),
+            format: SpteFormat::Ept,
+            paging: None,
+            roots_invalidated: false,
             max_level: max_level.min(Level::L1G),
             algos,
             invalidation: Invalidation::default(),
@@ -87,9 +97,39 @@ impl<A: TableAllocator> ShadowMmu<A> {
         })
     }
 
-    /// The root table's frame (what a vCPU loads as its EPT pointer).
+    /// A shadow-paging MMU: legacy-format tables shadowing the guest's page tables, one
+    /// root per guest CR3 (see [`paging`]).
+    pub fn new_paging(alloc: A, max_level: Level, algos: Algorithms, cfg: PagingConfig) -> Self {
+        ShadowMmu {
+            alloc,
+            pages: Pages::new(),
+            pool: DescPool::new(),
+            root: 0,
+            invalid_list: Vec::new(),
+            format: SpteFormat::Legacy,
+            paging: Some(alloc::boxed::Box::new(paging::Paging::new(cfg))),
+            roots_invalidated: false,
+            max_level: max_level.min(Level::L1G),
+            algos,
+            invalidation: Invalidation::default(),
+            stats: MmuStats::default(),
+        }
+    }
+
+    /// Whether the MMU shadows guest page tables.
+    pub fn is_paging(&self) -> bool {
+        self.paging.is_some()
+    }
+
+    /// The SPTE format the MMU builds.
+    pub fn format(&self) -> SpteFormat {
+        self.format
+    }
+
+    /// The direct-mode root table's frame (what a vCPU loads as its EPT pointer; 0 under
+    /// shadow paging).
     pub fn root_frame(&self) -> Pfn {
-        self.pages.get(self.root).frame
+        self.pages.try_get(self.root).map_or(Pfn(0), |sp| sp.frame)
     }
     /// The root page's id.
     pub fn root_id(&self) -> u32 {
@@ -151,9 +191,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// Link a new child page under entry `i` of page `id` (KVM's `link_shadow_page`).
     fn link_child(&mut self, id: u32, i: usize, child: u32) {
         let frame = self.pages.get(child).frame;
+        let nonleaf = self.format.nonleaf(frame);
         let parent = self.pages.get_mut(id);
         parent.set_child(i, child);
-        parent.spte_set(i, Spte::new_nonleaf(frame));
+        parent.spte_set(i, nonleaf);
         let sp = self.pages.get_mut(child);
         rmap::add(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
     }
@@ -165,6 +206,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let child = parent.child(i);
         parent.spte_clear(i);
         parent.set_child(i, 0);
+        if parent.unsync_children != 0 {
+            self.clear_unsync(id, i);
+        }
         let sp = self.pages.get_mut(child);
         let removed = rmap::remove(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
         debug_assert!(removed, "child page does not name its parent");
@@ -189,6 +233,18 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// # Safety
     /// No vCPU will run again.
     pub unsafe fn destroy(&mut self, slots: &mut Memslots) {
+        if self.is_paging() {
+            let _ = self.zap_all_paging(slots);
+            // Roots the vCPUs still hold: nothing runs any more.
+            for (id, sp) in self.pages.iter() {
+                if sp.root_count != 0 {
+                    self.invalid_list.push(id);
+                }
+            }
+            // SAFETY: forwarded from the caller.
+            unsafe { self.free_invalid_pages() };
+            return;
+        }
         let _ = self.zap_all(slots);
         let root = self.root;
         self.invalid_list.push(root);

@@ -67,10 +67,11 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// CPU just will not set A again until it walks.
     pub fn age_gfn_range(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         let mut young = false;
+        let accessed = self.format.accessed();
         self.for_each_leaf_in_range(slots, start, end, |pages, s| {
             let t = pages.get(s.table_id()).table();
-            if t.get(s.index()).is_accessed() {
-                t.fetch_and_not(s.index(), bits::ACCESSED);
+            if t.get(s.index()).0 & accessed != 0 {
+                t.fetch_and_not(s.index(), accessed);
                 young = true;
             }
             true
@@ -82,8 +83,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// (KVM's `kvm_test_age_gfn`).
     pub fn test_age_gfn_range(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         let mut young = false;
+        let accessed = self.format.accessed();
         self.for_each_leaf_in_range(slots, start, end, |pages, s| {
-            young = pages.get(s.table_id()).table().get(s.index()).is_accessed();
+            young = pages.get(s.table_id()).table().get(s.index()).0 & accessed != 0;
             !young
         });
         young
@@ -118,7 +120,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             let old = sp.table().get(s.index());
             let new = old
                 .with_pfn(new_pfn)
-                .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | bits::ACCESSED);
+                .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | self.format.accessed());
             sp.spte_update(s.index(), new);
             flush.set();
         }

@@ -155,6 +155,19 @@ impl<A: TableAllocator> ShadowMmu<A> {
             .min(SPTE_ENT_PER_PAGE as u64) as usize;
         let last = (hi.0.saturating_sub(sp.gfn.0).div_ceil(1 << shift))
             .min(SPTE_ENT_PER_PAGE as u64) as usize;
+        // An indirect page's entries map gfns in no order: filter by each one's gfn.
+        let indirect = sp.has_translations();
+        let (first, last) = if indirect {
+            (0, SPTE_ENT_PER_PAGE)
+        } else {
+            (first, last)
+        };
+        let in_range = |i: usize| {
+            !indirect || {
+                let g = sp.gfn_at(i);
+                lo <= g && g < hi
+            }
+        };
         let mut flush = false;
         match self.algos.page_wrprot {
             PageWrprot::Scan512 => {
@@ -164,6 +177,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         && spte.is_leaf(level)
                         && spte.is_writable()
                         && (first..last).contains(&i)
+                        && in_range(i)
                         && in_masks(masks, sp.gfn_at(i))
                     {
                         sp.spte_write_protect(i, spte);
@@ -182,6 +196,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         let spte = sp.table().get(i);
                         if spte.is_writable()
                             && (first..last).contains(&i)
+                            && in_range(i)
                             && in_masks(masks, sp.gfn_at(i))
                         {
                             sp.spte_write_protect(i, spte);
@@ -229,7 +244,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 continue;
             }
             let span = level.pages() * SPTE_ENT_PER_PAGE as u64;
-            if sp.gfn.0 >= hi.0 || sp.gfn.0 + span <= lo.0 {
+            if !sp.has_translations() && (sp.gfn.0 >= hi.0 || sp.gfn.0 + span <= lo.0) {
                 continue;
             }
             flush |= self.write_protect_page_masked(id, lo, hi, masks);

@@ -85,8 +85,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
         Flush::new(zapped != 0)
     }
 
-    /// Zap every mapping, keeping the root (KVM's `kvm_mmu_zap_all`).
+    /// Zap every mapping, keeping the root (KVM's `kvm_mmu_zap_all`). Under shadow
+    /// paging every page goes, roots in use are invalidated (the caller has vCPUs reload).
     pub fn zap_all(&mut self, slots: &mut Memslots) -> Flush {
+        if self.is_paging() {
+            return self.zap_all_paging(slots).0;
+        }
         let root = self.root;
         let mut flush = Flush::NONE;
         for i in 0..SPTE_ENT_PER_PAGE {
@@ -136,8 +140,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
             let Some(sp) = self.pages.try_get(id) else {
                 continue;
             };
-            if sp.used() != 0 || sp.root_count != 0 || sp.parent_ptes.is_empty() {
-                // Refilled, a root, or already unlinked.
+            if sp.used() != 0 || sp.root_count != 0 || sp.parent_ptes.is_empty() || sp.hashed {
+                // Refilled, a root, already unlinked, or a shadow of a guest table (it
+                // stays, found again through the hash, until zapped as a page).
                 continue;
             }
             let mut parents = Vec::new();

@@ -15,6 +15,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dirty::DirtyIndex;
 use crate::error::Error;
+use crate::guest::GuestMemory;
 use crate::host::HostMemory;
 use crate::hw::{ept_walk, fast_page_fault, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
 use crate::memslot::{MemoryRegion, MemslotFlags, MemslotLimits, Memslots, SlotChange};
@@ -27,7 +28,7 @@ use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Gva, Hpa, Level, PAGE_SHIFT}
 
 mod paging;
 
-pub use paging::PagingStats;
+pub use crate::shadow::{PagingConfig, PagingStats};
 
 /// VM configuration.
 #[derive(Clone, Copy, Debug)]
@@ -49,25 +50,6 @@ pub struct VmConfig {
     /// A monotonic clock in nanoseconds. When given, the VM adds up the time its MMU
     /// spends handling exits and operations ([`VmStats::mmu_ns`]); `None` costs nothing.
     pub clock: Option<fn() -> u64>,
-}
-
-/// Shadow paging's choices.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct PagingConfig {
-    /// Let a last-level shadow page go unsync when the guest writes its table, instead of
-    /// emulating every write (KVM's default).
-    pub unsync: bool,
-    /// Previous roots each vCPU keeps for CR3 switches (KVM keeps 3).
-    pub prev_roots: u8,
-}
-
-impl Default for PagingConfig {
-    fn default() -> Self {
-        PagingConfig {
-            unsync: true,
-            prev_roots: 3,
-        }
-    }
 }
 
 impl Default for VmConfig {
@@ -200,6 +182,55 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     fast_mmio: AtomicU64,
     fast_faults: AtomicU64,
     mmio_generation: AtomicU64,
+    mmu_ns: AtomicU64,
+    /// Guest memory (shadow paging reads the guest's page tables there).
+    pub(crate) guest: Option<Arc<dyn GuestMemory>>,
+}
+
+/// A lock guard that adds the time it was held to a counter, when the VM has a clock.
+pub(crate) struct Timed<'a, G> {
+    guard: G,
+    clock: Option<fn() -> u64>,
+    t0: u64,
+    ns: &'a AtomicU64,
+}
+
+impl<'a, G> Timed<'a, G> {
+    #[inline]
+    fn new(guard: G, clock: Option<fn() -> u64>, ns: &'a AtomicU64) -> Self {
+        let t0 = clock.map_or(0, |c| c());
+        Timed {
+            guard,
+            clock,
+            t0,
+            ns,
+        }
+    }
+}
+
+impl<G: core::ops::Deref> core::ops::Deref for Timed<'_, G> {
+    type Target = G::Target;
+    #[inline]
+    fn deref(&self) -> &G::Target {
+        &self.guard
+    }
+}
+
+impl<G: core::ops::DerefMut> core::ops::DerefMut for Timed<'_, G> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut G::Target {
+        &mut self.guard
+    }
+}
+
+impl<G> Drop for Timed<'_, G> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(c) = self.clock {
+            self.ns
+                .fetch_add(c().saturating_sub(self.t0), Ordering::Relaxed);
+        }
+    }
 }
 
 /// Guest-physical widths the 4-level tables can map.
@@ -207,7 +238,7 @@ const MIN_GPA_BITS: u8 = 32;
 const MAX_GPA_BITS: u8 = 48;
 
 /// Retries of one access before it is declared stuck.
-const MAX_ACCESS_RETRIES: u32 = 64;
+pub(crate) const MAX_ACCESS_RETRIES: u32 = 64;
 
 impl<H: HostMemory> Vm<H, HeapTableAllocator> {
     /// A VM whose tables come from the heap.
@@ -224,6 +255,15 @@ impl<H: HostMemory> Vm<H, HeapTableAllocator> {
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// A VM whose tables come from `alloc`.
     pub fn with_allocator(config: VmConfig, host: H, alloc: Arc<A>) -> Result<Self, Error> {
+        Self::build(config, host, alloc, None)
+    }
+
+    pub(crate) fn build(
+        config: VmConfig,
+        host: H,
+        alloc: Arc<A>,
+        guest: Option<Arc<dyn GuestMemory>>,
+    ) -> Result<Self, Error> {
         if !(MIN_GPA_BITS..=MAX_GPA_BITS).contains(&config.limits.gpa_bits) {
             return Err(Error::InvalidConfig(
                 "gpa_bits must be 32..=48: the tables have 4 levels",
@@ -237,11 +277,24 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             )?),
             MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
             MmuKind::ShadowPaging => {
-                return Err(Error::WrongPagingMode(
-                    "a shadow-paging VM needs guest memory: use Vm::with_guest_memory",
+                if guest.is_none() {
+                    return Err(Error::WrongPagingMode(
+                        "a shadow-paging VM needs guest memory: use Vm::with_guest_memory",
+                    ));
+                }
+                Mmu::Shadow(ShadowMmu::new_paging(
+                    alloc.clone(),
+                    config.max_level,
+                    config.algorithms,
+                    config.paging,
                 ))
             }
         };
+        if guest.is_some() && config.mmu != MmuKind::ShadowPaging {
+            return Err(Error::WrongPagingMode(
+                "guest memory is for shadow paging: set mmu to MmuKind::ShadowPaging",
+            ));
+        }
         let mut slots = Memslots::new(config.limits);
         slots.set_dirty_initially_set(
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
@@ -257,6 +310,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             fast_mmio: AtomicU64::new(0),
             fast_faults: AtomicU64::new(0),
             mmio_generation: AtomicU64::new(0),
+            mmu_ns: AtomicU64::new(0),
+            guest,
         })
     }
 
@@ -320,6 +375,12 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// `kvm_mmu_commit_zap_page`). Exclusive lock.
     #[inline]
     pub(crate) fn commit(&self, st: &mut VmState<A>, removed: Removed) {
+        if let Mmu::Shadow(m) = &mut st.mmu {
+            if core::mem::take(&mut m.roots_invalidated) {
+                // Shadow paging zapped roots vCPUs run on: they load new ones first.
+                self.request_reload();
+            }
+        }
         if !st.mmu.pending(&removed) {
             return;
         }
@@ -337,13 +398,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
     }
 
-    /// The MMU lock, exclusive.
-    pub(crate) fn lock(&self) -> RwLockWriteGuard<'_, VmState<A>> {
-        self.state.write()
+    /// The MMU lock, exclusive. The time it is held counts as MMU time
+    /// ([`VmStats::mmu_ns`], with a clock).
+    pub(crate) fn lock(&self) -> Timed<'_, RwLockWriteGuard<'_, VmState<A>>> {
+        let guard = self.state.write();
+        Timed::new(guard, self.config.clock, &self.mmu_ns)
     }
 
-    /// The MMU lock, shared (TDP faults and range operations).
-    pub(crate) fn lock_shared(&self) -> RwLockReadGuard<'_, VmState<A>> {
+    /// The MMU lock, shared (TDP faults and range operations), timed as [`lock`](Self::lock).
+    pub(crate) fn lock_shared(&self) -> Timed<'_, RwLockReadGuard<'_, VmState<A>>> {
+        let guard = self.state.read();
+        Timed::new(guard, self.config.clock, &self.mmu_ns)
+    }
+
+    /// The MMU lock, shared, not timed: the CPU model's walks under shadow paging, which
+    /// are the hardware's work, not the MMU's.
+    pub(crate) fn lock_shared_untimed(&self) -> RwLockReadGuard<'_, VmState<A>> {
         self.state.read()
     }
 
@@ -364,7 +434,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let mut removed = Removed::default();
         if let (SlotChange::Delete | SlotChange::Move { .. }, Some((start, end, _))) = (change, old)
         {
-            removed = st.mmu.zap_gfn_range(&mut st.slots, start, end);
+            removed = if self.config.mmu == MmuKind::ShadowPaging {
+                // Shadow pages of guest tables in the slot hang on its tracking counts:
+                // zap everything, as KVM does for shadow paging.
+                st.mmu.zap_all(&mut st.slots)
+            } else {
+                st.mmu.zap_gfn_range(&mut st.slots, start, end)
+            };
         }
         self.commit(st, removed);
         st.slots.apply(&region, change);
@@ -465,6 +541,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
     /// logging the page if a write made it writable in a logging slot.
     pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
+        if self.config.mmu == MmuKind::ShadowPaging {
+            return Err(Error::WrongPagingMode(
+                "guest-physical faults need a direct MMU; shadow paging faults by gva",
+            ));
+        }
         if gpa.0 >> PAGE_SHIFT >= 1u64 << (self.config.limits.gpa_bits - PAGE_SHIFT as u8) {
             return Err(Error::InvalidRange {
                 start: gpa.gfn().0,
@@ -555,6 +636,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// `fast_page_fault` runs with the shadow walk protected from frees.
     pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
         vcpu.accesses += 1;
+        if self.config.mmu == MmuKind::ShadowPaging {
+            return Err(Exit::Error(Error::WrongPagingMode(
+                "guest-physical accesses need a direct MMU; use gva_access under shadow paging",
+            )));
+        }
         if gpa.0 >> self.config.limits.gpa_bits != 0 {
             // Beyond the guest-physical width: the walk would alias a lower address.
             return Err(Exit::Error(Error::InvalidRange {
@@ -773,8 +859,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             mmu,
             shadow_pages: pages,
             rmap_descs: descs,
-            paging: PagingStats::default(),
-            mmu_ns: 0,
+            paging: match &st.mmu {
+                Mmu::Shadow(m) => m.paging_stats(),
+                Mmu::Tdp(_) => PagingStats::default(),
+            },
+            mmu_ns: self.mmu_ns.load(Ordering::Relaxed),
         }
     }
 
@@ -783,7 +872,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let st = self.lock();
         let bitmap_logging = self.config.dirty_log.ring_size.is_none();
         match &st.mmu {
-            Mmu::Shadow(m) => crate::audit::audit(&st.slots, m, bitmap_logging),
+            Mmu::Shadow(m) => {
+                let rep = crate::audit::audit(&st.slots, m, bitmap_logging)?;
+                if let (true, Some(g)) = (m.is_paging(), &self.guest) {
+                    crate::audit::audit_paging(&st.slots, m, &**g)?;
+                }
+                Ok(rep)
+            }
             Mmu::Tdp(m) => crate::audit::audit_tdp(&st.slots, m, bitmap_logging),
         }
     }

@@ -1,43 +1,33 @@
 //! The shadow-paging half of the VM API: a vCPU's paging registers, guest-virtual
 //! accesses through the CPU model, and the guest's TLB maintenance (MOV CR3, INVLPG, a
 //! full flush), as KVM handles them when it shadows the guest's page tables.
+//!
+//! # Locking
+//! Faults, emulated writes, root switches and syncs take the MMU lock exclusively. A TLB
+//! miss walks the shadow tables under the shared lock, taken before the vCPU enters guest
+//! mode (a flusher holding the exclusive lock never waits for a vCPU that waits for the
+//! lock). Guest-memory accesses through a translation happen in guest mode, so a sync
+//! that write-protects a table and flushes every vCPU sees every write made before it.
 
 use alloc::sync::Arc;
 
 use crate::error::Error;
+use crate::flush::Flush;
 use crate::guest::{GuestMemory, PagingState};
 use crate::host::HostMemory;
 use crate::hw::Vcpu;
+use crate::mmu::{Mmu, MmuKind};
+use crate::page::Role;
+use crate::shadow::{DirtyGfn, PagingOutcome, ShadowMmu};
 use crate::table::{HeapTableAllocator, TableAllocator};
-use crate::types::{AccessKind, Gpa, Gva};
+use crate::tdp::Removed;
+use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
-use super::{Exit, Vm, VmConfig};
-
-/// Shadow-paging counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PagingStats {
-    /// Page faults reflected into the guest (its own tables forbid the access).
-    pub guest_faults: u64,
-    /// Writes to write-protected guest page tables emulated by the MMU.
-    pub emulated_writes: u64,
-    /// Shadow pages zapped because their guest table was written repeatedly without
-    /// being used (write flooding).
-    pub flooded_pages: u64,
-    /// Last-level shadow pages made unsync (the guest writes them directly).
-    pub unsynced_pages: u64,
-    /// Unsync pages brought back in sync.
-    pub synced_pages: u64,
-    /// CR3 loads served from the vCPU's cache of previous roots.
-    pub root_cache_hits: u64,
-    /// CR3 loads that looked the root up (or built it).
-    pub root_cache_misses: u64,
-    /// Shadow pages zapped by reclaim ([`Vm::reclaim_shadow_pages`]).
-    pub reclaimed_pages: u64,
-}
+use super::{Exit, Vm, VmConfig, VmState, MAX_ACCESS_RETRIES};
 
 impl<H: HostMemory> Vm<H, HeapTableAllocator> {
-    /// A shadow-paging VM ([`crate::MmuKind::ShadowPaging`]) whose guest page tables live
-    /// in `guest`, with tables from the heap.
+    /// A shadow-paging VM ([`MmuKind::ShadowPaging`]) whose guest page tables live in
+    /// `guest`, with tables from the heap.
     ///
     /// # Panics
     /// If the configuration is invalid or the MMU cannot be created.
@@ -47,80 +37,391 @@ impl<H: HostMemory> Vm<H, HeapTableAllocator> {
     }
 }
 
+/// What a data access does once translated.
+#[derive(Clone, Copy)]
+enum Data {
+    None,
+    Read,
+    Write(u64),
+}
+
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// A VM whose guest memory is `guest` (required by shadow paging: the MMU reads the
-    /// guest's page tables there).
+    /// guest's page tables there; `config.mmu` must be [`MmuKind::ShadowPaging`]).
     pub fn with_guest_memory(
         config: VmConfig,
         host: H,
         alloc: Arc<A>,
         guest: Arc<dyn GuestMemory>,
     ) -> Result<Self, Error> {
-        let _ = (config, host, alloc, guest);
-        unimplemented!()
+        Self::build(config, host, alloc, Some(guest))
+    }
+
+    /// The guest memory, under shadow paging.
+    pub fn guest_memory(&self) -> Option<&Arc<dyn GuestMemory>> {
+        self.guest.as_ref()
+    }
+
+    fn paging_guest(&self) -> Result<&dyn GuestMemory, Error> {
+        match &self.guest {
+            Some(g) if self.config.mmu == MmuKind::ShadowPaging => Ok(&**g),
+            _ => Err(Error::WrongPagingMode(
+                "this VM does not shadow guest page tables (MmuKind::ShadowPaging)",
+            )),
+        }
     }
 
     /// Set `vcpu`'s paging registers at once (CR0.WP, EFER.NX, CR3, CPL), as a guest
     /// entering long mode or changing them does: the vCPU loads the root for the new
     /// state and its TLB is flushed.
     pub fn set_paging(&self, vcpu: &mut Vcpu, state: PagingState) -> Result<(), Error> {
-        let _ = (vcpu, state);
-        unimplemented!()
+        self.paging_guest()?;
+        let mut guard = self.lock();
+        let old = vcpu.paging;
+        vcpu.paging = PagingState {
+            cpl: state.cpl & 3,
+            ..state
+        };
+        if let Err(e) = self.switch_root(&mut guard, vcpu) {
+            vcpu.paging = old;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// MOV to CR3: switch `vcpu` to the address space whose top-level table is at `cr3`.
     /// Unsync shadow pages reachable from the new root are synced; the vCPU's TLB is
     /// flushed; a root among the vCPU's previous roots is reused without a lookup.
     pub fn load_cr3(&self, vcpu: &mut Vcpu, cr3: Gpa) -> Result<(), Error> {
-        let _ = (vcpu, cr3);
-        unimplemented!()
+        self.set_paging(vcpu, PagingState { cr3, ..vcpu.paging })
     }
 
     /// INVLPG: drop `vcpu`'s translation of `gva` and sync the unsync shadow entry that
     /// maps it.
     pub fn invlpg(&self, vcpu: &mut Vcpu, gva: Gva) -> Result<(), Error> {
-        let _ = (vcpu, gva);
-        unimplemented!()
+        let guest = self.paging_guest()?;
+        check_canonical(gva)?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        if let Some(root) = vcpu.proot {
+            let (slots, m) = split(st);
+            if m.paging_root_valid(&root) {
+                let flush = m.invlpg_sync(slots, guest, root.id, gva)?;
+                self.commit(st, Removed::flush_only(flush));
+            }
+        }
+        vcpu.tlb.flush_virt(gva.vpn());
+        Ok(())
     }
 
     /// A full guest TLB flush (CR4.PGE toggle, or INVPCID all): every unsync page under
     /// the vCPU's root is synced and its TLB flushed.
     pub fn flush_guest_tlb(&self, vcpu: &mut Vcpu) -> Result<(), Error> {
-        let _ = vcpu;
-        unimplemented!()
+        self.paging_guest()?;
+        let mut guard = self.lock();
+        self.switch_root(&mut guard, vcpu)
+    }
+
+    /// Load the root for `vcpu`'s paging state (from its cache of previous roots if it is
+    /// there), sync what is unsync under it and flush the vCPU's TLB. Exclusive lock.
+    fn switch_root(&self, st: &mut VmState<A>, vcpu: &mut Vcpu) -> Result<(), Error> {
+        let guest = self.paging_guest()?;
+        let p = vcpu.paging;
+        let (gfn, wp, nx) = (p.root_gfn(), p.cr0_wp, p.efer_nx);
+        let role = Role::paging(Level::ROOT, false, AccessFlags::ALL, wp, nx);
+        let (slots, m) = split(st);
+        let keep = m.paging.as_ref().map_or(0, |p| p.cfg.prev_roots) as usize;
+        // Roots zapped while cached are let go.
+        vcpu.prev_roots.retain(|r| {
+            let valid = m.paging_root_valid(r);
+            if !valid {
+                m.put_paging_root(r);
+            }
+            valid
+        });
+        if let Some(cur) = vcpu.proot.filter(|c| !m.paging_root_valid(c)) {
+            m.put_paging_root(&cur);
+            vcpu.proot = None;
+        }
+        let wanted = |r: &crate::shadow::RootRef| r.gfn == gfn && r.role == role;
+        let mut flush = Flush::NONE;
+        if !vcpu.proot.is_some_and(|r| wanted(&r)) {
+            let new = if let Some(i) = vcpu.prev_roots.iter().position(wanted) {
+                m.paging_mut().stats.root_cache_hits += 1;
+                vcpu.prev_roots.remove(i)
+            } else {
+                m.paging_mut().stats.root_cache_misses += 1;
+                let (r, f) = m.get_paging_root(slots, gfn, wp, nx)?;
+                flush |= f;
+                r
+            };
+            let (_, m) = split(st);
+            if let Some(old) = vcpu.proot.replace(new) {
+                vcpu.prev_roots.insert(0, old);
+            }
+            while vcpu.prev_roots.len() > keep {
+                let r = vcpu.prev_roots.pop().expect("longer than keep");
+                m.put_paging_root(&r);
+            }
+        }
+        let root = vcpu.proot.expect("loaded above");
+        vcpu.root = root.frame;
+        vcpu.tlb.flush();
+        self.commit(st, Removed::flush_only(flush));
+        self.sync_under(st, guest, root.id)
+    }
+
+    /// Sync every unsync page under `root`: write-protect them, flush every vCPU, then
+    /// check their entries against the guest's (KVM's `mmu_sync_children`).
+    fn sync_under(
+        &self,
+        st: &mut VmState<A>,
+        guest: &dyn GuestMemory,
+        root: u32,
+    ) -> Result<(), Error> {
+        let (slots, m) = split(st);
+        let pages = m.unsync_pages_under(root);
+        if pages.is_empty() {
+            return Ok(());
+        }
+        let flush = m.protect_for_sync(slots, &pages);
+        self.commit(st, Removed::flush_only(flush));
+        let (slots, m) = split(st);
+        let flush = m.sync_pages(slots, guest, &pages)?;
+        self.commit(st, Removed::flush_only(flush));
+        Ok(())
     }
 
     /// One guest access to `gva` through the CPU model, at the vCPU's CPL: TLB hit, or
     /// walk of the shadow tables, or exit to the MMU (which may reflect a page fault into
     /// the guest: [`Exit::GuestPageFault`]). Returns the guest-physical address reached.
+    ///
+    /// A write that reaches a write-protected guest page table is emulated as a write of
+    /// the value already there (the access carries no data; see
+    /// [`gva_write_u64`](Self::gva_write_u64)).
     pub fn gva_access(&self, vcpu: &mut Vcpu, gva: Gva, kind: AccessKind) -> Result<Gpa, Exit> {
-        let _ = (vcpu, gva, kind);
-        unimplemented!()
+        self.gva_op(vcpu, gva, kind, Data::None).map(|(gpa, _)| gpa)
     }
 
     /// A guest read of the 8-byte-aligned word at `gva`.
     pub fn gva_read_u64(&self, vcpu: &mut Vcpu, gva: Gva) -> Result<u64, Exit> {
-        let _ = (vcpu, gva);
-        unimplemented!()
+        check_aligned(gva)?;
+        self.gva_op(vcpu, gva, AccessKind::Read, Data::Read)
+            .map(|(_, v)| v)
     }
 
     /// A guest write of the 8-byte-aligned word at `gva`. A write to a write-protected
     /// guest page table is emulated by the MMU (guest memory updated, the shadow entries
     /// of that table fixed).
     pub fn gva_write_u64(&self, vcpu: &mut Vcpu, gva: Gva, val: u64) -> Result<(), Exit> {
-        let _ = (vcpu, gva, val);
-        unimplemented!()
+        check_aligned(gva)?;
+        self.gva_op(vcpu, gva, AccessKind::Write, Data::Write(val))
+            .map(|_| ())
+    }
+
+    fn gva_op(
+        &self,
+        vcpu: &mut Vcpu,
+        gva: Gva,
+        kind: AccessKind,
+        data: Data,
+    ) -> Result<(Gpa, u64), Exit> {
+        let guest = self.paging_guest()?;
+        check_canonical(gva)?;
+        vcpu.accesses += 1;
+        let user = vcpu.paging.user();
+        let vpn = gva.vpn();
+        let mut retries = 0;
+        while retries < MAX_ACCESS_RETRIES {
+            if vcpu.dirty_ring_soft_full() {
+                return Err(Exit::DirtyRingFull);
+            }
+            if vcpu.proot.is_none() || !vcpu.enter_guest() {
+                self.paging_reload(vcpu)?;
+                continue;
+            }
+            if let Some((_, gfn)) = vcpu.tlb.lookup_virt(vpn, kind, user) {
+                let r = do_data(guest, gfn, gva, data);
+                vcpu.exit_guest();
+                return r;
+            }
+            vcpu.exit_guest();
+            // TLB miss: the hardware walk, under the shared lock (taken outside guest
+            // mode, see the module docs).
+            let walked = {
+                let guard = self.lock_shared_untimed();
+                if !vcpu.enter_guest() {
+                    drop(guard);
+                    self.paging_reload(vcpu)?;
+                    continue;
+                }
+                let m = guard
+                    .mmu
+                    .shadow()
+                    .expect("shadow paging runs the shadow MMU");
+                let root = vcpu.proot.expect("loaded above").id;
+                let r = match m.translate(root, gva, kind, user) {
+                    Ok(e) => {
+                        vcpu.tlb.fill(Gfn(vpn), e);
+                        let off = vpn & (e.level.pages() - 1);
+                        Some(do_data(guest, Gfn(e.gfn.0 + off), gva, data))
+                    }
+                    Err(_) => None,
+                };
+                vcpu.exit_guest();
+                r
+            };
+            if let Some(r) = walked {
+                return r;
+            }
+            vcpu.exits += 1;
+            let outcome = self.paging_page_fault(vcpu, gva, kind)?;
+            let write = kind == AccessKind::Write;
+            match outcome {
+                PagingOutcome::Mapped(_) | PagingOutcome::Spurious => retries += 1,
+                PagingOutcome::Retry => core::hint::spin_loop(),
+                PagingOutcome::GuestFault(error_code) => {
+                    return Err(Exit::GuestPageFault { gva, error_code })
+                }
+                PagingOutcome::Mmio(gpa) | PagingOutcome::ReadOnlyWrite(gpa) => {
+                    return Err(Exit::Mmio { gpa, write })
+                }
+                PagingOutcome::WriteTracked(gpa) => return Err(Exit::WriteTracked { gpa }),
+                PagingOutcome::Emulate(gpa) => {
+                    let word = Gpa(gpa.0 & !7);
+                    let val = match data {
+                        Data::Write(v) => v,
+                        _ => guest.read_u64(word)?,
+                    };
+                    self.emulate_write(vcpu, word, val)?;
+                    return Ok((gpa, val));
+                }
+            }
+        }
+        Err(Exit::Error(Error::FaultLoop { gpa: Gpa(gva.0) }))
+    }
+
+    /// The root of `vcpu` was zapped (or never loaded): load the one for its CR3.
+    fn paging_reload(&self, vcpu: &mut Vcpu) -> Result<(), Error> {
+        let mut guard = self.lock();
+        self.switch_root(&mut guard, vcpu)
+    }
+
+    /// The MMU's side of a fault on `gva`, under the exclusive lock.
+    fn paging_page_fault(
+        &self,
+        vcpu: &mut Vcpu,
+        gva: Gva,
+        kind: AccessKind,
+    ) -> Result<PagingOutcome, Error> {
+        let guest = self.paging_guest()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let root = vcpu.proot.expect("the access loaded a root");
+        let (slots, m) = split(st);
+        if !m.paging_root_valid(&root) {
+            // Zapped since the walk: reload and retry.
+            self.switch_root(st, vcpu)?;
+            return Ok(PagingOutcome::Spurious);
+        }
+        let fault = m.paging_fault(slots, &self.host, guest, root.id, &vcpu.paging, gva, kind)?;
+        if let Some(d) = fault.dirty {
+            let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
+            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+        }
+        self.commit(st, Removed::flush_only(fault.flush));
+        Ok(fault.outcome)
+    }
+
+    /// Emulate the guest's write of `val` to the guest page table word at `gpa`, and log
+    /// the page dirty if its slot logs.
+    fn emulate_write(&self, vcpu: &Vcpu, gpa: Gpa, val: u64) -> Result<(), Error> {
+        let guest = self.paging_guest()?;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let (slots, m) = split(st);
+        let (flush, _) = m.emulate_pte_write(slots, guest, gpa, val)?;
+        let gfn = gpa.gfn();
+        if let Some(slot) = st.slots.lookup(gfn) {
+            if slot.is_logging() {
+                let d = DirtyGfn {
+                    slot: slot.id,
+                    offset: gfn.0 - slot.base_gfn.0,
+                };
+                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            }
+        }
+        self.commit(st, Removed::flush_only(flush));
+        Ok(())
     }
 
     /// Zap up to `n` shadow pages, oldest first, as KVM's shrinker and its shadow-page
-    /// limit do (roots in use are invalidated and reloaded). Returns the pages zapped.
+    /// limit do (roots in use are invalidated and their vCPUs reload). Returns the pages
+    /// zapped; 0 on a VM that does not shadow guest page tables.
     pub fn reclaim_shadow_pages(&self, n: usize) -> usize {
-        let _ = n;
-        unimplemented!()
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Mmu::Shadow(m) = &mut st.mmu else {
+            return 0;
+        };
+        if !m.is_paging() {
+            return 0;
+        }
+        let before = m.paging_stats().reclaimed_pages;
+        let (flush, _) = m.reclaim(&mut st.slots, n);
+        let zapped = (m.paging_stats().reclaimed_pages - before) as usize;
+        self.commit(st, Removed::flush_only(flush));
+        zapped
     }
 
-    /// The longest reverse map now: the most SPTEs mapping one gfn.
+    /// The longest reverse map now: the most SPTEs mapping one gfn at one level (the TDP
+    /// MMU has no reverse maps: 0).
     pub fn max_rmap_len(&self) -> usize {
-        unimplemented!()
+        let st = self.lock_shared();
+        match &st.mmu {
+            Mmu::Shadow(m) => m.max_rmap_len(&st.slots),
+            Mmu::Tdp(_) => 0,
+        }
     }
+}
+
+/// The memslots and the shadow MMU of a shadow-paging VM.
+fn split<A: TableAllocator + 'static>(
+    st: &mut VmState<A>,
+) -> (&mut crate::memslot::Memslots, &mut ShadowMmu<Arc<A>>) {
+    match &mut st.mmu {
+        Mmu::Shadow(m) => (&mut st.slots, m),
+        Mmu::Tdp(_) => unreachable!("shadow paging runs the shadow MMU"),
+    }
+}
+
+fn check_canonical(gva: Gva) -> Result<(), Error> {
+    if gva.is_canonical() {
+        Ok(())
+    } else {
+        Err(Error::NonCanonical { gva })
+    }
+}
+
+fn check_aligned(gva: Gva) -> Result<(), Error> {
+    if gva.0.is_multiple_of(8) {
+        Ok(())
+    } else {
+        Err(Error::Unaligned { gva })
+    }
+}
+
+/// The data part of an access that translated to `gfn` (in guest mode).
+#[inline]
+fn do_data(guest: &dyn GuestMemory, gfn: Gfn, gva: Gva, data: Data) -> Result<(Gpa, u64), Exit> {
+    let gpa = Gpa(gfn.gpa().0 | gva.page_offset());
+    let v = match data {
+        Data::None => 0,
+        Data::Read => guest.read_u64(gpa)?,
+        Data::Write(v) => {
+            guest.write_u64(gpa, v)?;
+            v
+        }
+    };
+    Ok((gpa, v))
 }
