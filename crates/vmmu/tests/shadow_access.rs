@@ -129,10 +129,13 @@ fn run(plan: Plan) -> (Failures, Vec<Outcome>, u64) {
     let mut outcomes = Vec::new();
     let mut frame_i = 0u64;
     let mut cases = 0u64;
-    for (wp, nx) in REGS {
+    'all: for (wp, nx) in REGS {
         rig.set_wp_nx(wp, nx);
         for u in 0..32u32 {
             for l in 0..64u32 {
+                if rig.broken.is_some() {
+                    break 'all;
+                }
                 if plan.sample > 1 && !rng.chance(1, plan.sample) {
                     continue;
                 }
@@ -173,7 +176,7 @@ fn run(plan: Plan) -> (Failures, Vec<Outcome>, u64) {
     }
     let r = rig.audit();
     fails.note(r, || "final audit".to_string());
-    let stats = rig.vm.stats().paging;
+    let stats = rig.guarded("stats", |r| r.vm.stats().paging);
     eprintln!(
         "{} unsync={} {:?}: {} accesses, {:?}",
         plan.family.name(),
@@ -182,6 +185,7 @@ fn run(plan: Plan) -> (Failures, Vec<Outcome>, u64) {
         rig.checks,
         stats
     );
+    rig.teardown(&mut fails);
     (fails, outcomes, rig.checks)
 }
 
@@ -261,21 +265,26 @@ fn exhaustive_2m_leaf_pdpte_varied() {
     run_both_configs(Family::Pde2M, Backing::Thp, 1, 0);
 }
 
+/// One first-touch access.
+#[derive(Clone, Debug)]
+struct Case {
+    gva: Gva,
+    entries: Vec<u64>,
+    kind: AccessKind,
+    cpl: u8,
+    upper: u64,
+    leaf: u64,
+}
+
 /// Every combination written straight into guest memory before the VM first touches the
 /// address: one PML4 slot per (WP, NX), one upper entry per upper-bit value, one leaf per
-/// (leaf bits, access) under it; the accesses run in a shuffled order.
-fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failures {
-    struct Case {
-        gva: Gva,
-        entries: Vec<u64>,
-        kind: AccessKind,
-        cpl: u8,
-        upper: u64,
-        leaf: u64,
-    }
+/// (leaf bits, access) under it. Returns the guest and the cases of each (WP, NX) group
+/// in a shuffled order.
+fn first_touch_guest(family: Family) -> (Guest, Vec<Vec<Case>>) {
     let mut g = Guest::new();
     let mut groups: Vec<Vec<Case>> = Vec::new();
     let mut n = 0u64;
+    let mut rng = Rng::new(0xf1257 ^ family as u64);
     for gi in 0..REGS.len() as u64 {
         let l4 = 1 + gi;
         let pdpt = g.alloc_table();
@@ -329,20 +338,27 @@ fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failur
                 }
             }
         }
-        groups.push(cases);
-    }
-    let mut rig = Rig::start(g, config, backing);
-    let mut rng = Rng::new(0xf1257 ^ family as u64);
-    let mut fails = Failures::default();
-    for (gi, mut cases) in groups.into_iter().enumerate() {
-        let (wp, nx) = REGS[gi];
-        rig.set_wp_nx(wp, nx);
         // Shuffle (Fisher-Yates).
         for i in (1..cases.len()).rev() {
             let j = rng.below(i as u64 + 1) as usize;
             cases.swap(i, j);
         }
+        groups.push(cases);
+    }
+    (g, groups)
+}
+
+fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failures {
+    let (g, groups) = first_touch_guest(family);
+    let mut rig = Rig::start(g, config, backing);
+    let mut fails = Failures::default();
+    for (gi, cases) in groups.into_iter().enumerate() {
+        let (wp, nx) = REGS[gi];
+        rig.set_wp_nx(wp, nx);
         for (i, c) in cases.iter().enumerate() {
+            if rig.broken.is_some() {
+                break;
+            }
             let r = rig.check_access(c.gva, c.kind, c.cpl, &c.entries);
             fails.note(r, || {
                 format!(
@@ -365,7 +381,121 @@ fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failur
     }
     let r = rig.audit();
     fails.note(r, || "final audit".to_string());
+    rig.teardown(&mut fails);
     fails
+}
+
+/// Run `cases` (group `gi`) on a fresh VM; true if some access fails or the MMU panics.
+fn first_touch_fails(
+    family: Family,
+    config: PagingConfig,
+    backing: Backing,
+    gi: usize,
+    cases: &[Case],
+) -> bool {
+    let (g, _) = first_touch_guest(family);
+    let mut rig = Rig::start(g, config, backing);
+    let (wp, nx) = REGS[gi];
+    rig.set_wp_nx(wp, nx);
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cases
+            .iter()
+            .any(|c| rig.check_access(c.gva, c.kind, c.cpl, &c.entries).is_err())
+            || rig.audit().is_err()
+    }));
+    // A broken MMU may panic in its Drop too: leak it (this is a tool).
+    std::mem::forget(rig);
+    r.unwrap_or(true)
+}
+
+/// Shrink a failing first-touch run to a minimal sequence of accesses (delta debugging)
+/// and print it: `VMMU_MIN_FAMILY=2m|4k VMMU_MIN_UNSYNC=0|1 VMMU_MIN_THP=0|1`.
+#[test]
+#[ignore = "a tool: shrinks a failing first-touch run"]
+fn minimize_first_touch() {
+    let family = match std::env::var("VMMU_MIN_FAMILY").as_deref() {
+        Ok("4k") => Family::Pte4K,
+        _ => Family::Pde2M,
+    };
+    let config = PagingConfig {
+        unsync: std::env::var("VMMU_MIN_UNSYNC").as_deref() != Ok("0"),
+        ..PagingConfig::default()
+    };
+    let backing = if std::env::var("VMMU_MIN_THP").as_deref() == Ok("1") {
+        Backing::Thp
+    } else {
+        Backing::Page4K
+    };
+    if std::env::var_os("VMMU_MIN_LOUD").is_none() {
+        std::panic::set_hook(Box::new(|_| {}));
+    }
+    let (_, groups) = first_touch_guest(family);
+    for (gi, cases) in groups.iter().enumerate() {
+        if !first_touch_fails(family, config, backing, gi, cases) {
+            continue;
+        }
+        // Shortest failing prefix, then ddmin over it.
+        let (mut lo, mut hi) = (1, cases.len());
+        while lo < hi {
+            let mid = (lo + hi) / 2;
+            if first_touch_fails(family, config, backing, gi, &cases[..mid]) {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        let mut cur: Vec<Case> = cases[..lo].to_vec();
+        let mut chunk = cur.len() / 2;
+        while chunk >= 1 {
+            let mut i = 0;
+            while i < cur.len() {
+                let mut cand = cur.clone();
+                let end = (i + chunk).min(cand.len());
+                // Never drop the last access (it is the failing one).
+                if end == cand.len() && i == 0 {
+                    i += chunk;
+                    continue;
+                }
+                cand.drain(i..end.min(cand.len() - 1).max(i));
+                if cand.len() < cur.len() && first_touch_fails(family, config, backing, gi, &cand) {
+                    cur = cand;
+                } else {
+                    i += chunk;
+                }
+            }
+            chunk /= 2;
+        }
+        let _ = std::panic::take_hook();
+        eprintln!(
+            "minimal failing first-touch sequence ({:?} unsync={} {backing:?} wp/nx={:?}):",
+            family, config.unsync, REGS[gi]
+        );
+        for c in &cur {
+            eprintln!(
+                "  {} at {} upper={:#x} {} leaf={:#x} {} entries {:x?}",
+                access_name(c.kind, c.cpl),
+                c.gva,
+                c.upper,
+                describe_entry(c.upper),
+                c.leaf,
+                describe_entry(c.leaf),
+                c.entries
+            );
+        }
+        // Run it once more with the trace on, to show what the MMU answered.
+        let (g, _) = first_touch_guest(family);
+        let mut rig = Rig::start(g, config, backing);
+        rig.trace = true;
+        rig.set_wp_nx(REGS[gi].0, REGS[gi].1);
+        for c in &cur {
+            if let Err(e) = rig.check_access(c.gva, c.kind, c.cpl, &c.entries) {
+                eprintln!("FAILED: {e}");
+            }
+        }
+        std::mem::forget(rig);
+        return;
+    }
+    eprintln!("no failure to minimize");
 }
 
 #[test]
@@ -400,7 +530,12 @@ fn first_touch_2m_leaf_pdpte_varied() {
 /// (bits and frame), the guest flushes with INVLPG, MOV CR3 or a full flush, WP/NX change
 /// now and then, and accesses repeat without changes (TLB and shadow hits after A/D were
 /// set). Every access is checked against the reference. Returns the outcomes.
-fn random_transitions(config: PagingConfig, steps: u64, seed: u64) -> Vec<Outcome> {
+fn random_transitions(
+    config: PagingConfig,
+    steps: u64,
+    seed: u64,
+    families: &[Family],
+) -> Vec<Outcome> {
     let mut g = Guest::new();
     let paths = [
         Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8),
@@ -416,7 +551,15 @@ fn random_transitions(config: PagingConfig, steps: u64, seed: u64) -> Vec<Outcom
     let mut outcomes = Vec::new();
     let mut log: Vec<String> = Vec::new();
     for step in 0..steps {
-        let p = &paths[rng.below(2) as usize];
+        if rig.broken.is_some() {
+            break;
+        }
+        let p = loop {
+            let p = &paths[rng.below(2) as usize];
+            if families.contains(&p.family) {
+                break p;
+            }
+        };
         let what = rng.below(100);
         let mut changed = true;
         if what < 40 {
@@ -458,7 +601,7 @@ fn random_transitions(config: PagingConfig, steps: u64, seed: u64) -> Vec<Outcom
                 }
                 1 => {
                     log.push("full flush".into());
-                    rig.vm.flush_guest_tlb(&mut rig.vcpu).expect("flush");
+                    rig.flush_all();
                 }
                 _ => {
                     log.push(format!("invlpg {}", p.gva));
@@ -480,7 +623,7 @@ fn random_transitions(config: PagingConfig, steps: u64, seed: u64) -> Vec<Outcom
             let had = fails.count;
             fails.note(r, || {
                 format!(
-                    "step {step} unsync={} (seed {seed:#x}); the last steps:\n    {}",
+                    "step {step} unsync={} {families:?} (seed {seed:#x}); the last steps:\n    {}",
                     config.unsync,
                     log[log.len().saturating_sub(12)..].join("\n    ")
                 )
@@ -500,24 +643,42 @@ fn random_transitions(config: PagingConfig, steps: u64, seed: u64) -> Vec<Outcom
     }
     let r = rig.audit();
     fails.note(r, || "final audit".to_string());
+    rig.teardown(&mut fails);
     fails.finish(
-        &format!("random transitions unsync={} seed {seed:#x}", config.unsync),
+        &format!(
+            "random transitions unsync={} {families:?} seed {seed:#x}",
+            config.unsync
+        ),
         rig.checks,
     );
     outcomes
 }
 
-#[test]
-fn random_transitions_without_recreating_the_vm() {
-    if vmmu_testing::skip_rerun("random_transitions_without_recreating_the_vm") {
+fn random_transitions_both_configs(name: &str, families: &[Family]) {
+    if vmmu_testing::skip_rerun(name) {
         return;
     }
     let steps = if cfg!(debug_assertions) { 3000 } else { 30000 };
     for seed in [1u64, 2] {
-        let a = random_transitions(configs()[0], steps, seed);
-        let b = random_transitions(configs()[1], steps, seed);
+        let a = random_transitions(configs()[0], steps, seed, families);
+        let b = random_transitions(configs()[1], steps, seed, families);
         assert_eq!(a, b, "unsync=true and unsync=false differ (seed {seed})");
     }
+}
+
+#[test]
+fn random_transitions_4k_without_recreating_the_vm() {
+    random_transitions_both_configs("random_transitions_4k", &[Family::Pte4K]);
+}
+
+#[test]
+fn random_transitions_2m_without_recreating_the_vm() {
+    random_transitions_both_configs("random_transitions_2m", &[Family::Pde2M]);
+}
+
+#[test]
+fn random_transitions_mixed_without_recreating_the_vm() {
+    random_transitions_both_configs("random_transitions_mixed", &[Family::Pte4K, Family::Pde2M]);
 }
 
 /// The rig's plumbing, without the MMU: the direct map reaches every table page, each

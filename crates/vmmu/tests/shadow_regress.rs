@@ -44,6 +44,9 @@ fn configs() -> [PagingConfig; 2] {
 /// Check every access kind at every gva in `gvas` (empty watch: the walk's entries), then
 /// the audit; failures go to `fails` labelled with `what`.
 fn round(rig: &mut Rig, fails: &mut Failures, gvas: &[Gva], what: &str) {
+    if rig.broken.is_some() {
+        return;
+    }
     for &gva in gvas {
         for (kind, cpl) in ACCESSES {
             let r = rig.check_access(gva, kind, cpl, &[]);
@@ -151,13 +154,14 @@ fn huge_pde_to_table_and_back(config: PagingConfig, backing: Backing) -> Failure
     // And once more with a full flush, the huge frame moved.
     let r = rig.guest_write(pde, table);
     fails.note(r, || "huge -> table write".into());
-    rig.vm.flush_guest_tlb(&mut rig.vcpu).expect("flush");
+    rig.flush_all();
     round(
         &mut rig,
         &mut fails,
         &gvas,
         &format!("{b}: huge -> table, full flush"),
     );
+    rig.teardown(&mut fails);
     fails
 }
 
@@ -197,6 +201,9 @@ fn write_table_through_huge_alias(config: PagingConfig, backing: Backing) -> Fai
     let mut fails = Failures::default();
     let mut rng = Rng::new(7);
     for i in 0..64u64 {
+        if rig.broken.is_some() {
+            break;
+        }
         // Read through the alias (the MMU may map it now), then the tested address.
         let r = rig.check_access(Gva(alias(path.leaf)), AccessKind::Read, 0, &[]);
         fails.note(r, || format!("step {i}: read of the PTE through the alias"));
@@ -205,12 +212,14 @@ fn write_table_through_huge_alias(config: PagingConfig, backing: Backing) -> Fai
         let l = rng.below(64) as u32;
         let v = path.leaf_value(l, DATA4K + (i % 16) * K4);
         rig.set_cpl(3);
-        let r = rig
-            .vm
-            .gva_write_u64(&mut rig.vcpu, Gva(alias(path.leaf)), v);
+        let r = rig.guarded("gva_write_u64", |r| {
+            r.vm.gva_write_u64(&mut r.vcpu, Gva(alias(path.leaf)), v)
+        });
         rig.set_cpl(0);
-        if let Err(e) = r {
-            fails.push(format!("step {i}: write through the alias: {e:?}"));
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => fails.push(format!("step {i}: write through the alias: {e:?}")),
+            Err(e) => fails.push(format!("step {i}: write through the alias: {e}")),
         }
         if rig.guest.peek(path.leaf) != v {
             fails.push(format!(
@@ -228,6 +237,7 @@ fn write_table_through_huge_alias(config: PagingConfig, backing: Backing) -> Fai
             ),
         );
     }
+    rig.teardown(&mut fails);
     fails
 }
 
@@ -272,8 +282,11 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
     let mut fails = Failures::default();
     let mut rng = Rng::new(0xb);
     for i in 0..24u64 {
+        if rig.broken.is_some() {
+            break;
+        }
         round(&mut rig, &mut fails, &[gva], &format!("iter {i}: A"));
-        let n = rig.vm.reclaim_shadow_pages(usize::MAX);
+        let n = rig.reclaim(usize::MAX);
         if n == 0 {
             fails.push(format!(
                 "iter {i}: reclaim(MAX) zapped nothing with pages in use"
@@ -295,7 +308,7 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
             &format!("iter {i}: back to A"),
         );
         // Zap both roots (A in use, B cached), then switch to the cached one.
-        rig.vm.reclaim_shadow_pages(usize::MAX);
+        rig.reclaim(usize::MAX);
         rig.set_cr3(cr3_b);
         round(
             &mut rig,
@@ -308,7 +321,7 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
         let v = pa.leaf_value(rng.below(64) as u32 | 1, DATA4K + (2 + rng.below(8)) * K4);
         let r = rig.guest_write(pa.leaf, v);
         fails.note(r, || format!("iter {i}: write A's leaf from B"));
-        rig.vm.reclaim_shadow_pages(1 + rng.below(4) as usize);
+        rig.reclaim(1 + rng.below(4) as usize);
         rig.set_cr3(cr3_a);
         round(
             &mut rig,
@@ -317,7 +330,7 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
             &format!("iter {i}: A after its leaf changed"),
         );
         if i.is_multiple_of(3) {
-            rig.vm.zap_all().expect("zap_all");
+            rig.zap_all();
             round(
                 &mut rig,
                 &mut fails,
@@ -327,7 +340,7 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
         }
         // Reclaim oldest-first one page at a time between accesses.
         for k in 0..6 {
-            rig.vm.reclaim_shadow_pages(1);
+            rig.reclaim(1);
             round(
                 &mut rig,
                 &mut fails,
@@ -336,6 +349,7 @@ fn reclaim_roots(config: PagingConfig) -> Failures {
             );
         }
     }
+    rig.teardown(&mut fails);
     fails
 }
 
@@ -362,7 +376,7 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
         g.poke(p.leaf, p.leaf_value(0b00111, p.family.frame(0)));
     }
     let mut rig = Rig::start(g, config, Backing::Page4K);
-    let vm = rig.vm.clone();
+    let vm = std::sync::Arc::clone(&rig.vm);
     let done = AtomicBool::new(false);
     let mut fails = Failures::default();
     std::thread::scope(|s| {
@@ -386,6 +400,9 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
         });
         let mut rng = Rng::new(0xc0de);
         for i in 0..iters {
+            if rig.broken.is_some() {
+                break;
+            }
             let p = if rng.chance(1, 2) { &p4 } else { &p2 };
             let l = rng.below(64) as u32 | 1; // present, so something maps now and then
             let v = p.leaf_value(l, p.family.frame(rng.below(4)));
@@ -428,6 +445,7 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
         rig.invlpg(p.gva);
         round(&mut rig, &mut fails, &[p.gva], "after the race");
     }
+    rig.teardown(&mut fails);
     fails
 }
 

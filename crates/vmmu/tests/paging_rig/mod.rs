@@ -14,6 +14,8 @@
 //! paths in the low slots.
 #![allow(dead_code)]
 
+use std::mem::ManuallyDrop;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
 use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
@@ -241,17 +243,39 @@ pub fn access_name(kind: AccessKind, cpl: u8) -> String {
     )
 }
 
+/// The message of a caught panic.
+pub fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = p.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = p.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(non-string panic)".to_string()
+    }
+}
+
 /// A VM running shadow paging over a [`Guest`], with one vCPU, and the registers the test
 /// set (kept here, not read back from the MMU under test).
+///
+/// A panic inside the MMU is caught and recorded in [`Rig::broken`] (the operation reports
+/// it; later ones are skipped), so that a test reports the case that made the MMU panic;
+/// a VM whose MMU panicked is leaked rather than dropped (its teardown would panic again).
+/// [`Rig::teardown`] drops the VM and reports a panicking teardown as a failure.
 pub struct Rig {
     pub guest: Guest,
     pub host: Arc<SimHostMemory>,
-    pub vm: Arc<PagingVm>,
+    pub vm: ManuallyDrop<Arc<PagingVm>>,
+    /// Set when the MMU panicked: what it was doing and the message.
+    pub broken: Option<String>,
+    torn_down: bool,
     pub vcpu: Vcpu,
     pub regs: PagingState,
     pub config: PagingConfig,
     /// Checked accesses so far.
     pub checks: u64,
+    /// `VMMU_PAGING_TRACE` set: print every operation to stderr (to find the step at which
+    /// the MMU panics).
+    pub trace: bool,
 }
 
 impl Rig {
@@ -260,7 +284,7 @@ impl Rig {
     pub fn start(guest: Guest, config: PagingConfig, backing: Backing) -> Rig {
         let host = Arc::new(SimHostMemory::new());
         let hva = host.mmap(GUEST_MEM, backing, true).expect("host mmap").0;
-        let vm = Arc::new(Vm::new_paging(
+        let vm = ManuallyDrop::new(Arc::new(Vm::new_paging(
             VmConfig {
                 mmu: MmuKind::ShadowPaging,
                 paging: config,
@@ -268,7 +292,7 @@ impl Rig {
             },
             host.clone(),
             guest.mem.clone() as Arc<dyn GuestMemory>,
-        ));
+        )));
         vm.set_user_memory_region(MemoryRegion {
             slot: 0,
             flags: MemslotFlags::empty(),
@@ -293,16 +317,58 @@ impl Rig {
             regs,
             config,
             checks: 0,
+            broken: None,
+            torn_down: false,
+            trace: std::env::var_os("VMMU_PAGING_TRACE").is_some(),
+        }
+    }
+
+    /// Run `f` on the MMU, catching a panic (recorded in `broken`). Err if the MMU
+    /// panicked now or before.
+    pub fn guarded<R>(&mut self, what: &str, f: impl FnOnce(&mut Self) -> R) -> Result<R, String> {
+        if let Some(b) = &self.broken {
+            return Err(format!("skipped: the MMU panicked earlier ({b})"));
+        }
+        match catch_unwind(AssertUnwindSafe(|| f(self))) {
+            Ok(r) => Ok(r),
+            Err(p) => {
+                let msg = format!("the MMU panicked in {what}: {}", panic_message(&*p));
+                self.broken = Some(msg.clone());
+                Err(msg)
+            }
+        }
+    }
+
+    /// Drop the VM now; a panic in its teardown is a failure.
+    pub fn teardown(&mut self, fails: &mut Failures) {
+        if self.torn_down {
+            return;
+        }
+        self.torn_down = true;
+        if let Some(b) = &self.broken {
+            fails.push(format!("the VM is leaked, not torn down: {b}"));
+            return;
+        }
+        // SAFETY: taken once (`torn_down`), never used again.
+        let vm = unsafe { ManuallyDrop::take(&mut self.vm) };
+        if let Err(p) = catch_unwind(AssertUnwindSafe(move || drop(vm))) {
+            fails.push(format!(
+                "the VM's teardown panicked: {}",
+                panic_message(&*p)
+            ));
         }
     }
 
     /// CR0.WP and EFER.NX (with set_paging; CR3 and CPL unchanged).
     pub fn set_wp_nx(&mut self, wp: bool, nx: bool) {
+        if self.trace {
+            eprintln!("set_paging wp={} nx={}", wp as u8, nx as u8);
+        }
         self.regs.cr0_wp = wp;
         self.regs.efer_nx = nx;
-        self.vm
-            .set_paging(&mut self.vcpu, self.regs)
-            .expect("set_paging");
+        let _ = self.guarded("set_paging", |r| {
+            r.vm.set_paging(&mut r.vcpu, r.regs).expect("set_paging")
+        });
     }
 
     pub fn set_cpl(&mut self, cpl: u8) {
@@ -311,11 +377,17 @@ impl Rig {
     }
 
     pub fn invlpg(&mut self, gva: Gva) {
-        self.vm.invlpg(&mut self.vcpu, gva).expect("invlpg");
+        if self.trace {
+            eprintln!("invlpg {gva}");
+        }
+        let _ = self.guarded("invlpg", |r| r.vm.invlpg(&mut r.vcpu, gva).expect("invlpg"));
     }
 
     /// MOV CR3 to another address space.
     pub fn set_cr3(&mut self, cr3: u64) {
+        if self.trace {
+            eprintln!("load_cr3 {cr3:#x}");
+        }
         self.regs.cr3 = Gpa(cr3);
         self.vm
             .load_cr3(&mut self.vcpu, Gpa(cr3))
@@ -324,13 +396,46 @@ impl Rig {
 
     /// MOV CR3 with the current CR3 (a full flush of non-global translations).
     pub fn reload_cr3(&mut self) {
-        self.vm
-            .load_cr3(&mut self.vcpu, self.regs.cr3)
-            .expect("load_cr3");
+        if self.trace {
+            eprintln!("load_cr3 {} (same)", self.regs.cr3);
+        }
+        let cr3 = self.regs.cr3;
+        let _ = self.guarded("load_cr3", |r| {
+            r.vm.load_cr3(&mut r.vcpu, cr3).expect("load_cr3")
+        });
     }
 
-    pub fn audit(&self) -> Result<(), String> {
-        self.vm.audit().map(|_| ()).map_err(|e| e.to_string())
+    pub fn audit(&mut self) -> Result<(), String> {
+        self.guarded("audit", |r| {
+            r.vm.audit().map(|_| ()).map_err(|e| e.to_string())
+        })?
+    }
+
+    /// A full guest TLB flush.
+    pub fn flush_all(&mut self) {
+        if self.trace {
+            eprintln!("flush_guest_tlb");
+        }
+        let _ = self.guarded("flush_guest_tlb", |r| {
+            r.vm.flush_guest_tlb(&mut r.vcpu).expect("flush_guest_tlb")
+        });
+    }
+
+    /// Reclaim up to `n` shadow pages; the number zapped (0 if the MMU panicked).
+    pub fn reclaim(&mut self, n: usize) -> usize {
+        if self.trace {
+            eprintln!("reclaim_shadow_pages({n})");
+        }
+        self.guarded("reclaim_shadow_pages", |r| r.vm.reclaim_shadow_pages(n))
+            .unwrap_or(0)
+    }
+
+    /// Zap every shadow page.
+    pub fn zap_all(&mut self) {
+        if self.trace {
+            eprintln!("zap_all");
+        }
+        let _ = self.guarded("zap_all", |r| r.vm.zap_all().expect("zap_all"));
     }
 
     /// The guest writes `val` to its page-table entry at `gpa`, at CPL 0 through the
@@ -341,9 +446,15 @@ impl Rig {
         let cpl = self.regs.cpl;
         self.set_cpl(0);
         let gva = Gva(DIRECT_MAP + gpa);
+        if self.trace {
+            eprintln!("guest write [{gpa:#x}] := {val:#x} {}", describe_entry(val));
+        }
         let want = rw::walk(&*self.guest.mem, &self.regs, gva, AccessKind::Write);
-        let got = self.vm.gva_write_u64(&mut self.vcpu, gva, val);
+        let got = self.guarded("gva_write_u64", |r| {
+            r.vm.gva_write_u64(&mut r.vcpu, gva, val)
+        });
         self.set_cpl(cpl);
+        let got = got?;
         let mut err = String::new();
         if want.gpa() != Some(Gpa(gpa)) {
             err += &format!("reference cannot write through the direct map: {want}\n");
@@ -399,7 +510,18 @@ impl Rig {
         let walked: Vec<u64> = want.entries.iter().map(|e| e.gpa.0).collect();
         let watch = if watch.is_empty() { &walked[..] } else { watch };
         let before: Vec<u64> = watch.iter().map(|&g| self.guest.peek(g)).collect();
-        let got = self.vm.gva_access(&mut self.vcpu, gva, kind);
+        if self.trace {
+            eprintln!(
+                "{} at {gva}, wp={} nx={}; reference: {want}",
+                access_name(kind, cpl),
+                self.regs.cr0_wp as u8,
+                self.regs.efer_nx as u8
+            );
+        }
+        let got = self.guarded("gva_access", |r| r.vm.gva_access(&mut r.vcpu, gva, kind))?;
+        if self.trace {
+            eprintln!("  -> {got:?}");
+        }
         let mut err = String::new();
         let ok = match (&want.result, &got) {
             (Ok(t), Ok(g)) => t.gpa == *g,
@@ -454,6 +576,16 @@ impl Rig {
     }
 }
 
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if !self.torn_down && self.broken.is_none() && !std::thread::panicking() {
+            // SAFETY: `torn_down` is false: the VM was never taken.
+            unsafe { ManuallyDrop::drop(&mut self.vm) };
+        }
+        // Otherwise leaked: a panicking MMU's teardown would panic again.
+    }
+}
+
 /// Failures collected over a run: the first few in full, and a count.
 #[derive(Default)]
 pub struct Failures {
@@ -490,8 +622,13 @@ impl Failures {
     #[track_caller]
     pub fn finish(&self, what: &str, checks: u64) {
         if self.count > 0 {
+            let within = if checks > 0 {
+                format!(" in {checks} checked accesses")
+            } else {
+                String::new()
+            };
             panic!(
-                "{what}: {} failures in {checks} checked accesses; the first {}:\n\n{}",
+                "{what}: {} failures{within}; the first {}:\n\n{}",
                 self.count,
                 self.list.len(),
                 self.list.join("\n\n")
