@@ -191,6 +191,7 @@ fn run(plan: Plan) -> (Failures, Vec<Outcome>, u64) {
 
 fn run_both_configs(family: Family, backing: Backing, sample: u64, audit_upper: u32) {
     let mut all = Vec::new();
+    let mut runs = Vec::new();
     for config in configs() {
         let plan = Plan {
             family,
@@ -204,12 +205,14 @@ fn run_both_configs(family: Family, backing: Backing, sample: u64, audit_upper: 
         let t = std::time::Instant::now();
         let (fails, outcomes, checks) = run(plan);
         eprintln!("  took {:?}", t.elapsed());
-        fails.finish(
-            &format!("{} unsync={} {backing:?}", family.name(), config.unsync),
+        runs.push((
+            format!("{} unsync={} {backing:?}", family.name(), config.unsync),
+            fails,
             checks,
-        );
+        ));
         all.push(outcomes);
     }
+    Failures::finish_all(&runs);
     assert_eq!(
         all[0], all[1],
         "unsync=true and unsync=false differ (both matched the reference?)"
@@ -503,10 +506,17 @@ fn first_touch_4k_leaf_pde_varied() {
     if vmmu_testing::skip_rerun("first_touch_4k_leaf_pde_varied") {
         return;
     }
-    for config in configs() {
-        first_touch(Family::Pte4K, config, Backing::Page4K)
-            .finish(&format!("first touch 4K unsync={}", config.unsync), 0);
-    }
+    let runs: Vec<_> = configs()
+        .into_iter()
+        .map(|config| {
+            (
+                format!("first touch 4K unsync={}", config.unsync),
+                first_touch(Family::Pte4K, config, Backing::Page4K),
+                0,
+            )
+        })
+        .collect();
+    Failures::finish_all(&runs);
 }
 
 #[test]
@@ -514,28 +524,35 @@ fn first_touch_2m_leaf_pdpte_varied() {
     if vmmu_testing::skip_rerun("first_touch_2m_leaf_pdpte_varied") {
         return;
     }
-    for (config, backing) in [
+    let runs: Vec<_> = [
         (configs()[0], Backing::Page4K),
         (configs()[1], Backing::Page4K),
         (configs()[0], Backing::Thp),
-    ] {
-        first_touch(Family::Pde2M, config, backing).finish(
-            &format!("first touch 2M unsync={} {backing:?}", config.unsync),
+        (configs()[1], Backing::Thp),
+    ]
+    .into_iter()
+    .map(|(config, backing)| {
+        (
+            format!("first touch 2M unsync={} {backing:?}", config.unsync),
+            first_touch(Family::Pde2M, config, backing),
             0,
-        );
-    }
+        )
+    })
+    .collect();
+    Failures::finish_all(&runs);
 }
 
 /// Random changes on one VM without re-creating it: either entry of either path changes
 /// (bits and frame), the guest flushes with INVLPG, MOV CR3 or a full flush, WP/NX change
 /// now and then, and accesses repeat without changes (TLB and shadow hits after A/D were
-/// set). Every access is checked against the reference. Returns the outcomes.
+/// set). Every access is checked against the reference. Returns the outcomes, the failures
+/// and the number of checked accesses.
 fn random_transitions(
     config: PagingConfig,
     steps: u64,
     seed: u64,
     families: &[Family],
-) -> Vec<Outcome> {
+) -> (Vec<Outcome>, Failures, u64) {
     let mut g = Guest::new();
     let paths = [
         Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8),
@@ -644,14 +661,7 @@ fn random_transitions(
     let r = rig.audit();
     fails.note(r, || "final audit".to_string());
     rig.teardown(&mut fails);
-    fails.finish(
-        &format!(
-            "random transitions unsync={} {families:?} seed {seed:#x}",
-            config.unsync
-        ),
-        rig.checks,
-    );
-    outcomes
+    (outcomes, fails, rig.checks)
 }
 
 fn random_transitions_both_configs(name: &str, families: &[Family]) {
@@ -659,10 +669,30 @@ fn random_transitions_both_configs(name: &str, families: &[Family]) {
         return;
     }
     let steps = if cfg!(debug_assertions) { 3000 } else { 30000 };
+    let mut runs = Vec::new();
+    let mut outcomes = Vec::new();
     for seed in [1u64, 2] {
-        let a = random_transitions(configs()[0], steps, seed, families);
-        let b = random_transitions(configs()[1], steps, seed, families);
-        assert_eq!(a, b, "unsync=true and unsync=false differ (seed {seed})");
+        for config in configs() {
+            let (o, fails, checks) = random_transitions(config, steps, seed, families);
+            runs.push((
+                format!(
+                    "random transitions unsync={} {families:?} seed {seed}",
+                    config.unsync
+                ),
+                fails,
+                checks,
+            ));
+            outcomes.push(o);
+        }
+    }
+    Failures::finish_all(&runs);
+    for (i, pair) in outcomes.chunks(2).enumerate() {
+        assert_eq!(
+            pair[0],
+            pair[1],
+            "unsync=true and unsync=false differ (seed {})",
+            i + 1
+        );
     }
 }
 

@@ -170,14 +170,17 @@ fn huge_pde_becomes_table_and_back() {
     if vmmu_testing::skip_rerun("huge_pde_becomes_table_and_back") {
         return;
     }
+    let mut runs = Vec::new();
     for config in configs() {
         for backing in [Backing::Page4K, Backing::Thp] {
-            huge_pde_to_table_and_back(config, backing).finish(
-                &format!("huge <-> table unsync={} {backing:?}", config.unsync),
+            runs.push((
+                format!("huge <-> table unsync={} {backing:?}", config.unsync),
+                huge_pde_to_table_and_back(config, backing),
                 0,
-            );
+            ));
         }
     }
+    Failures::finish_all(&runs);
 }
 
 /// (a') The guest maps its own page-table area with a 2 MiB page and writes a PTE through
@@ -246,14 +249,17 @@ fn page_table_written_through_a_huge_alias() {
     if vmmu_testing::skip_rerun("page_table_written_through_a_huge_alias") {
         return;
     }
+    let mut runs = Vec::new();
     for config in configs() {
         for backing in [Backing::Page4K, Backing::Thp] {
-            write_table_through_huge_alias(config, backing).finish(
-                &format!("huge alias unsync={} {backing:?}", config.unsync),
+            runs.push((
+                format!("huge alias unsync={} {backing:?}", config.unsync),
+                write_table_through_huge_alias(config, backing),
                 0,
-            );
+            ));
         }
     }
+    Failures::finish_all(&runs);
 }
 
 /// (b) Roots in use, and roots in the vCPU's cache of previous roots, zapped by reclaim.
@@ -358,9 +364,17 @@ fn reclaim_zaps_roots_in_use() {
     if vmmu_testing::skip_rerun("reclaim_zaps_roots_in_use") {
         return;
     }
-    for config in configs() {
-        reclaim_roots(config).finish(&format!("reclaim roots unsync={}", config.unsync), 0);
-    }
+    let runs: Vec<_> = configs()
+        .into_iter()
+        .map(|c| {
+            (
+                format!("reclaim roots unsync={}", c.unsync),
+                reclaim_roots(c),
+                0,
+            )
+        })
+        .collect();
+    Failures::finish_all(&runs);
 }
 
 /// (c) The vCPU thread rewrites a guest PTE through the direct map (an emulated write, or
@@ -455,8 +469,15 @@ fn emulated_pte_write_races_zap() {
         return;
     }
     let iters = if cfg!(debug_assertions) { 2000 } else { 20000 };
-    for config in configs() {
-        emulated_write_races_zap(config, iters)
-            .finish(&format!("write/zap race unsync={}", config.unsync), 0);
-    }
+    let runs: Vec<_> = configs()
+        .into_iter()
+        .map(|c| {
+            (
+                format!("write/zap race unsync={}", c.unsync),
+                emulated_write_races_zap(c, iters),
+                0,
+            )
+        })
+        .collect();
+    Failures::finish_all(&runs);
 }

@@ -618,6 +618,41 @@ impl Failures {
         }
     }
 
+    /// Panic with the failures of every run that had some (each labelled), if any.
+    #[track_caller]
+    pub fn finish_all(runs: &[(String, Failures, u64)]) {
+        let bad: Vec<String> = runs
+            .iter()
+            .filter(|r| r.1.count > 0)
+            .map(|(what, f, checks)| {
+                let within = if *checks > 0 {
+                    format!(" in {checks} checked accesses")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "==== {what}: {} failures{within}; the first {}:\n\n{}",
+                    f.count,
+                    f.list.len(),
+                    f.list.join("\n\n")
+                )
+            })
+            .collect();
+        if !bad.is_empty() {
+            let ok: Vec<&str> = runs
+                .iter()
+                .filter(|r| r.1.count == 0)
+                .map(|r| r.0.as_str())
+                .collect();
+            panic!(
+                "{} of {} runs failed (passed: {ok:?})\n\n{}",
+                bad.len(),
+                runs.len(),
+                bad.join("\n\n")
+            );
+        }
+    }
+
     /// Panic with the failures, if any.
     #[track_caller]
     pub fn finish(&self, what: &str, checks: u64) {
