@@ -404,7 +404,7 @@ pub fn audit_paging<A: TableAllocator>(
                 );
                 if csp.role.is_direct() {
                     ensure!(
-                        gpte & pte::PS != 0 && csp.gfn.align_down(level) == frame.align_down(level),
+                        gpte & pte::PS != 0 && csp.gfn == frame.align_down(level),
                         "page {id} entry {i}: direct child {:?} for guest entry {gpte:#x}",
                         csp.gfn
                     );

@@ -4,113 +4,44 @@
 //! The expected translation comes from the test's own tables (the frame it wrote in the
 //! guest entry), never from the MMU.
 
-use std::sync::Arc;
-
-use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
-use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
+use vmmu::guest::{pte, GuestMemory};
+use vmmu::host::Backing;
 use vmmu::types::{AccessKind, ErrorCode, Gpa, Gva, Level};
-use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, Vm, VmConfig};
+use vmmu::{Exit, MemslotFlags, PagingConfig, VmConfig};
 
-const RAM: u64 = 64 << 20;
+mod paging;
+
+use paging::{Guest, UP};
+
 const PML4: u64 = 0x1000;
-const UP: u64 = pte::P | pte::RW | pte::US;
 
-struct Guest {
-    mem: Arc<SimGuestMemory>,
-    vm: Vm<Arc<SimHostMemory>>,
-    next_table: u64,
-}
-
-impl Guest {
-    fn new(unsync: bool) -> Guest {
-        let host = Arc::new(SimHostMemory::new());
-        let hva = host.mmap(RAM, Backing::Thp, true).unwrap();
-        let mem = Arc::new(SimGuestMemory::new(RAM));
-        let config = VmConfig {
-            mmu: MmuKind::ShadowPaging,
-            paging: PagingConfig {
-                unsync,
-                ..PagingConfig::default()
-            },
-            ..VmConfig::default()
-        };
-        let vm = Vm::new_paging(config, host, mem.clone());
-        vm.set_user_memory_region(MemoryRegion {
-            slot: 0,
-            flags: MemslotFlags::empty(),
-            guest_phys_addr: 0,
-            memory_size: RAM,
-            userspace_addr: hva.0,
-        })
-        .unwrap();
-        Guest {
-            mem,
-            vm,
-            next_table: 0x2000,
-        }
-    }
-
-    fn table(&mut self) -> u64 {
-        let t = self.next_table;
-        self.next_table += 0x1000;
-        t
-    }
-
-    /// Map `gva` to `frame` (4K) with `leaf` flags, building tables with `UP` as needed,
-    /// writing guest memory directly (before the MMU shadows them). Returns the gpa of the
-    /// leaf entry.
-    fn map(&mut self, cr3: u64, gva: Gva, frame: u64, leaf: u64) -> Gpa {
-        let mut t = cr3;
-        for level in [Level::L512G, Level::L1G, Level::L2M] {
-            let at = Gpa(t + gva.index_at(level) as u64 * 8);
-            let e = self.mem.read_u64(at).unwrap();
-            t = if e & pte::P != 0 {
-                e & pte::ADDR_MASK
-            } else {
-                let n = self.table();
-                self.mem.write_u64(at, n | UP).unwrap();
-                n
-            };
-        }
-        let at = Gpa(t + gva.index_at(Level::L4K) as u64 * 8);
-        self.mem.write_u64(at, frame | leaf).unwrap();
-        at
-    }
-
-    fn vcpu(&self, cr3: u64) -> Vcpu {
-        let mut v = self.vm.create_vcpu().unwrap();
-        self.vm
-            .set_paging(
-                &mut v,
-                PagingState {
-                    cr3: Gpa(cr3),
-                    ..PagingState::default()
-                },
-            )
-            .unwrap();
-        v
-    }
-
-    fn audit(&self) {
-        self.vm.audit().unwrap_or_else(|e| panic!("{e}"));
-    }
+fn guest(unsync: bool) -> Guest {
+    let mut g = Guest::new(VmConfig {
+        paging: PagingConfig {
+            unsync,
+            ..PagingConfig::default()
+        },
+        ..VmConfig::default()
+    });
+    assert_eq!(g.table(), PML4);
+    g.add_slot(1, 1 << 30, 64 << 20, Backing::Thp, MemslotFlags::empty());
+    g
 }
 
 #[test]
 fn maps_reads_writes_and_reflects_guest_faults() {
     for unsync in [false, true] {
-        let mut g = Guest::new(unsync);
+        let mut g = guest(unsync);
         let va = Gva(0x40_0000_1000);
-        let pte_gpa = g.map(PML4, va, 0x80_0000, UP);
+        let pte_gpa = g.map(PML4, va, (1 << 30) + 0x80_0000, UP, Level::L4K);
         let mut v = g.vcpu(PML4);
         assert_eq!(
             g.vm.gva_access(&mut v, Gva(va.0 + 0x10), AccessKind::Read),
-            Ok(Gpa(0x80_0010))
+            Ok(Gpa((1 << 30) + 0x80_0010))
         );
         g.audit();
         g.vm.gva_write_u64(&mut v, Gva(va.0 + 8), 77).unwrap();
-        assert_eq!(g.mem.read_u64(Gpa(0x80_0008)).unwrap(), 77);
+        assert_eq!(g.mem.read_u64(Gpa((1 << 30) + 0x80_0008)).unwrap(), 77);
         assert_eq!(g.vm.gva_read_u64(&mut v, Gva(va.0 + 8)).unwrap(), 77);
         g.audit();
         let leaf = g.mem.read_u64(pte_gpa).unwrap();
@@ -127,7 +58,13 @@ fn maps_reads_writes_and_reflects_guest_faults() {
         );
         // User access to a supervisor page.
         let sva = Gva(0x40_0000_2000);
-        g.map(PML4, sva, 0x81_0000, pte::P | pte::RW);
+        g.map(
+            PML4,
+            sva,
+            (1 << 30) + 0x81_0000,
+            pte::P | pte::RW,
+            Level::L4K,
+        );
         g.vm.invlpg(&mut v, sva).unwrap();
         v.set_cpl(3);
         assert_eq!(
@@ -140,7 +77,7 @@ fn maps_reads_writes_and_reflects_guest_faults() {
         v.set_cpl(0);
         assert_eq!(
             g.vm.gva_access(&mut v, sva, AccessKind::Read),
-            Ok(Gpa(0x81_0000))
+            Ok(Gpa((1 << 30) + 0x81_0000))
         );
         g.audit();
     }
@@ -149,9 +86,9 @@ fn maps_reads_writes_and_reflects_guest_faults() {
 #[test]
 fn guest_pte_writes_are_emulated_or_unsynced_and_never_stale() {
     for unsync in [false, true] {
-        let mut g = Guest::new(unsync);
+        let mut g = guest(unsync);
         let va = Gva(0x40_0000_1000);
-        let pte_gpa = g.map(PML4, va, 0x80_0000, UP);
+        let pte_gpa = g.map(PML4, va, (1 << 30) + 0x80_0000, UP, Level::L4K);
         // Map the page tables themselves at a kernel address, as an OS does.
         let kbase = 0xffff_8880_0000_0000u64;
         let table_gfn_page = pte_gpa.0 & !0xfff;
@@ -160,18 +97,24 @@ fn guest_pte_writes_are_emulated_or_unsynced_and_never_stale() {
             Gva(kbase + table_gfn_page),
             table_gfn_page,
             pte::P | pte::RW,
+            Level::L4K,
         );
         let mut v = g.vcpu(PML4);
         assert_eq!(
             g.vm.gva_access(&mut v, va, AccessKind::Read),
-            Ok(Gpa(0x80_0000))
+            Ok(Gpa((1 << 30) + 0x80_0000))
         );
         g.audit();
         // The guest repoints its PTE through the kernel mapping, then INVLPG.
         let kva = Gva(kbase + pte_gpa.0);
-        for (k, frame) in [0x90_0000u64, 0xa0_0000, 0xb0_0000, 0xc0_0000]
-            .into_iter()
-            .enumerate()
+        for (k, frame) in [
+            (1u64 << 30) + 0x90_0000,
+            (1 << 30) + 0xa0_0000,
+            (1 << 30) + 0xb0_0000,
+            (1 << 30) + 0xc0_0000,
+        ]
+        .into_iter()
+        .enumerate()
         {
             g.vm.gva_write_u64(&mut v, kva, frame | UP).unwrap();
             g.audit();
@@ -203,10 +146,16 @@ fn guest_pte_writes_are_emulated_or_unsynced_and_never_stale() {
 
 #[test]
 fn roots_are_cached_shared_and_survive_reclaim() {
-    let mut g = Guest::new(true);
+    let mut g = guest(true);
     let cr3s = [0x10_0000u64, 0x11_0000, 0x12_0000, 0x13_0000, 0x14_0000];
     for (k, &cr3) in cr3s.iter().enumerate() {
-        g.map(cr3, Gva(0x1000), 0x100_0000 + (k as u64) * 0x1000, UP);
+        g.map(
+            cr3,
+            Gva(0x1000),
+            (1 << 30) + 0x100_0000 + (k as u64) * 0x1000,
+            UP,
+            Level::L4K,
+        );
     }
     let mut v = g.vcpu(cr3s[0]);
     let mut w = g.vcpu(cr3s[0]);
@@ -214,7 +163,7 @@ fn roots_are_cached_shared_and_survive_reclaim() {
         for (k, &cr3) in cr3s.iter().enumerate() {
             g.vm.load_cr3(&mut v, Gpa(cr3)).unwrap();
             g.vm.load_cr3(&mut w, Gpa(cr3)).unwrap();
-            let want = Ok(Gpa(0x100_0000 + k as u64 * 0x1000));
+            let want = Ok(Gpa((1 << 30) + 0x100_0000 + k as u64 * 0x1000));
             assert_eq!(g.vm.gva_access(&mut v, Gva(0x1000), AccessKind::Read), want);
             assert_eq!(
                 g.vm.gva_access(&mut w, Gva(0x1000), AccessKind::Write),
@@ -241,6 +190,64 @@ fn roots_are_cached_shared_and_survive_reclaim() {
     let after = g.vm.stats().paging;
     assert_eq!(after.root_cache_hits - before.root_cache_hits, 20);
     assert_eq!(after.root_cache_misses, before.root_cache_misses);
-    drop((v, w));
+    // Zapped while held, the roots stay until their vCPUs let go of them.
+    g.vm.reclaim_shadow_pages(usize::MAX);
+    assert!(g.vm.stats().shadow_pages > 0, "held roots survive the zap");
+    g.audit();
+    g.vm.release_vcpu(v);
+    g.vm.release_vcpu(w);
+    assert_eq!(g.vm.stats().shadow_pages, 0, "released roots are freed");
+    g.audit();
+}
+
+/// A last-level table that went unsync under one process, changed while no root reached
+/// it, then linked into another process: its stale shadow entries must not be used.
+#[test]
+fn an_unsync_table_relinked_elsewhere_is_not_stale() {
+    let mut g = guest(true);
+    let (x, y) = (0x10_0000u64, 0x20_0000u64);
+    let (va, va2) = (Gva(0x40_0000_1000), Gva(0x40_0000_2000));
+    let f1 = (1u64 << 30) + 0x10_0000;
+    let f2 = (1u64 << 30) + 0x20_0000;
+    let leaf = g.map(x, va, f1, UP, Level::L4K);
+    let leaf2 = g.map(x, va2, f1 + 0x1000, UP, Level::L4K);
+    let table = leaf.0 & !0xfff;
+    // Kernel mappings of the table page, in both address spaces.
+    let kbase = 0xffff_8880_0000_0000u64;
+    for cr3 in [x, y] {
+        g.map(cr3, Gva(kbase + table), table, pte::P | pte::RW, Level::L4K);
+    }
+    // Y's PD slot for `va`, empty for now, and a kernel mapping of Y's PD.
+    let y_pde = g.entry_gpa(y, va, Level::L2M);
+    g.map(
+        y,
+        Gva(kbase + (y_pde.0 & !0xfff)),
+        y_pde.0 & !0xfff,
+        pte::P | pte::RW,
+        Level::L4K,
+    );
+    let mut v = g.vcpu(x);
+    assert_eq!(g.vm.gva_access(&mut v, va, AccessKind::Read), Ok(Gpa(f1)));
+    assert_eq!(
+        g.vm.gva_access(&mut v, va2, AccessKind::Read),
+        Ok(Gpa(f1 + 0x1000))
+    );
+    // Touch the table through the kernel map: it goes unsync.
+    g.vm.gva_write_u64(&mut v, Gva(kbase + leaf.0), f1 | UP)
+        .unwrap();
+    g.audit();
+    assert!(g.vm.stats().paging.unsynced_pages > 0);
+    // Switch to Y; repoint va2 in the table (unsync: written directly), then link the
+    // table into Y and flush.
+    g.vm.load_cr3(&mut v, Gpa(y)).unwrap();
+    g.vm.gva_write_u64(&mut v, Gva(kbase + leaf2.0), f2 | UP)
+        .unwrap();
+    g.vm.gva_write_u64(&mut v, Gva(kbase + y_pde.0), table | UP)
+        .unwrap();
+    g.vm.flush_guest_tlb(&mut v).unwrap();
+    g.audit();
+    // The first access links the table; the second must not find va2's old entry.
+    assert_eq!(g.vm.gva_access(&mut v, va, AccessKind::Read), Ok(Gpa(f1)));
+    assert_eq!(g.vm.gva_access(&mut v, va2, AccessKind::Read), Ok(Gpa(f2)));
     g.audit();
 }

@@ -121,6 +121,24 @@ fn fast_zap_empties_the_old_root_while_an_idle_vcpu_holds_it() {
     }
 }
 
+/// A vCPU released while it holds an invalidated root lets the root go at once.
+#[test]
+fn releasing_a_vcpu_frees_the_invalid_root_it_held() {
+    for mode in MODES {
+        let (host, vm) = tdp_vm(mode);
+        let mut idle = vm.create_vcpu().unwrap();
+        thp_slot_mapped(&host, &vm, &mut idle);
+        vm.zap_all_fast().unwrap();
+        let roots = |vm: &TestVm| vm.with_tdp(|_, m| m.roots(&vmmu::tdp::pin()).count());
+        assert_eq!(roots(&vm), 2, "{mode:?}: the idle vCPU holds the old root");
+        vm.release_vcpu(idle);
+        assert_eq!(roots(&vm), 1, "{mode:?}: released, the old root goes");
+        assert_eq!(tables_held(&vm), table_count(&vm), "{mode:?}");
+        audit(&vm);
+        settle_tables(&vm);
+    }
+}
+
 /// A table allocator with a cap on live tables.
 struct CappedAlloc {
     inner: vmmu::table::HeapTableAllocator,

@@ -364,6 +364,35 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         Ok(Vcpu::new(id, shared, root))
     }
 
+    /// Give back what `vcpu` holds (KVM's vCPU destruction): its references on roots, so
+    /// a root zapped while it ran can be freed now rather than with the VM. The vCPU keeps
+    /// its place in the flush list (ids are not reused).
+    pub fn release_vcpu(&self, mut vcpu: Vcpu) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        match &mut st.mmu {
+            Mmu::Tdp(m) => {
+                m.put_root(vcpu.root());
+                let epoch = tdp::pin();
+                let (removed, _) = m.reap_invalid_roots(&epoch);
+                drop(epoch);
+                self.commit(st, removed);
+            }
+            Mmu::Shadow(m) if m.is_paging() => {
+                for r in vcpu
+                    .proot
+                    .take()
+                    .into_iter()
+                    .chain(vcpu.prev_roots.drain(..))
+                {
+                    m.put_paging_root(&r);
+                }
+                self.commit(st, Removed::default());
+            }
+            Mmu::Shadow(_) => {}
+        }
+    }
+
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
     /// `kvm_flush_remote_tlbs`).
     pub fn flush_remote_tlbs(&self) {

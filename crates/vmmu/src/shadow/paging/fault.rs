@@ -140,7 +140,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     walk.pt_access[cur as usize - 1],
                 )
             } else {
-                (gfn.align_down(below), true, access)
+                // A direct page covers this entry's span: its first gfn is aligned to it.
+                (gfn.align_down(cur), true, access)
             };
             let role = self.pages.get(id).role.child(below, direct, child_access);
             let spte = self.pages.get(id).table().get(i);
@@ -166,6 +167,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
             }
             let (child, created, f) = self.get_shadow_page(slots, child_gfn, role)?;
             flush |= f;
+            if !created && self.pages.get(child).unsync {
+                // Found unlinked and unsync: no sync point covered it while it was out of
+                // every root, so bring its entries in line before linking (it stays
+                // unsync; KVM syncs such a page in its lookup).
+                flush |= self.refresh_unsync(slots, guest, child)?;
+            }
             self.link_child(id, i, child);
             let csp = self.pages.get(child);
             if csp.unsync || csp.unsync_children != 0 {

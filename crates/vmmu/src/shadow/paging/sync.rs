@@ -93,12 +93,25 @@ impl<A: TableAllocator> ShadowMmu<A> {
             if !sp.unsync {
                 continue;
             }
-            for i in 0..SPTE_ENT_PER_PAGE {
-                flush |= self.sync_entry(slots, guest, id, i)?;
-            }
+            flush |= self.refresh_unsync(slots, guest, id)?;
             self.pages.get_mut(id).unsync = false;
             self.paging_mut().stats.synced_pages += 1;
             self.clear_parents_unsync(id);
+        }
+        Ok(flush)
+    }
+
+    /// Drop every entry of the unsync page `id` that no longer agrees with its guest
+    /// entry, leaving the page unsync.
+    pub(crate) fn refresh_unsync(
+        &mut self,
+        slots: &mut Memslots,
+        guest: &dyn GuestMemory,
+        id: u32,
+    ) -> Result<Flush, Error> {
+        let mut flush = Flush::NONE;
+        for i in 0..SPTE_ENT_PER_PAGE {
+            flush |= self.sync_entry(slots, guest, id, i)?;
         }
         Ok(flush)
     }
