@@ -10,7 +10,7 @@
 
 mod paging_rig;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use paging_rig::*;
 use vmmu::guest::pte;
@@ -392,11 +392,11 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
     let mut rig = Rig::start(g, config, Backing::Page4K);
     let vm = std::sync::Arc::clone(&rig.vm);
     let done = AtomicBool::new(false);
+    let zaps = AtomicU64::new(0);
     let mut fails = Failures::default();
     std::thread::scope(|s| {
         let zapper = s.spawn(|| {
             let mut rng = Rng::new(0x2a9);
-            let mut zaps = 0u64;
             while !done.load(Ordering::Acquire) {
                 match rng.below(8) {
                     0 => vm.zap_all().expect("zap_all"),
@@ -407,13 +407,17 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
                         vm.reclaim_shadow_pages(1 + rng.below(3) as usize);
                     }
                 }
-                zaps += 1;
+                zaps.fetch_add(1, Ordering::Relaxed);
                 std::thread::yield_now();
             }
-            zaps
         });
         let mut rng = Rng::new(0xc0de);
-        for i in 0..iters {
+        // At least `iters` iterations, and on until the zapper has zapped `iters / 4`
+        // times (a fast vCPU loop would otherwise finish before the race starts).
+        for i in 0..iters * 50 {
+            if i >= iters && zaps.load(Ordering::Relaxed) >= iters / 4 {
+                break;
+            }
             if rig.broken.is_some() {
                 break;
             }
@@ -447,10 +451,12 @@ fn emulated_write_races_zap(config: PagingConfig, iters: u64) -> Failures {
             }
         }
         done.store(true, Ordering::Release);
-        let zaps = zapper.join().expect("zapper panicked");
+        zapper.join().expect("zapper panicked");
         eprintln!(
-            "unsync={}: {iters} iterations raced {zaps} zaps",
-            config.unsync
+            "unsync={}: {} checked accesses raced {} zaps",
+            config.unsync,
+            rig.checks,
+            zaps.load(Ordering::Relaxed)
         );
     });
     let r = rig.audit();
