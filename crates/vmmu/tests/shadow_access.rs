@@ -97,10 +97,7 @@ fn case_name(
         access_name(kind, cpl),
         wp as u8,
         nx as u8,
-        match plan.family {
-            Family::Pte4K => "PDE",
-            Family::Pde2M => "PDPTE",
-        },
+        plan.family.upper_name(),
         describe_entry(upper),
         describe_entry(leaf)
     )
@@ -113,6 +110,7 @@ fn run(plan: Plan) -> (Failures, Vec<Outcome>, u64) {
     let path = match plan.family {
         Family::Pte4K => Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8),
         Family::Pde2M => Path::build(&mut g, Family::Pde2M, 1, (3, 5, 0), 0x1a_b5a8),
+        Family::Pdpte1G => Path::build(&mut g, Family::Pdpte1G, 1, (3, 0, 0), 0x0b6a_b5a8),
     };
     // A fixed neighbour in the same table as the leaf (the next entry), always FULL|A|D:
     // its rights follow the varied upper entry alone.
@@ -249,6 +247,27 @@ fn sampled_2m_leaf_pdpte_varied_thp() {
     run_both_configs(Family::Pde2M, Backing::Thp, 24, 0);
 }
 
+/// A 1 GiB leaf with the PML4E varied (beyond access.c's two families): 4 KiB host
+/// pages (the MMU splits the guest's 1 GiB page) and hugetlbfs 1 GiB pages.
+#[test]
+fn sampled_1g_leaf_pml4e_varied() {
+    if vmmu_testing::skip_rerun("sampled_1g_leaf_pml4e_varied") {
+        return;
+    }
+    run_both_configs(Family::Pdpte1G, Backing::Page4K, 24, 0);
+    run_both_configs(Family::Pdpte1G, Backing::HugeTlb1G, 24, 0);
+}
+
+#[test]
+#[cfg_attr(debug_assertions, ignore = "the whole product: run with --release")]
+fn exhaustive_1g_leaf_pml4e_varied() {
+    if vmmu_testing::skip_rerun("exhaustive_1g_leaf_pml4e_varied") {
+        return;
+    }
+    run_both_configs(Family::Pdpte1G, Backing::Page4K, 1, AUDIT_UPPER);
+    run_both_configs(Family::Pdpte1G, Backing::HugeTlb1G, 1, 0);
+}
+
 #[test]
 #[cfg_attr(debug_assertions, ignore = "the whole product: run with --release")]
 fn exhaustive_4k_leaf_pde_varied() {
@@ -281,18 +300,21 @@ struct Case {
 
 /// Every combination written straight into guest memory before the VM first touches the
 /// address: one PML4 slot per (WP, NX), one upper entry per upper-bit value, one leaf per
-/// (leaf bits, access) under it. Returns the guest and the cases of each (WP, NX) group
-/// in a shuffled order.
-fn first_touch_guest(family: Family) -> (Guest, Vec<Vec<Case>>) {
+/// (leaf bits, access) under it; one case in `keep` is kept. Returns the guest and the
+/// cases of each (WP, NX) group in a shuffled order.
+fn first_touch_guest(family: Family, keep: u64) -> (Guest, Vec<Vec<Case>>) {
     let mut g = Guest::new();
     let mut groups: Vec<Vec<Case>> = Vec::new();
     let mut n = 0u64;
     let mut rng = Rng::new(0xf1257 ^ family as u64);
+    g.one_gib_frames = family == Family::Pdpte1G;
     for gi in 0..REGS.len() as u64 {
-        let l4 = 1 + gi;
+        // 4K and 2M: PML4 slot 1 + gi per group; 1G: a PML4 slot per upper value.
         let pdpt = g.alloc_table();
-        g.poke(g.pml4 + 8 * l4, pdpt | FULL);
         let pd4k = g.alloc_table();
+        if family != Family::Pdpte1G {
+            g.poke(g.pml4 + 8 * (1 + gi), pdpt | FULL);
+        }
         if family == Family::Pte4K {
             g.poke(pdpt, pd4k | FULL);
         }
@@ -300,26 +322,37 @@ fn first_touch_guest(family: Family) -> (Guest, Vec<Vec<Case>>) {
         for u in 0..32u64 {
             let next = g.alloc_table();
             let upper = next | upper_bits(u as u32);
-            let upper_gpa = match family {
-                Family::Pte4K => pd4k + 8 * u,
-                Family::Pde2M => pdpt + 8 * u,
+            let (l4, upper_gpa) = match family {
+                Family::Pte4K => (1 + gi, pd4k + 8 * u),
+                Family::Pde2M => (1 + gi, pdpt + 8 * u),
+                Family::Pdpte1G => (1 + gi * 32 + u, g.pml4 + 8 * (1 + gi * 32 + u)),
             };
             g.poke(upper_gpa, upper);
             for l in 0..64u64 {
                 for (a, &(kind, cpl)) in ACCESSES.iter().enumerate() {
                     let j = l * 6 + a as u64;
                     n += 1;
+                    if keep > 1 && !rng.chance(1, keep) {
+                        continue;
+                    }
                     let frame = family.frame(n);
+                    // A different 4K page of the frame every time (no rmap grows long).
+                    let off = ((n * 7919) << 12) | ((n * 8) & 0xff8);
                     let (leaf, gva, entries) = match family {
                         Family::Pte4K => (
                             frame | leaf_bits(l as u32),
-                            gva_of(l4, 0, u, j, 0x5a8),
+                            gva_of(l4, 0, u, j, off & 0xfff),
                             vec![g.pml4 + 8 * l4, pdpt, upper_gpa, next + 8 * j],
                         ),
                         Family::Pde2M => (
                             frame | leaf_bits(l as u32) | pte::PS,
-                            gva_of(l4, u, j, 0, 0x1a_b5a8),
+                            gva_of(l4, u, j, 0, off & (M2 - 1)),
                             vec![g.pml4 + 8 * l4, upper_gpa, next + 8 * j],
+                        ),
+                        Family::Pdpte1G => (
+                            frame | leaf_bits(l as u32) | pte::PS,
+                            gva_of(l4, j, 0, 0, off & (G1 - 1)),
+                            vec![upper_gpa, next + 8 * j],
                         ),
                     };
                     g.poke(*entries.last().unwrap(), leaf);
@@ -351,8 +384,8 @@ fn first_touch_guest(family: Family) -> (Guest, Vec<Vec<Case>>) {
     (g, groups)
 }
 
-fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failures {
-    let (g, groups) = first_touch_guest(family);
+fn first_touch(family: Family, config: PagingConfig, backing: Backing, keep: u64) -> Failures {
+    let (g, groups) = first_touch_guest(family, keep);
     let mut rig = Rig::start(g, config, backing);
     let mut fails = Failures::default();
     for (gi, cases) in groups.into_iter().enumerate() {
@@ -376,7 +409,8 @@ fn first_touch(family: Family, config: PagingConfig, backing: Backing) -> Failur
                     c.gva
                 )
             });
-            if i.is_multiple_of(256) {
+            // The audit's cost grows with the shadow pages (tens of thousands here).
+            if i.is_multiple_of(2048) {
                 let r = rig.audit();
                 fails.note(r, || "audit".to_string());
             }
@@ -396,7 +430,7 @@ fn first_touch_fails(
     gi: usize,
     cases: &[Case],
 ) -> bool {
-    let (g, _) = first_touch_guest(family);
+    let (g, _) = first_touch_guest(family, 1);
     let mut rig = Rig::start(g, config, backing);
     let (wp, nx) = REGS[gi];
     rig.set_wp_nx(wp, nx);
@@ -412,12 +446,13 @@ fn first_touch_fails(
 }
 
 /// Shrink a failing first-touch run to a minimal sequence of accesses (delta debugging)
-/// and print it: `VMMU_MIN_FAMILY=2m|4k VMMU_MIN_UNSYNC=0|1 VMMU_MIN_THP=0|1`.
+/// and print it: `VMMU_MIN_FAMILY=2m|4k|1g VMMU_MIN_UNSYNC=0|1 VMMU_MIN_THP=0|1`.
 #[test]
 #[ignore = "a tool: shrinks a failing first-touch run"]
 fn minimize_first_touch() {
     let family = match std::env::var("VMMU_MIN_FAMILY").as_deref() {
         Ok("4k") => Family::Pte4K,
+        Ok("1g") => Family::Pdpte1G,
         _ => Family::Pde2M,
     };
     let config = PagingConfig {
@@ -432,7 +467,7 @@ fn minimize_first_touch() {
     if std::env::var_os("VMMU_MIN_LOUD").is_none() {
         std::panic::set_hook(Box::new(|_| {}));
     }
-    let (_, groups) = first_touch_guest(family);
+    let (_, groups) = first_touch_guest(family, 1);
     for (gi, cases) in groups.iter().enumerate() {
         if !first_touch_fails(family, config, backing, gi, cases) {
             continue;
@@ -486,7 +521,7 @@ fn minimize_first_touch() {
             );
         }
         // Run it once more with the trace on, to show what the MMU answered.
-        let (g, _) = first_touch_guest(family);
+        let (g, _) = first_touch_guest(family, 1);
         let mut rig = Rig::start(g, config, backing);
         rig.trace = true;
         rig.set_wp_nx(REGS[gi].0, REGS[gi].1);
@@ -511,7 +546,7 @@ fn first_touch_4k_leaf_pde_varied() {
         .map(|config| {
             (
                 format!("first touch 4K unsync={}", config.unsync),
-                first_touch(Family::Pte4K, config, Backing::Page4K),
+                first_touch(Family::Pte4K, config, Backing::Page4K, 1),
                 0,
             )
         })
@@ -536,7 +571,7 @@ fn first_touch_2m_leaf_pdpte_varied() {
     .filter(|(c, b)| !(cfg!(debug_assertions) && *b == Backing::Thp && !c.unsync))
     .map(|(config, backing)| {
         let t = std::time::Instant::now();
-        let f = first_touch(Family::Pde2M, config, backing);
+        let f = first_touch(Family::Pde2M, config, backing, 1);
         eprintln!(
             "first touch 2M unsync={} {backing:?}: {:?}",
             config.unsync,
@@ -544,6 +579,38 @@ fn first_touch_2m_leaf_pdpte_varied() {
         );
         (
             format!("first touch 2M unsync={} {backing:?}", config.unsync),
+            f,
+            0,
+        )
+    })
+    .collect();
+    Failures::finish_all(&runs);
+}
+
+#[test]
+fn first_touch_1g_leaf_pml4e_varied() {
+    if vmmu_testing::skip_rerun("first_touch_1g_leaf_pml4e_varied") {
+        return;
+    }
+    // A quarter of the cases over split pages (two shadow pages each); over hugetlbfs
+    // every leaf lands in the rmap of one of two 1 GiB frames, and faults slow down with
+    // the rmap's length: a sixteenth in debug builds.
+    let huge_keep = if cfg!(debug_assertions) { 16 } else { 4 };
+    let runs: Vec<_> = [
+        (configs()[0], Backing::Page4K, 4),
+        (configs()[1], Backing::HugeTlb1G, huge_keep),
+    ]
+    .into_iter()
+    .map(|(config, backing, keep)| {
+        let t = std::time::Instant::now();
+        let f = first_touch(Family::Pdpte1G, config, backing, keep);
+        eprintln!(
+            "first touch 1G unsync={} {backing:?}: {:?}",
+            config.unsync,
+            t.elapsed()
+        );
+        (
+            format!("first touch 1G unsync={} {backing:?}", config.unsync),
             f,
             0,
         )
@@ -564,14 +631,20 @@ fn random_transitions(
     families: &[Family],
 ) -> (Vec<Outcome>, Failures, u64) {
     let mut g = Guest::new();
-    let paths = [
-        Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8),
-        Path::build(&mut g, Family::Pde2M, 2, (4, 6, 0), 0x1a_b5a8),
-    ];
+    let paths: Vec<Path> = families
+        .iter()
+        .map(|&f| match f {
+            Family::Pte4K => Path::build(&mut g, f, 1, (3, 5, 7), 0x5a8),
+            Family::Pde2M => Path::build(&mut g, f, 2, (4, 6, 0), 0x1a_b5a8),
+            Family::Pdpte1G => Path::build(&mut g, f, 3, (5, 0, 0), 0x0b6a_b5a8),
+        })
+        .collect();
     for p in &paths {
         g.poke(p.upper, p.upper_value(0b00111));
         g.poke(p.leaf, p.leaf_value(0b00111, p.family.frame(0)));
     }
+    // The 1 GiB frames' memslot makes audits slow: audit less often with it.
+    let audit_every = if g.one_gib_frames { 64 } else { 16 };
     let mut rig = Rig::start(g, config, Backing::Page4K);
     let mut rng = Rng::new(seed);
     let mut fails = Failures::default();
@@ -581,12 +654,7 @@ fn random_transitions(
         if rig.broken.is_some() {
             break;
         }
-        let p = loop {
-            let p = &paths[rng.below(2) as usize];
-            if families.contains(&p.family) {
-                break p;
-            }
-        };
+        let p = &paths[rng.below(paths.len() as u64) as usize];
         let what = rng.below(100);
         let mut changed = true;
         if what < 40 {
@@ -660,7 +728,7 @@ fn random_transitions(
                 log.push("^^^ failed".into());
             }
         }
-        if step.is_multiple_of(16) {
+        if step.is_multiple_of(audit_every) {
             let r = rig.audit();
             fails.note(r, || format!("audit at step {step}"));
         }
@@ -717,8 +785,16 @@ fn random_transitions_2m_without_recreating_the_vm() {
 }
 
 #[test]
+fn random_transitions_1g_without_recreating_the_vm() {
+    random_transitions_both_configs("random_transitions_1g", &[Family::Pdpte1G]);
+}
+
+#[test]
 fn random_transitions_mixed_without_recreating_the_vm() {
-    random_transitions_both_configs("random_transitions_mixed", &[Family::Pte4K, Family::Pde2M]);
+    random_transitions_both_configs(
+        "random_transitions_mixed",
+        &[Family::Pte4K, Family::Pde2M, Family::Pdpte1G],
+    );
 }
 
 /// The rig's plumbing, without the MMU: the direct map reaches every table page, each
@@ -733,6 +809,7 @@ fn rig_self_check_against_the_reference() {
     let paths = [
         Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8),
         Path::build(&mut g, Family::Pde2M, 2, (4, 6, 0), 0x1a_b5a8),
+        Path::build(&mut g, Family::Pdpte1G, 3, (5, 0, 0), 0x0b6a_b5a8),
     ];
     let st = PagingState {
         cr3: Gpa(g.pml4),
@@ -759,10 +836,14 @@ fn rig_self_check_against_the_reference() {
         for e in &p.entries {
             assert!(e % 8 == 0 && *e < TABLE_AREA);
         }
-        assert!(frame + off < GUEST_MEM);
+        // Every frame lies in a memslot, above the tables, aligned to its size.
         for i in 0..DATA4K_PAGES.max(DATA2M_FRAMES) {
-            assert!(p.family.frame(i) + p.family.leaf_level().bytes() <= GUEST_MEM);
-            assert!(p.family.frame(i) >= TABLE_AREA);
+            let (f, size) = (p.family.frame(i), p.family.leaf_level().bytes());
+            assert_eq!(f % size, 0);
+            assert!(f >= TABLE_AREA);
+            assert!(
+                f + size <= GUEST_MEM || (f >= DATA1G && f + size <= DATA1G + DATA1G_FRAMES * G1)
+            );
         }
     }
 }

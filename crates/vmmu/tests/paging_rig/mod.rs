@@ -7,7 +7,10 @@
 //! Guest-physical layout (one memslot over all of it):
 //! - `[0, TABLE_AREA)`: page-table pages, bump-allocated from 4 KiB;
 //! - `[DATA4K, DATA4K + DATA4K_PAGES * 4K)`: 4 KiB data pages;
-//! - `[DATA2M, DATA2M + DATA2M_FRAMES * 2M)`: 2 MiB data frames.
+//! - `[DATA2M, DATA2M + DATA2M_FRAMES * 2M)`: 2 MiB data frames;
+//! - when a test maps 1 GiB pages, a second memslot over
+//!   `[DATA1G, DATA1G + DATA1G_FRAMES * 1G)`: 1 GiB data frames (no guest memory behind
+//!   them: only their translations are used).
 //!
 //! Guest-virtual: PML4 slot [`DIRECT_MAP_SLOT`] maps `[0, TABLE_AREA)` at
 //! [`DIRECT_MAP`] with 4 KiB supervisor pages (P|RW, no US, no NX); the tests put their
@@ -33,8 +36,11 @@ pub const GUEST_MEM: u64 = 64 << 20;
 pub const TABLE_AREA: u64 = 16 << 20;
 pub const DATA4K: u64 = 16 << 20;
 pub const DATA4K_PAGES: u64 = 1024;
-pub const DATA2M: u64 = 32 << 20;
-pub const DATA2M_FRAMES: u64 = 8;
+pub const DATA2M: u64 = 24 << 20;
+pub const DATA2M_FRAMES: u64 = 20;
+pub const G1: u64 = 1 << 30;
+pub const DATA1G: u64 = G1;
+pub const DATA1G_FRAMES: u64 = 2;
 pub const DIRECT_MAP_SLOT: u64 = 272;
 pub const DIRECT_MAP: u64 = 0xffff_0000_0000_0000 | (DIRECT_MAP_SLOT << 39);
 /// The rights of every non-varied entry of a test path: present, writable, user.
@@ -45,6 +51,9 @@ pub struct Guest {
     pub mem: Arc<SimGuestMemory>,
     next_table: u64,
     pub pml4: u64,
+    /// Some leaf maps a 1 GiB frame: the VM gets the second memslot (only then: a 2 GiB
+    /// slot makes every audit much slower).
+    pub one_gib_frames: bool,
 }
 
 impl Default for Guest {
@@ -60,6 +69,7 @@ impl Guest {
             mem: Arc::new(SimGuestMemory::new(GUEST_MEM)),
             next_table: K4,
             pml4: 0,
+            one_gib_frames: false,
         };
         g.pml4 = g.alloc_table();
         let pdpt = g.alloc_table();
@@ -131,6 +141,8 @@ pub enum Family {
     Pte4K,
     /// A 2 MiB leaf (PDE with PS); the varied upper level is the PDPTE.
     Pde2M,
+    /// A 1 GiB leaf (PDPTE with PS); the varied upper level is the PML4E.
+    Pdpte1G,
 }
 
 impl Family {
@@ -138,12 +150,22 @@ impl Family {
         match self {
             Family::Pte4K => "4K leaf / PDE",
             Family::Pde2M => "2M leaf / PDPTE",
+            Family::Pdpte1G => "1G leaf / PML4E",
+        }
+    }
+    /// The name of the varied upper entry.
+    pub fn upper_name(self) -> &'static str {
+        match self {
+            Family::Pte4K => "PDE",
+            Family::Pde2M => "PDPTE",
+            Family::Pdpte1G => "PML4E",
         }
     }
     pub fn leaf_level(self) -> Level {
         match self {
             Family::Pte4K => Level::L4K,
             Family::Pde2M => Level::L2M,
+            Family::Pdpte1G => Level::L1G,
         }
     }
     /// The `i`-th data frame of this family's pool.
@@ -151,6 +173,7 @@ impl Family {
         match self {
             Family::Pte4K => DATA4K + (i % DATA4K_PAGES) * K4,
             Family::Pde2M => DATA2M + (i % DATA2M_FRAMES) * M2,
+            Family::Pdpte1G => DATA1G + (i % DATA1G_FRAMES) * G1,
         }
     }
 }
@@ -185,10 +208,21 @@ pub struct Path {
 impl Path {
     /// Build the fixed part of a path under PML4 slot `l4` (entries above the varied one:
     /// FULL, A clear), with the given indices; the varied upper entry and the leaf are left
-    /// zero. `idx` = (l3, l2, l1) indices and the page offset.
+    /// zero (for a 1G leaf the varied upper entry is the PML4E itself). `idx` = (l3, l2, l1) indices and the page offset.
     pub fn build(g: &mut Guest, family: Family, l4: u64, idx: (u64, u64, u64), off: u64) -> Path {
         let (i3, i2, i1) = idx;
         let pdpt = g.alloc_table();
+        if family == Family::Pdpte1G {
+            g.one_gib_frames = true;
+            return Path {
+                family,
+                gva: gva_of(l4, i3, 0, 0, off & (G1 - 1)),
+                entries: vec![g.pml4 + 8 * l4, pdpt + 8 * i3],
+                upper: g.pml4 + 8 * l4,
+                leaf: pdpt + 8 * i3,
+                upper_target: pdpt,
+            };
+        }
         g.poke(g.pml4 + 8 * l4, pdpt | FULL);
         match family {
             Family::Pte4K => {
@@ -204,6 +238,7 @@ impl Path {
                     upper_target: pt,
                 }
             }
+            Family::Pdpte1G => unreachable!(),
             Family::Pde2M => {
                 let pd = g.alloc_table();
                 Path {
@@ -229,7 +264,7 @@ impl Path {
             | leaf_bits(l)
             | match self.family {
                 Family::Pte4K => 0,
-                Family::Pde2M => pte::PS,
+                Family::Pde2M | Family::Pdpte1G => pte::PS,
             }
     }
 }
@@ -283,7 +318,13 @@ impl Rig {
     /// guest memory backed by `backing`, one vCPU with CR3 = the PML4, WP and NX on, CPL 0.
     pub fn start(guest: Guest, config: PagingConfig, backing: Backing) -> Rig {
         let host = Arc::new(SimHostMemory::new());
-        let hva = host.mmap(GUEST_MEM, backing, true).expect("host mmap").0;
+        // hugetlbfs needs whole GiBs: the small slot is THP then.
+        let small = if backing == Backing::HugeTlb1G {
+            Backing::Thp
+        } else {
+            backing
+        };
+        let hva = host.mmap(GUEST_MEM, small, true).expect("host mmap").0;
         let vm = ManuallyDrop::new(Arc::new(Vm::new_paging(
             VmConfig {
                 mmu: MmuKind::ShadowPaging,
@@ -301,6 +342,20 @@ impl Rig {
             userspace_addr: hva,
         })
         .expect("memslot");
+        if guest.one_gib_frames {
+            let hva1 = host
+                .mmap(DATA1G_FRAMES * G1, backing, true)
+                .expect("host mmap")
+                .0;
+            vm.set_user_memory_region(MemoryRegion {
+                slot: 1,
+                flags: MemslotFlags::empty(),
+                guest_phys_addr: DATA1G,
+                memory_size: DATA1G_FRAMES * G1,
+                userspace_addr: hva1,
+            })
+            .expect("memslot 1");
+        }
         let mut vcpu = vm.create_vcpu().expect("vcpu");
         let regs = PagingState {
             cr3: Gpa(guest.pml4),
