@@ -183,12 +183,12 @@ pub fn audit<A: TableAllocator>(
             }
         }
         ensure!(
-            present == sp.present as u32,
+            present == sp.present,
             "page {id}: present count {} but {present} present",
             sp.present
         );
         ensure!(
-            mmio == sp.mmio as u32,
+            mmio == sp.mmio,
             "page {id}: mmio count {} but {mmio} MMIO",
             sp.mmio
         );

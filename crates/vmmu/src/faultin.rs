@@ -25,6 +25,8 @@ pub(crate) enum FaultPlan {
     Exit(FaultOutcome),
     /// Install the leaf `spte` of `level`, and log `dirty` if given.
     Map {
+        /// Index of the memslot (for `Memslots::at_mut`: one lookup per fault).
+        slot: usize,
         /// Level of the leaf.
         level: Level,
         /// The leaf.
@@ -35,7 +37,7 @@ pub(crate) enum FaultPlan {
 }
 
 /// Decide what a fault at `gpa` with error code `ec` maps, mapping at most `max_level`.
-#[inline]
+#[inline(always)]
 pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
     slots: &Memslots,
     host: &H,
@@ -46,9 +48,10 @@ pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
 ) -> Result<FaultPlan, Error> {
     let gfn = gpa.gfn();
     let write = ec.contains(ErrorCode::WRITE);
-    let Some(slot) = slots.lookup(gfn) else {
+    let Some(slot_idx) = slots.position_of_gfn(gfn) else {
         return Ok(FaultPlan::Mmio(Spte::new_mmio(gfn, slots.generation())));
     };
+    let slot = slots.at(slot_idx);
     if write && slot.is_readonly() {
         return Ok(FaultPlan::Exit(FaultOutcome::ReadOnlyWrite));
     }
@@ -86,5 +89,10 @@ pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
         slot: slot.id,
         offset: gfn.0 - slot.base_gfn.0,
     });
-    Ok(FaultPlan::Map { level, spte, dirty })
+    Ok(FaultPlan::Map {
+        slot: slot_idx,
+        level,
+        spte,
+        dirty,
+    })
 }

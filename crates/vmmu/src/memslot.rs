@@ -319,6 +319,7 @@ impl Memslot {
     /// Empty the reverse maps of `level` covering gfns `[lo, hi)` (which must lie in the
     /// slot), calling `f` on every entry before its list is destroyed in one pass
     /// (seed 003). Returns the number of entries.
+    #[inline]
     pub fn rmap_destroy_range(
         &mut self,
         level: Level,
@@ -486,7 +487,9 @@ impl Memslots {
         1u64 << (self.limits.gpa_bits as u32 - crate::types::PAGE_SHIFT)
     }
 
-    fn position_of_gfn(&self, gfn: Gfn) -> Option<usize> {
+    /// The index of the slot containing `gfn` (for [`at_mut`](Self::at_mut)).
+    #[inline]
+    pub fn position_of_gfn(&self, gfn: Gfn) -> Option<usize> {
         let hint = self.last_hit.load(Ordering::Relaxed);
         if let Some(s) = self.slots.get(hint) {
             if s.contains(gfn) {
@@ -511,6 +514,17 @@ impl Memslots {
     #[inline]
     pub fn lookup_mut(&mut self, gfn: Gfn) -> Option<&mut Memslot> {
         self.position_of_gfn(gfn).map(move |i| &mut self.slots[i])
+    }
+    /// The slot at index `i` (from [`position_of_gfn`](Self::position_of_gfn), with no
+    /// memslot update since).
+    #[inline]
+    pub fn at(&self, i: usize) -> &Memslot {
+        &self.slots[i]
+    }
+    /// The slot at index `i`, mutably (see [`at`](Self::at)).
+    #[inline]
+    pub fn at_mut(&mut self, i: usize) -> &mut Memslot {
+        &mut self.slots[i]
     }
     /// The slot with id `id`.
     pub fn by_id(&self, id: u32) -> Option<&Memslot> {

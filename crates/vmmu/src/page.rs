@@ -142,10 +142,11 @@ pub struct ShadowPage {
     pub parent_ptes: RmapHead,
     /// vCPUs using the page as their root.
     pub root_count: u32,
-    /// Shadow-present entries.
-    pub present: u16,
+    /// Shadow-present entries. (32 bits, as `mmio`: `used` loads both, and a wider load
+    /// over a narrower store cannot be store-forwarded, a stall per zapped leaf.)
+    pub present: u32,
     /// MMIO entries.
-    pub mmio: u16,
+    pub mmio: u32,
     /// MMU generation the page was created in (KVM's `mmu_valid_gen`).
     pub mmu_valid_gen: u64,
     /// Seed 001: leaf SPTEs that are writable or can be made writable by the lockless
@@ -191,7 +192,7 @@ impl ShadowPage {
     /// Entries in use (present or MMIO).
     #[inline]
     pub fn used(&self) -> u32 {
-        self.present as u32 + self.mmio as u32
+        self.present + self.mmio
     }
     /// The child page id under entry `i` (0 if none).
     #[inline]
@@ -302,6 +303,30 @@ impl ShadowPage {
         self.spte_update(i, Spte::NONE)
     }
 
+    /// Clear entry `i`, which holds a shadow-present leaf, for a zap: as
+    /// [`spte_clear`](Self::spte_clear), but the counters move by what is known of the old
+    /// entry (present; possibly-writable as its bitmap bit says), which spares the zap
+    /// loops recomputing it for every leaf.
+    #[inline]
+    pub fn spte_zap_leaf(&mut self, i: usize) -> Spte {
+        let t = self.table();
+        let old = t.get(i);
+        let old = if old.has_volatile_bits() {
+            t.swap(i, Spte::NONE)
+        } else {
+            t.set(i, Spte::NONE);
+            old
+        };
+        debug_assert!(old.is_shadow_present() && old.is_leaf(self.role.level()));
+        self.present -= 1;
+        let (w, bit) = (i / 64, 1u64 << (i % 64));
+        if self.writable_bitmap[w] & bit != 0 {
+            self.writable_bitmap[w] &= !bit;
+            self.possible_writable -= 1;
+        }
+        old
+    }
+
     /// Whether `spte`, an entry of this page, is a leaf that is writable or can be made
     /// writable locklessly (seed 001's "possible writable").
     #[inline]
@@ -355,8 +380,8 @@ impl ShadowPage {
     #[inline]
     fn account_counts(&mut self, old: Spte, new: Spte) {
         self.present =
-            self.present + new.is_shadow_present() as u16 - old.is_shadow_present() as u16;
-        self.mmio = self.mmio + new.is_mmio() as u16 - old.is_mmio() as u16;
+            self.present + new.is_shadow_present() as u32 - old.is_shadow_present() as u32;
+        self.mmio = self.mmio + new.is_mmio() as u32 - old.is_mmio() as u32;
     }
 }
 

@@ -569,26 +569,36 @@ pub fn for_each_destroy(
             f(s);
             1
         }
-        Decoded::Chain(first) => {
-            let n = count(old, pool);
-            let mut idx = first;
-            loop {
-                let d = &pool.descs[idx as usize];
-                for &raw in d.entries() {
-                    if let Some(raw) = NonZeroU32::new(raw) {
-                        f(SpteRef(raw));
-                    }
-                }
-                let more = d.more;
-                pool.free(idx);
-                if more == 0 {
-                    break;
-                }
-                idx = more - 1;
-            }
-            n
-        }
+        Decoded::Chain(first) => destroy_chain(old, first, pool, f),
     }
+}
+
+/// The chain half of [`for_each_destroy`], out of line (the single-entry case is the
+/// common one and stays inline in its loops).
+#[inline(never)]
+fn destroy_chain(
+    old: RmapHead,
+    first: u32,
+    pool: &mut DescPool,
+    mut f: impl FnMut(SpteRef),
+) -> usize {
+    let n = count(old, pool);
+    let mut idx = first;
+    loop {
+        let d = &pool.descs[idx as usize];
+        for &raw in d.entries() {
+            if let Some(raw) = NonZeroU32::new(raw) {
+                f(SpteRef(raw));
+            }
+        }
+        let more = d.more;
+        pool.free(idx);
+        if more == 0 {
+            break;
+        }
+        idx = more - 1;
+    }
+    n
 }
 
 /// Iterates over the entries of `head` (seed 000, KVM's `rmap_get_first`/`rmap_get_next`).

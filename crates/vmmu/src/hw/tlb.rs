@@ -6,7 +6,6 @@
 //! re-walks to set D, as x86 CPUs do.
 
 use alloc::boxed::Box;
-use alloc::vec;
 
 use crate::types::{AccessKind, Gfn, Level, Pfn};
 
@@ -30,6 +29,8 @@ pub struct TlbEntry {
     /// Shadow paging: the first guest frame of the leaf page (what the guest's tables
     /// translated the virtual page to). Unused for EPT, where the tag is the gfn.
     pub gfn: Gfn,
+    /// The TLB generation the entry was filled in (see [`Tlb::flush`]).
+    gen: u32,
 }
 
 const EMPTY: TlbEntry = TlbEntry {
@@ -41,13 +42,21 @@ const EMPTY: TlbEntry = TlbEntry {
     dirty: false,
     user: false,
     gfn: Gfn(0),
+    gen: 0,
 };
 
 const SETS: [usize; 3] = [1024, 64, 8];
+/// Where each page size's sets start in the one array.
+const OFFSETS: [usize; 3] = [0, SETS[0], SETS[0] + SETS[1]];
+const TOTAL: usize = SETS[0] + SETS[1] + SETS[2];
 
 /// The TLB.
 pub struct Tlb {
-    sets: [Box<[TlbEntry]>; 3],
+    /// The sets of every page size, one array (a fixed size: the masked indices need no
+    /// bounds checks).
+    sets: Box<[TlbEntry; TOTAL]>,
+    /// Current generation (never 0: empty entries have generation 0).
+    gen: u32,
     hits: u64,
     misses: u64,
     flushes: u64,
@@ -63,18 +72,21 @@ impl Tlb {
     /// An empty TLB.
     pub fn new() -> Self {
         Tlb {
-            sets: SETS.map(|n| vec![EMPTY; n].into_boxed_slice()),
+            sets: Box::new([EMPTY; TOTAL]),
+            gen: 1,
             hits: 0,
             misses: 0,
             flushes: 0,
         }
     }
 
+    /// The index in `sets` and the tag of `gfn`'s leaf page of `level`.
     #[inline]
     fn slot(level: Level, gfn: Gfn) -> (usize, u64) {
         let page = gfn.0 >> level.gfn_shift();
+        let l = level.leaf_index();
         (
-            (page as usize) & (SETS[level.leaf_index()] - 1),
+            OFFSETS[l] + ((page as usize) & (SETS[l] - 1)),
             (page << level.gfn_shift()) + 1,
         )
     }
@@ -84,8 +96,8 @@ impl Tlb {
     pub fn lookup(&mut self, gfn: Gfn, kind: AccessKind) -> Option<Pfn> {
         for level in Level::LEAF_LEVELS {
             let (i, tag) = Self::slot(level, gfn);
-            let e = &self.sets[level.leaf_index()][i];
-            if e.tag == tag {
+            let e = &self.sets[i];
+            if e.tag == tag && e.gen == self.gen {
                 let ok = match kind {
                     AccessKind::Read => true,
                     AccessKind::Write => e.writable && e.dirty,
@@ -108,8 +120,8 @@ impl Tlb {
     pub fn lookup_virt(&mut self, vpn: u64, kind: AccessKind, user: bool) -> Option<(Pfn, Gfn)> {
         for level in Level::LEAF_LEVELS {
             let (i, tag) = Self::slot(level, Gfn(vpn));
-            let e = &self.sets[level.leaf_index()][i];
-            if e.tag == tag {
+            let e = &self.sets[i];
+            if e.tag == tag && e.gen == self.gen {
                 let ok = (!user || e.user)
                     && match kind {
                         AccessKind::Read => true,
@@ -132,8 +144,8 @@ impl Tlb {
     pub fn flush_virt(&mut self, vpn: u64) {
         for level in Level::LEAF_LEVELS {
             let (i, tag) = Self::slot(level, Gfn(vpn));
-            let e = &mut self.sets[level.leaf_index()][i];
-            if e.tag == tag {
+            let e = &mut self.sets[i];
+            if e.tag == tag && e.gen == self.gen {
                 *e = EMPTY;
             }
         }
@@ -143,7 +155,11 @@ impl Tlb {
     #[inline]
     pub fn fill(&mut self, gfn: Gfn, entry: TlbEntry) {
         let (i, tag) = Self::slot(entry.level, gfn);
-        self.sets[entry.level.leaf_index()][i] = TlbEntry { tag, ..entry };
+        self.sets[i] = TlbEntry {
+            tag,
+            gen: self.gen,
+            ..entry
+        };
     }
 
     /// A new entry (tag filled in by [`fill`](Self::fill)).
@@ -163,13 +179,17 @@ impl Tlb {
             dirty,
             user: true,
             gfn: Gfn(0),
+            gen: 0,
         }
     }
 
-    /// Drop every translation.
+    /// Drop every translation: O(1), by moving to a new generation (entries of older
+    /// generations never match); the array is cleared only when the generation wraps.
     pub fn flush(&mut self) {
-        for set in &mut self.sets {
-            set.fill(EMPTY);
+        self.gen = self.gen.wrapping_add(1);
+        if self.gen == 0 {
+            self.sets.fill(EMPTY);
+            self.gen = 1;
         }
         self.flushes += 1;
     }

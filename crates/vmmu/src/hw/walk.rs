@@ -65,22 +65,27 @@ pub unsafe fn lockless_walk<A: TableAllocator + ?Sized>(
 ) -> WalkPoint<'_> {
     let mut frame = root;
     let mut level = Level::ROOT;
-    let (mut r, mut w, mut x) = (true, true, true);
+    // The hardware's view: the raw R/W/X bits ANDed over the levels (it knows nothing of
+    // the software bits).
+    let mut rwx = crate::spte::bits::RWX_MASK;
     loop {
         // SAFETY: guest mode keeps the frame allocated (function contract).
         let table: &Table = unsafe { alloc.table_ptr(frame).as_ref() };
         let index = gfn.index_at(level);
         let spte = table.get(index);
-        r &= spte.is_readable();
-        w &= spte.is_writable();
-        x &= spte.is_executable();
+        rwx &= spte.0;
         if spte.is_ept_misconfig() || !spte.hw_present() || level == Level::L4K || spte.is_large() {
+            use crate::spte::bits::{EXECUTABLE, READABLE, WRITABLE};
             return WalkPoint {
                 table,
                 index,
                 level,
                 spte,
-                rwx: (r, w, x),
+                rwx: (
+                    rwx & READABLE != 0,
+                    rwx & WRITABLE != 0,
+                    rwx & EXECUTABLE != 0,
+                ),
             };
         }
         frame = spte.pfn();

@@ -88,7 +88,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let gfn = gpa.gfn();
         let write = ec.contains(ErrorCode::WRITE);
         let mut flush = Flush::NONE;
-        let (level, new, dirty) =
+        let (slot_idx, level, new, dirty) =
             match plan_fault(slots, host, gpa, ec, self.max_level, &self.invalidation)? {
                 FaultPlan::Exit(outcome) => return Ok(Fault::new(outcome, flush)),
                 FaultPlan::Mmio(mmio) => {
@@ -108,7 +108,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     self.stats.mmio_faults += 1;
                     return Ok(Fault::new(FaultOutcome::Mmio, flush));
                 }
-                FaultPlan::Map { level, spte, dirty } => (level, spte, dirty),
+                FaultPlan::Map {
+                    slot,
+                    level,
+                    spte,
+                    dirty,
+                } => (slot, level, spte, dirty),
             };
         let base_gfn = gfn.align_down(level);
         let pfn = new.pfn();
@@ -145,8 +150,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
             self.pages.get_mut(id).spte_clear(i);
         }
         self.pages.get_mut(id).spte_set(i, new);
-        let slot = slots.lookup_mut(gfn).expect("slot found above");
-        slot.rmap_add(base_gfn, level, SpteRef::new(id, i), &mut self.pool);
+        slots
+            .at_mut(slot_idx)
+            .rmap_add(base_gfn, level, SpteRef::new(id, i), &mut self.pool);
         self.stats.leaves_installed += 1;
         Ok(Fault {
             outcome: FaultOutcome::Mapped(level),

@@ -50,7 +50,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                         let pages = &mut self.pages;
                         zapped += slot.rmap_destroy_range(level, lo, hi, &mut self.pool, |sref| {
                             let sp = pages.get_mut(sref.table_id());
-                            sp.spte_clear(sref.index());
+                            sp.spte_zap_leaf(sref.index());
                             if sp.used() == 0 {
                                 emptied.push(sref.table_id());
                             }

@@ -506,7 +506,10 @@ impl Spte {
         if self.0 & (READABLE | WRITABLE) == WRITABLE {
             return true;
         }
-        self.hw_present() && MemType::from_bits(((self.0 & MT_MASK) >> MT_SHIFT) as u8).is_none()
+        // Memory types 2, 3 and 7 are reserved (a bit test, not a decode: the CPU walk
+        // asks this at every level).
+        const RESERVED_MT: u64 = (1 << 2) | (1 << 3) | (1 << 7);
+        self.hw_present() && (RESERVED_MT >> ((self.0 & MT_MASK) >> MT_SHIFT)) & 1 != 0
     }
 }
 

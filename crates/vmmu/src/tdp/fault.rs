@@ -61,7 +61,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             match plan_fault(slots, host, gpa, ec, self.max_level, &self.invalidation)? {
                 FaultPlan::Exit(outcome) => return Ok(TdpFault::new(outcome)),
                 FaultPlan::Mmio(mmio) => (Level::L4K, mmio, None),
-                FaultPlan::Map { level, spte, dirty } => (level, spte, dirty),
+                FaultPlan::Map {
+                    level, spte, dirty, ..
+                } => (level, spte, dirty),
             };
         let used = self.mode == TdpIteration::UsedEntries;
         let mut removed = Removed::default();
