@@ -487,3 +487,80 @@ fn emulated_pte_write_races_zap() {
         .collect();
     Failures::finish_all(&runs);
 }
+
+/// The guest clears the accessed (or dirty) bit of a PTE it used, keeping the frame, and
+/// flushes (INVLPG, MOV CR3 or a full flush): the next access must set the bit again, as
+/// a CPU's fresh walk does (KVM's sync drops an SPTE whose gPTE is not accessed). With
+/// unsync pages the write goes straight to the table, so only the sync sees it.
+#[test]
+fn cleared_accessed_and_dirty_bits_are_set_again() {
+    if vmmu_testing::skip_rerun("cleared_accessed_and_dirty_bits_are_set_again") {
+        return;
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        for flush in ["invlpg", "mov cr3", "full flush"] {
+            for (clear, first, then) in [
+                (pte::A, AccessKind::Read, AccessKind::Read),
+                (pte::A, AccessKind::Write, AccessKind::Fetch),
+                (pte::D, AccessKind::Write, AccessKind::Write),
+            ] {
+                let mut g = Guest::new();
+                let p = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+                g.poke(p.upper, p.upper_value(0b00111));
+                g.poke(p.leaf, p.leaf_value(0b00111, DATA4K));
+                let mut rig = Rig::start(g, config, Backing::Page4K);
+                let mut fails = Failures::default();
+                let what = format!(
+                    "user {first:?}, clear {}, {flush}, user {then:?}",
+                    if clear == pte::A { "A" } else { "D" }
+                );
+                let r = rig.check_access(p.gva, first, 3, &p.entries);
+                fails.note(r, || format!("{what}: the first access"));
+                let v = rig.guest.peek(p.leaf) & !clear;
+                let r = rig.guest_write(p.leaf, v);
+                fails.note(r, || format!("{what}: the write"));
+                match flush {
+                    "invlpg" => rig.invlpg(p.gva),
+                    "mov cr3" => rig.reload_cr3(),
+                    _ => rig.flush_all(),
+                }
+                let r = rig.check_access(p.gva, then, 3, &p.entries);
+                fails.note(r, || format!("{what}: the access after the flush"));
+                let r = rig.audit();
+                fails.note(r, || format!("{what}: audit"));
+                rig.teardown(&mut fails);
+                runs.push((format!("unsync={} {what}", config.unsync), fails, 0));
+            }
+        }
+    }
+    Failures::finish_all(&runs);
+}
+
+/// An access inside a 2 MiB guest page backed by 4 KiB host pages reaches the page's
+/// frame plus the offset (the MMU splits the guest's huge page into a direct shadow page).
+#[test]
+fn offsets_inside_guest_huge_pages_over_small_host_pages() {
+    if vmmu_testing::skip_rerun("offsets_inside_guest_huge_pages_over_small_host_pages") {
+        return;
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        for backing in [Backing::Page4K, Backing::Thp] {
+            let mut g = Guest::new();
+            let p = Path::build(&mut g, Family::Pde2M, 2, (4, 6, 0), 0);
+            g.poke(p.upper, p.upper_value(0b00111));
+            g.poke(p.leaf, p.leaf_value(0b11_0111, DATA2M));
+            let mut rig = Rig::start(g, config, backing);
+            let mut fails = Failures::default();
+            let gvas: Vec<Gva> = [0u64, 0x5a8, 0x1000, 0x1a_b5a8, M2 - 8]
+                .iter()
+                .map(|&o| Gva(p.gva.0 + o))
+                .collect();
+            round(&mut rig, &mut fails, &gvas, "2M leaf");
+            rig.teardown(&mut fails);
+            runs.push((format!("unsync={} {backing:?}", config.unsync), fails, 0));
+        }
+    }
+    Failures::finish_all(&runs);
+}
