@@ -564,3 +564,131 @@ fn offsets_inside_guest_huge_pages_over_small_host_pages() {
     }
     Failures::finish_all(&runs);
 }
+
+/// CR0.WP = 0 lets the supervisor write a read-only page; KVM maps that with a writable,
+/// supervisor-only shadow entry. Without any change to the guest's tables, a user read
+/// must still work, a user write must fault, and once WP is back a supervisor write must
+/// fault too (no writable shadow entry may survive the WP change).
+#[test]
+fn cr0_wp_off_supervisor_write_then_user_accesses() {
+    if vmmu_testing::skip_rerun("cr0_wp_off_supervisor_write_then_user_accesses") {
+        return;
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        for leaf in [
+            pte::P | pte::US,
+            pte::P | pte::US | pte::A,
+            pte::P,
+            pte::P | pte::US | pte::A | pte::D,
+        ] {
+            let mut g = Guest::new();
+            let p = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+            g.poke(p.upper, p.upper_value(0b00111));
+            g.poke(p.leaf, DATA4K | leaf);
+            let mut rig = Rig::start(g, config, Backing::Page4K);
+            let mut fails = Failures::default();
+            let steps: [(Option<bool>, AccessKind, u8); 9] = [
+                (Some(false), AccessKind::Read, 3),
+                (None, AccessKind::Write, 0),
+                (None, AccessKind::Read, 3),
+                (None, AccessKind::Write, 3),
+                (None, AccessKind::Fetch, 3),
+                (None, AccessKind::Write, 0),
+                (Some(true), AccessKind::Write, 0),
+                (None, AccessKind::Read, 3),
+                (Some(false), AccessKind::Write, 0),
+            ];
+            for (i, (wp, kind, cpl)) in steps.into_iter().enumerate() {
+                if let Some(wp) = wp {
+                    rig.set_wp_nx(wp, true);
+                }
+                let r = rig.check_access(p.gva, kind, cpl, &p.entries);
+                fails.note(r, || {
+                    format!(
+                        "leaf {} step {i}: wp={} {}",
+                        vmmu_testing::reference_walk::describe_entry(leaf),
+                        rig.regs.cr0_wp as u8,
+                        access_name(kind, cpl)
+                    )
+                });
+            }
+            let r = rig.audit();
+            fails.note(r, || "audit".into());
+            rig.teardown(&mut fails);
+            runs.push((
+                format!(
+                    "unsync={} leaf {}",
+                    config.unsync,
+                    vmmu_testing::reference_walk::describe_entry(leaf)
+                ),
+                fails,
+                0,
+            ));
+        }
+    }
+    Failures::finish_all(&runs);
+}
+
+/// Two vCPUs share the shadow tables. vCPU 0 changes a PTE (through the direct map) and
+/// the guest shoots the TLBs down (INVLPG on each vCPU, as an OS's IPI does): both must
+/// then translate with the new entry.
+#[test]
+fn pte_change_with_shootdown_on_two_vcpus() {
+    if vmmu_testing::skip_rerun("pte_change_with_shootdown_on_two_vcpus") {
+        return;
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        let mut g = Guest::new();
+        let p = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+        g.poke(p.upper, p.upper_value(0b00111));
+        g.poke(p.leaf, p.leaf_value(0b00111, DATA4K));
+        let mut rig = Rig::start(g, config, Backing::Page4K);
+        let mut other = rig.vm.create_vcpu().expect("vcpu");
+        rig.vm.set_paging(&mut other, rig.regs).expect("set_paging");
+        let mut fails = Failures::default();
+        let mut rng = Rng::new(0x5407);
+        for i in 0..400u64 {
+            if rig.broken.is_some() {
+                break;
+            }
+            // Both vCPUs use the current translation.
+            for v in 0..2 {
+                if v == 1 {
+                    std::mem::swap(&mut rig.vcpu, &mut other);
+                }
+                let (kind, cpl) = ACCESSES[rng.below(6) as usize];
+                let r = rig.check_access(p.gva, kind, cpl, &p.entries);
+                fails.note(r, || {
+                    format!("iter {i} vCPU {v}: {}", access_name(kind, cpl))
+                });
+                if v == 1 {
+                    std::mem::swap(&mut rig.vcpu, &mut other);
+                }
+            }
+            // vCPU 0 changes the leaf (or the PDE), then INVLPG everywhere.
+            if rng.chance(1, 4) {
+                let u = p.upper_value(rng.below(32) as u32);
+                let r = rig.guest_write(p.upper, u);
+                fails.note(r, || format!("iter {i}: PDE write"));
+            } else {
+                let l = p.leaf_value(rng.below(64) as u32, p.family.frame(rng.below(8)));
+                let r = rig.guest_write(p.leaf, l);
+                fails.note(r, || format!("iter {i}: PTE write"));
+            }
+            rig.invlpg(p.gva);
+            std::mem::swap(&mut rig.vcpu, &mut other);
+            rig.invlpg(p.gva);
+            std::mem::swap(&mut rig.vcpu, &mut other);
+            if i % 32 == 31 {
+                let r = rig.audit();
+                fails.note(r, || format!("audit at iter {i}"));
+            }
+        }
+        drop(other);
+        rig.teardown(&mut fails);
+        runs.push((format!("two vCPUs unsync={}", config.unsync), fails, 0));
+    }
+    Failures::finish_all(&runs);
+}
