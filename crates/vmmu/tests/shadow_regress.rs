@@ -14,8 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use paging_rig::*;
 use vmmu::guest::pte;
+use vmmu::guest::PagingState;
 use vmmu::host::Backing;
 use vmmu::types::{AccessKind, Gva};
+use vmmu::Exit;
 use vmmu::PagingConfig;
 use vmmu_testing::Rng;
 
@@ -689,6 +691,169 @@ fn pte_change_with_shootdown_on_two_vcpus() {
         drop(other);
         rig.teardown(&mut fails);
         runs.push((format!("two vCPUs unsync={}", config.unsync), fails, 0));
+    }
+    Failures::finish_all(&runs);
+}
+
+/// A recursive PML4 slot (PML4[510] points back at the PML4, supervisor-only), as Windows
+/// and some kernels use to reach their own page tables: the same guest pages are then
+/// shadowed at several levels at once. The guest reads and rewrites the test path's PTE
+/// and PDE through the recursive window; the path's translation must follow.
+#[test]
+fn recursive_pml4_slot() {
+    if vmmu_testing::skip_rerun("recursive_pml4_slot") {
+        return;
+    }
+    const R: u64 = 510;
+    // The gva at which the entry of `gva` at `level` appears through the recursive slot.
+    fn window(gva: Gva, level: u32) -> Gva {
+        let mut v = gva.0 & ((1 << 48) - 1);
+        for _ in 0..level {
+            v = (R << 39) | (v >> 9);
+        }
+        v &= !7;
+        Gva(if v & (1 << 47) != 0 {
+            v | 0xffff_0000_0000_0000
+        } else {
+            v
+        })
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        let mut g = Guest::new();
+        let p = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+        g.poke(p.upper, p.upper_value(0b00111));
+        g.poke(p.leaf, p.leaf_value(0b00111, DATA4K));
+        g.poke(g.pml4 + 8 * R, g.pml4 | pte::P | pte::RW);
+        let pte_window = window(p.gva, 1);
+        let pde_window = window(p.gva, 2);
+        let mut rig = Rig::start(g, config, Backing::Page4K);
+        let mut fails = Failures::default();
+        let mut rng = Rng::new(0x7ec);
+        // The windows reach the entries themselves.
+        for (w, gpa) in [(pte_window, p.leaf), (pde_window, p.upper)] {
+            let r = rig.check_access(w, AccessKind::Read, 0, &[]);
+            match r {
+                Ok(ref walk) if walk.gpa().map(|g| g.0) != Some(gpa) => fails.push(format!(
+                    "the window {w} does not reach {gpa:#x} (test bug): {walk}"
+                )),
+                _ => {}
+            }
+            fails.note(r, || format!("read of the window {w}"));
+        }
+        for i in 0..300u64 {
+            if rig.broken.is_some() {
+                break;
+            }
+            round(&mut rig, &mut fails, &[p.gva], &format!("iter {i}"));
+            // Rewrite the PTE (mostly) or the PDE through the window, at CPL 0.
+            let (w, v) = if rng.chance(1, 4) {
+                (pde_window, p.upper_value(rng.below(32) as u32))
+            } else {
+                (
+                    pte_window,
+                    p.leaf_value(rng.below(64) as u32, p.family.frame(rng.below(8))),
+                )
+            };
+            let want = vmmu_testing::reference_walk::walk(
+                &*rig.guest.mem,
+                &PagingState { cpl: 0, ..rig.regs },
+                w,
+                AccessKind::Write,
+            );
+            rig.set_cpl(0);
+            let r = rig.guarded("gva_write_u64", |r| r.vm.gva_write_u64(&mut r.vcpu, w, v));
+            match (r, want.result.is_ok()) {
+                (Ok(Ok(())), true) => {}
+                (Ok(Err(Exit::GuestPageFault { .. })), false) => {}
+                (r, _) => fails.push(format!(
+                    "iter {i}: write of {v:#x} through the window {w}: got {r:?}; reference: {want}"
+                )),
+            }
+            if want.result.is_ok() {
+                let now = rig.guest.peek(want.gpa().unwrap().0);
+                if now != v {
+                    fails.push(format!(
+                        "iter {i}: the window write did not land: {now:#x} != {v:#x}"
+                    ));
+                }
+            } else {
+                // The PDE was made unusable for the window: restore it directly... as the
+                // guest would through its direct map.
+                let r = rig.guest_write(p.upper, p.upper_value(0b00111));
+                fails.note(r, || format!("iter {i}: PDE restore"));
+            }
+            rig.invlpg(p.gva);
+            rig.invlpg(pte_window);
+            rig.invlpg(pde_window);
+            if i % 32 == 31 {
+                let r = rig.audit();
+                fails.note(r, || format!("audit at iter {i}"));
+            }
+        }
+        rig.teardown(&mut fails);
+        runs.push((format!("recursive slot unsync={}", config.unsync), fails, 0));
+    }
+    Failures::finish_all(&runs);
+}
+
+/// Reserved bits in the guest's entries fault with RSVD (PS in a PML4E, bits 13.. of huge
+/// leaves, NX without EFER.NX); after the guest fixes the entry the address translates.
+#[test]
+fn reserved_bits_fault_then_fixed() {
+    if vmmu_testing::skip_rerun("reserved_bits_fault_then_fixed") {
+        return;
+    }
+    let mut runs = Vec::new();
+    for config in configs() {
+        let mut g = Guest::new();
+        let p4 = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+        let p2 = Path::build(&mut g, Family::Pde2M, 2, (4, 6, 0), 0x1a_b5a8);
+        let p1 = Path::build(&mut g, Family::Pdpte1G, 3, (5, 0, 0), 0x0b6a_b5a8);
+        for p in [&p4, &p2, &p1] {
+            g.poke(p.upper, p.upper_value(0b00111));
+            g.poke(p.leaf, p.leaf_value(0b11_0111, p.family.frame(1)));
+        }
+        let mut rig = Rig::start(g, config, Backing::Page4K);
+        let mut fails = Failures::default();
+        // (the entry, the reserved bit, the path it is on)
+        let cases = [
+            (p4.entries[0], pte::PS, &p4),
+            (p2.leaf, 1 << 13, &p2),
+            (p2.leaf, 1 << 20, &p2),
+            (p1.leaf, 1 << 13, &p1),
+            (p1.leaf, 1 << 29, &p1),
+        ];
+        for (entry, bit, p) in cases {
+            for nx in [true, false] {
+                rig.set_wp_nx(true, nx);
+                let good = rig.guest.peek(entry) & !(pte::A | pte::D);
+                round(&mut rig, &mut fails, &[p.gva], "before");
+                let r = rig.guest_write(entry, good | bit);
+                fails.note(r, || format!("setting bit {bit:#x} at {entry:#x}"));
+                rig.invlpg(p.gva);
+                round(
+                    &mut rig,
+                    &mut fails,
+                    &[p.gva],
+                    &format!("bit {bit:#x} set at {entry:#x}"),
+                );
+                let r = rig.guest_write(entry, good);
+                fails.note(r, || format!("clearing bit {bit:#x} at {entry:#x}"));
+                rig.invlpg(p.gva);
+                round(&mut rig, &mut fails, &[p.gva], "fixed again");
+                // NX in the leaf while EFER.NX is off.
+                let r = rig.guest_write(p.leaf, rig.guest.peek(p.leaf) | pte::NX);
+                fails.note(r, || "NX in the leaf".into());
+                rig.invlpg(p.gva);
+                round(&mut rig, &mut fails, &[p.gva], "NX in the leaf");
+                let r = rig.guest_write(p.leaf, rig.guest.peek(p.leaf) & !pte::NX);
+                fails.note(r, || "NX out of the leaf".into());
+                rig.invlpg(p.gva);
+            }
+        }
+        rig.teardown(&mut fails);
+        runs.push((format!("reserved bits unsync={}", config.unsync), fails, 0));
     }
     Failures::finish_all(&runs);
 }
