@@ -6,7 +6,14 @@
 //!   of the huge page exist (flushed with INVLPG, then with MOV CR3), and a write to a
 //!   page table through a huge guest mapping of it;
 //! - roots in use (and roots in a vCPU's cache of previous roots) zapped by reclaim;
-//! - an emulated page-table write racing a zap of the page it targets.
+//! - an emulated page-table write racing a zap of the page it targets;
+//! - accessed/dirty bits the guest clears in a PTE it used, set again after a flush;
+//! - offsets inside guest huge pages over 4 KiB host pages;
+//! - CR0.WP = 0 supervisor writes to read-only pages, then user accesses and WP back on;
+//! - a PTE change shot down on two vCPUs;
+//! - a recursive PML4 slot (guest tables shadowed at several levels at once);
+//! - reserved bits (RSVD faults) set and cleared again;
+//! - vCPU threads with private PTEs under a shared PD, racing reclaim and zaps.
 
 mod paging_rig;
 
@@ -854,6 +861,127 @@ fn reserved_bits_fault_then_fixed() {
         }
         rig.teardown(&mut fails);
         runs.push((format!("reserved bits unsync={}", config.unsync), fails, 0));
+    }
+    Failures::finish_all(&runs);
+}
+
+/// vCPU threads fault, rewrite their own PTEs and PDEs (through the shared direct map:
+/// emulated writes to a PD page they all share, unsync PT pages of their own) and check
+/// every access against the reference, while another thread reclaims and zaps. Each
+/// thread owns its entries, and the shared ones start with A set (bits only get set), so
+/// every thread's reference is exact despite the concurrency.
+#[test]
+fn vcpu_threads_with_private_ptes_and_a_shared_pd() {
+    if vmmu_testing::skip_rerun("vcpu_threads_with_private_ptes_and_a_shared_pd") {
+        return;
+    }
+    const THREADS: u64 = 2;
+    let iters: u64 = if cfg!(debug_assertions) { 5000 } else { 50000 };
+    let mut runs = Vec::new();
+    for config in configs() {
+        let mut g = Guest::new();
+        let first = Path::build(&mut g, Family::Pte4K, 1, (3, 5, 7), 0x5a8);
+        // The other threads' paths share the PML4E, PDPTE and PD page of the first, with
+        // a PDE (and so a PT) of their own.
+        let mut paths = vec![first.clone()];
+        for t in 1..THREADS {
+            let pt = g.alloc_table();
+            let i2 = 5 + t;
+            let mut p = first.clone();
+            p.gva = gva_of(1, 3, i2, 7, 0x5a8);
+            p.upper = first.upper - 8 * 5 + 8 * i2;
+            p.upper_target = pt;
+            p.leaf = pt + 8 * 7;
+            p.entries = vec![first.entries[0], first.entries[1], p.upper, p.leaf];
+            paths.push(p);
+        }
+        for &e in &first.entries[..2] {
+            g.poke(e, g.peek(e) | pte::A);
+        }
+        for p in &paths {
+            g.poke(p.upper, p.upper_value(0b10111));
+            g.poke(p.leaf, p.leaf_value(0b11_0111, p.family.frame(0)));
+        }
+        let rig = Rig::start(g, config, Backing::Page4K);
+        let mut rigs: Vec<Rig> = (1..THREADS).map(|_| rig.another_vcpu()).collect();
+        rigs.insert(0, rig);
+        let vm = std::sync::Arc::clone(&rigs[0].vm);
+        let done = AtomicBool::new(false);
+        let results: Vec<(Failures, u64)> = std::thread::scope(|s| {
+            let zapper = s.spawn(|| {
+                let mut rng = Rng::new(0x2a9);
+                while !done.load(Ordering::Acquire) {
+                    match rng.below(16) {
+                        0 => vm.zap_all().expect("zap_all"),
+                        1..=3 => {
+                            vm.reclaim_shadow_pages(1 + rng.below(4) as usize);
+                        }
+                        _ => {}
+                    }
+                    std::thread::yield_now();
+                }
+            });
+            let handles: Vec<_> = rigs
+                .iter_mut()
+                .zip(&paths)
+                .enumerate()
+                .map(|(t, (rig, p))| {
+                    s.spawn(move || {
+                        let mut fails = Failures::default();
+                        let mut rng = Rng::new(0x7417 + t as u64);
+                        for i in 0..iters {
+                            if rig.broken.is_some() {
+                                break;
+                            }
+                            if rng.chance(1, 3) {
+                                let v = if rng.chance(1, 4) {
+                                    (p.upper, p.upper_value(rng.below(32) as u32))
+                                } else {
+                                    (
+                                        p.leaf,
+                                        p.leaf_value(
+                                            rng.below(64) as u32,
+                                            p.family.frame(t as u64 * 64 + rng.below(8)),
+                                        ),
+                                    )
+                                };
+                                let r = rig.guest_write(v.0, v.1);
+                                fails.note(r, || format!("thread {t} iter {i}: write"));
+                                rig.invlpg(p.gva);
+                            }
+                            let (kind, cpl) = ACCESSES[rng.below(6) as usize];
+                            let r = rig.check_access(p.gva, kind, cpl, &p.entries);
+                            fails.note(r, || {
+                                format!("thread {t} iter {i}: {}", access_name(kind, cpl))
+                            });
+                        }
+                        (fails, rig.checks)
+                    })
+                })
+                .collect();
+            let results = handles
+                .into_iter()
+                .map(|h| h.join().expect("vCPU thread panicked"))
+                .collect();
+            done.store(true, Ordering::Release);
+            zapper.join().expect("zapper panicked");
+            results
+        });
+        drop(vm);
+        let mut rig0 = rigs.remove(0);
+        drop(rigs);
+        for (t, (mut fails, checks)) in results.into_iter().enumerate() {
+            if t == 0 {
+                let r = rig0.audit();
+                fails.note(r, || "audit after the threads".into());
+                rig0.teardown(&mut fails);
+            }
+            runs.push((
+                format!("vCPU thread {t} unsync={}", config.unsync),
+                fails,
+                checks,
+            ));
+        }
     }
     Failures::finish_all(&runs);
 }

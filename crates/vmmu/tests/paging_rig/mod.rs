@@ -47,6 +47,7 @@ pub const DIRECT_MAP: u64 = 0xffff_0000_0000_0000 | (DIRECT_MAP_SLOT << 39);
 pub const FULL: u64 = pte::P | pte::RW | pte::US;
 
 /// The guest's memory and its table allocator.
+#[derive(Clone)]
 pub struct Guest {
     pub mem: Arc<SimGuestMemory>,
     next_table: u64,
@@ -411,6 +412,27 @@ impl Rig {
                 "the VM's teardown panicked: {}",
                 panic_message(&*p)
             ));
+        }
+    }
+
+    /// Another vCPU of the same VM (for another thread), with the same registers, sharing
+    /// the guest. Only the first rig tears the VM down; this one just lets go of it.
+    pub fn another_vcpu(&self) -> Rig {
+        let mut vcpu = self.vm.create_vcpu().expect("vcpu");
+        self.vm
+            .set_paging(&mut vcpu, self.regs)
+            .expect("set_paging");
+        Rig {
+            guest: self.guest.clone(),
+            host: self.host.clone(),
+            vm: ManuallyDrop::new(Arc::clone(&self.vm)),
+            broken: None,
+            torn_down: false,
+            vcpu,
+            regs: self.regs,
+            config: self.config,
+            checks: 0,
+            trace: self.trace,
         }
     }
 
