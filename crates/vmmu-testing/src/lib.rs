@@ -20,6 +20,8 @@
 //!   the results, then checks the audit, the slot set, the dirty bitmaps, every leaf against
 //!   the model (never a stale pfn, never more permissive) and every vCPU's translation of
 //!   every touched page. At teardown it checks that every table was freed.
+//! - [`reference_walk`]: an x86-64 4-level guest page walker from the Intel SDM rules, the
+//!   oracle of the shadow-paging tests (translation, #PF error code, A/D updates).
 //! - [`soak`]: vCPU threads, a harvester, a notifier thread and a memslot thread on one VM
 //!   for a bounded time, with the audit and the model's checks at quiescent points.
 //!
@@ -33,6 +35,7 @@ pub mod guest_os;
 pub mod interp;
 pub mod model;
 pub mod op;
+pub mod reference_walk;
 pub mod soak;
 pub mod view;
 

@@ -170,7 +170,8 @@ impl<'g> TdpIter<'g> {
                 return;
             }
         }
-        if self.try_step_down() && self.landed_ok() {
+        // (The level test is the common "at the bottom" case, kept inline.)
+        if self.level > self.min_level && self.try_step_down() && self.landed_ok() {
             self.count();
             return;
         }
@@ -188,6 +189,7 @@ impl<'g> TdpIter<'g> {
         }
     }
 
+    #[inline]
     fn advance_side_or_up(&mut self) {
         loop {
             if self.try_step_side() {
@@ -220,6 +222,7 @@ impl<'g> TdpIter<'g> {
         }
     }
 
+    #[inline(never)]
     fn try_step_down(&mut self) -> bool {
         if self.level <= self.min_level
             || !self.spte.is_shadow_present()
@@ -259,6 +262,7 @@ impl<'g> TdpIter<'g> {
         true
     }
 
+    #[inline]
     fn try_step_side(&mut self) -> bool {
         loop {
             if self.index == SPTE_ENT_PER_PAGE - 1 {
@@ -278,6 +282,7 @@ impl<'g> TdpIter<'g> {
         }
     }
 
+    #[inline(never)]
     fn try_step_up(&mut self) -> bool {
         if self.level == self.root_level {
             return false;

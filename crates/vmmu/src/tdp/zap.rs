@@ -51,7 +51,23 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             let keep = zap_level == root.level;
             let w = self.walk_root(root, Gfn(0)..MAX_GFN, zap_level, u64::MAX, guard, |it| {
                 if it.level() == zap_level && it.spte != Spte::NONE {
-                    self.zap_entry_in(it.page(), it.index(), it.spte, keep, &mut removed, guard);
+                    if !keep && it.spte.is_leaf(zap_level) {
+                        // A leaf in a table the next pass unlinks and frees whole: nothing
+                        // reads it but CPUs until the flush, and nothing is owed for it
+                        // (no reverse map, no dirty bit to carry), so it is not cleared.
+                        if it.spte.is_shadow_present() {
+                            removed.flush.set();
+                        }
+                    } else {
+                        self.zap_entry_in(
+                            it.page(),
+                            it.index(),
+                            it.spte,
+                            keep,
+                            &mut removed,
+                            guard,
+                        );
+                    }
                     counts.zapped += 1;
                 }
                 Step::Next

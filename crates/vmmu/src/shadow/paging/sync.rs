@@ -173,9 +173,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
 }
 
 /// Whether the shadow leaf `spte`, built for `gfn` in a page of `role`, grants no more
-/// than the guest entry `gpte` does now (in the page's context), and maps the same gfn.
+/// than the guest entry `gpte` does now (in the page's context), maps the same gfn, and
+/// the guest entry is still accessed (and dirty, if the SPTE may be written).
 pub(crate) fn spte_allowed_by(spte: Spte, gpte: u64, gfn: Gfn, role: crate::page::Role) -> bool {
-    if gpte & pte::P == 0 || is_rsvd(gpte, Level::L4K, role.efer_nx()) {
+    // A guest entry whose A bit the guest cleared must fault again, so the walk sets A
+    // again (KVM's sync drops entries the guest has not accessed).
+    if gpte & pte::P == 0 || gpte & pte::A == 0 || is_rsvd(gpte, Level::L4K, role.efer_nx()) {
         return false;
     }
     if Gfn((gpte & pte::ADDR_MASK) >> PAGE_SHIFT) != gfn {
