@@ -674,7 +674,14 @@ fn random_transitions(
             let r = rig.guest_write(p.leaf, v);
             fails.note(r, || format!("step {step}: leaf write"));
         } else if what < 55 {
-            let v = p.upper_value(rng.below(32) as u32);
+            let mut v = p.upper_value(rng.below(32) as u32);
+            if p.family == Family::Pte4K && rng.chance(1, 4) {
+                // The PDE becomes a 2 MiB leaf (and later a table pointer again).
+                v = (v & !pte::ADDR_MASK) | Family::Pde2M.frame(rng.below(4)) | pte::PS;
+                if rng.chance(1, 2) {
+                    v |= pte::D;
+                }
+            }
             log.push(format!("upper of {:?} := {}", p.family, describe_entry(v)));
             let r = rig.guest_write(p.upper, v);
             fails.note(r, || format!("step {step}: upper write"));
