@@ -61,6 +61,11 @@ struct BenchArgs {
     /// Print one JSON object per record on stdout, and nothing else.
     #[arg(long)]
     json: bool,
+
+    /// The smaller workload `vmmu report --quick` runs: slots and fixed workloads 16 times
+    /// smaller; the records carry `"quick": true`.
+    #[arg(long)]
+    quick: bool,
 }
 
 /// What may follow `vmmu bench`.
@@ -106,7 +111,10 @@ fn bench_command(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(ScenarioArg::Run(scenario)) if !args.list => scenario,
         _ => return Ok(bench::output::write_list(&mut stdout, bench::SCENARIOS)?),
     };
-    let config = BenchConfig::new(args.mem_gib);
+    let config = BenchConfig {
+        quick: args.quick,
+        ..BenchConfig::new(args.mem_gib)
+    };
     let progress = Progress::new(scenario.name);
     let records = bench::run(scenario, &config, args.runs, |i, n| progress.run(i, n))?;
     progress.done();
@@ -168,7 +176,8 @@ mod tests {
     fn defaults() {
         let b = parse(&["zap"]).unwrap();
         assert!(matches!(b.scenario, Some(ScenarioArg::Run(s)) if s.name == "zap"));
-        assert_eq!((b.mem_gib, b.runs, b.json), (1, 5, false));
+        assert_eq!((b.mem_gib, b.runs, b.json, b.quick), (1, 5, false, false));
+        assert!(parse(&["zap", "--quick"]).unwrap().quick);
     }
 
     #[test]

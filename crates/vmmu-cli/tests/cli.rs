@@ -39,7 +39,10 @@ fn list_prints_the_public_scenarios() {
                 "tdp-zap",
                 "tdp-fault-in",
                 "tdp-fault-parallel",
-                "memory"
+                "memory",
+                "shadow-fork",
+                "shadow-ctxsw",
+                "shadow-pt-churn"
             ]
         );
     }

@@ -1,7 +1,7 @@
 //! `vmmu report`: the files it writes and what they hold. No test here checks a measured
 //! value, only that everything measured is there and in the contract's shape.
 //!
-//! The always-on test runs `--quick` on the debug binary (about 5 s: slots and fixed
+//! The always-on test runs `--quick` on the debug binary (about 10 s: slots and fixed
 //! workloads 16 times smaller, one run) with `VMMU_KVM_DEVICE` pointing nowhere, so it
 //! also checks that an unavailable KVM is reported as skipped. The test with the host's
 //! KVM is ignored: in a debug build vmmu's side of the comparison takes most of a minute.
@@ -120,7 +120,7 @@ fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
         "ring (harvest + KVM_RESET_DIRTY_RINGS)",
         "floor: atomic AND per dirty SPTE",
         "TDP iteration mode",
-        "fork time against children",
+        "children forked, each reading every page (log)",
     ] {
         assert!(html.contains(text), "index.html lacks {text:?}");
     }

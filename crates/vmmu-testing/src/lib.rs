@@ -31,6 +31,7 @@
 //! roots) and the accounting in [`interp::Interp::teardown`]. Shadow paging (issue 5)
 //! adds an entry to [`MMUS`] and an arm to each of those two matches.
 
+pub mod guest_os;
 pub mod interp;
 pub mod model;
 pub mod op;

@@ -24,6 +24,14 @@
 //! order, merging only neighbours within 64 pages, so its cost depends on the order in a way
 //! the bitmap modes' (which walk the bitmap in gfn order) does not.
 //!
+//! `shadow-get` is `get` under shadow paging, with a guest OS
+//! (`vmmu_testing::guest_os`) on top: one process maps nearly all of the slot (RAM less
+//! the kernel's page tables, about 0.2%) and writes every page through its own page
+//! tables (fault-in, untimed); the timed writes are its user writes through the shadow
+//! tables (gva accesses), the harvest is the same GET_DIRTY_LOG. Its `ratio` is of the
+//! process's pages. To spare a 1 GiB fault-in per ratio, its rounds share one VM: each
+//! round starts, as the others do, right after a harvest has emptied the log.
+//!
 //! The ring holds the whole round: the next power of two above the pages written plus 64,
 //! at least 4096 entries, so no vCPU exits for a full ring. At ratio 1 on 1 GiB that is
 //! 524,288 entries, above the 65,536 KVM allows; vmmu does not cap it, and the harvest cost
@@ -31,18 +39,23 @@
 
 use std::time::Instant;
 
+use serde_json::{Map, Value};
 use vmmu::shadow::DirtyGfn;
-use vmmu::types::AccessKind;
-use vmmu::{DirtyLogConfig, MmuKind, VmConfig};
+use vmmu::types::{AccessKind, Gva, PAGE_SIZE};
+use vmmu::{
+    Algorithms, DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, VmConfig,
+};
+use vmmu_testing::guest_os::Prot;
 
 use super::dirty_ratio::{dirty_count, random_pages, ratio_params, RATIOS};
 use super::guest::{Guest, HostBacking, SLOT};
+use super::shadow_guest;
 use super::{BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
     name: "dirty-log",
-    about: "guest writes under dirty logging (ns per page) and their harvest (us): bitmap GET, GET+CLEAR, dirty ring; by dirty ratio",
+    about: "guest writes under dirty logging (ns per page) and their harvest (us): bitmap GET, GET+CLEAR, dirty ring, GET under shadow paging; by dirty ratio",
     run,
 };
 
@@ -93,33 +106,110 @@ impl Mode {
 
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::new();
+    for (ratio, round) in RATIOS.into_iter().zip(shadow_rounds(config)?) {
+        push_round(
+            &mut samples,
+            "shadow-get",
+            ratio_params(config, ratio),
+            &round,
+        );
+    }
     for ratio in RATIOS {
         for (mmu, prefix) in MMUS {
             for mode in MODES {
                 let round = round(config, mode, mmu, ratio)?;
                 let p = ratio_params(config, ratio);
                 let variant = format!("{prefix}{}", mode.name());
-                if round.written != 0 {
-                    let ns = round.write_ns / round.written as f64;
-                    samples.push(Sample::new(
-                        &variant,
-                        "write_ns_per_page",
-                        p.clone(),
-                        ns,
-                        "ns",
-                    ));
-                }
-                samples.push(Sample::new(
-                    &variant,
-                    "harvest_us",
-                    p,
-                    round.harvest_ns / 1e3,
-                    "us",
-                ));
+                push_round(&mut samples, &variant, p, &round);
             }
         }
     }
     Ok(samples)
+}
+
+/// The samples of one round: `write_ns_per_page` (not at ratio 0) and `harvest_us`.
+fn push_round(samples: &mut Vec<Sample>, variant: &str, p: Map<String, Value>, round: &Round) {
+    if round.written != 0 {
+        let ns = round.write_ns / round.written as f64;
+        samples.push(Sample::new(
+            variant,
+            "write_ns_per_page",
+            p.clone(),
+            ns,
+            "ns",
+        ));
+    }
+    samples.push(Sample::new(
+        variant,
+        "harvest_us",
+        p,
+        round.harvest_ns / 1e3,
+        "us",
+    ));
+}
+
+/// `shadow-get`'s rounds, one per ratio of [`RATIOS`], on one VM: a shadow-paging VM with
+/// a guest OS, one process mapping nearly all of RAM and writing every page, logging on
+/// and the log emptied before each round (see the module doc).
+fn shadow_rounds(config: &BenchConfig) -> Result<Vec<Round>, BenchError> {
+    let ram = config.mem_bytes();
+    let m = shadow_guest::machine(ram, PagingConfig::default(), Algorithms::default())?;
+    let k = &m.kernel;
+    let mut cpu = m.cpu().context("create the vCPU")?;
+    let mut p = k.spawn(&mut cpu).context("spawn")?;
+    // Room for the process's tables (a PT per 512 pages, a PD, a PDPT) and some slack.
+    let free = k.frames().free_frames() as u64;
+    let pages = (free - 16) * 512 / 513;
+    let base = k
+        .mmap(&mut p, pages * PAGE_SIZE, Prot::RW)
+        .context("mmap")?;
+    let gva = |page: u64| Gva(base.0 + page * PAGE_SIZE);
+    for page in 0..pages {
+        k.access(&mut cpu, &mut p, gva(page), AccessKind::Write)
+            .context("fault-in")?;
+    }
+    m.vm.set_user_memory_region(MemoryRegion {
+        slot: 0,
+        flags: MemslotFlags::LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: ram,
+        userspace_addr: m.hva.0,
+    })
+    .context("set_user_memory_region (LOG_DIRTY_PAGES)")?;
+    let mut bitmap = vec![u64::MAX; (ram / PAGE_SIZE).div_ceil(64) as usize];
+    m.vm.get_dirty_log(0, &mut bitmap)
+        .context("get_dirty_log")?;
+    let mut rounds = Vec::with_capacity(RATIOS.len());
+    for ratio in RATIOS {
+        let dirty = random_pages(pages, dirty_count(pages, ratio));
+        let start = Instant::now();
+        for &page in &dirty {
+            k.access(&mut cpu, &mut p, gva(page), AccessKind::Write)
+                .context("guest write")?;
+        }
+        let write_ns = start.elapsed().as_nanos() as f64;
+        let start = Instant::now();
+        let harvested =
+            m.vm.get_dirty_log(0, &mut bitmap)
+                .context("get_dirty_log")?
+                .dirty_pages;
+        let harvest_ns = start.elapsed().as_nanos() as f64;
+        // Exactly the pages written: the kernel writes no page table during a round, and
+        // its PTEs already have A and D set, so the walk dirties no table.
+        if harvested != dirty.len() as u64 {
+            return Err(BenchError::new(format!(
+                "dirty-log shadow-get: wrote {} distinct pages, harvested {harvested}",
+                dirty.len()
+            )));
+        }
+        rounds.push(Round {
+            written: dirty.len() as u64,
+            write_ns,
+            harvest_ns,
+        });
+    }
+    k.exit(&mut cpu, p).context("exit")?;
+    Ok(rounds)
 }
 
 /// What one round measured.

@@ -18,6 +18,10 @@ mod memory;
 pub mod output;
 mod pte_list_destroy;
 mod rmap_iter;
+mod shadow_ctxsw;
+pub mod shadow_fork;
+mod shadow_guest;
+mod shadow_pt_churn;
 mod tdp_fault_in;
 mod tdp_fault_parallel;
 mod tdp_zap;
@@ -45,6 +49,9 @@ pub const SCENARIOS: &[Scenario] = &[
     tdp_fault_in::SCENARIO,
     tdp_fault_parallel::SCENARIO,
     memory::SCENARIO,
+    shadow_fork::SCENARIO,
+    shadow_ctxsw::SCENARIO,
+    shadow_pt_churn::SCENARIO,
 ];
 
 /// Looks a scenario up by its public name.

@@ -211,14 +211,31 @@ fn table(records: &[Record], group: &[&Record]) -> Table {
             .iter()
             .all(|r| r.params.get(k).is_some() && r.params.get(k) == first.params.get(k))
     };
+    // A param the variant decides (the algorithm a variant names, e.g. `rmap_drop`) would
+    // give each variant rows of its own: it is no row key, the header says so.
+    let by_variant = |k: &str| {
+        !is_constant(k)
+            && group.iter().all(|r| {
+                group
+                    .iter()
+                    .filter(|o| o.variant == r.variant)
+                    .all(|o| o.params.get(k) == r.params.get(k))
+            })
+    };
     let constant: Vec<String> = names
         .iter()
         .filter(|k| is_constant(k))
         .map(|k| format!("{k}={}", show(&first.params[*k])))
+        .chain(
+            names
+                .iter()
+                .filter(|k| by_variant(k))
+                .map(|k| format!("{k} by variant")),
+        )
         .collect();
     let keys: Vec<String> = names
         .iter()
-        .filter(|k| !is_constant(k))
+        .filter(|k| !is_constant(k) && !by_variant(k))
         .map(|k| (*k).to_owned())
         .collect();
     let mut variants: Vec<String> = Vec::new();
@@ -369,5 +386,39 @@ mod tests {
         assert_eq!(ts[0].rows.len(), 2);
         assert_eq!(ts[0].rows[1].key, ["ns (us)"]);
         assert_eq!(ts[0].rows[1].values, [Some(35000.0), Some(3600.0)]);
+    }
+
+    #[test]
+    fn params_the_variant_decides_are_no_row_keys() {
+        let p = |c: u64, drop: &str| [("children", json!(c)), ("rmap_drop", json!(drop))];
+        let rs = vec![
+            rec(
+                "shadow-fork",
+                "restart-scan",
+                "unmap_us",
+                &p(1, "OneByOne"),
+                3.0,
+            ),
+            rec("shadow-fork", "iterator", "unmap_us", &p(1, "Destroy"), 1.0),
+            rec(
+                "shadow-fork",
+                "restart-scan",
+                "unmap_us",
+                &p(500, "OneByOne"),
+                900.0,
+            ),
+            rec(
+                "shadow-fork",
+                "iterator",
+                "unmap_us",
+                &p(500, "Destroy"),
+                300.0,
+            ),
+        ];
+        let t = &tables(&rs)[0];
+        assert_eq!(t.keys, ["children"]);
+        assert_eq!(t.constant, ["rmap_drop by variant"]);
+        assert_eq!(t.rows.len(), 2);
+        assert_eq!(t.rows[1].values, [Some(900.0), Some(300.0)]);
     }
 }
