@@ -621,8 +621,9 @@ fn first_touch_1g_leaf_pml4e_varied() {
 
 /// Random changes on one VM without re-creating it: either entry of either path changes
 /// (bits and frame), the guest flushes with INVLPG, MOV CR3 or a full flush, WP/NX change
-/// now and then, and accesses repeat without changes (TLB and shadow hits after A/D were
-/// set). Every access is checked against the reference. Returns the outcomes, the failures
+/// now and then, the guest switches between two address spaces sharing their lower
+/// tables, the host reclaims shadow pages or zaps them all, and accesses repeat without
+/// changes (TLB and shadow hits after A/D were set). Every access is checked against the reference. Returns the outcomes, the failures
 /// and the number of checked accesses.
 fn random_transitions(
     config: PagingConfig,
@@ -643,6 +644,16 @@ fn random_transitions(
         g.poke(p.upper, p.upper_value(0b00111));
         g.poke(p.leaf, p.leaf_value(0b00111, p.family.frame(0)));
     }
+    // A second address space: a copy of the PML4 (same PDPTs, so the same lower tables
+    // are reachable from two roots; its PML4Es are not the ones the test varies).
+    let (pml4a, pml4b) = (g.pml4, g.alloc_table());
+    for i in 0..512 {
+        let e = g.peek(pml4a + 8 * i);
+        if e != 0 {
+            g.poke(pml4b + 8 * i, e);
+        }
+    }
+    let mut on_b = false;
     // The 1 GiB frames' memslot makes audits slow: audit less often with it.
     let audit_every = if g.one_gib_frames { 64 } else { 16 };
     let mut rig = Rig::start(g, config, Backing::Page4K);
@@ -662,12 +673,19 @@ fn random_transitions(
             log.push(format!("leaf of {:?} := {}", p.family, describe_entry(v)));
             let r = rig.guest_write(p.leaf, v);
             fails.note(r, || format!("step {step}: leaf write"));
-        } else if what < 60 {
-            let v = p.upper_value(rng.below(32) as u32);
+        } else if what < 55 {
+            let mut v = p.upper_value(rng.below(32) as u32);
+            if p.family == Family::Pte4K && rng.chance(1, 4) {
+                // The PDE becomes a 2 MiB leaf (and later a table pointer again).
+                v = (v & !pte::ADDR_MASK) | Family::Pde2M.frame(rng.below(4)) | pte::PS;
+                if rng.chance(1, 2) {
+                    v |= pte::D;
+                }
+            }
             log.push(format!("upper of {:?} := {}", p.family, describe_entry(v)));
             let r = rig.guest_write(p.upper, v);
             fails.note(r, || format!("step {step}: upper write"));
-        } else if what < 70 {
+        } else if what < 63 {
             let u = p.upper_value(rng.below(32) as u32);
             let l = p.leaf_value(rng.below(64) as u32, p.family.frame(rng.below(4)));
             log.push(format!(
@@ -680,10 +698,25 @@ fn random_transitions(
             fails.note(r, || format!("step {step}: leaf write"));
             let r = rig.guest_write(p.upper, u);
             fails.note(r, || format!("step {step}: upper write"));
-        } else if what < 75 {
+        } else if what < 67 {
             let (wp, nx) = (rng.chance(1, 2), rng.chance(1, 2));
             log.push(format!("wp={} nx={}", wp as u8, nx as u8));
             rig.set_wp_nx(wp, nx);
+            changed = false;
+        } else if what < 72 {
+            on_b = !on_b;
+            let cr3 = if on_b { pml4b } else { pml4a };
+            log.push(format!("mov cr3 {cr3:#x}"));
+            rig.set_cr3(cr3);
+            changed = false;
+        } else if what < 76 {
+            let n = 1 + rng.below(8) as usize;
+            log.push(format!("reclaim {n}"));
+            rig.reclaim(n);
+            changed = false;
+        } else if what < 77 {
+            log.push("zap all".into());
+            rig.zap_all();
             changed = false;
         } else {
             changed = false;
@@ -704,10 +737,22 @@ fn random_transitions(
                 }
             }
         }
+        // The path's entries, with the PML4E of the address space in use.
+        let watch: Vec<u64> = p
+            .entries
+            .iter()
+            .map(|&e| {
+                if on_b && (pml4a..pml4a + K4).contains(&e) {
+                    e - pml4a + pml4b
+                } else {
+                    e
+                }
+            })
+            .collect();
         for _ in 0..1 + rng.below(3) {
             let (kind, cpl) = ACCESSES[rng.below(6) as usize];
             log.push(format!("{} at {}", access_name(kind, cpl), p.gva));
-            let r = rig.check_access(p.gva, kind, cpl, &p.entries);
+            let r = rig.check_access(p.gva, kind, cpl, &watch);
             outcomes.push(match &r {
                 Ok(w) => w
                     .gpa()
@@ -747,9 +792,14 @@ fn random_transitions_both_configs(name: &str, families: &[Family]) {
         return;
     }
     let steps = if cfg!(debug_assertions) { 3000 } else { 30000 };
+    // More seeds for a longer soak: VMMU_PAGING_SEEDS=n runs seeds 1..=n.
+    let seeds: u64 = std::env::var("VMMU_PAGING_SEEDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let mut runs = Vec::new();
     let mut outcomes = Vec::new();
-    for seed in [1u64, 2] {
+    for seed in 1..=seeds {
         for config in configs() {
             let (o, fails, checks) = random_transitions(config, steps, seed, families);
             runs.push((
