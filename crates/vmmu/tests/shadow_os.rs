@@ -500,7 +500,6 @@ mod repro {
     /// found upper-level page that has unsync children (`mmu_sync_children`) before
     /// linking it.
     #[test]
-    #[ignore = "core bug open at main e48938d (fails there): run with --ignored; un-ignore once fixed"]
     fn a_subtree_with_unsync_children_is_synced_when_a_new_root_links_it() {
         let (mem, vm, mut vcpu) = vm(true);
         let user = 0x20_0000u64;

@@ -325,11 +325,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             return Ok(PagingOutcome::Spurious);
         }
         let fault = m.paging_fault(slots, &self.host, guest, root.id, &vcpu.paging, gva, kind)?;
+        let sync = core::mem::take(&mut m.paging_mut().sync_needed);
         if let Some(d) = fault.dirty {
             let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
             self.log_dirty(vcpu, d, slot.dirty_bitmap());
         }
         self.commit(st, Removed::flush_only(fault.flush));
+        if sync {
+            // A subtree with unsync pages was linked: sync before the access retries
+            // (KVM's KVM_REQ_MMU_SYNC).
+            self.sync_under(st, guest, root.id)?;
+            vcpu.tlb.flush();
+            return Ok(match fault.outcome {
+                PagingOutcome::Mapped(_) => PagingOutcome::Spurious,
+                o => o,
+            });
+        }
         Ok(fault.outcome)
     }
 

@@ -167,6 +167,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
             }
             let (child, created, f) = self.get_shadow_page(slots, child_gfn, role)?;
             flush |= f;
+            if !created && self.pages.get(child).unsync_children != 0 {
+                // A subtree with unsync pages, linked again (its old root was zapped, or
+                // another process's tables share it): no sync point covered it while it
+                // was out of every root. Sync under the root before the vCPU runs again
+                // (KVM's KVM_REQ_MMU_SYNC from its lookup).
+                self.paging_mut().sync_needed = true;
+            }
             if !created && self.pages.get(child).unsync {
                 // Found unlinked and unsync: no sync point covered it while it was out of
                 // every root, so bring its entries in line before linking (it stays

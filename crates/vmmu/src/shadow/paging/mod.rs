@@ -95,6 +95,9 @@ pub(crate) struct Paging {
     hash: HashMap<u64, Vec<u32>>,
     pub(crate) cfg: PagingConfig,
     pub(crate) stats: PagingStats,
+    /// A fault linked a subtree with unsync pages: the faulting vCPU's root is synced
+    /// before the access is retried.
+    pub(crate) sync_needed: bool,
 }
 
 impl Paging {
