@@ -25,6 +25,7 @@
 //! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
 //! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB, the vCPU mode protocol
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`)
+//! - [`brlock`]: the big-reader lock the TDP MMU's faults take shared, one cache line per vCPU
 //! - [`mmu`]: which MMU a VM runs (shadow or TDP), behind one set of operations
 //! - [`vm`]: the VM tying them together, and the public API
 //!
@@ -58,6 +59,7 @@ extern crate alloc;
 extern crate std;
 
 pub mod audit;
+pub mod brlock;
 pub mod dirty;
 pub mod error;
 mod faultin;

@@ -21,6 +21,20 @@ pub use parking_lot::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGua
 #[cfg(not(feature = "std"))]
 pub use spin::{Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+/// The data of a reader-writer lock, by pointer, for a caller that excludes writers by
+/// other means (see `vm::lock`).
+#[inline]
+pub fn rwlock_data_ptr<T>(l: &RwLock<T>) -> *mut T {
+    #[cfg(feature = "std")]
+    {
+        l.data_ptr()
+    }
+    #[cfg(not(feature = "std"))]
+    {
+        l.as_mut_ptr()
+    }
+}
+
 const UNKNOWN: u8 = 0;
 const MEMBARRIER: u8 = 1;
 const FENCES: u8 = 2;

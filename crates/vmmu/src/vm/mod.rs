@@ -21,11 +21,12 @@ use crate::hw::{ept_walk, fast_page_fault, flush_vcpus, leaf_pfn, Vcpu, VcpuShar
 use crate::memslot::{MemoryRegion, MemslotFlags, MemslotLimits, Memslots, SlotChange};
 use crate::mmu::{Mmu, MmuKind};
 use crate::shadow::{Algorithms, FaultOutcome, MmuStats, ShadowMmu};
-use crate::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use crate::sync::{RwLock, RwLockReadGuard};
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::tdp::{self, Removed, TdpMmu, TdpPage};
 use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Gva, Hpa, Level, PAGE_SHIFT};
 
+mod lock;
 mod paging;
 
 pub use crate::shadow::{PagingConfig, PagingStats};
@@ -175,6 +176,8 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     host: H,
     alloc: Arc<A>,
     state: RwLock<VmState<A>>,
+    /// TDP VMs: the fault gate (see `lock`).
+    fault_gate: Option<crate::brlock::BrLock<()>>,
     pub(crate) vcpus: RwLock<Vec<Arc<VcpuShared>>>,
     pub(crate) dirty_index: DirtyIndex,
     config: VmConfig,
@@ -303,6 +306,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             host,
             alloc,
             state: RwLock::new(VmState { slots, mmu }),
+            fault_gate: matches!(config.mmu, MmuKind::Tdp(_)).then(lock::gate),
             vcpus: RwLock::new(Vec::new()),
             dirty_index: DirtyIndex::default(),
             config,
@@ -429,9 +433,39 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
 
     /// The MMU lock, exclusive. The time it is held counts as MMU time
     /// ([`VmStats::mmu_ns`], with a clock).
-    pub(crate) fn lock(&self) -> Timed<'_, RwLockWriteGuard<'_, VmState<A>>> {
-        let guard = self.state.write();
-        Timed::new(guard, self.config.clock, &self.mmu_ns)
+    pub(crate) fn lock(&self) -> Timed<'_, lock::Exclusive<'_, VmState<A>>> {
+        let rw = self.state.write();
+        let gate = self.fault_gate.as_ref();
+        if let Some(g) = gate {
+            // SAFETY: every writer of the gate holds `state` exclusively, so writers are
+            // serialized; the guard's drop unlocks.
+            unsafe { g.write_raw() };
+        }
+        Timed::new(
+            lock::Exclusive { rw, gate },
+            self.config.clock,
+            &self.mmu_ns,
+        )
+    }
+
+    /// The MMU lock, shared, for a TDP fault by `vcpu`: through the fault gate (its own
+    /// reader slot, so two vCPUs faulting at once write no common cache line; see
+    /// [`lock`](lock)), timed as [`lock`](Self::lock).
+    pub(crate) fn lock_fault(&self, vcpu: u32) -> Timed<'_, lock::Gated<'_, VmState<A>>> {
+        let gate = self
+            .fault_gate
+            .as_ref()
+            .expect("a TDP VM has a fault gate")
+            .read(Some(vcpu));
+        // SAFETY: every exclusive holder of the state holds the gate exclusively too (see
+        // `lock`), so while the gate is held shared the state is only read, or changed
+        // through atomics as the TDP MMU's shared-lock rules allow.
+        let data = unsafe { &*crate::sync::rwlock_data_ptr(&self.state) };
+        Timed::new(
+            lock::Gated { data, _gate: gate },
+            self.config.clock,
+            &self.mmu_ns,
+        )
     }
 
     /// The MMU lock, shared (TDP faults and range operations), timed as [`lock`](Self::lock).
@@ -582,7 +616,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             });
         }
         if let MmuKind::Tdp(_) = self.config.mmu {
-            let guard = self.lock_shared();
+            let guard = self.lock_fault(vcpu.id);
             let Mmu::Tdp(m) = &guard.mmu else {
                 unreachable!("the VM's MMU kind does not change");
             };
