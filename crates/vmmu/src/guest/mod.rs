@@ -12,6 +12,40 @@
 //!   the shadow tables use)
 //! - [`walk`]: the MMU's walk of the guest tables (KVM's `walk_addr_generic`)
 //! - [`PagingState`]: CR3, CR0.WP, EFER.NX and CPL: what decides a guest translation
+//!
+//! ```
+//! use std::sync::Arc;
+//! use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
+//! use vmmu::host::{Backing, SimHostMemory};
+//! use vmmu::types::{AccessKind, Gpa, Gva};
+//! use vmmu::{MemoryRegion, MemslotFlags, MmuKind, Vm, VmConfig};
+//!
+//! let host = Arc::new(SimHostMemory::new());
+//! let ram = Arc::new(SimGuestMemory::new(4 << 20)); // where the guest's tables live
+//! let hva = host.mmap(4 << 20, Backing::Page4K, true).unwrap();
+//! let config = VmConfig { mmu: MmuKind::ShadowPaging, ..VmConfig::default() };
+//! let vm = Vm::new_paging(config, host, ram.clone());
+//! vm.set_user_memory_region(MemoryRegion {
+//!     slot: 0,
+//!     flags: MemslotFlags::empty(),
+//!     guest_phys_addr: 0,
+//!     memory_size: 4 << 20,
+//!     userspace_addr: hva.0,
+//! })
+//! .unwrap();
+//! // PML4 at 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000 -> the page at 0x9000.
+//! let up = pte::P | pte::RW | pte::US;
+//! for (table, next) in [(0x1000, 0x2000), (0x2000, 0x3000), (0x3000, 0x4000), (0x4000, 0x9000)] {
+//!     ram.write_u64(Gpa(table), next | up).unwrap();
+//! }
+//! let mut vcpu = vm.create_vcpu().unwrap();
+//! let user = PagingState { cr3: Gpa(0x1000), cpl: 3, ..PagingState::default() };
+//! vm.set_paging(&mut vcpu, user).unwrap();
+//! assert_eq!(vm.gva_access(&mut vcpu, Gva(0x123), AccessKind::Write), Ok(Gpa(0x9123)));
+//! // The guest's A and D bits were set by the walk.
+//! assert_eq!(ram.read_u64(Gpa(0x4000)).unwrap() & (pte::A | pte::D), pte::A | pte::D);
+//! vm.audit().unwrap();
+//! ```
 
 pub mod memory;
 pub mod pte;
