@@ -106,11 +106,28 @@ impl<A: TableAllocator> ShadowMmu<A> {
         flush
     }
 
-    /// Zap a page that no parent points at any more: drop each of its entries (leaves
-    /// leave their reverse maps, child pages are unlinked and zapped in turn) and put it on
-    /// the invalid list (KVM's `kvm_mmu_prepare_zap_page`).
-    pub(crate) fn zap_page(&mut self, slots: &mut Memslots, id: u32) {
-        debug_assert!(self.pages.get(id).parent_ptes.is_empty());
+    /// Zap page `id` (KVM's `kvm_mmu_prepare_zap_page`), for both modes: unlink it from
+    /// every parent, drop its entries (leaves leave their reverse maps; a child left with
+    /// no parent is zapped in turn unless it is hashed, to be found again, or a root), put
+    /// it on the invalid list (freed after the caller's flush). Under shadow paging also
+    /// take it out of the hash and undo its write protection; a root in use is marked
+    /// invalid and kept. Returns the flush owed and whether a root in use was
+    /// invalidated (vCPUs must reload).
+    pub(crate) fn prepare_zap(&mut self, slots: &mut Memslots, id: u32) -> (Flush, bool) {
+        let mut flush = Flush::NONE;
+        let mut parents = Vec::new();
+        rmap::for_each_destroy(
+            &mut self.pages.get_mut(id).parent_ptes,
+            &mut self.pool,
+            |p| parents.push(p),
+        );
+        for p in parents {
+            let parent = self.pages.get_mut(p.table_id());
+            parent.spte_clear(p.index());
+            parent.set_child(p.index(), 0);
+            self.clear_unsync(p.table_id(), p.index());
+            flush.set();
+        }
         let level = self.pages.get(id).role.level();
         for i in 0..SPTE_ENT_PER_PAGE {
             let sp = self.pages.get(id);
@@ -123,15 +140,42 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     self.drop_leaf(slots, id, i, level);
                 } else {
                     let child = self.unlink_child(id, i);
-                    if self.pages.get(child).parent_ptes.is_empty() {
-                        self.zap_page(slots, child);
+                    let c = self.pages.get(child);
+                    if !c.hashed && c.parent_ptes.is_empty() && c.root_count == 0 {
+                        let (f, _) = self.prepare_zap(slots, child);
+                        flush |= f;
                     }
                 }
+                flush.set();
             } else if spte.is_mmio() {
                 self.pages.get_mut(id).spte_clear(i);
             }
         }
-        self.invalid_list.push(id);
+        let sp = self.pages.get(id);
+        let (gfn, role, hashed) = (sp.gfn, sp.role, sp.hashed);
+        if hashed {
+            self.hash_remove(id);
+            if !role.is_direct() {
+                self.unaccount_shadowed(slots, gfn, role.level());
+            }
+        }
+        let sp = self.pages.get_mut(id);
+        sp.unsync = false;
+        if sp.root_count > 0 {
+            sp.role = role.invalidated();
+            self.roots_invalidated = true;
+            (flush, true)
+        } else {
+            self.invalid_list.push(id);
+            (flush, false)
+        }
+    }
+
+    /// Zap a page that no parent points at any more (KVM's `kvm_mmu_prepare_zap_page`;
+    /// see [`prepare_zap`](Self::prepare_zap), which this is with no parent to unlink).
+    pub(crate) fn zap_page(&mut self, slots: &mut Memslots, id: u32) {
+        debug_assert!(self.pages.get(id).parent_ptes.is_empty());
+        let _ = self.prepare_zap(slots, id);
     }
 
     /// Unlink pages whose tables became empty, and their parents if they empty in turn.

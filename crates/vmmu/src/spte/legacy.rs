@@ -41,18 +41,7 @@ impl Spte {
     /// (write-back). The same debug checks as [`Spte::new_leaf`].
     #[inline]
     pub const fn new_legacy_leaf(pfn: Pfn, level: Level, attrs: LeafAttrs, user: bool) -> Spte {
-        debug_assert!(
-            (level as u8) <= (Level::L1G as u8),
-            "leaf SPTEs exist at 4K, 2M and 1G only"
-        );
-        debug_assert!(
-            pfn.0 & (level.pages() - 1) == 0,
-            "huge-page pfn not aligned to its level"
-        );
-        debug_assert!(
-            !attrs.writable || (attrs.mmu_writable && attrs.host_writable),
-            "writable leaf must be MMU-writable and host-writable"
-        );
+        super::debug_check_leaf(pfn, level, &attrs);
         Spte(
             pte::P
                 | MMU_PRESENT

@@ -227,6 +227,26 @@ const fn bit_if(cond: bool, bit: u64) -> u64 {
     }
 }
 
+/// The debug checks every leaf constructor makes (both formats): a leaf level, a pfn
+/// that fits in 40 bits and is aligned to the level, and W only with MMU- and
+/// host-writable.
+#[inline]
+const fn debug_check_leaf(pfn: Pfn, level: Level, attrs: &LeafAttrs) {
+    debug_assert!(
+        (level as u8) <= (Level::L1G as u8),
+        "leaf SPTEs exist at 4K, 2M and 1G only"
+    );
+    debug_assert!(pfn.0 <= MAX_PFN, "pfn wider than 40 bits");
+    debug_assert!(
+        pfn.0 & (level.pages() - 1) == 0,
+        "huge-page pfn not aligned to its level"
+    );
+    debug_assert!(
+        !attrs.writable || (attrs.mmu_writable && attrs.host_writable),
+        "writable leaf must be MMU-writable and host-writable"
+    );
+}
+
 impl Spte {
     /// The empty entry: not present, not MMIO.
     pub const NONE: Spte = Spte(0);
@@ -239,19 +259,7 @@ impl Spte {
     /// `mmu_writable` and `host_writable`.
     #[inline]
     pub const fn new_leaf(pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
-        debug_assert!(
-            (level as u8) <= (Level::L1G as u8),
-            "leaf SPTEs exist at 4K, 2M and 1G only"
-        );
-        debug_assert!(pfn.0 <= MAX_PFN, "pfn wider than 40 bits");
-        debug_assert!(
-            pfn.0 & (level.pages() - 1) == 0,
-            "huge-page pfn not aligned to its level"
-        );
-        debug_assert!(
-            !attrs.writable || (attrs.mmu_writable && attrs.host_writable),
-            "writable leaf must be MMU-writable and host-writable"
-        );
+        debug_check_leaf(pfn, level, &attrs);
         Spte(
             READABLE
                 | MMU_PRESENT

@@ -156,7 +156,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         self.paging_mut().hash.entry(gfn).or_default().push(id);
     }
 
-    fn hash_remove(&mut self, id: u32) {
+    pub(crate) fn hash_remove(&mut self, id: u32) {
         let gfn = self.pages.get(id).gfn.0;
         self.pages.get_mut(id).hashed = false;
         let hash = &mut self.paging_mut().hash;
@@ -213,7 +213,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
     }
 
     /// Undo [`account_shadowed`](Self::account_shadowed) for a zapped page.
-    fn unaccount_shadowed(&mut self, slots: &mut Memslots, gfn: Gfn, level: Level) {
+    pub(crate) fn unaccount_shadowed(&mut self, slots: &mut Memslots, gfn: Gfn, level: Level) {
         let Some(slot) = slots.lookup_mut(gfn) else {
             return;
         };

@@ -1,22 +1,19 @@
-//! Roots and zapping under shadow paging (KVM's `mmu_alloc_shadow_roots`,
-//! `kvm_mmu_free_roots`, `kvm_mmu_prepare_zap_page`, `kvm_mmu_zap_oldest_mmu_pages`).
+//! Roots and reclaim under shadow paging (KVM's `mmu_alloc_shadow_roots`,
+//! `kvm_mmu_free_roots`, `kvm_mmu_zap_oldest_mmu_pages`).
 //!
 //! A root is the shadow page of a guest top-level table (per CR3 and role), shared by
-//! every vCPU on that CR3 and counted in `root_count`. Zapping a page unlinks it from
-//! every parent and drops its entries; a root still in use is only marked invalid (its
-//! entries gone, out of the hash) and freed when its last vCPU lets go of it: vCPUs are
-//! asked to reload first.
-
-use alloc::vec::Vec;
+//! every vCPU on that CR3 and counted in `root_count`. Zapping a page
+//! (`ShadowMmu::prepare_zap`, in `shadow/zap.rs`) unlinks it from every parent and drops
+//! its entries; a root still in use is only marked invalid (its entries gone, out of the
+//! hash) and freed when its last vCPU lets go of it: vCPUs are asked to reload first.
 
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::memslot::Memslots;
 use crate::page::Role;
-use crate::rmap;
 use crate::shadow::ShadowMmu;
 use crate::table::TableAllocator;
-use crate::types::{AccessFlags, Gfn, Pfn, SPTE_ENT_PER_PAGE};
+use crate::types::{AccessFlags, Gfn, Pfn};
 
 /// A vCPU's hold on a root: the page, its frame (what the CPU walks from) and what it
 /// shadows.
@@ -75,69 +72,6 @@ impl<A: TableAllocator> ShadowMmu<A> {
         sp.root_count -= 1;
         if sp.root_count == 0 && sp.role.is_invalid() {
             self.invalid_list.push(root.id);
-        }
-    }
-
-    /// Zap page `id` (KVM's `kvm_mmu_prepare_zap_page`): unlink it from every parent, drop
-    /// its entries (children stay hashed, orphaned, unless they are unhashed direct pages
-    /// with no other parent), take it out of the hash and undo its write protection. A
-    /// root in use is marked invalid and kept. Returns the flush owed and whether a root
-    /// in use was invalidated (vCPUs must reload).
-    pub(crate) fn prepare_zap(&mut self, slots: &mut Memslots, id: u32) -> (Flush, bool) {
-        let mut flush = Flush::NONE;
-        let mut parents = Vec::new();
-        rmap::for_each_destroy(
-            &mut self.pages.get_mut(id).parent_ptes,
-            &mut self.pool,
-            |p| parents.push(p),
-        );
-        for p in parents {
-            let parent = self.pages.get_mut(p.table_id());
-            parent.spte_clear(p.index());
-            parent.set_child(p.index(), 0);
-            self.clear_unsync(p.table_id(), p.index());
-            flush.set();
-        }
-        let level = self.pages.get(id).role.level();
-        for i in 0..SPTE_ENT_PER_PAGE {
-            let sp = self.pages.get(id);
-            if sp.used() == 0 {
-                break;
-            }
-            let spte = sp.table().get(i);
-            if spte.is_shadow_present() {
-                if spte.is_leaf(level) {
-                    self.drop_leaf(slots, id, i, level);
-                } else {
-                    let child = self.unlink_child(id, i);
-                    let c = self.pages.get(child);
-                    if !c.hashed && c.parent_ptes.is_empty() && c.root_count == 0 {
-                        let (f, _) = self.prepare_zap(slots, child);
-                        flush |= f;
-                    }
-                }
-                flush.set();
-            } else if spte.is_mmio() {
-                self.pages.get_mut(id).spte_clear(i);
-            }
-        }
-        let sp = self.pages.get(id);
-        let (gfn, role, hashed) = (sp.gfn, sp.role, sp.hashed);
-        if hashed {
-            self.hash_remove(id);
-            if !role.is_direct() {
-                self.unaccount_shadowed(slots, gfn, role.level());
-            }
-        }
-        let sp = self.pages.get_mut(id);
-        sp.unsync = false;
-        if sp.root_count > 0 {
-            sp.role = role.invalidated();
-            self.roots_invalidated = true;
-            (flush, true)
-        } else {
-            self.invalid_list.push(id);
-            (flush, false)
         }
     }
 
