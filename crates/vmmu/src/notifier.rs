@@ -17,8 +17,9 @@ use alloc::vec::Vec;
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
+use crate::mmu::{Mmu, MmuKind};
 use crate::table::TableAllocator;
-use crate::tdp::Removed;
+use crate::tdp::{self, Removed};
 use crate::types::{Gfn, Hva, Pfn, PAGE_SIZE};
 use crate::vm::Vm;
 
@@ -87,8 +88,22 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 
     /// Clear the accessed bits of the SPTEs mapping `[start, end)`; whether any was young
     /// (`clear_young` without flush, as KVM does on x86).
+    ///
+    /// On the TDP MMU this takes no MMU lock, as KVM's TDP aging: the walk clears A by
+    /// compare-exchange (a lost one is tolerated) inside the fault gate, which keeps
+    /// memslots and roots from changing under it.
     pub fn age_hva_range(&self, start: Hva, end: Hva) -> Result<bool, Error> {
         let (start, end) = check(start, end)?;
+        if let MmuKind::Tdp(_) = self.config().mmu {
+            let st = self.lock_gated(None);
+            let Mmu::Tdp(m) = &st.mmu else {
+                unreachable!("the VM's MMU kind does not change");
+            };
+            let guard = tdp::pin();
+            return Ok(gfn_ranges(&st.slots, start, end)
+                .into_iter()
+                .fold(false, |young, (lo, hi)| m.age_range(lo, hi, &guard) | young));
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut young = false;
@@ -99,8 +114,19 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     }
 
     /// Whether any SPTE mapping `[start, end)` is young; stops at the first.
+    /// Lockless on the TDP MMU, as [`age_hva_range`](Self::age_hva_range).
     pub fn test_age_hva_range(&self, start: Hva, end: Hva) -> Result<bool, Error> {
         let (start, end) = check(start, end)?;
+        if let MmuKind::Tdp(_) = self.config().mmu {
+            let st = self.lock_gated(None);
+            let Mmu::Tdp(m) = &st.mmu else {
+                unreachable!("the VM's MMU kind does not change");
+            };
+            let guard = tdp::pin();
+            return Ok(gfn_ranges(&st.slots, start, end)
+                .into_iter()
+                .any(|(lo, hi)| m.test_age_range(lo, hi, &guard)));
+        }
         let st = self.lock();
         Ok(gfn_ranges(&st.slots, start, end)
             .into_iter()

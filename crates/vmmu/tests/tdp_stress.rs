@@ -214,7 +214,7 @@ fn run(mode: TdpIteration, manual: bool) {
                 })
             };
             {
-                let (vm, seen, failed, progress) = (&vm, &seen, &failed, &progress);
+                let (vm, seen, failed, progress, specs) = (&vm, &seen, &failed, &progress, &specs);
                 let npages = specs[0].pages();
                 sc.spawn(move || {
                     for n in 0..HARVESTS_PER_ROUND {
@@ -223,6 +223,12 @@ fn run(mode: TdpIteration, manual: bool) {
                             break;
                         }
                         harvest(vm, manual, npages, seen);
+                        // Lockless aging (no MMU lock on the TDP MMU) racing the faults,
+                        // the zaps and the memslot updates.
+                        let s = &specs[n as usize % 3];
+                        let (lo, hi) = (vmmu::types::Hva(s.hva), vmmu::types::Hva(s.hva + s.size));
+                        vm.age_hva_range(lo, hi).unwrap();
+                        vm.test_age_hva_range(lo, hi).unwrap();
                         std::thread::yield_now();
                     }
                 });

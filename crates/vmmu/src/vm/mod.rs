@@ -448,15 +448,17 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         )
     }
 
-    /// The MMU lock, shared, for a TDP fault by `vcpu`: through the fault gate (its own
-    /// reader slot, so two vCPUs faulting at once write no common cache line; see
-    /// [`lock`](lock)), timed as [`lock`](Self::lock).
-    pub(crate) fn lock_fault(&self, vcpu: u32) -> Timed<'_, lock::Gated<'_, VmState<A>>> {
+    /// Shared access to a TDP VM's state through the fault gate, not the MMU lock: for a
+    /// fault by vCPU `vcpu` (its own reader slot, so two vCPUs faulting at once write no
+    /// common cache line; see [`lock`](lock)), or with `None` for lockless aging (the gate
+    /// keeps memslots and roots from changing, as KVM's SRCU and RCU do). Timed as
+    /// [`lock`](Self::lock).
+    pub(crate) fn lock_gated(&self, vcpu: Option<u32>) -> Timed<'_, lock::Gated<'_, VmState<A>>> {
         let gate = self
             .fault_gate
             .as_ref()
             .expect("a TDP VM has a fault gate")
-            .read(Some(vcpu));
+            .read(vcpu);
         // SAFETY: every exclusive holder of the state holds the gate exclusively too (see
         // `lock`), so while the gate is held shared the state is only read, or changed
         // through atomics as the TDP MMU's shared-lock rules allow.
@@ -616,7 +618,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             });
         }
         if let MmuKind::Tdp(_) = self.config.mmu {
-            let guard = self.lock_fault(vcpu.id);
+            let guard = self.lock_gated(Some(vcpu.id));
             let Mmu::Tdp(m) = &guard.mmu else {
                 unreachable!("the VM's MMU kind does not change");
             };
