@@ -251,3 +251,31 @@ fn an_unsync_table_relinked_elsewhere_is_not_stale() {
     assert_eq!(g.vm.gva_access(&mut v, va2, AccessKind::Read), Ok(Gpa(f2)));
     g.audit();
 }
+
+/// One page mapped at more virtual addresses than the recycle threshold: its reverse map
+/// never grows past it (the mappings are dropped and refault), and every access still
+/// reaches the page.
+#[test]
+fn a_reverse_map_is_recycled_past_the_threshold() {
+    use vmmu::shadow::paging::RMAP_RECYCLE_THRESHOLD;
+    let mut g = guest(false);
+    let frame = (1u64 << 30) + 0x5000;
+    let n = RMAP_RECYCLE_THRESHOLD as u64 + 100;
+    for k in 0..n {
+        g.map(PML4, Gva(0x80_0000_0000 + k * 4096), frame, UP, Level::L4K);
+    }
+    let mut v = g.vcpu(PML4);
+    for k in 0..n {
+        let gva = Gva(0x80_0000_0000 + k * 4096 + 8);
+        assert_eq!(
+            g.vm.gva_access(&mut v, gva, AccessKind::Read),
+            Ok(Gpa(frame + 8))
+        );
+        assert!(g.vm.max_rmap_len() <= RMAP_RECYCLE_THRESHOLD);
+        if k % 250 == 0 {
+            g.audit();
+        }
+    }
+    assert!(g.vm.max_rmap_len() < 200, "the list was recycled");
+    g.audit();
+}

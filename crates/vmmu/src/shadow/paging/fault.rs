@@ -15,7 +15,10 @@ use crate::rmap::SpteRef;
 use crate::shadow::{DirtyGfn, ShadowMmu};
 use crate::spte::{LeafAttrs, Spte};
 use crate::table::TableAllocator;
-use crate::types::{AccessFlags, AccessKind, ErrorCode, Gpa, Gva, Level, Pfn};
+use crate::types::{AccessFlags, AccessKind, ErrorCode, Gfn, Gpa, Gva, Level, Pfn};
+
+/// Longest reverse map a fault lets a gfn have (KVM's `RMAP_RECYCLE_THRESHOLD`).
+pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
 
 /// What a shadow-paging fault did.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -277,6 +280,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let slot = slots.lookup_mut(gfn).expect("slot found above");
         slot.rmap_add(base, level, SpteRef::new(id, i), &mut self.pool);
         self.stats.leaves_installed += 1;
+        if crate::rmap::count(slot.rmap_head(base, level), &self.pool) > RMAP_RECYCLE_THRESHOLD {
+            // One page mapped from too many places (a page shared by a thousand
+            // processes): drop every mapping of it, the new one included, rather than let
+            // the list grow (KVM's RMAP_RECYCLE_THRESHOLD). The access refaults.
+            flush |= self.zap_gfn_range_levels(slots, base, Gfn(base.0 + 1), level);
+            return done(PagingOutcome::Spurious, flush);
+        }
         let dirty = (write && writable && logging).then(|| DirtyGfn {
             slot: slot_id,
             offset: gfn.0 - slot_base.0,
