@@ -267,6 +267,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         alloc: Arc<A>,
         guest: Option<Arc<dyn GuestMemory>>,
     ) -> Result<Self, Error> {
+        // Before anything can take the fault gate or enter guest mode: every thread that
+        // later uses this VM then sees the fence mode decided (see `sync`).
+        crate::sync::init_asymmetric_fences();
         if !(MIN_GPA_BITS..=MAX_GPA_BITS).contains(&config.limits.gpa_bits) {
             return Err(Error::InvalidConfig(
                 "gpa_bits must be 32..=48: the tables have 4 levels",
