@@ -1,8 +1,10 @@
 //! vmmu: a KVM-style x86-64 MMU.
 //!
 //! vmmu owns the second-level page tables (EPT format) that map a guest's physical memory
-//! onto host memory, and everything around them: memslots, reverse maps, zapping, TLB
-//! flush requests, and a CPU model that walks the tables as hardware does.
+//! onto host memory — or, under shadow paging, the shadow tables (legacy x86-64 format)
+//! that stand for the guest's own page tables — and everything around them: memslots,
+//! reverse maps, zapping, TLB flush requests, and a CPU model that walks the tables as
+//! hardware does.
 //!
 //! The core is `#![no_std]` + `alloc`; the default `std` feature adds parking-lot locks
 //! (which sleep when contended) and `std::error::Error` impls.
@@ -17,16 +19,19 @@
 //! - [`page`]: shadow pages (`kvm_mmu_page`) and the store naming them by table id
 //! - [`memslot`]: KVM_SET_USER_MEMORY_REGION slots with their per-level metadata
 //! - `faultin`: what a fault maps (host page, level, leaf), shared by both MMUs
-//! - [`shadow`]: the shadow MMU in direct mode: fault path, zapping, write protection
+//! - [`shadow`]: the shadow MMU, direct mode and shadow paging: fault paths, zapping,
+//!   write protection, emulated page-table writes, unsync and resync
 //! - [`tdp`]: the TDP MMU: parallel faults, the one iterator (three modes, seed 002)
 //! - [`flush`]: the `#[must_use]` TLB flush token
 //! - [`guest`]: shadow paging's guest side: guest memory, guest PTEs, paging registers
 //! - [`dirty`]: dirty logging: bitmap GET / CLEAR (manual protect), per-vCPU dirty rings
 //! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
-//! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB, the vCPU mode protocol
+//! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB (by gfn or by virtual
+//!   page), the vCPU mode protocol
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`)
 //! - [`brlock`]: the big-reader lock the TDP MMU's faults take shared, one cache line per vCPU
-//! - [`mmu`]: which MMU a VM runs (shadow or TDP), behind one set of operations
+//! - [`mmu`]: which MMU a VM runs (shadow direct, TDP, shadow paging), behind one set of
+//!   operations
 //! - [`vm`]: the VM tying them together, and the public API
 //!
 //! ```

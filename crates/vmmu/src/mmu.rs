@@ -1,5 +1,5 @@
-//! The MMU a VM runs: the shadow MMU (direct mode) or the TDP MMU, behind one set of
-//! operations, as KVM dispatches between `mmu.c` and `tdp_mmu.c`.
+//! The MMU a VM runs: the shadow MMU (direct mode or shadow paging) or the TDP MMU, behind
+//! one set of operations, as KVM dispatches between `mmu.c` and `tdp_mmu.c`.
 //!
 //! Operations return [`Removed`]: the flush owed and, for the TDP MMU, the tables to
 //! retire after it (the shadow MMU keeps its own list of zapped pages, freed by

@@ -1,5 +1,7 @@
-//! The shadow MMU (KVM's `mmu.c`), driven in direct mode: every shadow page is
-//! `role.direct` and maps a contiguous gfn range, as KVM ran EPT before its TDP MMU.
+//! The shadow MMU (KVM's `mmu.c`), in two modes: direct (every shadow page is
+//! `role.direct` and maps a contiguous gfn range, as KVM ran EPT before its TDP MMU; one
+//! root) and shadow paging ([`paging`]: indirect pages shadow the guest's own tables and
+//! map guest-virtual addresses; a root per guest CR3, pages hashed by gfn and role).
 //!
 //! # Locking
 //! Everything here runs under the VM's MMU lock, held exclusively, as KVM's `mmu_lock`.
@@ -13,7 +15,8 @@
 //! - Every present non-leaf SPTE points at a page whose `parent_ptes` names it.
 //! - Pages unlinked from the tree sit on `invalid_list` until a remote TLB flush has
 //!   completed; only then are their frames freed ([`ShadowMmu::free_invalid_pages`]).
-//! - The root page lives as long as the MMU.
+//! - The direct root lives as long as the MMU; shadow-paging roots live while a vCPU
+//!   holds them or while they are hashed.
 
 mod algorithms;
 mod fault;
