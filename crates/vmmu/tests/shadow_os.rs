@@ -23,7 +23,15 @@ use vmmu::{PagingConfig, VmConfig};
 use vmmu_testing::guest_os::check::{check_process, check_refcounts};
 use vmmu_testing::guest_os::{Cpu, Image, Kernel, Machine, OsError, Process, Prot, SoftCpu};
 
-const RAM: u64 = 32 << 20;
+/// Guest RAM for the default run; a longer soak (`VMMU_SHADOW_OS_STEPS`) gets more, as
+/// its processes hold more memory at once (see [`ram`]).
+const RAM_DEFAULT: u64 = 32 << 20;
+
+/// Guest RAM: 32 MiB, growing with the steps of a longer soak so the guest does not run
+/// out of memory (which the scripts treat as a failure).
+fn ram() -> u64 {
+    RAM_DEFAULT.max((steps() as u64 * 64 << 10).next_power_of_two())
+}
 const THREADS: u64 = 3;
 /// Steps per thread; `VMMU_SHADOW_OS_STEPS` overrides (a longer soak).
 fn steps() -> usize {
@@ -218,7 +226,7 @@ fn vcpu_thread(
             // sees nothing, its next accesses fault them back in.
             95..=96 if m.is_some() => {
                 let m = m.unwrap();
-                let frames = RAM / PAGE_SIZE;
+                let frames = ram() / PAGE_SIZE;
                 let first = rng.below(frames - 64);
                 m.vm.unmap_hva_range(m.hva_of(Gfn(first)), m.hva_of(Gfn(first + 64)))
                     .unwrap_or_else(|e| panic!("{what}: unmap_hva_range: {e}"));
@@ -259,7 +267,7 @@ fn run(unsync: bool, backing: Backing) {
         },
         ..VmConfig::default()
     };
-    let m = Machine::new(RAM, backing, config).unwrap();
+    let m = Machine::new(ram(), backing, config).unwrap();
     let ops = Ops::default();
     let label = format!("unsync={unsync} {backing:?}");
     std::thread::scope(|s| {
@@ -328,8 +336,8 @@ fn run(unsync: bool, backing: Backing) {
 /// are right, so a failure of the tests below is the MMU's.
 #[test]
 fn scripts_on_the_reference_cpu() {
-    let mem: Arc<dyn GuestMemory> = Arc::new(SimGuestMemory::new(RAM));
-    let k = Kernel::boot(mem.clone(), RAM).unwrap();
+    let mem: Arc<dyn GuestMemory> = Arc::new(SimGuestMemory::new(ram()));
+    let k = Kernel::boot(mem.clone(), ram()).unwrap();
     let ops = Ops::default();
     for t in 0..THREADS {
         let cpu = SoftCpu::new(mem.clone(), k.idle_pml4());
