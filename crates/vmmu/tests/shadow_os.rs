@@ -30,7 +30,7 @@ const RAM_DEFAULT: u64 = 32 << 20;
 /// Guest RAM: 32 MiB, growing with the steps of a longer soak so the guest does not run
 /// out of memory (which the scripts treat as a failure).
 fn ram() -> u64 {
-    RAM_DEFAULT.max((steps() as u64 * 64 << 10).next_power_of_two())
+    RAM_DEFAULT.max(((steps() as u64 * 64) << 10).next_power_of_two())
 }
 const THREADS: u64 = 3;
 /// Steps per thread; `VMMU_SHADOW_OS_STEPS` overrides (a longer soak).
