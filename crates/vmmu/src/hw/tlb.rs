@@ -94,24 +94,8 @@ impl Tlb {
     /// A translation of `gfn` that allows `kind`, if cached. Returns the pfn of `gfn`.
     #[inline]
     pub fn lookup(&mut self, gfn: Gfn, kind: AccessKind) -> Option<Pfn> {
-        for level in Level::LEAF_LEVELS {
-            let (i, tag) = Self::slot(level, gfn);
-            let e = &self.sets[i];
-            if e.tag == tag && e.gen == self.gen {
-                let ok = match kind {
-                    AccessKind::Read => true,
-                    AccessKind::Write => e.writable && e.dirty,
-                    AccessKind::Fetch => e.executable,
-                };
-                if ok {
-                    self.hits += 1;
-                    return Some(Pfn(e.pfn.0 + (gfn.0 & (level.pages() - 1))));
-                }
-                break;
-            }
-        }
-        self.misses += 1;
-        None
+        // EPT entries are keyed by gfn and always user-accessible.
+        self.lookup_virt(gfn.0, kind, false).map(|(pfn, _)| pfn)
     }
 
     /// Shadow paging: a translation of virtual page `vpn` that allows `kind` by a user

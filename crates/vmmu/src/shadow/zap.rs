@@ -128,27 +128,21 @@ impl<A: TableAllocator> ShadowMmu<A> {
             self.clear_unsync(p.table_id(), p.index());
             flush.set();
         }
-        let level = self.pages.get(id).role.level();
         for i in 0..SPTE_ENT_PER_PAGE {
             let sp = self.pages.get(id);
             if sp.used() == 0 {
                 break;
             }
-            let spte = sp.table().get(i);
-            if spte.is_shadow_present() {
-                if spte.is_leaf(level) {
-                    self.drop_leaf(slots, id, i, level);
-                } else {
-                    let child = self.unlink_child(id, i);
-                    let c = self.pages.get(child);
-                    if !c.hashed && c.parent_ptes.is_empty() && c.root_count == 0 {
-                        let (f, _) = self.prepare_zap(slots, child);
-                        flush |= f;
-                    }
-                }
+            let (present, child) = self.zap_spte(slots, id, i);
+            if present {
                 flush.set();
-            } else if spte.is_mmio() {
-                self.pages.get_mut(id).spte_clear(i);
+            }
+            if let Some(child) = child {
+                let c = self.pages.get(child);
+                if !c.hashed && c.parent_ptes.is_empty() && c.root_count == 0 {
+                    let (f, _) = self.prepare_zap(slots, child);
+                    flush |= f;
+                }
             }
         }
         let sp = self.pages.get(id);
@@ -168,6 +162,34 @@ impl<A: TableAllocator> ShadowMmu<A> {
         } else {
             self.invalid_list.push(id);
             (flush, false)
+        }
+    }
+
+    /// Clear entry `i` of page `id`, whatever it holds (KVM's `mmu_page_zap_pte`): a leaf
+    /// leaves its reverse map, a link to a child is undone, an MMIO SPTE is cleared.
+    /// Returns whether a shadow-present entry went (a flush is owed) and the child it
+    /// unlinked, if any.
+    pub(crate) fn zap_spte(
+        &mut self,
+        slots: &mut Memslots,
+        id: u32,
+        i: usize,
+    ) -> (bool, Option<u32>) {
+        let sp = self.pages.get(id);
+        let spte = sp.table().get(i);
+        if spte.is_shadow_present() {
+            let level = sp.role.level();
+            if spte.is_leaf(level) {
+                self.drop_leaf(slots, id, i, level);
+                (true, None)
+            } else {
+                (true, Some(self.unlink_child(id, i)))
+            }
+        } else {
+            if spte.is_mmio() {
+                self.pages.get_mut(id).spte_clear(i);
+            }
+            (false, None)
         }
     }
 

@@ -55,16 +55,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     continue;
                 }
             }
-            let spte = self.pages.get(id).table().get(i);
-            if spte.is_shadow_present() {
-                if spte.is_leaf(level) {
-                    self.drop_leaf(slots, id, i, level);
-                } else {
-                    self.unlink_child(id, i);
-                }
+            // An unlinked child stays hashed, for whoever still links it.
+            if self.zap_spte(slots, id, i).0 {
                 flush.set();
-            } else if spte.is_mmio() {
-                self.pages.get_mut(id).spte_clear(i);
             }
         }
         Ok((flush, reload))

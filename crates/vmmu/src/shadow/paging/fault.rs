@@ -148,25 +148,20 @@ impl<A: TableAllocator> ShadowMmu<A> {
             };
             let role = self.pages.get(id).role.child(below, direct, child_access);
             let spte = self.pages.get(id).table().get(i);
-            if spte.is_shadow_present() {
-                if !spte.is_large() {
-                    let c = self.pages.get(id).child(i);
-                    let csp = self.pages.get(c);
-                    if csp.role == role && csp.gfn == child_gfn {
-                        self.pages.get_mut(c).write_flooding_count = 0;
-                        id = c;
-                        cur = below;
-                        continue;
-                    }
-                    // The guest repointed the entry (or changed its rights): drop the
-                    // stale link; the page stays hashed for whoever still uses it.
-                    self.unlink_child(id, i);
-                } else {
-                    self.drop_leaf(slots, id, i, cur);
+            if spte.is_shadow_present() && !spte.is_large() {
+                let c = self.pages.get(id).child(i);
+                let csp = self.pages.get(c);
+                if csp.role == role && csp.gfn == child_gfn {
+                    self.pages.get_mut(c).write_flooding_count = 0;
+                    id = c;
+                    cur = below;
+                    continue;
                 }
+            }
+            // A huge leaf in the way, or a link the guest repointed (or whose rights
+            // changed): drop it; an unlinked page stays hashed for whoever still uses it.
+            if self.zap_spte(slots, id, i).0 {
                 flush.set();
-            } else if spte.is_mmio() {
-                self.pages.get_mut(id).spte_clear(i);
             }
             let (child, created, f) = self.get_shadow_page(slots, child_gfn, role)?;
             flush |= f;
@@ -215,11 +210,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let mut protected = None;
         if mmu_writable && level == Level::L4K {
             let tracked = slots.lookup(gfn).is_some_and(|s| s.is_write_tracked(gfn));
-            let shadowed = !self.pages_of_gfn(gfn).is_empty()
-                && self
-                    .pages_of_gfn(gfn)
-                    .iter()
-                    .any(|&p| !self.pages.get(p).role.is_direct());
+            let shadowed = self.shadows_guest_table(gfn);
             if tracked || (shadowed && !self.paging_mut().cfg.unsync) {
                 mmu_writable = false;
                 protected = Some(if shadowed {
@@ -255,22 +246,16 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let outcome_mapped = protected
             .filter(|_| write)
             .unwrap_or(PagingOutcome::Mapped(level));
-        if old.is_shadow_present() {
-            if !old.is_leaf(level) {
-                self.unlink_child(id, i);
-                flush.set();
-            } else if same(old) && self.pages.get(id).gfn_at(i) == base {
-                self.stats.spurious_faults += 1;
-                let outcome = protected
-                    .filter(|_| write)
-                    .unwrap_or(PagingOutcome::Spurious);
-                return done(outcome, flush);
-            } else {
-                self.drop_leaf(slots, id, i, level);
-                flush.set();
-            }
-        } else if old.is_mmio() {
-            self.pages.get_mut(id).spte_clear(i);
+        if old.is_leaf(level) && same(old) && self.pages.get(id).gfn_at(i) == base {
+            self.stats.spurious_faults += 1;
+            let outcome = protected
+                .filter(|_| write)
+                .unwrap_or(PagingOutcome::Spurious);
+            return done(outcome, flush);
+        }
+        // A table where a huge leaf now fits, or a leaf that changed.
+        if self.zap_spte(slots, id, i).0 {
+            flush.set();
         }
         let sp = self.pages.get_mut(id);
         sp.spte_set(i, new);

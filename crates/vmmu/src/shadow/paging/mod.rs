@@ -139,6 +139,15 @@ impl<A: TableAllocator> ShadowMmu<A> {
             .unwrap_or_default()
     }
 
+    /// Whether an indirect page shadows the guest table at `gfn` (no allocation: the
+    /// fault path asks this for every 4K leaf it maps writable).
+    pub(crate) fn shadows_guest_table(&self, gfn: Gfn) -> bool {
+        self.paging
+            .as_ref()
+            .and_then(|p| p.hash.get(&gfn.0))
+            .is_some_and(|ids| ids.iter().any(|&id| !self.pages.get(id).role.is_direct()))
+    }
+
     /// Every hashed page, oldest first.
     pub fn hashed_pages(&self) -> Vec<u32> {
         let mut ids: Vec<u32> = self
