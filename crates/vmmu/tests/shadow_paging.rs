@@ -279,3 +279,72 @@ fn a_reverse_map_is_recycled_past_the_threshold() {
     assert!(g.vm.max_rmap_len() < 200, "the list was recycled");
     g.audit();
 }
+
+/// Bad input on the shadow-paging API: a typed error, and nothing changed.
+#[test]
+fn bad_input_gets_typed_errors_and_changes_nothing() {
+    use std::sync::Arc;
+    use vmmu::guest::{PagingState, SimGuestMemory};
+    use vmmu::host::SimHostMemory;
+    use vmmu::table::HeapTableAllocator;
+    use vmmu::{Error, MmuKind, Vm};
+
+    // Guest memory with another MMU, or shadow paging without it: refused before any
+    // table is allocated.
+    let alloc = Arc::new(HeapTableAllocator::new());
+    let mem: Arc<dyn GuestMemory> = Arc::new(SimGuestMemory::new(1 << 20));
+    let host = Arc::new(SimHostMemory::new());
+    let tdp = VmConfig {
+        mmu: MmuKind::Tdp(vmmu::TdpIteration::default()),
+        ..VmConfig::default()
+    };
+    assert!(matches!(
+        Vm::with_guest_memory(tdp, host.clone(), alloc.clone(), mem),
+        Err(Error::WrongPagingMode(_))
+    ));
+    let paging = VmConfig {
+        mmu: MmuKind::ShadowPaging,
+        ..VmConfig::default()
+    };
+    assert!(matches!(
+        Vm::with_allocator(paging, host, alloc.clone()),
+        Err(Error::WrongPagingMode(_))
+    ));
+    assert_eq!(alloc.allocated(), 0, "a refused VM allocated tables");
+
+    let g = guest(true);
+    let mut v = g.vcpu(PML4);
+    let before = v.paging();
+    // CR3 outside every memslot: refused, the vCPU keeps its state and its root.
+    let bad = PagingState {
+        cr3: Gpa(1 << 40),
+        ..before
+    };
+    assert_eq!(
+        g.vm.set_paging(&mut v, bad),
+        Err(Error::GuestMemory { gpa: Gpa(1 << 40) })
+    );
+    assert_eq!(v.paging(), before);
+    for gva in [Gva(1 << 47), Gva(0x8000_0000_0000_1000)] {
+        assert_eq!(
+            g.vm.gva_access(&mut v, gva, AccessKind::Read),
+            Err(Exit::Error(Error::NonCanonical { gva }))
+        );
+        assert_eq!(g.vm.invlpg(&mut v, gva), Err(Error::NonCanonical { gva }));
+    }
+    assert_eq!(
+        g.vm.gva_read_u64(&mut v, Gva(0x1004)),
+        Err(Exit::Error(Error::Unaligned { gva: Gva(0x1004) }))
+    );
+    assert_eq!(
+        g.vm.gva_write_u64(&mut v, Gva(0x1001), 5),
+        Err(Exit::Error(Error::Unaligned { gva: Gva(0x1001) }))
+    );
+    // Guest-physical accesses on a shadow-paging VM.
+    assert!(matches!(
+        g.vm.access(&mut v, Gpa(1 << 30), AccessKind::Read),
+        Err(Exit::Error(Error::WrongPagingMode(_)))
+    ));
+    assert_eq!(g.vm.stats().mmu.faults, 0, "no fault ran");
+    g.audit();
+}

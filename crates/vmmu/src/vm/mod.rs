@@ -270,6 +270,14 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         // Before anything can take the fault gate or enter guest mode: every thread that
         // later uses this VM then sees the fence mode decided (see `sync`).
         crate::sync::init_asymmetric_fences();
+        if guest.is_some() != (config.mmu == MmuKind::ShadowPaging) {
+            // Checked before any table is allocated: an error changes nothing.
+            return Err(Error::WrongPagingMode(if guest.is_some() {
+                "guest memory is for shadow paging: set mmu to MmuKind::ShadowPaging"
+            } else {
+                "a shadow-paging VM needs guest memory: use Vm::with_guest_memory"
+            }));
+        }
         if !(MIN_GPA_BITS..=MAX_GPA_BITS).contains(&config.limits.gpa_bits) {
             return Err(Error::InvalidConfig(
                 "gpa_bits must be 32..=48: the tables have 4 levels",
@@ -282,25 +290,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 config.algorithms,
             )?),
             MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
-            MmuKind::ShadowPaging => {
-                if guest.is_none() {
-                    return Err(Error::WrongPagingMode(
-                        "a shadow-paging VM needs guest memory: use Vm::with_guest_memory",
-                    ));
-                }
-                Mmu::Shadow(ShadowMmu::new_paging(
-                    alloc.clone(),
-                    config.max_level,
-                    config.algorithms,
-                    config.paging,
-                ))
-            }
+            MmuKind::ShadowPaging => Mmu::Shadow(ShadowMmu::new_paging(
+                alloc.clone(),
+                config.max_level,
+                config.algorithms,
+                config.paging,
+            )),
         };
-        if guest.is_some() && config.mmu != MmuKind::ShadowPaging {
-            return Err(Error::WrongPagingMode(
-                "guest memory is for shadow paging: set mmu to MmuKind::ShadowPaging",
-            ));
-        }
         let mut slots = Memslots::new(config.limits);
         slots.set_dirty_initially_set(
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
