@@ -325,12 +325,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         // read them are pinned, and the epoch runs this only after they are done.
         unsafe {
             guard.defer_unchecked(move || {
+                // Counted before the frames go back: whoever sees the allocator's live
+                // count drop (any thread may run this) sees the MMU's count drop too.
+                freed.fetch_add(n, Ordering::Release);
                 for p in pages {
                     let page = crossbeam_epoch::Owned::from_raw(p as *mut TdpPage);
                     alloc.free_table(page.frame);
                     drop(page);
                 }
-                freed.fetch_add(n, Ordering::Relaxed);
             });
         }
         guard.flush();
@@ -355,6 +357,6 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// Pages allocated and not yet freed (freeing is deferred by the epoch collector).
     pub fn live_pages(&self) -> u64 {
         self.stats.pages_allocated.load(Ordering::Relaxed)
-            - self.stats.pages_freed.load(Ordering::Relaxed)
+            - self.stats.pages_freed.load(Ordering::Acquire)
     }
 }
