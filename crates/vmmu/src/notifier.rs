@@ -7,7 +7,7 @@
 //! # Protocol
 //! `invalidate_range_start` zaps the range and, until the matching
 //! `invalidate_range_end`, stops faults on it from installing a mapping (they report
-//! [`FaultOutcome::Retry`](crate::shadow::FaultOutcome::Retry) and the vCPU retries), so
+//! [`FaultOutcome::Retry`](crate::mmu::FaultOutcome::Retry) and the vCPU retries), so
 //! a fault can never install a pfn the host is taking away. When `start` returns, no SPTE
 //! maps the range and the flush has completed. [`Vm::unmap_hva_range`] is the pair for a
 //! host change that already happened.
@@ -15,13 +15,14 @@
 use alloc::vec::Vec;
 
 use crate::error::Error;
+use crate::flush::Removed;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::mmu::{Mmu, MmuKind};
 use crate::table::TableAllocator;
-use crate::tdp::{self, Removed};
+use crate::tdp;
 use crate::types::{Gfn, Hva, Pfn, PAGE_SIZE};
 use crate::vm::Vm;
+use crate::vm::{Mmu, MmuKind};
 
 /// The gfn ranges (one per memslot) backed by host-virtual `[start, end)`.
 fn gfn_ranges(slots: &Memslots, start: u64, end: u64) -> Vec<(Gfn, Gfn)> {

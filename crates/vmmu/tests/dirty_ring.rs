@@ -22,8 +22,8 @@ use std::collections::BTreeSet;
 use common::*;
 use support::*;
 use vmmu::host::Backing;
-use vmmu::shadow::DirtyGfn;
 use vmmu::types::{AccessKind, Gpa};
+use vmmu::DirtyGfn;
 use vmmu::{Algorithms, DirtyLogConfig, Error, Exit, MemslotFlags};
 
 fn ring_config(size: u32, algorithms: Algorithms) -> vmmu::VmConfig {

@@ -40,8 +40,8 @@
 use std::time::Instant;
 
 use serde_json::{Map, Value};
-use vmmu::shadow::DirtyGfn;
 use vmmu::types::{AccessKind, Gva, PAGE_SIZE};
+use vmmu::DirtyGfn;
 use vmmu::{
     Algorithms, DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, VmConfig,
 };

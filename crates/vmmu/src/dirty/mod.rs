@@ -25,13 +25,14 @@ use core::sync::atomic::Ordering;
 pub use ring::DirtyRing;
 
 use crate::error::Error;
+use crate::flush::Removed;
 use crate::host::HostMemory;
 use crate::hw::Vcpu;
 use crate::memslot::{DirtyBitmap, Memslots};
-use crate::shadow::{DirtyGfn, DirtyWrprot};
+use crate::mmu::DirtyGfn;
+use crate::shadow::DirtyWrprot;
 use crate::sync::RwLock;
 use crate::table::TableAllocator;
-use crate::tdp::Removed;
 use crate::types::Gfn;
 use crate::vm::Vm;
 

@@ -11,7 +11,7 @@
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
-use crate::shadow::DirtyGfn;
+use crate::mmu::DirtyGfn;
 
 /// The ring.
 pub struct DirtyRing {

@@ -8,10 +8,10 @@
 //! memslot update changes the generation.
 
 use crate::error::Error;
-use crate::faultin::{plan_fault, FaultPlan};
 use crate::flush::Flush;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
+use crate::mmu::{plan_fault, DirtyGfn, FaultOutcome, FaultPlan};
 use crate::page::Role;
 use crate::rmap::SpteRef;
 use crate::spte::Spte;
@@ -19,36 +19,6 @@ use crate::table::TableAllocator;
 use crate::types::{ErrorCode, Gfn, Gpa, Level};
 
 use super::ShadowMmu;
-
-/// What a fault did.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum FaultOutcome {
-    /// A leaf was installed (or made writable) at this level; retry the access.
-    Mapped(Level),
-    /// The mapping the access needs was already there; retry the access.
-    Spurious,
-    /// The gpa is outside every memslot: an MMIO SPTE was installed; the access goes to
-    /// the VMM (KVM_EXIT_MMIO).
-    Mmio,
-    /// A write to a READONLY memslot: not mapped writable; the access goes to the VMM.
-    ReadOnlyWrite,
-    /// A write to a write-tracked page: not mapped writable; the tracker emulates it
-    /// (KVM's page-track write path).
-    WriteTracked,
-    /// The host is invalidating the page (an MMU-notifier range is in progress): nothing
-    /// was mapped; retry once the invalidation ends (KVM's `mmu_invalidate_retry`).
-    Retry,
-}
-
-/// A page a write fault made writable while its memslot logs dirty pages: the caller
-/// logs it (dirty bitmap or the vCPU's dirty ring).
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub struct DirtyGfn {
-    /// Memslot id.
-    pub slot: u32,
-    /// Page offset in the memslot.
-    pub offset: u64,
-}
 
 /// The result of a fault.
 #[derive(Debug)]

@@ -28,34 +28,17 @@ mod zap;
 use alloc::vec::Vec;
 
 pub use algorithms::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
-pub use fault::{DirtyGfn, Fault, FaultOutcome};
-pub use notifier::Invalidation;
+pub use fault::Fault;
 pub use paging::{PagingConfig, PagingFault, PagingOutcome, PagingStats, RootRef};
 
 use crate::error::Error;
 use crate::memslot::Memslots;
+use crate::mmu::{Invalidation, MmuStats};
 use crate::page::{Pages, Role};
 use crate::rmap::{self, DescPool, SpteRef};
 use crate::spte::{Spte, SpteFormat};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn};
-
-/// Counters of MMU work, for benchmarks and tests.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MmuStats {
-    /// Faults handled under the lock.
-    pub faults: u64,
-    /// Faults that found the mapping already there (another vCPU, or a stale TLB).
-    pub spurious_faults: u64,
-    /// Faults on gpas outside every memslot (an MMIO SPTE was installed).
-    pub mmio_faults: u64,
-    /// Leaf SPTEs installed.
-    pub leaves_installed: u64,
-    /// Leaf SPTEs zapped.
-    pub leaves_zapped: u64,
-    /// Shadow pages freed after a flush.
-    pub pages_freed: u64,
-}
 
 /// The shadow MMU's state: pages, reverse-map descriptors, the root.
 pub struct ShadowMmu<A: TableAllocator> {

@@ -1,6 +1,7 @@
 //! MMU-notifier operations on gfn ranges (KVM's `kvm_unmap_gfn_range`, `kvm_age_gfn`,
-//! `kvm_test_age_gfn`, `kvm_set_spte_gfn`) and the invalidation bookkeeping that stops a
-//! fault from installing a page the host is taking away (`mmu_invalidate_in_progress`).
+//! `kvm_test_age_gfn`, `kvm_set_spte_gfn`). The invalidation bookkeeping that stops a
+//! fault from installing a page the host is taking away is shared by both MMUs
+//! ([`crate::mmu::Invalidation`]).
 //!
 //! The VM translates host-virtual ranges into gfn ranges per memslot and calls these under
 //! the MMU lock.
@@ -9,57 +10,10 @@ use crate::flush::Flush;
 use crate::memslot::Memslots;
 use crate::spte::bits;
 use crate::table::TableAllocator;
-use crate::types::{Gfn, Hva, Level, Pfn};
+use crate::types::{Gfn, Level, Pfn};
 
 use super::wrprot::for_each_rmap_spte;
 use super::ShadowMmu;
-
-/// Host-virtual ranges being invalidated (between `invalidate_range_start` and `_end`).
-/// Several may overlap; like KVM, vmmu keeps their union as one range.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Invalidation {
-    in_progress: u32,
-    start: u64,
-    end: u64,
-    seq: u64,
-}
-
-impl Invalidation {
-    /// Whether a fault on `hva` must not install a mapping now.
-    #[inline]
-    pub fn covers(&self, hva: Hva) -> bool {
-        self.in_progress != 0 && hva.0 >= self.start && hva.0 < self.end
-    }
-    /// Invalidations begun and not ended.
-    pub fn in_progress(&self) -> u32 {
-        self.in_progress
-    }
-    /// Invalidations ended so far (KVM's `mmu_invalidate_seq`).
-    pub fn seq(&self) -> u64 {
-        self.seq
-    }
-    pub(crate) fn begin(&mut self, start: u64, end: u64) {
-        if self.in_progress == 0 {
-            (self.start, self.end) = (start, end);
-        } else {
-            self.start = self.start.min(start);
-            self.end = self.end.max(end);
-        }
-        self.in_progress += 1;
-    }
-    /// `false` if no invalidation was in progress.
-    pub(crate) fn end(&mut self) -> bool {
-        if self.in_progress == 0 {
-            return false;
-        }
-        self.in_progress -= 1;
-        self.seq += 1;
-        if self.in_progress == 0 {
-            (self.start, self.end) = (0, 0);
-        }
-        true
-    }
-}
 
 impl<A: TableAllocator> ShadowMmu<A> {
     /// Clear the accessed bit of every leaf mapping a gfn in `[start, end)`; whether any

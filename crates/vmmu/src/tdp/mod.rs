@@ -41,8 +41,8 @@ pub use page::TdpPage;
 pub use zap::ZapCounts;
 
 use crate::error::Error;
-use crate::flush::Flush;
-use crate::shadow::Invalidation;
+use crate::flush::Removed;
+use crate::mmu::Invalidation;
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn};
 
@@ -84,37 +84,10 @@ pub fn quiesce() {
     }
 }
 
-/// Tables unlinked by an operation: they may be freed once a remote TLB flush has
-/// completed after the unlink.
-#[must_use = "removed tables must be retired after the flush"]
-#[derive(Default, Debug)]
-pub struct Removed {
-    pages: Vec<usize>,
-    /// Whether a flush is owed (mappings changed or tables were unlinked).
-    pub flush: Flush,
-}
-
 impl Removed {
-    /// Only a flush owed (`flush`), nothing to free.
-    pub fn flush_only(flush: Flush) -> Self {
-        Removed {
-            pages: Vec::new(),
-            flush,
-        }
-    }
-
+    /// Record that `page` was unlinked: it is retired after the flush this makes owed.
     pub(crate) fn push(&mut self, page: Shared<'_, TdpPage>) {
-        self.pages.push(page.as_raw() as usize);
-        self.flush.set();
-    }
-    /// Merge another operation's removals.
-    pub fn merge(&mut self, other: Removed) {
-        self.pages.extend(other.pages);
-        self.flush |= other.flush;
-    }
-    /// Whether nothing needs a flush or a free.
-    pub fn is_empty(&self) -> bool {
-        self.pages.is_empty() && !self.flush.needed()
+        self.push_unlinked(page.as_raw() as usize);
     }
 }
 

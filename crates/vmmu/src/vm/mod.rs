@@ -15,19 +15,23 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::dirty::DirtyIndex;
 use crate::error::Error;
+use crate::flush::Removed;
 use crate::guest::GuestMemory;
 use crate::host::HostMemory;
 use crate::hw::{ept_walk, fast_page_fault, flush_vcpus, leaf_pfn, Vcpu, VcpuShared, WalkExit};
 use crate::memslot::{MemoryRegion, MemslotFlags, MemslotLimits, Memslots, SlotChange};
-use crate::mmu::{Mmu, MmuKind};
-use crate::shadow::{Algorithms, FaultOutcome, MmuStats, ShadowMmu};
+use crate::mmu::{FaultOutcome, MmuStats};
+use crate::shadow::{Algorithms, ShadowMmu};
 use crate::sync::{RwLock, RwLockReadGuard};
 use crate::table::{HeapTableAllocator, TableAllocator};
-use crate::tdp::{self, Removed, TdpMmu, TdpPage};
+use crate::tdp::{self, TdpMmu, TdpPage};
 use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Gva, Hpa, Level, PAGE_SHIFT};
 
 mod lock;
+mod mmu;
 mod paging;
+
+pub use mmu::{Mmu, MmuKind};
 
 pub use crate::shadow::{PagingConfig, PagingStats};
 

@@ -11,16 +11,17 @@
 
 use alloc::sync::Arc;
 
+use super::{Mmu, MmuKind};
 use crate::error::Error;
 use crate::flush::Flush;
+use crate::flush::Removed;
 use crate::guest::{GuestMemory, PagingState};
 use crate::host::HostMemory;
 use crate::hw::Vcpu;
-use crate::mmu::{Mmu, MmuKind};
+use crate::mmu::DirtyGfn;
 use crate::page::Role;
-use crate::shadow::{DirtyGfn, PagingOutcome, ShadowMmu};
+use crate::shadow::{PagingOutcome, ShadowMmu};
 use crate::table::{HeapTableAllocator, TableAllocator};
-use crate::tdp::Removed;
 use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
 use super::{Exit, Vm, VmConfig, VmState, MAX_ACCESS_RETRIES};

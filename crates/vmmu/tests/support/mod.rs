@@ -11,8 +11,8 @@ use std::sync::{Barrier, Mutex};
 
 use crate::common::*;
 use vmmu::host::{Backing, HostMemory};
-use vmmu::shadow::DirtyGfn;
 use vmmu::types::{Gpa, Hva, Level, PAGE_SIZE};
+use vmmu::DirtyGfn;
 use vmmu::{
     Algorithms, DirtyLogConfig, DirtyWrprot, Exit, MemslotFlags, PageWrprot, RmapDrop,
     RmapIteration, VmConfig,

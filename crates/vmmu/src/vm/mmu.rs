@@ -10,12 +10,13 @@
 
 use alloc::sync::Arc;
 
-use crate::flush::Flush;
+use crate::flush::{Flush, Removed};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::shadow::{DirtyWrprot, Invalidation, ShadowMmu};
+use crate::mmu::Invalidation;
+use crate::shadow::{DirtyWrprot, ShadowMmu};
 use crate::table::TableAllocator;
-use crate::tdp::{self, Removed, TdpMmu};
+use crate::tdp::{self, TdpMmu};
 use crate::types::{Gfn, Level, Pfn};
 
 /// Which MMU a VM uses.
