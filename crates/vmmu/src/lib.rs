@@ -73,7 +73,6 @@ pub mod host;
 pub mod hw;
 pub mod memslot;
 pub mod mmu;
-pub mod notifier;
 pub mod page;
 pub mod rmap;
 pub mod shadow;

@@ -12,9 +12,14 @@
 //! touch the reader-writer lock, so there is no lock-order cycle.
 
 use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::brlock::{BrLock, BrReadGuard};
-use crate::sync::RwLockWriteGuard;
+use crate::host::HostMemory;
+use crate::sync::{RwLockReadGuard, RwLockWriteGuard};
+use crate::table::TableAllocator;
+
+use super::{Vm, VmState};
 
 /// Reader slots of the fault gate (vCPU ids share them beyond this).
 pub(crate) const GATE_SLOTS: usize = 64;
@@ -69,4 +74,95 @@ impl<T> Deref for Gated<'_, T> {
 /// A new fault gate.
 pub(crate) fn gate() -> BrLock<()> {
     BrLock::new((), GATE_SLOTS)
+}
+
+/// A lock guard that adds the time it was held to a counter, when the VM has a clock.
+pub(crate) struct Timed<'a, G> {
+    guard: G,
+    clock: Option<fn() -> u64>,
+    t0: u64,
+    ns: &'a AtomicU64,
+}
+
+impl<'a, G> Timed<'a, G> {
+    #[inline]
+    fn new(guard: G, clock: Option<fn() -> u64>, ns: &'a AtomicU64) -> Self {
+        let t0 = clock.map_or(0, |c| c());
+        Timed {
+            guard,
+            clock,
+            t0,
+            ns,
+        }
+    }
+}
+
+impl<G: core::ops::Deref> core::ops::Deref for Timed<'_, G> {
+    type Target = G::Target;
+    #[inline]
+    fn deref(&self) -> &G::Target {
+        &self.guard
+    }
+}
+
+impl<G: core::ops::DerefMut> core::ops::DerefMut for Timed<'_, G> {
+    #[inline]
+    fn deref_mut(&mut self) -> &mut G::Target {
+        &mut self.guard
+    }
+}
+
+impl<G> Drop for Timed<'_, G> {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(c) = self.clock {
+            self.ns
+                .fetch_add(c().saturating_sub(self.t0), Ordering::Relaxed);
+        }
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
+    /// The MMU lock, exclusive. The time it is held counts as MMU time
+    /// ([`VmStats::mmu_ns`], with a clock).
+    pub(crate) fn lock(&self) -> Timed<'_, Exclusive<'_, VmState<A>>> {
+        let rw = self.state.write();
+        let gate = self.fault_gate.as_ref();
+        if let Some(g) = gate {
+            // SAFETY: every writer of the gate holds `state` exclusively, so writers are
+            // serialized; the guard's drop unlocks.
+            unsafe { g.write_raw() };
+        }
+        Timed::new(Exclusive { rw, gate }, self.config.clock, &self.mmu_ns)
+    }
+
+    /// Shared access to a TDP VM's state through the fault gate, not the MMU lock: for a
+    /// fault by vCPU `vcpu` (its own reader slot, so two vCPUs faulting at once write no
+    /// common cache line; see the module docs), or with `None` for lockless aging (the gate
+    /// keeps memslots and roots from changing, as KVM's SRCU and RCU do). Timed as
+    /// [`lock`](Self::lock).
+    pub(crate) fn lock_gated(&self, vcpu: Option<u32>) -> Timed<'_, Gated<'_, VmState<A>>> {
+        let gate = self
+            .fault_gate
+            .as_ref()
+            .expect("a TDP VM has a fault gate")
+            .read(vcpu);
+        // SAFETY: every exclusive holder of the state holds the gate exclusively too (see
+        // `lock`), so while the gate is held shared the state is only read, or changed
+        // through atomics as the TDP MMU's shared-lock rules allow.
+        let data = unsafe { &*crate::sync::rwlock_data_ptr(&self.state) };
+        Timed::new(Gated { data, _gate: gate }, self.config.clock, &self.mmu_ns)
+    }
+
+    /// The MMU lock, shared (TDP faults and range operations), timed as [`lock`](Self::lock).
+    pub(crate) fn lock_shared(&self) -> Timed<'_, RwLockReadGuard<'_, VmState<A>>> {
+        let guard = self.state.read();
+        Timed::new(guard, self.config.clock, &self.mmu_ns)
+    }
+
+    /// The MMU lock, shared, not timed: the CPU model's walks under shadow paging, which
+    /// are the hardware's work, not the MMU's.
+    pub(crate) fn lock_shared_untimed(&self) -> RwLockReadGuard<'_, VmState<A>> {
+        self.state.read()
+    }
 }

@@ -19,6 +19,8 @@ use crate::table::TableAllocator;
 use crate::tdp::{self, TdpMmu};
 use crate::types::{Gfn, Level, Pfn};
 
+use super::{Vm, VmState};
+
 /// Which MMU a VM uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum MmuKind {
@@ -246,6 +248,35 @@ impl<A: TableAllocator + 'static> Mmu<A> {
                 Removed::flush_only(flush)
             }
             Mmu::Tdp(m) => m.recover_huge_pages(slots, host, start, end, &tdp::pin()),
+        }
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
+    /// Perform the flush an operation owes, then free the tables it unlinked (KVM's
+    /// `kvm_mmu_commit_zap_page`). Exclusive lock.
+    #[inline]
+    pub(crate) fn commit(&self, st: &mut VmState<A>, removed: Removed) {
+        if let Mmu::Shadow(m) = &mut st.mmu {
+            if core::mem::take(&mut m.roots_invalidated) {
+                // Shadow paging zapped roots vCPUs run on: they load new ones first.
+                self.request_reload();
+            }
+        }
+        if !st.mmu.pending(&removed) {
+            return;
+        }
+        self.flush_remote_tlbs();
+        // SAFETY: the flush above made every vCPU leave guest mode after the unlinks.
+        unsafe { st.mmu.free_after_flush(removed) };
+    }
+
+    /// [`commit`](Self::commit) for a TDP operation run under the shared lock.
+    pub(crate) fn commit_tdp(&self, tdp: &TdpMmu<A>, removed: Removed) {
+        if !removed.is_empty() {
+            self.flush_remote_tlbs();
+            // SAFETY: flushed after the unlinks.
+            unsafe { tdp.retire(removed) };
         }
     }
 }

@@ -14,6 +14,8 @@
 
 use alloc::vec::Vec;
 
+use super::Vm;
+use super::{Mmu, MmuKind};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
@@ -21,8 +23,6 @@ use crate::memslot::Memslots;
 use crate::table::TableAllocator;
 use crate::tdp;
 use crate::types::{Gfn, Hva, Pfn, PAGE_SIZE};
-use crate::vm::Vm;
-use crate::vm::{Mmu, MmuKind};
 
 /// The gfn ranges (one per memslot) backed by host-virtual `[start, end)`.
 fn gfn_ranges(slots: &Memslots, start: u64, end: u64) -> Vec<(Gfn, Gfn)> {

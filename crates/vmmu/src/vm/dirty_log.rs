@@ -1,0 +1,267 @@
+//! The dirty-log half of the VM API (KVM's `KVM_GET_DIRTY_LOG`, `KVM_CLEAR_DIRTY_LOG` and
+//! the dirty-ring ioctls): harvesting a slot's bitmap, clearing it in manual-protect mode,
+//! reading and resetting the vCPUs' rings, and logging a page a fault made writable. The
+//! bitmaps, the lockless index and the rings themselves live in [`crate::dirty`].
+//!
+//! # Locking
+//! GET, CLEAR and reset take the MMU lock exclusively and write-protect what they report
+//! through the MMU dispatch; logging a page takes only the ring's lock (or none, for a
+//! bitmap: its words are atomics).
+
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+use crate::error::Error;
+use crate::flush::Removed;
+use crate::host::HostMemory;
+use crate::hw::Vcpu;
+use crate::memslot::DirtyBitmap;
+use crate::mmu::DirtyGfn;
+use crate::shadow::DirtyWrprot;
+use crate::table::TableAllocator;
+use crate::types::Gfn;
+
+use super::Vm;
+
+/// What a harvest did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HarvestReport {
+    /// Pages reported dirty.
+    pub dirty_pages: u64,
+    /// How the shadow MMU write-protected them again (seed 004's choice); `None` when
+    /// nothing was protected, or on the TDP MMU, which always goes by 64-page masks.
+    pub wrprot: Option<DirtyWrprot>,
+}
+
+impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
+    /// Log `d` as dirty for `vcpu`: into its ring when the VM uses rings, else `bitmap`.
+    #[inline]
+    pub(crate) fn log_dirty(&self, vcpu: &Vcpu, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
+        match &vcpu.shared().dirty_ring {
+            Some(ring) => {
+                let pushed = ring.lock().push(d);
+                debug_assert!(pushed, "dirty ring overflow: vCPUs stop at soft-full");
+            }
+            None => {
+                if let Some(b) = bitmap {
+                    b.mark(d.offset);
+                }
+            }
+        }
+    }
+
+    fn bitmap_mode(&self) -> Result<(), Error> {
+        if self.config().dirty_log.ring_size.is_some() {
+            return Err(Error::WrongDirtyLogMode(
+                "the VM logs dirty pages in per-vCPU rings",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `KVM_GET_DIRTY_LOG`: copy slot `slot`'s dirty bitmap into `out` (one bit per page,
+    /// 64 pages a word). By default the bits are cleared and those pages write-protected
+    /// again, with the flush, before this returns; in manual-protect mode this only copies.
+    pub fn get_dirty_log(&self, slot: u32, out: &mut [u64]) -> Result<HarvestReport, Error> {
+        self.bitmap_mode()?;
+        let manual = self.config().dirty_log.manual_protect;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let bitmap = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        let words = bitmap.words();
+        if out.len() < words.len() {
+            return Err(Error::BitmapTooSmall {
+                needed: words.len(),
+                got: out.len(),
+            });
+        }
+        if !bitmap.maybe_dirty() {
+            // Nothing marked since the last harvest: no scan (KVM 2012's shortcut).
+            out[..words.len()].fill(0);
+            return Ok(HarvestReport {
+                dirty_pages: 0,
+                wrprot: None,
+            });
+        }
+        let mut nr = 0u64;
+        for (o, w) in out.iter_mut().zip(words) {
+            let v = w.load(Ordering::Relaxed);
+            // Read first: exchanging a clean word would cost an atomic per 64 pages.
+            *o = if v != 0 && !manual {
+                w.swap(0, Ordering::AcqRel)
+            } else {
+                v
+            };
+            if *o != 0 {
+                // Baseline x86-64 has no popcnt instruction: skip the software count on
+                // the (usually many) clean words.
+                nr += o.count_ones() as u64;
+            }
+        }
+        if !manual {
+            bitmap.cleared(nr);
+        }
+        if manual || nr == 0 {
+            return Ok(HarvestReport {
+                dirty_pages: nr,
+                wrprot: None,
+            });
+        }
+        let base = s.base_gfn;
+        let (removed, how) =
+            st.mmu
+                .write_protect_dirty(&st.slots, slot, base, &out[..words.len()], nr);
+        self.commit(st, removed);
+        Ok(HarvestReport {
+            dirty_pages: nr,
+            wrprot: how,
+        })
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual-protect mode): clear the bits of `bitmap` (bit `i` is
+    /// page `first_page + i`) in slot `slot`'s dirty bitmap and write-protect the pages
+    /// whose bits were really set, with the flush. `first_page` must be a multiple of 64
+    /// and the range inside the slot; `num_pages` a multiple of 64 unless the range ends at
+    /// the slot's end. Returns the number of pages cleared.
+    pub fn clear_dirty_log(
+        &self,
+        slot: u32,
+        first_page: u64,
+        num_pages: u64,
+        bitmap: &[u64],
+    ) -> Result<u64, Error> {
+        self.bitmap_mode()?;
+        if !self.config().dirty_log.manual_protect {
+            return Err(Error::WrongDirtyLogMode(
+                "clear_dirty_log needs manual protect",
+            ));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let dirty = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        if !first_page.is_multiple_of(64) {
+            return Err(Error::ClearLogUnaligned { first_page });
+        }
+        let npages = s.npages;
+        if first_page > npages
+            || num_pages > npages - first_page
+            || (!num_pages.is_multiple_of(64) && first_page + num_pages != npages)
+        {
+            return Err(Error::ClearLogRange {
+                first_page,
+                num_pages,
+                npages,
+            });
+        }
+        let nwords = num_pages.div_ceil(64) as usize;
+        if bitmap.len() < nwords {
+            return Err(Error::BitmapTooSmall {
+                needed: nwords,
+                got: bitmap.len(),
+            });
+        }
+        let base = s.base_gfn;
+        let mut masks = alloc::vec![0u64; nwords];
+        let mut cleared = 0u64;
+        let words = &dirty.words()[first_page as usize / 64..][..nwords];
+        for (k, (&user, word)) in bitmap[..nwords].iter().zip(words).enumerate() {
+            if user == 0 {
+                continue;
+            }
+            // Only the last word of a range ending with the slot may be partial.
+            let user = if k + 1 == nwords && !num_pages.is_multiple_of(64) {
+                user & ((1u64 << (num_pages % 64)) - 1)
+            } else {
+                user
+            };
+            if user & word.load(Ordering::Relaxed) == 0 {
+                continue;
+            }
+            let m = word.fetch_and(!user, Ordering::AcqRel) & user;
+            cleared += m.count_ones() as u64;
+            dirty.cleared(m.count_ones() as u64);
+            masks[k] = m;
+        }
+        let (removed, _) =
+            st.mmu
+                .write_protect_dirty(&st.slots, slot, Gfn(base.0 + first_page), &masks, cleared);
+        self.commit(st, removed);
+        Ok(cleared)
+    }
+
+    /// Read the entries vCPU `vcpu` pushed since its last harvest into `out` (the VMM
+    /// reading `kvm_dirty_gfn`s). Returns how many.
+    pub fn harvest_dirty_ring(&self, vcpu: u32, out: &mut Vec<DirtyGfn>) -> Result<usize, Error> {
+        let shared = self
+            .vcpus
+            .read()
+            .get(vcpu as usize)
+            .cloned()
+            .ok_or(Error::NoSuchVcpu(vcpu))?;
+        let ring = shared.dirty_ring.as_ref().ok_or(Error::WrongDirtyLogMode(
+            "the VM logs dirty pages in bitmaps, not rings",
+        ))?;
+        let n = ring.lock().harvest(out);
+        Ok(n)
+    }
+
+    /// `KVM_RESET_DIRTY_RINGS`: write-protect again every harvested entry of every vCPU's
+    /// ring, coalescing neighbouring pages into 64-page masks, flush, and free the entries.
+    /// Returns the number of entries reset.
+    pub fn reset_dirty_rings(&self) -> Result<usize, Error> {
+        if self.config().dirty_log.ring_size.is_none() {
+            return Err(Error::WrongDirtyLogMode(
+                "the VM logs dirty pages in bitmaps, not rings",
+            ));
+        }
+        let vcpus: Vec<_> = self.vcpus.read().iter().cloned().collect();
+        let mut entries = Vec::new();
+        let mut n = 0;
+        for v in &vcpus {
+            if let Some(r) = &v.dirty_ring {
+                n += r.lock().reset(|e| entries.push(e));
+            }
+        }
+        // Scatter the entries into 64-page masks per slot (KVM coalesces only neighbours
+        // in ring order; a random write order would then cost one walk per entry), and
+        // protect them as GET does.
+        entries.sort_unstable_by_key(|e| e.slot);
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut removed = Removed::default();
+        for group in entries.chunk_by(|a, b| a.slot == b.slot) {
+            let slot = group[0].slot;
+            // The slot may have gone away since the push; then nothing maps it.
+            let Some(s) = st.slots.by_id(slot) else {
+                continue;
+            };
+            let first = group
+                .iter()
+                .map(|e| e.offset)
+                .min()
+                .expect("non-empty group")
+                / 64;
+            let last = group
+                .iter()
+                .map(|e| e.offset)
+                .max()
+                .expect("non-empty group")
+                / 64;
+            let mut masks = alloc::vec![0u64; (last - first + 1) as usize];
+            for e in group.iter().filter(|e| e.offset < s.npages) {
+                let bit = e.offset - first * 64;
+                masks[(bit / 64) as usize] |= 1 << (bit % 64);
+            }
+            let nr = masks.iter().map(|m| m.count_ones() as u64).sum();
+            let base = Gfn(s.base_gfn.0 + first * 64);
+            let (r, _) = st
+                .mmu
+                .write_protect_dirty(&st.slots, slot, base, &masks, nr);
+            removed.merge(r);
+        }
+        self.commit(st, removed);
+        Ok(n)
+    }
+}

@@ -1,0 +1,179 @@
+//! Guest-physical accesses and the faults they take: the CPU model's TLB lookup and EPT
+//! walk in guest mode, the lockless fast path for write-protected pages, and the MMU's
+//! fault handler on an exit, retried until the access completes or goes to the VMM
+//! (KVM's `vcpu_enter_guest` -> `kvm_mmu_page_fault` loop).
+//!
+//! # Locking
+//! Translation takes no lock (the vCPU is in guest mode, see `hw::vcpu`); a fault takes
+//! the lock its MMU needs (see `vm/mmu.rs`).
+
+use core::sync::atomic::Ordering;
+
+use crate::error::Error;
+use crate::flush::Removed;
+use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, Vcpu, WalkExit};
+use crate::mmu::FaultOutcome;
+use crate::tdp;
+use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
+
+use super::{Exit, Mmu, MmuKind, Vm};
+
+/// Retries of one access before it is declared stuck.
+pub(crate) const MAX_ACCESS_RETRIES: u32 = 64;
+use crate::host::HostMemory;
+use crate::table::TableAllocator;
+
+impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
+    /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
+    /// logging the page if a write made it writable in a logging slot.
+    pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
+        if self.config.mmu == MmuKind::ShadowPaging {
+            return Err(Error::WrongPagingMode(
+                "guest-physical faults need a direct MMU; shadow paging faults by gva",
+            ));
+        }
+        if gpa.0 >> PAGE_SHIFT >= 1u64 << (self.config.limits.gpa_bits - PAGE_SHIFT as u8) {
+            return Err(Error::InvalidRange {
+                start: gpa.gfn().0,
+                end: gpa.gfn().0 + 1,
+            });
+        }
+        if let MmuKind::Tdp(_) = self.config.mmu {
+            let guard = self.lock_gated(Some(vcpu.id));
+            let Mmu::Tdp(m) = &guard.mmu else {
+                unreachable!("the VM's MMU kind does not change");
+            };
+            let epoch = tdp::pin();
+            let root = m
+                .roots(&epoch)
+                .find(|(r, valid)| *valid && r.frame == vcpu.root())
+                .map(|(r, _)| r);
+            let Some(root) = root else {
+                // The vCPU's root was invalidated; it reloads before its next entry.
+                return Ok(FaultOutcome::Spurious);
+            };
+            let fault = m.map(&guard.slots, &self.host, root, gpa, ec, &epoch)?;
+            if let Some(d) = fault.dirty {
+                let slot = guard
+                    .slots
+                    .by_id(d.slot)
+                    .expect("the fault found this slot");
+                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            }
+            drop(epoch);
+            self.commit_tdp(m, fault.removed);
+            return Ok(fault.outcome);
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Mmu::Shadow(m) = &mut st.mmu else {
+            unreachable!("the VM's MMU kind does not change");
+        };
+        let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
+        if let Some(d) = fault.dirty {
+            let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
+            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+        }
+        self.commit(st, Removed::flush_only(fault.flush));
+        Ok(fault.outcome)
+    }
+
+    /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and
+    /// retry. Returns the host-physical address the access reached.
+    ///
+    /// A write to a present page that may become writable (dirty-logging protection) is
+    /// first tried on the lockless fast path, still in guest mode, as KVM's
+    /// `fast_page_fault` runs with the shadow walk protected from frees.
+    pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
+        vcpu.accesses += 1;
+        if self.config.mmu == MmuKind::ShadowPaging {
+            return Err(Exit::Error(Error::WrongPagingMode(
+                "guest-physical accesses need a direct MMU; use gva_access under shadow paging",
+            )));
+        }
+        if gpa.0 >> self.config.limits.gpa_bits != 0 {
+            // Beyond the guest-physical width: the walk would alias a lower address.
+            return Err(Exit::Error(Error::InvalidRange {
+                start: gpa.gfn().0,
+                end: gpa.gfn().0 + 1,
+            }));
+        }
+        let gfn = gpa.gfn();
+        let mut retries = 0;
+        while retries < MAX_ACCESS_RETRIES {
+            if vcpu.dirty_ring_soft_full() {
+                return Err(Exit::DirtyRingFull);
+            }
+            if !vcpu.enter_guest() {
+                self.reload_root(vcpu);
+                continue;
+            }
+            let mut result = match vcpu.tlb.lookup(gfn, kind) {
+                Some(pfn) => Ok(pfn),
+                // SAFETY: in guest mode (entered above, left below).
+                None => unsafe { ept_walk(&*self.alloc, vcpu.root, gpa, kind) }.map(|e| {
+                    vcpu.tlb.fill(gfn, e);
+                    leaf_pfn(&e, gfn)
+                }),
+            };
+            if let Err(WalkExit::Violation { error_code, .. }) = result {
+                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE)
+                    // SAFETY: still in guest mode.
+                    && unsafe { fast_page_fault(&*self.alloc, vcpu.root, gpa) }
+                {
+                    // Still a VM exit (an EPT violation), handled without the MMU lock.
+                    vcpu.exits += 1;
+                    self.fast_faults.fetch_add(1, Ordering::Relaxed);
+                    self.dirty_index
+                        .with(gfn, |d, bitmap| self.log_dirty(vcpu, d, Some(bitmap)));
+                    result = Err(WalkExit::Retry);
+                }
+            }
+            vcpu.exit_guest();
+            let outcome = match result {
+                Ok(pfn) => return Ok(Hpa((pfn.0 << PAGE_SHIFT) | gpa.page_offset())),
+                Err(WalkExit::Retry) => FaultOutcome::Spurious,
+                Err(WalkExit::Violation { gpa, error_code }) => {
+                    vcpu.exits += 1;
+                    self.page_fault(vcpu, gpa, error_code)?
+                }
+                Err(WalkExit::Misconfig { gpa, spte }) => {
+                    vcpu.exits += 1;
+                    let gen = self.mmio_generation.load(Ordering::Acquire);
+                    if spte.is_mmio() && spte.mmio_generation() == gen & crate::spte::MMIO_GEN_MASK
+                    {
+                        // KVM's handle_mmio_page_fault: no memslot lookup needed.
+                        self.fast_mmio.fetch_add(1, Ordering::Relaxed);
+                        FaultOutcome::Mmio
+                    } else {
+                        // Stale MMIO SPTE: the fault path replaces it.
+                        self.page_fault(vcpu, gpa, ErrorCode::for_access(kind))?
+                    }
+                }
+            };
+            match outcome {
+                FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
+                // The host is changing this page; wait for the invalidation to end.
+                FaultOutcome::Retry => core::hint::spin_loop(),
+                FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                    return Err(Exit::Mmio {
+                        gpa,
+                        write: kind == AccessKind::Write,
+                    })
+                }
+                FaultOutcome::WriteTracked => return Err(Exit::WriteTracked { gpa }),
+            }
+        }
+        Err(Exit::Error(Error::FaultLoop { gpa }))
+    }
+
+    /// A guest read of `gpa`.
+    pub fn read(&self, vcpu: &mut Vcpu, gpa: Gpa) -> Result<Hpa, Exit> {
+        self.access(vcpu, gpa, AccessKind::Read)
+    }
+
+    /// A guest write of `gpa`.
+    pub fn write(&self, vcpu: &mut Vcpu, gpa: Gpa) -> Result<Hpa, Exit> {
+        self.access(vcpu, gpa, AccessKind::Write)
+    }
+}

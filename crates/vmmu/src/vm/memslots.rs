@@ -1,0 +1,143 @@
+//! `KVM_SET_USER_MEMORY_REGION` on the VM: checking and applying a memslot change, zapping
+//! what a deleted or moved slot mapped, and what turning dirty logging on or off does to
+//! the mappings (eager split and write protection; huge-page recovery).
+//!
+//! # Locking
+//! Memslot changes take the MMU lock exclusively (it stands for KVM's `slots_lock` too);
+//! the TDP MMU's eager split runs under the shared lock and allocates outside it.
+
+use alloc::vec::Vec;
+use core::sync::atomic::Ordering;
+
+use crate::error::Error;
+use crate::flush::Removed;
+use crate::memslot::{MemoryRegion, MemslotFlags, SlotChange};
+use crate::tdp::{self, TdpPage};
+use crate::types::{Gfn, Level};
+
+use super::{Mmu, MmuKind, Vm};
+use crate::host::HostMemory;
+use crate::table::TableAllocator;
+
+impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
+    /// `KVM_SET_USER_MEMORY_REGION`: create, delete (size 0), move or change the flags of
+    /// a slot. Invalid input returns an error and changes nothing.
+    ///
+    /// A deleted or moved slot's mappings are zapped. Turning LOG_DIRTY_PAGES on drops
+    /// huge mappings and write-protects the slot (unless every bit starts set); turning it
+    /// off zaps the 4K mappings that could be huge, so faults map them huge again.
+    pub fn set_user_memory_region(&self, region: MemoryRegion) -> Result<(), Error> {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let change = st.slots.check(&region)?;
+        let old = st
+            .slots
+            .by_id(region.slot)
+            .map(|s| (s.base_gfn, s.end_gfn(), s.flags));
+        let mut removed = Removed::default();
+        if let (SlotChange::Delete | SlotChange::Move { .. }, Some((start, end, _))) = (change, old)
+        {
+            removed = if self.config.mmu == MmuKind::ShadowPaging {
+                // Shadow pages of guest tables in the slot hang on its tracking counts:
+                // zap everything, as KVM does for shadow paging.
+                st.mmu.zap_all(&mut st.slots)
+            } else {
+                st.mmu.zap_gfn_range(&mut st.slots, start, end)
+            };
+        }
+        self.commit(st, removed);
+        st.slots.apply(&region, change);
+        // Publish the logging slots before protecting anything: a lockless fast-path fault
+        // that makes a page writable after the protection must find its slot to log it.
+        self.dirty_index.publish(&st.slots);
+        if st.slots.generation() & crate::spte::MMIO_GEN_MASK == 0 {
+            // The generation MMIO SPTEs carry wrapped: an old one could match again. Zap
+            // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
+            let removed = st.mmu.zap_all_fast(&mut st.slots)?;
+            self.commit(st, removed);
+            self.request_reload();
+        }
+        self.mmio_generation
+            .store(st.slots.generation(), Ordering::Release);
+        let initially_set = st.slots.dirty_initially_set();
+        drop(guard);
+        if let (SlotChange::FlagsOnly { old: old_flags }, Some((start, end, _))) = (change, old) {
+            let log = MemslotFlags::LOG_DIRTY_PAGES;
+            match (old_flags.contains(log), region.flags.contains(log)) {
+                (false, true) => self.start_logging(region.slot, start, end, initially_set),
+                (true, false) => self.stop_logging(start, end),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Logging starts on a slot: only 4K mappings may stay (the shadow MMU zaps huge
+    /// leaves; the TDP MMU splits them eagerly, allocating tables outside the lock, and
+    /// zaps those it could not get tables for), then every leaf is write-protected unless
+    /// every bit starts set. It cannot fail: a lack of table memory costs faults, not
+    /// logged writes.
+    fn start_logging(&self, slot: u32, start: Gfn, end: Gfn, initially_set: bool) {
+        let mut prealloc = Vec::new();
+        let mut from = start;
+        loop {
+            let guard = self.lock_shared();
+            let Mmu::Tdp(m) = &guard.mmu else {
+                break;
+            };
+            let epoch = tdp::pin();
+            match m.split_huge_pages(from, end, &mut prealloc, &epoch) {
+                tdp::SplitProgress::Done(removed) => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    break;
+                }
+                tdp::SplitProgress::NeedPages {
+                    pages,
+                    resume,
+                    removed,
+                } => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    drop(guard);
+                    // Out of the lock: the allocator may be slow (or sleep, in a kernel).
+                    let before = prealloc.len();
+                    for _ in 0..pages {
+                        match TdpPage::new(&*self.alloc, Level::L2M, Gfn(0)) {
+                            Some(p) => prealloc.push(p),
+                            None => break,
+                        }
+                    }
+                    if prealloc.len() == before {
+                        // Out of table memory: what is left huge is zapped below instead
+                        // (the next faults map it at 4K).
+                        break;
+                    }
+                    from = resume;
+                }
+            }
+        }
+        for p in prealloc {
+            // SAFETY: never linked: the frames were allocated above and only we know them.
+            unsafe { self.alloc.free_table(p.frame) };
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut removed = st.mmu.zap_huge(&mut st.slots, start, end);
+        if !initially_set {
+            removed.merge(st.mmu.write_protect_slot(&st.slots, slot));
+        }
+        self.commit(st, removed);
+    }
+
+    /// Logging stopped: let huge mappings come back (the shadow MMU zaps the 4K leaves of
+    /// huge-eligible ranges; the TDP MMU recovers huge leaves in place).
+    fn stop_logging(&self, start: Gfn, end: Gfn) {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let removed =
+            st.mmu
+                .recover_huge(&mut st.slots, &self.host, start, end, self.config.max_level);
+        self.commit(st, removed);
+    }
+}
