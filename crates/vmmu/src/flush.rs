@@ -66,6 +66,9 @@ pub struct Removed {
     pub(crate) pages: Vec<usize>,
     /// Whether a flush is owed (mappings changed or tables were unlinked).
     pub flush: Flush,
+    /// Whether vCPUs must load a new root before they run again (their roots were
+    /// invalidated).
+    pub(crate) reload: bool,
 }
 
 impl Removed {
@@ -74,6 +77,7 @@ impl Removed {
         Removed {
             pages: Vec::new(),
             flush,
+            reload: false,
         }
     }
 
@@ -87,6 +91,7 @@ impl Removed {
     pub fn merge(&mut self, other: Removed) {
         self.pages.extend(other.pages);
         self.flush |= other.flush;
+        self.reload |= other.reload;
     }
     /// Whether nothing needs a flush or a free.
     pub fn is_empty(&self) -> bool {

@@ -9,6 +9,7 @@
 use alloc::vec::Vec;
 
 use crate::flush::Flush;
+use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::rmap::{self, SpteRef};
 use crate::table::TableAllocator;
@@ -17,6 +18,37 @@ use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 use super::{RmapDrop, ShadowMmu};
 
 impl<A: TableAllocator> ShadowMmu<A> {
+    /// Make huge mappings possible again over `[start, end)` after dirty logging stops
+    /// (KVM's `kvm_mmu_zap_collapsible_sptes`): zap the 4K leaves of every 2 MiB range
+    /// the memslot, `max_level` and the host page all allow huge, so the next fault there
+    /// maps it huge.
+    pub fn recover_huge_pages<H: HostMemory + ?Sized>(
+        &mut self,
+        slots: &mut Memslots,
+        host: &H,
+        start: Gfn,
+        end: Gfn,
+        max_level: Level,
+    ) -> Flush {
+        let mut flush = Flush::NONE;
+        let mut g = start.align_down(Level::L2M);
+        while g < end {
+            let next = Gfn(g.0 + Level::L2M.pages());
+            let huge = slots.lookup(g).is_some_and(|s| {
+                s.contains(Gfn(next.0 - 1))
+                    && s.max_mapping_level(g, max_level) >= Level::L2M
+                    && host
+                        .translate(s.gfn_to_hva(g))
+                        .is_some_and(|h| h.level >= Level::L2M)
+            });
+            if huge {
+                flush |= self.zap_gfn_range(slots, g, next);
+            }
+            g = next;
+        }
+        flush
+    }
+
     /// Zap every leaf mapping any gfn in `[start, end)`. Leaves that cover the range only
     /// in part (huge pages across its edges) are zapped whole.
     pub fn zap_gfn_range(&mut self, slots: &mut Memslots, start: Gfn, end: Gfn) -> Flush {

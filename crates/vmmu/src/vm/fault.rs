@@ -10,13 +10,11 @@
 use core::sync::atomic::Ordering;
 
 use crate::error::Error;
-use crate::flush::Removed;
 use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, Vcpu, WalkExit};
 use crate::mmu::FaultOutcome;
-use crate::tdp;
 use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
 
-use super::{Exit, Mmu, MmuKind, Vm};
+use super::{Exit, MmuKind, Vm};
 
 /// Retries of one access before it is declared stuck.
 pub(crate) const MAX_ACCESS_RETRIES: u32 = 64;
@@ -38,44 +36,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 end: gpa.gfn().0 + 1,
             });
         }
-        if let MmuKind::Tdp(_) = self.config.mmu {
-            let guard = self.lock_gated(Some(vcpu.id));
-            let Mmu::Tdp(m) = &guard.mmu else {
-                unreachable!("the VM's MMU kind does not change");
-            };
-            let epoch = tdp::pin();
-            let root = m
-                .roots(&epoch)
-                .find(|(r, valid)| *valid && r.frame == vcpu.root())
-                .map(|(r, _)| r);
-            let Some(root) = root else {
-                // The vCPU's root was invalidated; it reloads before its next entry.
-                return Ok(FaultOutcome::Spurious);
-            };
-            let fault = m.map(&guard.slots, &self.host, root, gpa, ec, &epoch)?;
-            if let Some(d) = fault.dirty {
-                let slot = guard
-                    .slots
-                    .by_id(d.slot)
-                    .expect("the fault found this slot");
-                self.log_dirty(vcpu, d, slot.dirty_bitmap());
-            }
-            drop(epoch);
-            self.commit_tdp(m, fault.removed);
-            return Ok(fault.outcome);
-        }
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let Mmu::Shadow(m) = &mut st.mmu else {
-            unreachable!("the VM's MMU kind does not change");
-        };
-        let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
-        if let Some(d) = fault.dirty {
-            let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
-            self.log_dirty(vcpu, d, slot.dirty_bitmap());
-        }
-        self.commit(st, Removed::flush_only(fault.flush));
-        Ok(fault.outcome)
+        self.mmu_page_fault(vcpu, gpa, ec)
     }
 
     /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and

@@ -6,16 +6,14 @@
 //! Memslot changes take the MMU lock exclusively (it stands for KVM's `slots_lock` too);
 //! the TDP MMU's eager split runs under the shared lock and allocates outside it.
 
-use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::memslot::{MemoryRegion, MemslotFlags, SlotChange};
-use crate::tdp::{self, TdpPage};
-use crate::types::{Gfn, Level};
+use crate::types::Gfn;
 
-use super::{Mmu, MmuKind, Vm};
+use super::{MmuKind, Vm};
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
@@ -55,7 +53,6 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
             let removed = st.mmu.zap_all_fast(&mut st.slots)?;
             self.commit(st, removed);
-            self.request_reload();
         }
         self.mmio_generation
             .store(st.slots.generation(), Ordering::Release);
@@ -78,49 +75,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// every bit starts set. It cannot fail: a lack of table memory costs faults, not
     /// logged writes.
     fn start_logging(&self, slot: u32, start: Gfn, end: Gfn, initially_set: bool) {
-        let mut prealloc = Vec::new();
-        let mut from = start;
-        loop {
-            let guard = self.lock_shared();
-            let Mmu::Tdp(m) = &guard.mmu else {
-                break;
-            };
-            let epoch = tdp::pin();
-            match m.split_huge_pages(from, end, &mut prealloc, &epoch) {
-                tdp::SplitProgress::Done(removed) => {
-                    drop(epoch);
-                    self.commit_tdp(m, removed);
-                    break;
-                }
-                tdp::SplitProgress::NeedPages {
-                    pages,
-                    resume,
-                    removed,
-                } => {
-                    drop(epoch);
-                    self.commit_tdp(m, removed);
-                    drop(guard);
-                    // Out of the lock: the allocator may be slow (or sleep, in a kernel).
-                    let before = prealloc.len();
-                    for _ in 0..pages {
-                        match TdpPage::new(&*self.alloc, Level::L2M, Gfn(0)) {
-                            Some(p) => prealloc.push(p),
-                            None => break,
-                        }
-                    }
-                    if prealloc.len() == before {
-                        // Out of table memory: what is left huge is zapped below instead
-                        // (the next faults map it at 4K).
-                        break;
-                    }
-                    from = resume;
-                }
-            }
-        }
-        for p in prealloc {
-            // SAFETY: never linked: the frames were allocated above and only we know them.
-            unsafe { self.alloc.free_table(p.frame) };
-        }
+        self.split_huge_for_logging(start, end);
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut removed = st.mmu.zap_huge(&mut st.slots, start, end);

@@ -1,25 +1,36 @@
-//! The MMU a VM runs: the shadow MMU (direct mode or shadow paging) or the TDP MMU, behind
-//! one set of operations, as KVM dispatches between `mmu.c` and `tdp_mmu.c`.
+//! The one place the VM dispatches between its MMUs: the shadow MMU (direct mode or
+//! shadow paging) or the TDP MMU, behind one set of operations, as KVM dispatches between
+//! `mmu.c` and `tdp_mmu.c`. No other file matches on [`Mmu`]; adding an MMU operation
+//! means one method here plus each MMU's implementation.
 //!
 //! Operations return [`Removed`]: the flush owed and, for the TDP MMU, the tables to
 //! retire after it (the shadow MMU keeps its own list of zapped pages, freed by
 //! [`Mmu::free_after_flush`]).
 //!
-//! Methods taking `&mut self` need the exclusive MMU lock; `&self` methods on the TDP MMU
-//! run under the shared lock.
+//! # Locking
+//! Methods taking `&mut self` need the exclusive MMU lock. The lock an operation needs
+//! differs by MMU where KVM's does (a TDP fault or aging runs inside the fault gate, a
+//! shadow one under the exclusive lock): those operations are the `Vm` methods at the end
+//! of this file, which take the right lock themselves.
 
 use alloc::sync::Arc;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::flush::{Flush, Removed};
+use crate::audit::{AuditError, AuditReport};
+use crate::error::Error;
+use crate::flush::Removed;
+use crate::guest::GuestMemory;
 use crate::host::HostMemory;
+use crate::hw::Vcpu;
 use crate::memslot::Memslots;
-use crate::mmu::Invalidation;
-use crate::shadow::{DirtyWrprot, ShadowMmu};
+use crate::mmu::{FaultOutcome, Invalidation, MmuStats};
+use crate::shadow::{DirtyWrprot, PagingStats, ShadowMmu};
 use crate::table::TableAllocator;
-use crate::tdp::{self, TdpMmu};
-use crate::types::{Gfn, Level, Pfn};
+use crate::tdp::{self, TdpMmu, TdpPage};
+use crate::types::{ErrorCode, Gfn, Gpa, Level, Pfn};
 
-use super::{Vm, VmState};
+use super::{Vm, VmConfig, VmState};
 
 /// Which MMU a VM uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -44,6 +55,204 @@ pub enum Mmu<A: TableAllocator + 'static> {
 }
 
 impl<A: TableAllocator + 'static> Mmu<A> {
+    /// The MMU `config` asks for, its tables from `alloc`.
+    pub(crate) fn new(config: &VmConfig, alloc: &Arc<A>) -> Result<Self, Error> {
+        Ok(match config.mmu {
+            MmuKind::ShadowDirect => Mmu::Shadow(ShadowMmu::new(
+                alloc.clone(),
+                config.max_level,
+                config.algorithms,
+            )?),
+            MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
+            MmuKind::ShadowPaging => Mmu::Shadow(ShadowMmu::new_paging(
+                alloc.clone(),
+                config.max_level,
+                config.algorithms,
+                config.paging,
+            )),
+        })
+    }
+
+    /// The shadow MMU, mutably, if that is what runs.
+    pub(crate) fn shadow_mut(&mut self) -> Option<&mut ShadowMmu<Arc<A>>> {
+        match self {
+            Mmu::Shadow(m) => Some(m),
+            Mmu::Tdp(_) => None,
+        }
+    }
+
+    /// The root a new vCPU loads, with a reference taken on it (the TDP MMU counts its
+    /// roots' users; the shadow MMU's direct root lives as long as the MMU, and under
+    /// shadow paging a vCPU loads its root when its paging registers are set).
+    pub(crate) fn take_root(&self) -> Pfn {
+        match self {
+            Mmu::Shadow(m) => m.root_frame(),
+            Mmu::Tdp(m) => m.get_root(),
+        }
+    }
+
+    /// Give back a reference [`take_root`](Self::take_root) took.
+    pub(crate) fn put_root(&self, root: Pfn) {
+        if let Mmu::Tdp(m) = self {
+            m.put_root(root);
+        }
+    }
+
+    /// Whether a vCPU may keep running on `root` (the TDP MMU invalidates its roots in a
+    /// fast zap; the shadow MMU's direct root never is).
+    pub(crate) fn is_valid_root(&self, root: Pfn) -> bool {
+        match self {
+            Mmu::Shadow(_) => true,
+            Mmu::Tdp(m) => m.is_valid_root(root),
+        }
+    }
+
+    /// Move `vcpu` from an invalidated root to the current one (shared lock). Returns
+    /// whether it gave an old root back, so invalid roots may now be free to zap
+    /// ([`reap_invalid_roots`](Self::reap_invalid_roots)).
+    pub(crate) fn reload_root(&self, vcpu: &mut Vcpu) -> bool {
+        let Mmu::Tdp(m) = self else {
+            return false;
+        };
+        if m.is_valid_root(vcpu.root()) {
+            return false;
+        }
+        let new = m.get_root();
+        m.put_root(vcpu.root());
+        vcpu.set_root(new);
+        true
+    }
+
+    /// Zap the invalidated roots no vCPU holds any more (exclusive lock).
+    pub(crate) fn reap_invalid_roots(&mut self) -> Removed {
+        match self {
+            Mmu::Shadow(_) => Removed::default(),
+            Mmu::Tdp(m) => m.reap_invalid_roots(&tdp::pin()).0,
+        }
+    }
+
+    /// Give back every root `vcpu` holds (KVM's vCPU destruction; exclusive lock).
+    pub(crate) fn release_vcpu(&mut self, vcpu: &mut Vcpu) -> Removed {
+        match self {
+            Mmu::Tdp(m) => {
+                m.put_root(vcpu.root());
+                m.reap_invalid_roots(&tdp::pin()).0
+            }
+            Mmu::Shadow(m) => {
+                if m.is_paging() {
+                    for r in vcpu
+                        .proot
+                        .take()
+                        .into_iter()
+                        .chain(vcpu.prev_roots.drain(..))
+                    {
+                        m.put_paging_root(&r);
+                    }
+                }
+                Removed::default()
+            }
+        }
+    }
+
+    /// Whether a zap invalidated roots vCPUs run on, so they must load new ones before
+    /// they run again (shadow paging); reading clears it.
+    pub(crate) fn take_roots_invalidated(&mut self) -> bool {
+        match self {
+            Mmu::Shadow(m) => core::mem::take(&mut m.roots_invalidated),
+            Mmu::Tdp(_) => false,
+        }
+    }
+
+    /// Zap the leaves of `[start, end)` for a while (exclusive lock). Returns where to
+    /// resume when the walk stopped to let the lock go (the TDP MMU stops every
+    /// [`tdp::YIELD_BUDGET`] positions, as KVM's `tdp_mmu_iter_cond_resched`; the shadow
+    /// MMU's zap by reverse maps finishes at once).
+    pub(crate) fn zap_range_step(
+        &mut self,
+        slots: &mut Memslots,
+        start: Gfn,
+        end: Gfn,
+    ) -> (Removed, Option<Gfn>) {
+        match self {
+            Mmu::Tdp(m) => m.zap_leafs(start, end, tdp::YIELD_BUDGET, &tdp::pin()),
+            Mmu::Shadow(m) => (
+                Removed::flush_only(m.zap_gfn_range(slots, start, end)),
+                None,
+            ),
+        }
+    }
+
+    /// Work counters, the tables in use and the reverse-map descriptors in use.
+    pub(crate) fn stats(&self) -> (MmuStats, usize, usize) {
+        match self {
+            Mmu::Shadow(m) => (m.stats(), m.pages().len(), m.pool().in_use()),
+            Mmu::Tdp(m) => {
+                let t = m.stats();
+                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
+                // Fault counts are per vCPU (`Vcpu::exits`) on the TDP MMU.
+                let s = MmuStats {
+                    spurious_faults: ld(&t.spurious_faults) + ld(&t.retried_faults),
+                    pages_freed: ld(&t.pages_freed),
+                    ..MmuStats::default()
+                };
+                (s, m.live_pages() as usize, 0)
+            }
+        }
+    }
+
+    /// Shadow paging's counters (zero on a direct MMU).
+    pub(crate) fn paging_stats(&self) -> PagingStats {
+        match self {
+            Mmu::Shadow(m) => m.paging_stats(),
+            Mmu::Tdp(_) => PagingStats::default(),
+        }
+    }
+
+    /// The longest reverse map (the TDP MMU has none: 0).
+    pub(crate) fn max_rmap_len(&self, slots: &Memslots) -> usize {
+        match self {
+            Mmu::Shadow(m) => m.max_rmap_len(slots),
+            Mmu::Tdp(_) => 0,
+        }
+    }
+
+    /// Check the MMU's invariants against the memslots (and, under shadow paging, the
+    /// guest's tables in `guest`); exclusive lock.
+    pub(crate) fn audit(
+        &self,
+        slots: &Memslots,
+        bitmap_logging: bool,
+        guest: Option<&dyn GuestMemory>,
+    ) -> Result<AuditReport, AuditError> {
+        match self {
+            Mmu::Shadow(m) => {
+                let rep = crate::audit::audit(slots, m, bitmap_logging)?;
+                if let (true, Some(g)) = (m.is_paging(), guest) {
+                    crate::audit::audit_paging(slots, m, g)?;
+                }
+                Ok(rep)
+            }
+            Mmu::Tdp(m) => crate::audit::audit_tdp(slots, m, bitmap_logging),
+        }
+    }
+
+    /// Tear everything down, roots included.
+    ///
+    /// # Safety
+    /// No vCPU will run again.
+    pub(crate) unsafe fn destroy(&mut self, slots: &mut Memslots) {
+        match self {
+            // SAFETY: forwarded.
+            Mmu::Shadow(m) => unsafe { m.destroy(slots) },
+            Mmu::Tdp(m) => {
+                // SAFETY: forwarded.
+                unsafe { m.destroy() };
+                // Give the memory back now rather than at some later pin.
+                tdp::quiesce();
+            }
+        }
+    }
+
     /// The shadow MMU, if that is what runs.
     pub fn shadow(&self) -> Option<&ShadowMmu<Arc<A>>> {
         match self {
@@ -115,6 +324,8 @@ impl<A: TableAllocator + 'static> Mmu<A> {
                 let mut removed = m.invalidate_all_roots(&guard)?;
                 removed.merge(m.reap_invalid_roots(&guard).0);
                 removed.flush.set();
+                // vCPUs must move to the new root before they run again.
+                removed.reload = true;
                 removed
             }
         })
@@ -186,16 +397,18 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
 
-    /// Clear accessed bits over `[start, end)`; whether any was young.
-    pub fn age(&mut self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
+    /// Clear accessed bits over `[start, end)`; whether any was young. In the lock
+    /// [`Vm::with_aging_lock`] takes.
+    pub(crate) fn age(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         match self {
             Mmu::Shadow(m) => m.age_gfn_range(slots, start, end),
             Mmu::Tdp(m) => m.age_range(start, end, &tdp::pin()),
         }
     }
 
-    /// Whether any leaf over `[start, end)` is young.
-    pub fn test_age(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
+    /// Whether any leaf over `[start, end)` is young. In the lock
+    /// [`Vm::with_aging_lock`] takes.
+    pub(crate) fn test_age(&self, slots: &Memslots, start: Gfn, end: Gfn) -> bool {
         match self {
             Mmu::Shadow(m) => m.test_age_gfn_range(slots, start, end),
             Mmu::Tdp(m) => m.test_age_range(start, end, &tdp::pin()),
@@ -229,23 +442,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     ) -> Removed {
         match self {
             Mmu::Shadow(m) => {
-                let mut flush = Flush::NONE;
-                let mut g = start.align_down(Level::L2M);
-                while g < end {
-                    let next = Gfn(g.0 + Level::L2M.pages());
-                    let huge = slots.lookup(g).is_some_and(|s| {
-                        s.contains(Gfn(next.0 - 1))
-                            && s.max_mapping_level(g, max_level) >= Level::L2M
-                            && host
-                                .translate(s.gfn_to_hva(g))
-                                .is_some_and(|h| h.level >= Level::L2M)
-                    });
-                    if huge {
-                        flush |= m.zap_gfn_range(slots, g, next);
-                    }
-                    g = next;
-                }
-                Removed::flush_only(flush)
+                Removed::flush_only(m.recover_huge_pages(slots, host, start, end, max_level))
             }
             Mmu::Tdp(m) => m.recover_huge_pages(slots, host, start, end, &tdp::pin()),
         }
@@ -254,14 +451,12 @@ impl<A: TableAllocator + 'static> Mmu<A> {
 
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Perform the flush an operation owes, then free the tables it unlinked (KVM's
-    /// `kvm_mmu_commit_zap_page`). Exclusive lock.
+    /// `kvm_mmu_commit_zap_page`); have vCPUs load new roots if it invalidated theirs.
+    /// Exclusive lock.
     #[inline]
     pub(crate) fn commit(&self, st: &mut VmState<A>, removed: Removed) {
-        if let Mmu::Shadow(m) = &mut st.mmu {
-            if core::mem::take(&mut m.roots_invalidated) {
-                // Shadow paging zapped roots vCPUs run on: they load new ones first.
-                self.request_reload();
-            }
+        if st.mmu.take_roots_invalidated() || removed.reload {
+            self.request_reload();
         }
         if !st.mmu.pending(&removed) {
             return;
@@ -277,6 +472,120 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             self.flush_remote_tlbs();
             // SAFETY: flushed after the unlinks.
             unsafe { tdp.retire(removed) };
+        }
+    }
+
+    /// The MMU's fault handler for a fault `vcpu` took at `gpa` (checked by the caller):
+    /// the TDP MMU maps inside the fault gate, in parallel with other vCPUs' faults; the
+    /// shadow MMU under the exclusive lock. A page a write made writable in a logging
+    /// slot is logged before the lock goes.
+    pub(super) fn mmu_page_fault(
+        &self,
+        vcpu: &Vcpu,
+        gpa: Gpa,
+        ec: ErrorCode,
+    ) -> Result<FaultOutcome, Error> {
+        if let MmuKind::Tdp(_) = self.config.mmu {
+            let guard = self.lock_gated(Some(vcpu.id));
+            let Mmu::Tdp(m) = &guard.mmu else {
+                unreachable!("the VM's MMU kind does not change");
+            };
+            let epoch = tdp::pin();
+            let root = m
+                .roots(&epoch)
+                .find(|(r, valid)| *valid && r.frame == vcpu.root())
+                .map(|(r, _)| r);
+            let Some(root) = root else {
+                // The vCPU's root was invalidated; it reloads before its next entry.
+                return Ok(FaultOutcome::Spurious);
+            };
+            let fault = m.map(&guard.slots, &self.host, root, gpa, ec, &epoch)?;
+            if let Some(d) = fault.dirty {
+                let slot = guard
+                    .slots
+                    .by_id(d.slot)
+                    .expect("the fault found this slot");
+                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            }
+            drop(epoch);
+            self.commit_tdp(m, fault.removed);
+            return Ok(fault.outcome);
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let Mmu::Shadow(m) = &mut st.mmu else {
+            unreachable!("the VM's MMU kind does not change");
+        };
+        let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
+        if let Some(d) = fault.dirty {
+            let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
+            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+        }
+        self.commit(st, Removed::flush_only(fault.flush));
+        Ok(fault.outcome)
+    }
+
+    /// Run `f` on the memslots and the MMU in the lock aging needs: the TDP MMU ages
+    /// without the MMU lock, inside the fault gate (which keeps memslots and roots from
+    /// changing, as KVM's SRCU and RCU do; A is cleared by compare-exchange and a lost
+    /// one is tolerated); the shadow MMU under the exclusive lock.
+    pub(super) fn with_aging_lock<R>(&self, f: impl FnOnce(&Memslots, &Mmu<A>) -> R) -> R {
+        if let MmuKind::Tdp(_) = self.config.mmu {
+            let st = self.lock_gated(None);
+            f(&st.slots, &st.mmu)
+        } else {
+            let st = self.lock();
+            f(&st.slots, &st.mmu)
+        }
+    }
+
+    /// Logging starts on `[start, end)`: the TDP MMU splits its huge leaves there eagerly
+    /// under the shared lock, allocating tables outside it (nothing for the shadow MMU,
+    /// which zaps them instead). What it cannot get tables for stays huge, for the caller
+    /// to zap.
+    pub(super) fn split_huge_for_logging(&self, start: Gfn, end: Gfn) {
+        let mut prealloc = Vec::new();
+        let mut from = start;
+        loop {
+            let guard = self.lock_shared();
+            let Mmu::Tdp(m) = &guard.mmu else {
+                break;
+            };
+            let epoch = tdp::pin();
+            match m.split_huge_pages(from, end, &mut prealloc, &epoch) {
+                tdp::SplitProgress::Done(removed) => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    break;
+                }
+                tdp::SplitProgress::NeedPages {
+                    pages,
+                    resume,
+                    removed,
+                } => {
+                    drop(epoch);
+                    self.commit_tdp(m, removed);
+                    drop(guard);
+                    // Out of the lock: the allocator may be slow (or sleep, in a kernel).
+                    let before = prealloc.len();
+                    for _ in 0..pages {
+                        match TdpPage::new(&*self.alloc, Level::L2M, Gfn(0)) {
+                            Some(p) => prealloc.push(p),
+                            None => break,
+                        }
+                    }
+                    if prealloc.len() == before {
+                        // Out of table memory: what is left huge is zapped instead (the
+                        // next faults map it at 4K).
+                        break;
+                    }
+                    from = resume;
+                }
+            }
+        }
+        for p in prealloc {
+            // SAFETY: never linked: the frames were allocated above and only we know them.
+            unsafe { self.alloc.free_table(p.frame) };
         }
     }
 }

@@ -23,7 +23,7 @@ use crate::mmu::MmuStats;
 use crate::shadow::{Algorithms, ShadowMmu};
 use crate::sync::RwLock;
 use crate::table::{HeapTableAllocator, TableAllocator};
-use crate::tdp::{self, TdpMmu};
+use crate::tdp::TdpMmu;
 use crate::types::{ErrorCode, Gpa, Gva, Level};
 
 mod dirty_log;
@@ -247,20 +247,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 "gpa_bits must be 32..=48: the tables have 4 levels",
             ));
         }
-        let mmu = match config.mmu {
-            MmuKind::ShadowDirect => Mmu::Shadow(ShadowMmu::new(
-                alloc.clone(),
-                config.max_level,
-                config.algorithms,
-            )?),
-            MmuKind::Tdp(mode) => Mmu::Tdp(TdpMmu::new(alloc.clone(), mode, config.max_level)?),
-            MmuKind::ShadowPaging => Mmu::Shadow(ShadowMmu::new_paging(
-                alloc.clone(),
-                config.max_level,
-                config.algorithms,
-                config.paging,
-            )),
-        };
+        let mmu = Mmu::new(&config, &alloc)?;
         let mut slots = Memslots::new(config.limits);
         slots.set_dirty_initially_set(
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
@@ -298,20 +285,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Counters.
     pub fn stats(&self) -> VmStats {
         let st = self.lock_shared();
-        let (mmu, pages, descs) = match &st.mmu {
-            Mmu::Shadow(m) => (m.stats(), m.pages().len(), m.pool().in_use()),
-            Mmu::Tdp(m) => {
-                let t = m.stats();
-                let ld = |a: &AtomicU64| a.load(Ordering::Relaxed);
-                // Fault counts are per vCPU (`Vcpu::exits`) on the TDP MMU.
-                let s = MmuStats {
-                    spurious_faults: ld(&t.spurious_faults) + ld(&t.retried_faults),
-                    pages_freed: ld(&t.pages_freed),
-                    ..MmuStats::default()
-                };
-                (s, m.live_pages() as usize, 0)
-            }
-        };
+        let (mmu, pages, descs) = st.mmu.stats();
         VmStats {
             remote_tlb_flushes: self.remote_flushes.load(Ordering::Relaxed),
             fast_mmio_exits: self.fast_mmio.load(Ordering::Relaxed),
@@ -319,10 +293,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             mmu,
             shadow_pages: pages,
             rmap_descs: descs,
-            paging: match &st.mmu {
-                Mmu::Shadow(m) => m.paging_stats(),
-                Mmu::Tdp(_) => PagingStats::default(),
-            },
+            paging: st.mmu.paging_stats(),
             mmu_ns: self.mmu_ns.load(Ordering::Relaxed),
         }
     }
@@ -331,16 +302,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     pub fn audit(&self) -> Result<crate::audit::AuditReport, crate::audit::AuditError> {
         let st = self.lock();
         let bitmap_logging = self.config.dirty_log.ring_size.is_none();
-        match &st.mmu {
-            Mmu::Shadow(m) => {
-                let rep = crate::audit::audit(&st.slots, m, bitmap_logging)?;
-                if let (true, Some(g)) = (m.is_paging(), &self.guest) {
-                    crate::audit::audit_paging(&st.slots, m, &**g)?;
-                }
-                Ok(rep)
-            }
-            Mmu::Tdp(m) => crate::audit::audit_tdp(&st.slots, m, bitmap_logging),
-        }
+        st.mmu
+            .audit(&st.slots, bitmap_logging, self.guest.as_deref())
     }
 
     /// Run `f` with the memslots and the shadow MMU under the lock (for tests, audits and
@@ -373,13 +336,6 @@ impl<H: HostMemory, A: TableAllocator + 'static> Drop for Vm<H, A> {
     fn drop(&mut self) {
         let st = self.state.get_mut();
         // SAFETY: the VM is going away; vCPUs borrow it, so none can run.
-        match &mut st.mmu {
-            Mmu::Shadow(m) => unsafe { m.destroy(&mut st.slots) },
-            Mmu::Tdp(m) => {
-                unsafe { m.destroy() };
-                // Give the memory back now rather than at some later pin.
-                tdp::quiesce();
-            }
-        }
+        unsafe { st.mmu.destroy(&mut st.slots) };
     }
 }

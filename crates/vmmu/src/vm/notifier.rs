@@ -15,13 +15,11 @@
 use alloc::vec::Vec;
 
 use super::Vm;
-use super::{Mmu, MmuKind};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::table::TableAllocator;
-use crate::tdp;
 use crate::types::{Gfn, Hva, Pfn, PAGE_SIZE};
 
 /// The gfn ranges (one per memslot) backed by host-virtual `[start, end)`.
@@ -90,48 +88,26 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// Clear the accessed bits of the SPTEs mapping `[start, end)`; whether any was young
     /// (`clear_young` without flush, as KVM does on x86).
     ///
-    /// On the TDP MMU this takes no MMU lock, as KVM's TDP aging: the walk clears A by
-    /// compare-exchange (a lost one is tolerated) inside the fault gate, which keeps
-    /// memslots and roots from changing under it.
+    /// On the TDP MMU this takes no MMU lock, as KVM's TDP aging (see
+    /// `Vm::with_aging_lock`).
     pub fn age_hva_range(&self, start: Hva, end: Hva) -> Result<bool, Error> {
         let (start, end) = check(start, end)?;
-        if let MmuKind::Tdp(_) = self.config().mmu {
-            let st = self.lock_gated(None);
-            let Mmu::Tdp(m) = &st.mmu else {
-                unreachable!("the VM's MMU kind does not change");
-            };
-            let guard = tdp::pin();
-            return Ok(gfn_ranges(&st.slots, start, end)
+        Ok(self.with_aging_lock(|slots, mmu| {
+            gfn_ranges(slots, start, end)
                 .into_iter()
-                .fold(false, |young, (lo, hi)| m.age_range(lo, hi, &guard) | young));
-        }
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let mut young = false;
-        for (lo, hi) in gfn_ranges(&st.slots, start, end) {
-            young |= st.mmu.age(&st.slots, lo, hi);
-        }
-        Ok(young)
+                .fold(false, |young, (lo, hi)| mmu.age(slots, lo, hi) | young)
+        }))
     }
 
     /// Whether any SPTE mapping `[start, end)` is young; stops at the first.
     /// Lockless on the TDP MMU, as [`age_hva_range`](Self::age_hva_range).
     pub fn test_age_hva_range(&self, start: Hva, end: Hva) -> Result<bool, Error> {
         let (start, end) = check(start, end)?;
-        if let MmuKind::Tdp(_) = self.config().mmu {
-            let st = self.lock_gated(None);
-            let Mmu::Tdp(m) = &st.mmu else {
-                unreachable!("the VM's MMU kind does not change");
-            };
-            let guard = tdp::pin();
-            return Ok(gfn_ranges(&st.slots, start, end)
+        Ok(self.with_aging_lock(|slots, mmu| {
+            gfn_ranges(slots, start, end)
                 .into_iter()
-                .any(|(lo, hi)| m.test_age_range(lo, hi, &guard)));
-        }
-        let st = self.lock();
-        Ok(gfn_ranges(&st.slots, start, end)
-            .into_iter()
-            .any(|(lo, hi)| st.mmu.test_age(&st.slots, lo, hi)))
+                .any(|(lo, hi)| mmu.test_age(slots, lo, hi))
+        }))
     }
 
     /// The host now maps the page at `hva` to `new_pfn` (KSM merge, migration):

@@ -11,7 +11,7 @@
 
 use alloc::sync::Arc;
 
-use super::{Mmu, MmuKind};
+use super::MmuKind;
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::flush::Removed;
@@ -373,12 +373,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     pub fn reclaim_shadow_pages(&self, n: usize) -> usize {
         let mut guard = self.lock();
         let st = &mut *guard;
-        let Mmu::Shadow(m) = &mut st.mmu else {
+        let Some(m) = st.mmu.shadow_mut().filter(|m| m.is_paging()) else {
             return 0;
         };
-        if !m.is_paging() {
-            return 0;
-        }
         let before = m.paging_stats().reclaimed_pages;
         let (flush, _) = m.reclaim(&mut st.slots, n);
         let zapped = (m.paging_stats().reclaimed_pages - before) as usize;
@@ -390,10 +387,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// MMU has no reverse maps: 0).
     pub fn max_rmap_len(&self) -> usize {
         let st = self.lock_shared();
-        match &st.mmu {
-            Mmu::Shadow(m) => m.max_rmap_len(&st.slots),
-            Mmu::Tdp(_) => 0,
-        }
+        st.mmu.max_rmap_len(&st.slots)
     }
 }
 
@@ -401,10 +395,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
 fn split<A: TableAllocator + 'static>(
     st: &mut VmState<A>,
 ) -> (&mut crate::memslot::Memslots, &mut ShadowMmu<Arc<A>>) {
-    match &mut st.mmu {
-        Mmu::Shadow(m) => (&mut st.slots, m),
-        Mmu::Tdp(_) => unreachable!("shadow paging runs the shadow MMU"),
-    }
+    let m = st
+        .mmu
+        .shadow_mut()
+        .expect("shadow paging runs the shadow MMU");
+    (&mut st.slots, m)
 }
 
 fn check_canonical(gva: Gva) -> Result<(), Error> {

@@ -9,12 +9,10 @@
 use alloc::sync::Arc;
 
 use crate::error::Error;
-use crate::flush::Removed;
 use crate::hw::{flush_vcpus, Vcpu, VcpuShared};
-use crate::tdp;
 use core::sync::atomic::Ordering;
 
-use super::{Mmu, Vm};
+use super::Vm;
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
@@ -26,18 +24,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     pub fn create_vcpu(&self) -> Result<Vcpu, Error> {
         // Before any vCPU can enter guest mode (see `hw::vcpu`).
         crate::sync::init_asymmetric_fences();
-        let root = match &self.lock_shared().mmu {
-            Mmu::Shadow(m) => m.root_frame(),
-            Mmu::Tdp(m) => m.get_root(),
-        };
+        let root = self.lock_shared().mmu.take_root();
         let shared = Arc::new(VcpuShared::new(self.config.dirty_log.ring_size));
         let id = {
             let mut vcpus = self.vcpus.write();
             if vcpus.len() as u32 >= self.config.max_vcpus {
                 drop(vcpus);
-                if let Mmu::Tdp(m) = &self.lock_shared().mmu {
-                    m.put_root(root);
-                }
+                self.lock_shared().mmu.put_root(root);
                 return Err(Error::TooManyVcpus {
                     max: self.config.max_vcpus,
                 });
@@ -47,10 +40,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         };
         // A fast zap between taking the root and joining the list did not reach this
         // vCPU: have it reload before it runs.
-        if let Mmu::Tdp(m) = &self.lock_shared().mmu {
-            if !m.is_valid_root(root) {
-                crate::hw::request_vcpus(core::iter::once(&*shared), crate::hw::REQ_MMU_RELOAD);
-            }
+        if !self.lock_shared().mmu.is_valid_root(root) {
+            crate::hw::request_vcpus(core::iter::once(&*shared), crate::hw::REQ_MMU_RELOAD);
         }
         Ok(Vcpu::new(id, shared, root))
     }
@@ -61,27 +52,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     pub fn release_vcpu(&self, mut vcpu: Vcpu) {
         let mut guard = self.lock();
         let st = &mut *guard;
-        match &mut st.mmu {
-            Mmu::Tdp(m) => {
-                m.put_root(vcpu.root());
-                let epoch = tdp::pin();
-                let (removed, _) = m.reap_invalid_roots(&epoch);
-                drop(epoch);
-                self.commit(st, removed);
-            }
-            Mmu::Shadow(m) if m.is_paging() => {
-                for r in vcpu
-                    .proot
-                    .take()
-                    .into_iter()
-                    .chain(vcpu.prev_roots.drain(..))
-                {
-                    m.put_paging_root(&r);
-                }
-                self.commit(st, Removed::default());
-            }
-            Mmu::Shadow(_) => {}
-        }
+        let removed = st.mmu.release_vcpu(&mut vcpu);
+        self.commit(st, removed);
     }
 
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
@@ -102,28 +74,12 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Load the current root into `vcpu`, dropping its reference to the old one; zap
     /// invalid roots nobody holds any more.
     pub(super) fn reload_root(&self, vcpu: &mut Vcpu) {
-        let stale = {
-            let guard = self.lock_shared();
-            let Mmu::Tdp(m) = &guard.mmu else {
-                return;
-            };
-            if m.is_valid_root(vcpu.root()) {
-                return;
-            }
-            let new = m.get_root();
-            m.put_root(vcpu.root());
-            vcpu.set_root(new);
-            true
-        };
-        if stale {
-            let mut guard = self.lock();
-            let st = &mut *guard;
-            if let Mmu::Tdp(m) = &mut st.mmu {
-                let epoch = tdp::pin();
-                let (removed, _) = m.reap_invalid_roots(&epoch);
-                drop(epoch);
-                self.commit(st, removed);
-            }
+        if !self.lock_shared().mmu.reload_root(vcpu) {
+            return;
         }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let removed = st.mmu.reap_invalid_roots();
+        self.commit(st, removed);
     }
 }

@@ -6,10 +6,9 @@
 //! [`crate::tdp::YIELD_BUDGET`] positions (flushing first) and resumes where it stopped.
 
 use crate::error::Error;
-use crate::tdp;
 use crate::types::{Gfn, PAGE_SHIFT};
 
-use super::{Mmu, Vm};
+use super::Vm;
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
@@ -50,13 +49,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         loop {
             let mut guard = self.lock();
             let st = &mut *guard;
-            let (removed, resume) = match &mut st.mmu {
-                Mmu::Tdp(m) => {
-                    let epoch = tdp::pin();
-                    m.zap_leafs(start, end, tdp::YIELD_BUDGET, &epoch)
-                }
-                Mmu::Shadow(_) => (st.mmu.zap_gfn_range(&mut st.slots, start, end), None),
-            };
+            let (removed, resume) = st.mmu.zap_range_step(&mut st.slots, start, end);
             self.commit(st, removed);
             match resume {
                 Some(r) if r < end => start = r,
@@ -83,9 +76,6 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let st = &mut *guard;
         let removed = st.mmu.zap_all_fast(&mut st.slots)?;
         self.commit(st, removed);
-        if matches!(st.mmu, Mmu::Tdp(_)) {
-            self.request_reload();
-        }
         Ok(())
     }
 }
