@@ -6,14 +6,14 @@
 //! ([`crate::flush::Removed`]).
 //!
 //! The shadow MMU ([`crate::shadow`]) and the TDP MMU ([`crate::tdp`]) import from here and
-//! never from each other; the VM ([`crate::vm`]) dispatches between them in one place
+//! never from each other; the VM (`vm`) dispatches between them in one place
 //! (`vm/mmu.rs`).
 
 mod fault;
 mod invalidation;
 mod stats;
 
-pub(crate) use fault::{plan_fault, FaultPlan};
+pub(crate) use fault::{plan_fault, plan_map, FaultPlan, MapDecision};
 pub use fault::{DirtyGfn, FaultOutcome};
 pub use invalidation::Invalidation;
 pub use stats::MmuStats;

@@ -1,4 +1,4 @@
-//! Counters of MMU work both MMUs report through the VM ([`crate::vm::VmStats`]).
+//! Counters of MMU work both MMUs report through the VM (`VmStats`).
 
 /// Counters of MMU work, for benchmarks and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

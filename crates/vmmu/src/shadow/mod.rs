@@ -29,7 +29,7 @@ use alloc::vec::Vec;
 
 pub use algorithms::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use fault::Fault;
-pub use paging::{PagingConfig, PagingFault, PagingOutcome, PagingStats, RootRef};
+pub use paging::{GvaFault, PagingConfig, PagingFault, PagingStats, RootRef};
 
 use crate::error::Error;
 use crate::memslot::Memslots;

@@ -123,6 +123,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                     })
                 }
                 FaultOutcome::WriteTracked => return Err(Exit::WriteTracked { gpa }),
+                FaultOutcome::GuestFault(_) | FaultOutcome::Emulate => {
+                    unreachable!("a direct MMU's fault has no guest tables to fault on or emulate")
+                }
             }
         }
         Err(Exit::Error(Error::FaultLoop { gpa }))

@@ -316,7 +316,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// Zap everything fast (exclusive lock; KVM's `kvm_mmu_zap_all_fast`): the TDP MMU
     /// invalidates its roots and makes a new one, which vCPUs must reload; old roots are
     /// zapped as soon as no vCPU runs on them. The shadow MMU zaps in place.
-    pub fn zap_all_fast(&mut self, slots: &mut Memslots) -> Result<Removed, crate::Error> {
+    pub fn zap_all_fast(&mut self, slots: &mut Memslots) -> Result<Removed, Error> {
         Ok(match self {
             Mmu::Shadow(m) => Removed::flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => {

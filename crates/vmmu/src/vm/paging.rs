@@ -19,8 +19,9 @@ use crate::guest::{GuestMemory, PagingState};
 use crate::host::HostMemory;
 use crate::hw::Vcpu;
 use crate::mmu::DirtyGfn;
+use crate::mmu::FaultOutcome;
 use crate::page::Role;
-use crate::shadow::{PagingOutcome, ShadowMmu};
+use crate::shadow::{GvaFault, ShadowMmu};
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
@@ -276,19 +277,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 return r;
             }
             vcpu.exits += 1;
-            let outcome = self.paging_page_fault(vcpu, gva, kind)?;
+            let (outcome, gpa) = self.paging_page_fault(vcpu, gva, kind)?;
             let write = kind == AccessKind::Write;
+            // Every outcome but a guest fault (and the retries) names the gpa.
+            let gpa = || gpa.expect("the guest's tables translated the gva");
             match outcome {
-                PagingOutcome::Mapped(_) | PagingOutcome::Spurious => retries += 1,
-                PagingOutcome::Retry => core::hint::spin_loop(),
-                PagingOutcome::GuestFault(error_code) => {
+                FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
+                FaultOutcome::Retry => core::hint::spin_loop(),
+                FaultOutcome::GuestFault(error_code) => {
                     return Err(Exit::GuestPageFault { gva, error_code })
                 }
-                PagingOutcome::Mmio(gpa) | PagingOutcome::ReadOnlyWrite(gpa) => {
-                    return Err(Exit::Mmio { gpa, write })
+                FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                    return Err(Exit::Mmio { gpa: gpa(), write })
                 }
-                PagingOutcome::WriteTracked(gpa) => return Err(Exit::WriteTracked { gpa }),
-                PagingOutcome::Emulate(gpa) => {
+                FaultOutcome::WriteTracked => return Err(Exit::WriteTracked { gpa: gpa() }),
+                FaultOutcome::Emulate => {
+                    let gpa = gpa();
                     let word = Gpa(gpa.0 & !7);
                     let val = match data {
                         Data::Write(v) => v,
@@ -314,7 +318,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         vcpu: &mut Vcpu,
         gva: Gva,
         kind: AccessKind,
-    ) -> Result<PagingOutcome, Error> {
+    ) -> Result<(FaultOutcome, Option<Gpa>), Error> {
         let guest = self.paging_guest()?;
         let mut guard = self.lock();
         let st = &mut *guard;
@@ -323,9 +327,19 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         if !m.paging_root_valid(&root) {
             // Zapped since the walk: reload and retry.
             self.switch_root(st, vcpu)?;
-            return Ok(PagingOutcome::Spurious);
+            return Ok((FaultOutcome::Spurious, None));
         }
-        let fault = m.paging_fault(slots, &self.host, guest, root.id, &vcpu.paging, gva, kind)?;
+        let fault = m.paging_fault(
+            slots,
+            &self.host,
+            guest,
+            GvaFault {
+                root: root.id,
+                paging: &vcpu.paging,
+                gva,
+                kind,
+            },
+        )?;
         let sync = core::mem::take(&mut m.paging_mut().sync_needed);
         if let Some(d) = fault.dirty {
             let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
@@ -337,12 +351,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             // (KVM's KVM_REQ_MMU_SYNC).
             self.sync_under(st, guest, root.id)?;
             vcpu.tlb.flush();
-            return Ok(match fault.outcome {
-                PagingOutcome::Mapped(_) => PagingOutcome::Spurious,
+            let outcome = match fault.outcome {
+                FaultOutcome::Mapped(_) => FaultOutcome::Spurious,
                 o => o,
-            });
+            };
+            return Ok((outcome, fault.gpa));
         }
-        Ok(fault.outcome)
+        Ok((fault.outcome, fault.gpa))
     }
 
     /// Emulate the guest's write of `val` to the guest page table word at `gpa`, and log

@@ -11,67 +11,66 @@ use crate::flush::Flush;
 use crate::guest::{walk_addr, GuestMemory, PagingState};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::mmu::DirtyGfn;
+use crate::mmu::{plan_map, DirtyGfn, FaultOutcome, MapDecision};
 use crate::rmap::SpteRef;
 use crate::shadow::ShadowMmu;
 use crate::spte::{LeafAttrs, Spte};
 use crate::table::TableAllocator;
-use crate::types::{AccessFlags, AccessKind, ErrorCode, Gfn, Gpa, Gva, Level, Pfn};
+use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
 /// Longest reverse map a fault lets a gfn have (KVM's `RMAP_RECYCLE_THRESHOLD`).
 pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
-
-/// What a shadow-paging fault did.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-pub enum PagingOutcome {
-    /// A leaf was installed at this level; retry the access.
-    Mapped(Level),
-    /// The mapping was already there; retry.
-    Spurious,
-    /// The guest's tables forbid the access: inject #PF with this error code.
-    GuestFault(ErrorCode),
-    /// The gva maps a gpa outside every memslot: MMIO, for the VMM.
-    Mmio(Gpa),
-    /// A write to a READONLY memslot: for the VMM.
-    ReadOnlyWrite(Gpa),
-    /// A write to a page a VMM tracks (not a shadowed guest table): for the VMM.
-    WriteTracked(Gpa),
-    /// A write to a write-protected guest page table: the MMU emulates it.
-    Emulate(Gpa),
-    /// The host is invalidating the page; retry once it is done.
-    Retry,
-}
 
 /// The result of a shadow-paging fault.
 #[derive(Debug)]
 pub struct PagingFault {
     /// What happened.
-    pub outcome: PagingOutcome,
+    pub outcome: FaultOutcome,
+    /// The guest-physical address the guest's tables translate the gva to (`None` when
+    /// they forbid the access): where an exit to the VMM or an emulated write goes.
+    pub gpa: Option<Gpa>,
     /// The flush owed.
     pub flush: Flush,
     /// A page to log as dirty.
     pub dirty: Option<DirtyGfn>,
 }
 
+/// A guest-virtual access that faulted, as the vCPU made it.
+#[derive(Clone, Copy, Debug)]
+pub struct GvaFault<'a> {
+    /// The root page the vCPU runs on.
+    pub root: u32,
+    /// The vCPU's paging registers.
+    pub paging: &'a PagingState,
+    /// The faulting address.
+    pub gva: Gva,
+    /// The access.
+    pub kind: AccessKind,
+}
+
 impl<A: TableAllocator> ShadowMmu<A> {
-    /// Handle a fault on `gva` for an access of `kind` by a vCPU in `paging` context on the
-    /// root page `root`.
-    #[allow(clippy::too_many_arguments)]
+    /// Handle `fault`, taken by a vCPU on shadow tables over the guest's tables in
+    /// `guest`.
     pub fn paging_fault<H: HostMemory + ?Sized>(
         &mut self,
         slots: &mut Memslots,
         host: &H,
         guest: &dyn GuestMemory,
-        root: u32,
-        paging: &PagingState,
-        gva: Gva,
-        kind: AccessKind,
+        fault: GvaFault<'_>,
     ) -> Result<PagingFault, Error> {
+        let GvaFault {
+            root,
+            paging,
+            gva,
+            kind,
+        } = fault;
         self.stats.faults += 1;
         let mut flush = Flush::NONE;
-        let done = |outcome, flush| {
+        let mut gpa = None;
+        let done = |outcome, gpa, flush| {
             Ok(PagingFault {
                 outcome,
+                gpa,
                 flush,
                 dirty: None,
             })
@@ -80,13 +79,14 @@ impl<A: TableAllocator> ShadowMmu<A> {
             Ok(w) => w,
             Err(ec) => {
                 self.paging_mut().stats.guest_faults += 1;
-                return done(PagingOutcome::GuestFault(ec), flush);
+                return done(FaultOutcome::GuestFault(ec), gpa, flush);
             }
         };
         let write = kind == AccessKind::Write;
         let user = paging.user();
         let gfn = walk.gfn;
-        let gpa = Gpa(gfn.gpa().0 | gva.page_offset());
+        let at = Gpa(gfn.gpa().0 | gva.page_offset());
+        gpa = Some(at);
         // Every guest table on the way must lie in a memslot: its shadow page protects it.
         for l in walk.level as usize..=4 {
             let t = walk.table_gfns[l - 1];
@@ -94,22 +94,14 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 return Err(Error::GuestMemory { gpa: t.gpa() });
             }
         }
-        let Some(slot) = slots.lookup(gfn) else {
-            return done(PagingOutcome::Mmio(gpa), flush);
+        // The memslot, the host page and the checks every MMU makes (see `mmu::fault`),
+        // at most at the guest's own mapping level.
+        let max_level = walk.level.min(self.max_level);
+        let plan = match plan_map(slots, host, at, write, max_level, &self.invalidation)? {
+            MapDecision::Mmio => return done(FaultOutcome::Mmio, gpa, flush),
+            MapDecision::Exit(outcome) => return done(outcome, gpa, flush),
+            MapDecision::Map(plan) => plan,
         };
-        if write && slot.is_readonly() {
-            return done(PagingOutcome::ReadOnlyWrite(gpa), flush);
-        }
-        let hva = slot.gfn_to_hva(gfn);
-        if self.invalidation.covers(hva) {
-            return done(PagingOutcome::Retry, flush);
-        }
-        let host_page = host
-            .translate(hva)
-            .ok_or(Error::NoHostMapping { gpa, hva })?;
-        if write && !host_page.writable {
-            return Err(Error::HostReadOnly { gpa, hva });
-        }
         // CR0.WP=0: a supervisor write through a read-only guest page is allowed; the
         // SPTE is made writable but not user-accessible, so a user access faults and
         // rebuilds it (KVM's trick for !cr0_wp).
@@ -117,18 +109,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         if write && !paging.cr0_wp && !user && !access.contains(AccessFlags::WRITE) {
             access = access.union(AccessFlags::WRITE).without(AccessFlags::USER);
         }
-        let max = walk
-            .level
-            .min(self.max_level)
-            .min(host_page.level)
-            .min(Level::L1G);
-        let level = slot.max_mapping_level(gfn, max);
-        let (logging, readonly, slot_id, slot_base) = (
-            slot.is_logging(),
-            slot.is_readonly(),
-            slot.id,
-            slot.base_gfn,
-        );
+        let level = plan.level;
 
         // Down from the root: one shadow page per guest table above the guest leaf, then
         // direct pages under a guest huge page mapped smaller.
@@ -190,7 +171,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 // `gpte_changed`).
                 let at = Gpa(walk.table_gfns[cur as usize - 1].gpa().0 + i as u64 * 8);
                 if guest.read_u64(at)? != walk.ptes[cur as usize - 1] {
-                    return done(PagingOutcome::Spurious, flush);
+                    return done(FaultOutcome::Spurious, gpa, flush);
                 }
             }
             self.pages.get_mut(child).write_flooding_count = 0;
@@ -200,37 +181,38 @@ impl<A: TableAllocator> ShadowMmu<A> {
 
         // The leaf.
         let base = gfn.align_down(level);
-        let pfn = Pfn(host_page.pfn.0 & !(level.pages() - 1));
         // A clean guest entry maps read-only, so the write that dirties it faults and
         // sets D (KVM's `protect_clean_gpte`).
         if !walk.dirty() {
             access = access.without(AccessFlags::WRITE);
         }
         let mut mmu_writable =
-            access.contains(AccessFlags::WRITE) && !readonly && host_page.writable;
+            access.contains(AccessFlags::WRITE) && plan.slot_writable && plan.host_writable;
         let mut protected = None;
         if mmu_writable && level == Level::L4K {
+            // Read again, not from the plan: the walk down may have just shadowed this
+            // very page as a guest table, and tracked it.
             let tracked = slots.lookup(gfn).is_some_and(|s| s.is_write_tracked(gfn));
             let shadowed = self.shadows_guest_table(gfn);
             if tracked || (shadowed && !self.paging_mut().cfg.unsync) {
                 mmu_writable = false;
                 protected = Some(if shadowed {
-                    PagingOutcome::Emulate(gpa)
+                    FaultOutcome::Emulate
                 } else {
-                    PagingOutcome::WriteTracked(gpa)
+                    FaultOutcome::WriteTracked
                 });
             } else if shadowed {
                 self.unsync_gfn(gfn);
             }
         }
-        let writable = mmu_writable && (write || !logging);
+        let writable = plan.writable(mmu_writable);
         let new = Spte::new_legacy_leaf(
-            pfn,
+            plan.pfn,
             level,
             LeafAttrs {
                 writable,
                 executable: access.contains(AccessFlags::EXEC),
-                host_writable: host_page.writable,
+                host_writable: plan.host_writable,
                 mmu_writable,
                 accessed: true,
                 dirty: write && writable,
@@ -246,13 +228,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
         };
         let outcome_mapped = protected
             .filter(|_| write)
-            .unwrap_or(PagingOutcome::Mapped(level));
+            .unwrap_or(FaultOutcome::Mapped(level));
         if old.is_leaf(level) && same(old) && self.pages.get(id).gfn_at(i) == base {
             self.stats.spurious_faults += 1;
             let outcome = protected
                 .filter(|_| write)
-                .unwrap_or(PagingOutcome::Spurious);
-            return done(outcome, flush);
+                .unwrap_or(FaultOutcome::Spurious);
+            return done(outcome, gpa, flush);
         }
         // A table where a huge leaf now fits, or a leaf that changed.
         if self.zap_spte(slots, id, i).0 {
@@ -271,16 +253,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
             // processes): drop every mapping of it, the new one included, rather than let
             // the list grow (KVM's RMAP_RECYCLE_THRESHOLD). The access refaults.
             flush |= self.zap_gfn_range_levels(slots, base, Gfn(base.0 + 1), level);
-            return done(PagingOutcome::Spurious, flush);
+            return done(FaultOutcome::Spurious, gpa, flush);
         }
-        let dirty = (write && writable && logging).then(|| DirtyGfn {
-            slot: slot_id,
-            offset: gfn.0 - slot_base.0,
-        });
         Ok(PagingFault {
             outcome: outcome_mapped,
+            gpa,
             flush,
-            dirty,
+            dirty: plan.dirty(writable),
         })
     }
 }

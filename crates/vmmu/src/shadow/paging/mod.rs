@@ -36,7 +36,7 @@ use alloc::vec::Vec;
 
 use hashbrown::HashMap;
 
-pub use fault::{PagingFault, PagingOutcome, RMAP_RECYCLE_THRESHOLD};
+pub use fault::{GvaFault, PagingFault, RMAP_RECYCLE_THRESHOLD};
 pub use roots::RootRef;
 
 use super::ShadowMmu;
