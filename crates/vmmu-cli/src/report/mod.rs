@@ -40,7 +40,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
-use crate::bench::{self, BenchConfig, Record, Scenario};
+use crate::bench::{self, names, BenchConfig, Record, Scenario};
 use summary::SeedRow;
 
 /// `vmmu report` arguments.
@@ -184,7 +184,7 @@ fn registered(name: &str) -> bool {
 /// true`), because their full size would take most of a minute per run: `shadow-fork`
 /// forks 2,132 children over its grid, each reading 64 MiB (about 15 s a run at full
 /// size, under 1 s quick). Quick keeps every published key, 500 children included.
-const QUICK_IN_REPORT: [&str; 1] = ["shadow-fork"];
+const QUICK_IN_REPORT: [&str; 1] = [names::shadow_fork::NAME];
 
 /// Run `vmmu report`.
 pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
@@ -498,7 +498,11 @@ mod tests {
     /// Registered scenarios with no figure of their own: the report shows their tables
     /// under "Other measurements". A scenario added to the registry gets a figure or is
     /// listed here.
-    const WITHOUT_FIGURE: [&str; 3] = ["memory", "shadow-ctxsw", "shadow-pt-churn"];
+    const WITHOUT_FIGURE: [&str; 3] = [
+        names::memory::NAME,
+        names::shadow_ctxsw::NAME,
+        names::shadow_pt_churn::NAME,
+    ];
 
     #[test]
     fn every_registered_scenario_has_a_figure_or_is_listed() {
