@@ -119,11 +119,10 @@ mod imp {
 
     use super::{CompareArgs, ConformanceArgs, KvmArgs, KvmCommand};
     use crate::bench::median::median;
+    use crate::bench::names::kvm_compare as names;
     use crate::bench::{output, Record};
 
     type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
-
-    const SCENARIO: &str = "kvm-compare";
 
     pub fn run(args: &KvmArgs) -> Result<()> {
         // Fail before anything else, and say why, when there is no KVM to compare with.
@@ -157,7 +156,7 @@ mod imp {
         unit: &str,
     ) -> Record {
         Record {
-            scenario: SCENARIO.into(),
+            scenario: names::NAME.into(),
             variant: variant.into(),
             metric: metric.into(),
             value: v,
@@ -315,10 +314,10 @@ mod imp {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
-            v.push(record("kvm", "harvest_us", &p, r.kvm_us, "us"));
-            v.push(record("vmmu", "harvest_us", &p, r.vmmu_us, "us"));
+            v.push(record(names::KVM, names::HARVEST_US, &p, r.kvm_us, "us"));
+            v.push(record(names::VMMU, names::HARVEST_US, &p, r.vmmu_us, "us"));
             let eq = if r.equal { 1.0 } else { 0.0 };
-            v.push(record("vmmu", "bitmap_equal", &p, eq, "bool"));
+            v.push(record(names::VMMU, names::BITMAP_EQUAL, &p, eq, "bool"));
         }
         for f in faults {
             let p: Map<String, Value> = [
@@ -329,16 +328,34 @@ mod imp {
             .into_iter()
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
-            v.push(record("kvm", "fault_ns_per_page", &p, f.kvm_fault_ns, "ns"));
             v.push(record(
-                "vmmu",
-                "fault_ns_per_page",
+                names::KVM,
+                names::FAULT_NS_PER_PAGE,
+                &p,
+                f.kvm_fault_ns,
+                "ns",
+            ));
+            v.push(record(
+                names::VMMU,
+                names::FAULT_NS_PER_PAGE,
                 &p,
                 f.vmmu_fault_ns,
                 "ns",
             ));
-            v.push(record("kvm", "delete_us", &p, f.kvm_delete_us, "us"));
-            v.push(record("vmmu", "delete_us", &p, f.vmmu_delete_us, "us"));
+            v.push(record(
+                names::KVM,
+                names::DELETE_US,
+                &p,
+                f.kvm_delete_us,
+                "us",
+            ));
+            v.push(record(
+                names::VMMU,
+                names::DELETE_US,
+                &p,
+                f.vmmu_delete_us,
+                "us",
+            ));
         }
         v
     }

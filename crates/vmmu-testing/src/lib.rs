@@ -3,7 +3,7 @@
 //! concurrent soak.
 //!
 //! Used by the differential property tests (`crates/vmmu/tests/proptest_ops.rs`), the fuzz
-//! target (`crates/vmmu/fuzz`), the short soak test and `vmmu soak`. Nothing here is part
+//! target (`fuzz/`), the short soak test and `vmmu soak`. Nothing here is part
 //! of the library: it only uses vmmu's public API.
 //!
 //! - [`model`]: the simplest thing that could be right: memslots as plain ranges, the

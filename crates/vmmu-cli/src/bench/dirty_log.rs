@@ -49,12 +49,13 @@ use vmmu_testing::guest_os::Prot;
 
 use super::dirty_ratio::{dirty_count, random_pages, ratio_params, RATIOS};
 use super::guest::{Guest, HostBacking, SLOT};
+use super::names::dirty_log as names;
 use super::shadow_guest;
 use super::{BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "dirty-log",
+    name: names::NAME,
     about: "guest writes under dirty logging (ns per page) and their harvest (us): bitmap GET, GET+CLEAR, dirty ring, GET under shadow paging; by dirty ratio",
     run,
 };
@@ -67,21 +68,26 @@ enum Mode {
     Ring,
 }
 
-const MODES: [Mode; 3] = [Mode::Get, Mode::GetClear, Mode::Ring];
-
-/// The MMUs the modes run on, with the prefix of their variant names: the shadow MMU's
-/// variants are plain (`get`), the TDP MMU's are `tdp-get` and so on.
-const MMUS: [(MmuKind, &str); 2] = [
-    (MmuKind::ShadowDirect, ""),
-    (MmuKind::Tdp(vmmu::TdpIteration::UsedEntries), "tdp-"),
+/// Every mode on each MMU it runs on, with its variant name: the shadow MMU's variants
+/// are plain (`get`), the TDP MMU's (used-entries mode) are `tdp-get` and so on.
+const VARIANTS: [(MmuKind, Mode, &str); 6] = [
+    (MmuKind::ShadowDirect, Mode::Get, names::GET),
+    (MmuKind::ShadowDirect, Mode::GetClear, names::GET_CLEAR),
+    (MmuKind::ShadowDirect, Mode::Ring, names::RING),
+    (TDP, Mode::Get, names::TDP_GET),
+    (TDP, Mode::GetClear, names::TDP_GET_CLEAR),
+    (TDP, Mode::Ring, names::TDP_RING),
 ];
 
+const TDP: MmuKind = MmuKind::Tdp(vmmu::TdpIteration::UsedEntries);
+
 impl Mode {
+    /// The mode's name, as its shadow-MMU variant is named.
     fn name(self) -> &'static str {
         match self {
-            Mode::Get => "get",
-            Mode::GetClear => "get-clear",
-            Mode::Ring => "ring",
+            Mode::Get => names::GET,
+            Mode::GetClear => names::GET_CLEAR,
+            Mode::Ring => names::RING,
         }
     }
 
@@ -109,19 +115,16 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     for (ratio, round) in RATIOS.into_iter().zip(shadow_rounds(config)?) {
         push_round(
             &mut samples,
-            "shadow-get",
+            names::SHADOW_GET,
             ratio_params(config, ratio),
             &round,
         );
     }
     for ratio in RATIOS {
-        for (mmu, prefix) in MMUS {
-            for mode in MODES {
-                let round = round(config, mode, mmu, ratio)?;
-                let p = ratio_params(config, ratio);
-                let variant = format!("{prefix}{}", mode.name());
-                push_round(&mut samples, &variant, p, &round);
-            }
+        for (mmu, mode, variant) in VARIANTS {
+            let round = round(config, mode, mmu, ratio)?;
+            let p = ratio_params(config, ratio);
+            push_round(&mut samples, variant, p, &round);
         }
     }
     Ok(samples)
@@ -133,7 +136,7 @@ fn push_round(samples: &mut Vec<Sample>, variant: &str, p: Map<String, Value>, r
         let ns = round.write_ns / round.written as f64;
         samples.push(Sample::new(
             variant,
-            "write_ns_per_page",
+            names::WRITE_NS_PER_PAGE,
             p.clone(),
             ns,
             "ns",
@@ -141,7 +144,7 @@ fn push_round(samples: &mut Vec<Sample>, variant: &str, p: Map<String, Value>, r
     }
     samples.push(Sample::new(
         variant,
-        "harvest_us",
+        names::HARVEST_US,
         p,
         round.harvest_ns / 1e3,
         "us",

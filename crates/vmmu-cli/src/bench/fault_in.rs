@@ -5,11 +5,12 @@
 use std::time::Instant;
 
 use super::guest::{Guest, HostBacking};
+use super::names::fault_in as names;
 use super::{BenchConfig, BenchError, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "fault-in",
+    name: names::NAME,
     about: "first-touch write of every 4 KiB page of a fresh slot (ns per page), 4k and 2m host backing",
     run,
 };
@@ -23,8 +24,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         let elapsed = start.elapsed();
         let ns_per_page = elapsed.as_nanos() as f64 / guest.pages as f64;
         samples.push(Sample::new(
-            "shadow-direct",
-            "ns_per_page",
+            names::SHADOW_DIRECT,
+            names::NS_PER_PAGE,
             backing.params(config),
             ns_per_page,
             "ns",

@@ -10,6 +10,7 @@ use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gpa, Hva, PAGE_SIZE};
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vm, VmConfig};
 
+use super::names::tdp;
 use super::{params, BenchConfig, BenchError, Context};
 
 /// Guest-physical address of the slot: above 4 GiB, as a VMM places high memory.
@@ -56,9 +57,9 @@ impl HostBacking {
 
 /// The TDP MMU's iteration modes with their variant names (seed 002).
 pub const TDP_MODES: [(TdpIteration, &str); 3] = [
-    (TdpIteration::ScanAll, "scan-all"),
-    (TdpIteration::SkipNonPresent, "skip-non-present"),
-    (TdpIteration::UsedEntries, "used-entries"),
+    (TdpIteration::ScanAll, tdp::SCAN_ALL),
+    (TdpIteration::SkipNonPresent, tdp::SKIP_NON_PRESENT),
+    (TdpIteration::UsedEntries, tdp::USED_ENTRIES),
 ];
 
 /// The VM type scenarios drive: simulated host memory, tables from the heap.

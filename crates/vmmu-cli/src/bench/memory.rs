@@ -20,11 +20,12 @@ use vmmu::types::Level;
 use vmmu::{MmuKind, TdpIteration, VmConfig};
 
 use super::guest::{Guest, HostBacking};
+use super::names::memory as names;
 use super::{params, BenchConfig, BenchError, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "memory",
+    name: names::NAME,
     about: "peak MMU metadata bytes per mapped 4 KiB page (tables, page structs, rmaps, slot metadata), per MMU, 4k and 2m host backing",
     run,
 };
@@ -107,8 +108,8 @@ fn tdp_bytes(guest: &Guest) -> Bytes {
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::new();
     let mmus = [
-        ("shadow-direct", MmuKind::ShadowDirect),
-        ("tdp", MmuKind::Tdp(TdpIteration::default())),
+        (names::SHADOW_DIRECT, MmuKind::ShadowDirect),
+        (names::TDP, MmuKind::Tdp(TdpIteration::default())),
     ];
     for backing in HostBacking::ALL {
         for (name, mmu) in mmus {
@@ -130,11 +131,11 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             ]);
             let total = b.tables + b.structs + b.rmap + b.slot;
             for (metric, v) in [
-                ("bytes_per_page", total),
-                ("table_bytes_per_page", b.tables),
-                ("struct_bytes_per_page", b.structs),
-                ("rmap_bytes_per_page", b.rmap),
-                ("slot_bytes_per_page", b.slot),
+                (names::BYTES_PER_PAGE, total),
+                (names::TABLE_BYTES_PER_PAGE, b.tables),
+                (names::STRUCT_BYTES_PER_PAGE, b.structs),
+                (names::RMAP_BYTES_PER_PAGE, b.rmap),
+                (names::SLOT_BYTES_PER_PAGE, b.slot),
             ] {
                 samples.push(Sample::new(name, metric, p.clone(), v as f64 / pages, "B"));
             }

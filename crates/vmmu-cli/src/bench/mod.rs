@@ -5,9 +5,10 @@
 //! reduces the samples to their median per (variant, metric, params) key
 //! ([`median::median_by_key`]), giving one [`Record`] per key.
 //!
-//! Adding a scenario is adding a file that defines a `pub const SCENARIO: Scenario` and one
-//! entry in [`SCENARIOS`]. Scenario, variant and metric names are a public contract: once
-//! published they are kept, and new ones are added beside them.
+//! Adding a scenario is adding a file that defines a `pub const SCENARIO: Scenario`, one
+//! entry in [`SCENARIOS`] and a module of its names in [`names`]. Scenario, variant and
+//! metric names are a public contract: once published they are kept, and new ones are
+//! added beside them. They are defined once, in [`names`], for the scenarios and the report.
 
 mod dirty_log;
 pub mod dirty_ratio;
@@ -15,6 +16,7 @@ mod fault_in;
 pub mod guest;
 pub mod median;
 mod memory;
+pub mod names;
 pub mod output;
 mod pte_list_destroy;
 mod rmap_iter;

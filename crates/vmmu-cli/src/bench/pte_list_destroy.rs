@@ -16,12 +16,13 @@ use serde_json::json;
 use vmmu::rmap;
 use vmmu::spte::Spte;
 
+use super::names::pte_list_destroy as names;
 use super::rmap_iter::{RmapLists, TOTAL_SPTES};
 use super::{params, BenchConfig, BenchError, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "pte-list-destroy",
+    name: names::NAME,
     about: "drop every SPTE of ~1M reverse-map entries: one-by-one removal vs one-pass destroy (ns per spte), len 200 and 1000",
     run,
 };
@@ -35,8 +36,11 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     for len in LENS {
         let lists = (total / len).max(1);
         for (variant, drop_lists) in [
-            ("one-by-one", drop_one_by_one as fn(&mut RmapLists) -> usize),
-            ("destroy", drop_destroy),
+            (
+                names::ONE_BY_ONE,
+                drop_one_by_one as fn(&mut RmapLists) -> usize,
+            ),
+            (names::DESTROY, drop_destroy),
         ] {
             let mut fixture = RmapLists::build(lists, len)?; // untimed
             let start = Instant::now();
@@ -45,7 +49,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             check_dropped(&fixture, variant, len, dropped, lists * len)?;
             samples.push(Sample::new(
                 variant,
-                "ns_per_spte",
+                names::NS_PER_SPTE,
                 params([("len", json!(len))]),
                 elapsed.as_nanos() as f64 / (lists * len) as f64,
                 "ns",

@@ -25,11 +25,12 @@ use vmmu::spte::{bits, LeafAttrs, Spte};
 use vmmu::table::{HeapTableAllocator, Table, TableAllocator};
 use vmmu::types::{Level, Pfn, SPTE_ENT_PER_PAGE};
 
+use super::names::rmap_iter as names;
 use super::{params, BenchConfig, BenchError, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "rmap-iter",
+    name: names::NAME,
     about: "age every SPTE of ~1M reverse-map entries: restart-scan vs iterator (ns per spte), len 1..1024",
     run,
 };
@@ -53,8 +54,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     for len in LENS {
         let lists = (total / len).max(1);
         for (variant, walk) in [
-            ("restart-scan", Walk::RestartScan),
-            ("iterator", Walk::Iterator),
+            (names::RESTART_SCAN, Walk::RestartScan),
+            (names::ITERATOR, Walk::Iterator),
         ] {
             let fixture = RmapLists::build(lists, len)?; // untimed
             let timed = match walk {
@@ -76,7 +77,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             }
             samples.push(Sample::new(
                 variant,
-                "ns_per_spte",
+                names::NS_PER_SPTE,
                 params([("len", json!(len))]),
                 elapsed.as_nanos() as f64 / sptes as f64,
                 "ns",

@@ -20,12 +20,13 @@ use vmmu::types::{AccessKind, Gva, PAGE_SIZE};
 use vmmu::{Algorithms, PagingConfig};
 use vmmu_testing::guest_os::{Process, Prot};
 
+use super::names::shadow_ctxsw as names;
 use super::shadow_guest::{machine, mmu_ns, ram_for, us};
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "shadow-ctxsw",
+    name: names::NAME,
     about: "shadow paging: round-robin context switches (MOV CR3 + one user read) among 2/4/16 processes, with and without the previous-roots cache",
     run,
 };
@@ -41,7 +42,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let switches = config.scaled(SWITCHES) as u64;
     let mut samples = Vec::new();
     for processes in PROCESSES {
-        for (variant, prev_roots) in [("root-cache", 3u8), ("no-root-cache", 0)] {
+        for (variant, prev_roots) in [(names::ROOT_CACHE, 3u8), (names::NO_ROOT_CACHE, 0)] {
             let paging = PagingConfig {
                 prev_roots,
                 ..PagingConfig::default()
@@ -103,21 +104,21 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             let per = |ns: u64| us(ns) / switches as f64;
             samples.push(Sample::new(
                 variant,
-                "us_per_switch",
+                names::US_PER_SWITCH,
                 p.clone(),
                 per(wall_ns),
                 "us",
             ));
             samples.push(Sample::new(
                 variant,
-                "mmu_us_per_switch",
+                names::MMU_US_PER_SWITCH,
                 p.clone(),
                 per(mmu),
                 "us",
             ));
             samples.push(Sample::new(
                 variant,
-                "root_cache_hit_ratio",
+                names::ROOT_CACHE_HIT_RATIO,
                 p,
                 if loads == 0 {
                     0.0

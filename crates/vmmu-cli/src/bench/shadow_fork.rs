@@ -26,12 +26,13 @@ use vmmu::types::{AccessKind, Gfn, Gva, PAGE_SIZE};
 use vmmu::{Algorithms, PagingConfig, RmapDrop, RmapIteration};
 use vmmu_testing::guest_os::{Cpu, Process, Prot};
 
+use super::names::shadow_fork as names;
 use super::shadow_guest::{machine, mmu_ns, ram_for, reclaim, us};
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "shadow-fork",
+    name: names::NAME,
     about: "shadow paging: a 64 MiB process forks 1/32/500 readers, the host unmaps its memory, all exit (MMU us), by rmap algorithm",
     run,
 };
@@ -45,13 +46,21 @@ const PARENT_BYTES: usize = 64 << 20;
 /// The variants: name, iteration, drop.
 pub const VARIANTS: [(&str, RmapIteration, RmapDrop); 4] = [
     (
-        "restart-scan",
+        names::RESTART_SCAN,
         RmapIteration::RestartScan,
         RmapDrop::OneByOne,
     ),
-    ("one-by-one", RmapIteration::Iterator, RmapDrop::OneByOne),
-    ("destroy", RmapIteration::RestartScan, RmapDrop::Destroy),
-    ("iterator", RmapIteration::Iterator, RmapDrop::Destroy),
+    (
+        names::ONE_BY_ONE,
+        RmapIteration::Iterator,
+        RmapDrop::OneByOne,
+    ),
+    (
+        names::DESTROY,
+        RmapIteration::RestartScan,
+        RmapDrop::Destroy,
+    ),
+    (names::ITERATOR, RmapIteration::Iterator, RmapDrop::Destroy),
 ];
 
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
@@ -72,12 +81,12 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
                 ("rmap_drop", json!(format!("{drop:?}"))),
             ]);
             for (metric, value, unit) in [
-                ("us", us(r.total_ns), "us"),
-                ("unmap_us", us(r.unmap_ns), "us"),
-                ("exit_us", us(r.exit_ns), "us"),
-                ("unmap_wall_us", us(r.unmap_wall_ns), "us"),
-                ("max_rmap_len", r.max_rmap_len as f64, "sptes"),
-                ("faults", r.faults as f64, "faults"),
+                (names::US, us(r.total_ns), "us"),
+                (names::UNMAP_US, us(r.unmap_ns), "us"),
+                (names::EXIT_US, us(r.exit_ns), "us"),
+                (names::UNMAP_WALL_US, us(r.unmap_wall_ns), "us"),
+                (names::MAX_RMAP_LEN, r.max_rmap_len as f64, "sptes"),
+                (names::FAULTS, r.faults as f64, "faults"),
             ] {
                 samples.push(Sample::new(variant, metric, p.clone(), value, unit));
             }

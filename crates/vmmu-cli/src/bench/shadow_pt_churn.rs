@@ -18,12 +18,13 @@ use vmmu::types::{AccessKind, Gva, PAGE_SIZE};
 use vmmu::{Algorithms, PagingConfig};
 use vmmu_testing::guest_os::Prot;
 
+use super::names::shadow_pt_churn as names;
 use super::shadow_guest::{machine, mmu_ns, ram_for, us};
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "shadow-pt-churn",
+    name: names::NAME,
     about: "shadow paging: mmap 2 MiB, write every page, munmap, in a loop (MMU us): every PTE write emulated (sync) or unsync tables",
     run,
 };
@@ -36,7 +37,7 @@ const ITERATIONS: usize = 256;
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let iterations = config.scaled(ITERATIONS) as u64;
     let mut samples = Vec::new();
-    for (variant, unsync) in [("sync", false), ("unsync", true)] {
+    for (variant, unsync) in [(names::SYNC, false), (names::UNSYNC, true)] {
         let paging = PagingConfig {
             unsync,
             ..PagingConfig::default()
@@ -67,8 +68,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             ("iterations", json!(iterations)),
             ("size_kib", json!(SIZE >> 10)),
         ]);
-        samples.push(Sample::new(variant, "us", pr.clone(), us(mmu), "us"));
-        samples.push(Sample::new(variant, "wall_us", pr, us(wall_ns), "us"));
+        samples.push(Sample::new(variant, names::US, pr.clone(), us(mmu), "us"));
+        samples.push(Sample::new(variant, names::WALL_US, pr, us(wall_ns), "us"));
     }
     Ok(samples)
 }

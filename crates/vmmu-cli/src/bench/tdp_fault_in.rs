@@ -7,11 +7,12 @@ use std::time::Instant;
 use vmmu::TdpIteration;
 
 use super::guest::{Guest, HostBacking};
+use super::names::{tdp, tdp_fault_in as names};
 use super::{BenchConfig, BenchError, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "tdp-fault-in",
+    name: names::NAME,
     about: "first-touch write of every 4 KiB page on the TDP MMU (ns per page): scan-all vs used-entries bitmap upkeep",
     run,
 };
@@ -19,8 +20,8 @@ pub const SCENARIO: Scenario = Scenario {
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let mut samples = Vec::new();
     for (mode, name) in [
-        (TdpIteration::ScanAll, "scan-all"),
-        (TdpIteration::UsedEntries, "used-entries"),
+        (TdpIteration::ScanAll, tdp::SCAN_ALL),
+        (TdpIteration::UsedEntries, tdp::USED_ENTRIES),
     ] {
         let backing = HostBacking::Page4K;
         let mut guest = Guest::with_vm_config(config, backing, Guest::tdp_config(mode))?;
@@ -29,7 +30,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         let ns = start.elapsed().as_nanos() as f64 / guest.pages as f64;
         samples.push(Sample::new(
             name,
-            "ns_per_page",
+            names::NS_PER_PAGE,
             backing.params(config),
             ns,
             "ns",

@@ -11,11 +11,12 @@ use vmmu::types::{AccessKind, Gpa, PAGE_SIZE};
 use vmmu::TdpIteration;
 
 use super::guest::{Guest, HostBacking};
+use super::names::{tdp, tdp_fault_parallel as names};
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "tdp-fault-parallel",
+    name: names::NAME,
     about:
         "TDP faults from 1 and 2 vCPU threads, each in its own half of the slot (faults per second)",
     run,
@@ -65,8 +66,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         })?;
         let faults = (half * threads) as f64;
         samples.push(Sample::new(
-            "used-entries",
-            "faults_per_s",
+            tdp::USED_ENTRIES,
+            names::FAULTS_PER_S,
             params([
                 ("threads", json!(threads)),
                 ("mem_gib", json!(config.mem_gib)),

@@ -5,11 +5,12 @@
 use std::time::Instant;
 
 use super::guest::{Guest, HostBacking, TDP_MODES};
+use super::names::tdp_zap as names;
 use super::{BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "tdp-zap",
+    name: names::NAME,
     about:
         "zap a fully mapped slot on the TDP MMU (us), per iteration mode, 4k and 2m host backing",
     run,
@@ -24,7 +25,13 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             let start = Instant::now();
             guest.vm.zap_all().context("zap_all")?;
             let us = start.elapsed().as_nanos() as f64 / 1e3;
-            samples.push(Sample::new(name, "us", backing.params(config), us, "us"));
+            samples.push(Sample::new(
+                name,
+                names::US,
+                backing.params(config),
+                us,
+                "us",
+            ));
         }
     }
     Ok(samples)

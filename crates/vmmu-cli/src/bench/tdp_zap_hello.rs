@@ -20,11 +20,12 @@ use vmmu::types::{AccessKind, Gpa};
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, Vm, VmConfig};
 
 use super::guest::TDP_MODES;
+use super::names::tdp_zap_hello as names;
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "tdp-zap-hello",
+    name: names::NAME,
     about: "tear down the seed's tiny \"hello\" VM on the TDP MMU: iterator loops, SPTE reads and ns per iteration mode (seed 002)",
     run,
 };
@@ -103,19 +104,19 @@ fn run(_config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         let p = || params([("touched_pages", json!(TOUCHED.len() + 1))]);
         samples.push(Sample::new(
             name,
-            "loops",
+            names::LOOPS,
             p(),
             (loops - before.0) as f64,
             "loops",
         ));
         samples.push(Sample::new(
             name,
-            "reads",
+            names::READS,
             p(),
             (reads - before.1) as f64,
             "sptes",
         ));
-        samples.push(Sample::new(name, "ns", p(), ns, "ns"));
+        samples.push(Sample::new(name, names::NS, p(), ns, "ns"));
     }
     Ok(samples)
 }

@@ -29,11 +29,12 @@ use vmmu::types::{AccessKind, Level, PAGE_SIZE, SPTE_ENT_PER_PAGE};
 use vmmu::{Algorithms, MmuKind, PageWrprot, VmConfig};
 
 use super::guest::{Guest, HostBacking};
+use super::names::writable_bitmap as names;
 use super::{params, BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "writable-bitmap",
+    name: names::NAME,
     about: "write-protect a slot's shadow pages, all 512 entries scanned vs the possibly-writable bitmap (ns per page), by writable entries per page",
     run,
 };
@@ -42,8 +43,8 @@ pub const SCENARIO: Scenario = Scenario {
 const WRITABLE: [u64; 4] = [0, 1, 64, 512];
 
 const VARIANTS: [(&str, PageWrprot); 2] = [
-    ("scan-512", PageWrprot::Scan512),
-    ("bitmap", PageWrprot::Bitmap),
+    (names::SCAN_512, PageWrprot::Scan512),
+    (names::BITMAP, PageWrprot::Bitmap),
 ];
 
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
@@ -55,7 +56,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
                 ("mem_gib", json!(config.mem_gib)),
                 ("writable", json!(writable)),
             ]);
-            samples.push(Sample::new(name, "ns_per_page", p, ns, "ns"));
+            samples.push(Sample::new(name, names::NS_PER_PAGE, p, ns, "ns"));
         }
     }
     Ok(samples)

@@ -21,20 +21,21 @@ use vmmu::{Algorithms, DirtyWrprot, MmuKind, VmConfig};
 
 use super::dirty_ratio::{dirty_count, random_pages, ratio_params, RATIOS};
 use super::guest::{Guest, HostBacking, SLOT};
+use super::names::wrprot_slot as names;
 use super::{BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "wrprot-slot",
+    name: names::NAME,
     about: "GET_DIRTY_LOG with write protection per dirty gfn vs walking the shadow pages vs the rules choosing (us), by dirty ratio",
     run,
 };
 
 const VARIANTS: [(&str, DirtyWrprot); 4] = [
-    ("per-gfn", DirtyWrprot::PerGfn),
-    ("walk-pages", DirtyWrprot::WalkPages),
-    ("kvm-2012", DirtyWrprot::Kvm2012),
-    ("adaptive", DirtyWrprot::Adaptive),
+    (names::PER_GFN, DirtyWrprot::PerGfn),
+    (names::WALK_PAGES, DirtyWrprot::WalkPages),
+    (names::KVM_2012, DirtyWrprot::Kvm2012),
+    (names::ADAPTIVE, DirtyWrprot::Adaptive),
 ];
 
 fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
@@ -46,7 +47,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             let (us, how) = get_dirty_log_us(config, dirty_wrprot, ratio)?;
             samples.push(Sample::new(
                 name,
-                "us",
+                names::US,
                 ratio_params(config, ratio),
                 us,
                 "us",

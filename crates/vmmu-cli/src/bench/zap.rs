@@ -4,11 +4,12 @@
 use std::time::Instant;
 
 use super::guest::{Guest, HostBacking, SLOT};
+use super::names::zap as names;
 use super::{BenchConfig, BenchError, Context, Sample, Scenario};
 
 /// Registry entry.
 pub const SCENARIO: Scenario = Scenario {
-    name: "zap",
+    name: names::NAME,
     about: "zap every mapping of a fully faulted-in slot (us), 4k and 2m host backing",
     run,
 };
@@ -23,8 +24,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         let elapsed = start.elapsed();
         let us = elapsed.as_nanos() as f64 / 1e3;
         samples.push(Sample::new(
-            "shadow-direct",
-            "us",
+            names::SHADOW_DIRECT,
+            names::US,
             backing.params(config),
             us,
             "us",

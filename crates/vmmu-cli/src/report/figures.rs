@@ -1,11 +1,17 @@
 //! The page's figures: which records each one plots, how, and a paragraph on reading it.
 //! Variants are named in legends as the scenarios and seeds name them, with the KVM
-//! function each corresponds to.
+//! function each corresponds to. Records are found by the names of `bench::names`, the
+//! ones the scenarios emit them with.
 
 use serde_json::{json, Value};
 
 use super::plots::{self, BarChart, Bars, Line, LineChart, Look};
 use super::query;
+use crate::bench::names::{
+    dirty_log, fault_in, floor as fl, kvm_compare as kc, pte_list_destroy, rmap_iter, shadow_fork,
+    tdp, tdp_fault_in, tdp_fault_parallel, tdp_zap, tdp_zap_hello, writable_bitmap, wrprot_slot,
+    zap as zp,
+};
 use crate::bench::Record;
 
 /// One figure of the page.
@@ -83,23 +89,31 @@ fn flat(label: &str, xs: &[f64], y: Option<f64>) -> Line {
 }
 
 fn rmap_iter(rs: &[Record]) -> Figure {
-    let (s, m) = ("rmap-iter", "ns_per_spte");
+    let (s, m) = (rmap_iter::NAME, rmap_iter::NS_PER_SPTE);
     let line = |v: &str, label: &str, i| Line {
         label: label.into(),
         points: query::series(rs, s, v, m, "len", &[]),
         look: Look::Solid(i),
     };
-    let it = line("iterator", "iterator (rmap_get_first/next, seed 000)", 0);
-    let old = line("restart-scan", "restart-scan (pte_list_next, before)", 1);
+    let it = line(
+        rmap_iter::ITERATOR,
+        "iterator (rmap_get_first/next, seed 000)",
+        0,
+    );
+    let old = line(
+        rmap_iter::RESTART_SCAN,
+        "restart-scan (pte_list_next, before)",
+        1,
+    );
     let xs: Vec<f64> = it.points.iter().map(|p| p.0).collect();
     let floor = flat(
         "floor: read + atomic AND per SPTE",
         &xs,
-        query::value(rs, "floor", "age", m, &[]),
+        query::value(rs, fl::NAME, fl::AGE, fl::NS_PER_SPTE, &[]),
     );
     Figure {
         id: "seed-000",
-        tables: vec![("rmap-iter", None)],
+        tables: vec![(rmap_iter::NAME, None)],
         heading: "Seed 000 — walking a reverse map: ns per SPTE against list length".into(),
         svg: draw_lines(LineChart {
             title: "rmap-iter: aging every SPTE of ~1M rmap entries".into(),
@@ -120,7 +134,7 @@ fn rmap_iter(rs: &[Record]) -> Figure {
 }
 
 fn writable_bitmap(rs: &[Record]) -> Figure {
-    let (s, m) = ("writable-bitmap", "ns_per_page");
+    let (s, m) = (writable_bitmap::NAME, writable_bitmap::NS_PER_PAGE);
     let mut ws: Vec<u64> = query::of(rs, s, m)
         .filter_map(|r| r.params.get("writable")?.as_u64())
         .collect();
@@ -134,9 +148,13 @@ fn writable_bitmap(rs: &[Record]) -> Figure {
         look: Look::Solid(i),
     };
     let series = vec![
-        bars("scan-512", "scan-512 (read all 512 SPTEs, before)", 1),
         bars(
-            "bitmap",
+            writable_bitmap::SCAN_512,
+            "scan-512 (read all 512 SPTEs, before)",
+            1,
+        ),
+        bars(
+            writable_bitmap::BITMAP,
             "bitmap (possible_writable_spte_bitmap, seed 001)",
             0,
         ),
@@ -148,7 +166,7 @@ fn writable_bitmap(rs: &[Record]) -> Figure {
     );
     Figure {
         id: "seed-001",
-        tables: vec![("writable-bitmap", None)],
+        tables: vec![(writable_bitmap::NAME, None)],
         heading:
             "Seed 001 — write-protecting a shadow page: scan all 512 entries or follow the bitmap"
                 .into(),
@@ -175,8 +193,8 @@ fn writable_bitmap(rs: &[Record]) -> Figure {
 }
 
 fn zap_hello(rs: &[Record]) -> Figure {
-    let s = "tdp-zap-hello";
-    let modes = ["scan-all", "skip-non-present", "used-entries"];
+    let s = tdp_zap_hello::NAME;
+    let modes = [tdp::SCAN_ALL, tdp::SKIP_NON_PRESENT, tdp::USED_ENTRIES];
     let vals = |m: &str| -> Vec<Option<f64>> {
         modes
             .iter()
@@ -186,12 +204,12 @@ fn zap_hello(rs: &[Record]) -> Figure {
     let series = vec![
         Bars {
             label: "iterator loops (vmmu)".into(),
-            values: vals("loops"),
+            values: vals(tdp_zap_hello::LOOPS),
             look: Look::Solid(0),
         },
         Bars {
             label: "SPTE reads (vmmu)".into(),
-            values: vals("reads"),
+            values: vals(tdp_zap_hello::READS),
             look: Look::Solid(3),
         },
         Bars {
@@ -202,7 +220,7 @@ fn zap_hello(rs: &[Record]) -> Figure {
     ];
     Figure {
         id: "seed-002",
-        tables: vec![("tdp-zap-hello", None)],
+        tables: vec![(tdp_zap_hello::NAME, None)],
         heading: "Seed 002 — tearing down a tiny VM on the TDP MMU: iterator loops per mode".into(),
         svg: draw_bars(BarChart {
             title: "tdp-zap-hello: zap every root of the \"hello\" VM".into(),
@@ -223,7 +241,7 @@ fn zap_hello(rs: &[Record]) -> Figure {
 }
 
 fn destroy(rs: &[Record]) -> Figure {
-    let (s, m) = ("pte-list-destroy", "ns_per_spte");
+    let (s, m) = (pte_list_destroy::NAME, pte_list_destroy::NS_PER_SPTE);
     let mut lens: Vec<u64> = query::of(rs, s, m)
         .filter_map(|r| r.params.get("len")?.as_u64())
         .collect();
@@ -236,10 +254,10 @@ fn destroy(rs: &[Record]) -> Figure {
             .collect(),
         look: Look::Solid(i),
     };
-    let floor = query::value(rs, "floor", "clear", m, &[]);
+    let floor = query::value(rs, fl::NAME, fl::CLEAR, fl::NS_PER_SPTE, &[]);
     Figure {
         id: "seed-003",
-        tables: vec![("pte-list-destroy", None)],
+        tables: vec![(pte_list_destroy::NAME, None)],
         heading: "Seed 003 — dropping long reverse maps: one by one or in one pass".into(),
         svg: draw_bars(BarChart {
             title: "pte-list-destroy: clear and unlink ~1M rmap entries".into(),
@@ -248,8 +266,16 @@ fn destroy(rs: &[Record]) -> Figure {
             groups: lens.iter().map(|l| l.to_string()).collect(),
             y_log: false,
             series: vec![
-                bars("one-by-one", "one-by-one (pte_list_remove, before)", 1),
-                bars("destroy", "destroy (pte_list_destroy, seed 003)", 0),
+                bars(
+                    pte_list_destroy::ONE_BY_ONE,
+                    "one-by-one (pte_list_remove, before)",
+                    1,
+                ),
+                bars(
+                    pte_list_destroy::DESTROY,
+                    "destroy (pte_list_destroy, seed 003)",
+                    0,
+                ),
                 Bars {
                     label: "floor: atomic swap per SPTE".into(),
                     values: lens.iter().map(|_| floor).collect(),
@@ -266,15 +292,15 @@ fn destroy(rs: &[Record]) -> Figure {
     }
 }
 
-/// kvm-compare's harvest line of `variant` (`kvm` or `vmmu`) in `mode`.
+/// kvm-compare's harvest line of `variant` ([`kc::KVM`] or [`kc::VMMU`]) in `mode`.
 fn kvm_harvest(rs: &[Record], variant: &str, mode: &str, label: &str, look: Look) -> Line {
     Line {
         label: label.into(),
         points: query::series(
             rs,
-            "kvm-compare",
+            kc::NAME,
             variant,
-            "harvest_us",
+            kc::HARVEST_US,
             "ratio",
             &[("mode", Value::from(mode))],
         ),
@@ -285,13 +311,13 @@ fn kvm_harvest(rs: &[Record], variant: &str, mode: &str, label: &str, look: Look
 fn floor_harvest(rs: &[Record]) -> Line {
     Line {
         label: "floor: atomic AND per dirty SPTE".into(),
-        points: query::series(rs, "floor", "harvest", "us", "ratio", &[]),
+        points: query::series(rs, fl::NAME, fl::HARVEST, fl::US, "ratio", &[]),
         look: Look::Floor,
     }
 }
 
 fn wrprot(rs: &[Record]) -> Figure {
-    let (s, m) = ("wrprot-slot", "us");
+    let (s, m) = (wrprot_slot::NAME, wrprot_slot::US);
     let line = |v: &str, label: &str, i| Line {
         label: label.into(),
         points: query::series(rs, s, v, m, "ratio", &[]),
@@ -299,7 +325,7 @@ fn wrprot(rs: &[Record]) -> Figure {
     };
     Figure {
         id: "seed-004",
-        tables: vec![("wrprot-slot", None)],
+        tables: vec![(wrprot_slot::NAME, None)],
         heading:
             "Seed 004 — GET_DIRTY_LOG: write-protect through the rmaps or walk every shadow page"
                 .into(),
@@ -310,11 +336,19 @@ fn wrprot(rs: &[Record]) -> Figure {
             x_log: true,
             y_log: true,
             lines: vec![
-                line("walk-pages", "walk-pages (slot_remove_write_access)", 1),
-                line("per-gfn", "per-gfn (rmap_write_protect, seed 004)", 0),
-                line("kvm-2012", "kvm-2012 (seed 004's rule)", 2),
-                line("adaptive", "adaptive (vmmu's cost estimate)", 4),
-                kvm_harvest(rs, "kvm", "get", "KVM get (/dev/kvm)", Look::Dashed(6)),
+                line(
+                    wrprot_slot::WALK_PAGES,
+                    "walk-pages (slot_remove_write_access)",
+                    1,
+                ),
+                line(
+                    wrprot_slot::PER_GFN,
+                    "per-gfn (rmap_write_protect, seed 004)",
+                    0,
+                ),
+                line(wrprot_slot::KVM_2012, "kvm-2012 (seed 004's rule)", 2),
+                line(wrprot_slot::ADAPTIVE, "adaptive (vmmu's cost estimate)", 4),
+                kvm_harvest(rs, kc::KVM, "get", "KVM get (/dev/kvm)", Look::Dashed(6)),
                 floor_harvest(rs),
             ],
         }),
@@ -330,14 +364,17 @@ fn wrprot(rs: &[Record]) -> Figure {
 }
 
 fn harvest(rs: &[Record]) -> Figure {
-    let (s, m) = ("dirty-log", "harvest_us");
+    let (s, m) = (dirty_log::NAME, dirty_log::HARVEST_US);
     let labels = [
-        ("get", "get (KVM_GET_DIRTY_LOG)"),
-        ("get-clear", "get-clear (manual protect: GET + CLEAR)"),
-        ("ring", "ring (harvest + KVM_RESET_DIRTY_RINGS)"),
-        ("tdp-get", "tdp-get (TDP MMU)"),
-        ("tdp-get-clear", "tdp-get-clear (TDP MMU)"),
-        ("tdp-ring", "tdp-ring (TDP MMU)"),
+        (dirty_log::GET, "get (KVM_GET_DIRTY_LOG)"),
+        (
+            dirty_log::GET_CLEAR,
+            "get-clear (manual protect: GET + CLEAR)",
+        ),
+        (dirty_log::RING, "ring (harvest + KVM_RESET_DIRTY_RINGS)"),
+        (dirty_log::TDP_GET, "tdp-get (TDP MMU)"),
+        (dirty_log::TDP_GET_CLEAR, "tdp-get-clear (TDP MMU)"),
+        (dirty_log::TDP_RING, "tdp-ring (TDP MMU)"),
     ];
     let mut lines: Vec<Line> = labels
         .iter()
@@ -361,21 +398,21 @@ fn harvest(rs: &[Record]) -> Figure {
     // KVM's modes dashed in the colour of vmmu's same mode.
     lines.push(kvm_harvest(
         rs,
-        "kvm",
+        kc::KVM,
         "get",
         "KVM get (/dev/kvm)",
         Look::Dashed(0),
     ));
     lines.push(kvm_harvest(
         rs,
-        "vmmu",
+        kc::VMMU,
         "get",
         "vmmu get on kvm-compare's workload",
         Look::Solid(9),
     ));
     lines.push(kvm_harvest(
         rs,
-        "kvm",
+        kc::KVM,
         "get-clear",
         "KVM get-clear (/dev/kvm)",
         Look::Dashed(1),
@@ -384,10 +421,10 @@ fn harvest(rs: &[Record]) -> Figure {
     Figure {
         id: "harvest",
         tables: vec![
-            ("dirty-log", Some("harvest_us")),
-            ("kvm-compare", Some("harvest_us")),
-            ("kvm-compare", Some("bitmap_equal")),
-            ("dirty-log", Some("write_ns_per_page")),
+            (dirty_log::NAME, Some(dirty_log::HARVEST_US)),
+            (kc::NAME, Some(kc::HARVEST_US)),
+            (kc::NAME, Some(kc::BITMAP_EQUAL)),
+            (dirty_log::NAME, Some(dirty_log::WRITE_NS_PER_PAGE)),
         ],
         heading: "Dirty logging — harvest time against dirty ratio, every mode".into(),
         svg: draw_lines(LineChart {
@@ -422,40 +459,40 @@ fn zap(rs: &[Record]) -> Figure {
     };
     let mut series = vec![Bars {
         label: "zap (shadow MMU, zap_memslot)".into(),
-        values: per("zap", "shadow-direct", "us"),
+        values: per(zp::NAME, zp::SHADOW_DIRECT, zp::US),
         look: Look::Solid(0),
     }];
-    for (i, mode) in ["scan-all", "skip-non-present", "used-entries"]
+    for (i, mode) in [tdp::SCAN_ALL, tdp::SKIP_NON_PRESENT, tdp::USED_ENTRIES]
         .iter()
         .enumerate()
     {
         series.push(Bars {
             label: format!("tdp-zap {mode} (TDP MMU)"),
-            values: per("tdp-zap", mode, "us"),
+            values: per(tdp_zap::NAME, mode, tdp_zap::US),
             look: Look::Solid(i + 1),
         });
     }
     series.push(Bars {
         label: "KVM memslot delete (/dev/kvm)".into(),
-        values: per("kvm-compare", "kvm", "delete_us"),
+        values: per(kc::NAME, kc::KVM, kc::DELETE_US),
         look: Look::Dashed(6),
     });
     series.push(Bars {
         label: "vmmu memslot delete, kvm-compare".into(),
-        values: per("kvm-compare", "vmmu", "delete_us"),
+        values: per(kc::NAME, kc::VMMU, kc::DELETE_US),
         look: Look::Solid(9),
     });
     series.push(Bars {
         label: "floor: read per present entry".into(),
-        values: per("floor", "zap", "us"),
+        values: per(fl::NAME, fl::ZAP, fl::US),
         look: Look::Floor,
     });
     Figure {
         id: "zap",
         tables: vec![
-            ("zap", None),
-            ("tdp-zap", None),
-            ("kvm-compare", Some("delete_us")),
+            (zp::NAME, None),
+            (tdp_zap::NAME, None),
+            (kc::NAME, Some(kc::DELETE_US)),
         ],
         heading: "Zapping a fully mapped slot — vmmu's MMUs, KVM and the floor".into(),
         svg: draw_bars(BarChart {
@@ -485,37 +522,45 @@ fn fault(rs: &[Record]) -> Figure {
     let series = vec![
         Bars {
             label: "fault-in (shadow MMU)".into(),
-            values: per("fault-in", "shadow-direct", "ns_per_page"),
+            values: per(
+                fault_in::NAME,
+                fault_in::SHADOW_DIRECT,
+                fault_in::NS_PER_PAGE,
+            ),
             look: Look::Solid(0),
         },
         Bars {
             label: "tdp-fault-in scan-all (TDP MMU)".into(),
-            values: per("tdp-fault-in", "scan-all", "ns_per_page"),
+            values: per(tdp_fault_in::NAME, tdp::SCAN_ALL, tdp_fault_in::NS_PER_PAGE),
             look: Look::Solid(1),
         },
         Bars {
             label: "tdp-fault-in used-entries (TDP MMU)".into(),
-            values: per("tdp-fault-in", "used-entries", "ns_per_page"),
+            values: per(
+                tdp_fault_in::NAME,
+                tdp::USED_ENTRIES,
+                tdp_fault_in::NS_PER_PAGE,
+            ),
             look: Look::Solid(3),
         },
         Bars {
             label: "KVM first touch (/dev/kvm)".into(),
-            values: per("kvm-compare", "kvm", "fault_ns_per_page"),
+            values: per(kc::NAME, kc::KVM, kc::FAULT_NS_PER_PAGE),
             look: Look::Dashed(6),
         },
         Bars {
             label: "vmmu first touch, kvm-compare".into(),
-            values: per("kvm-compare", "vmmu", "fault_ns_per_page"),
+            values: per(kc::NAME, kc::VMMU, kc::FAULT_NS_PER_PAGE),
             look: Look::Solid(9),
         },
     ];
     Figure {
         id: "fault",
         tables: vec![
-            ("fault-in", None),
-            ("tdp-fault-in", None),
-            ("tdp-fault-parallel", None),
-            ("kvm-compare", Some("fault_ns_per_page")),
+            (fault_in::NAME, None),
+            (tdp_fault_in::NAME, None),
+            (tdp_fault_parallel::NAME, None),
+            (kc::NAME, Some(kc::FAULT_NS_PER_PAGE)),
         ],
         heading: "First touch — faulting in every page of a fresh slot".into(),
         svg: draw_bars(BarChart {
@@ -537,15 +582,24 @@ fn fault(rs: &[Record]) -> Figure {
 }
 
 fn fork(rs: &[Record]) -> Figure {
-    let (s, m) = ("shadow-fork", "unmap_us");
+    let (s, m) = (shadow_fork::NAME, shadow_fork::UNMAP_US);
     let names = [
         (
-            "restart-scan",
+            shadow_fork::RESTART_SCAN,
             "restart-scan, one by one (before seeds 000 and 003)",
         ),
-        ("one-by-one", "iterator, one by one (seed 000 only)"),
-        ("destroy", "restart-scan, destroy (seed 003 only)"),
-        ("iterator", "iterator, destroy (both seeds: KVM today)"),
+        (
+            shadow_fork::ONE_BY_ONE,
+            "iterator, one by one (seed 000 only)",
+        ),
+        (
+            shadow_fork::DESTROY,
+            "restart-scan, destroy (seed 003 only)",
+        ),
+        (
+            shadow_fork::ITERATOR,
+            "iterator, destroy (both seeds: KVM today)",
+        ),
     ];
     let lines = names
         .iter()
@@ -556,12 +610,12 @@ fn fork(rs: &[Record]) -> Figure {
             look: Look::Solid(i),
         })
         .collect();
-    let longest = query::of(rs, s, "max_rmap_len")
+    let longest = query::of(rs, s, shadow_fork::MAX_RMAP_LEN)
         .map(|r| r.value)
         .fold(None, |a: Option<f64>, v| Some(a.map_or(v, |a| a.max(v))));
     Figure {
         id: "fork",
-        tables: vec![("shadow-fork", None)],
+        tables: vec![(shadow_fork::NAME, None)],
         heading: "Shadow paging — unmapping a forked process's memory against children".into(),
         svg: draw_lines(LineChart {
             title: "shadow-fork: the host unmaps the parent's memory (MMU-notifier unmap)".into(),

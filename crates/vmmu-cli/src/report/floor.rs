@@ -27,12 +27,13 @@ use vmmu::types::PAGE_SIZE;
 
 use crate::bench::dirty_ratio::{dirty_count, random_pages, ratio_params, RATIOS};
 use crate::bench::guest::HostBacking;
+use crate::bench::names::floor as names;
 use crate::bench::{params, BenchConfig, BenchError, Sample, Scenario};
 
 /// Run through the bench harness like a scenario, but not registered in `vmmu bench`: its
 /// records belong to the report.
 pub const SCENARIO: Scenario = Scenario {
-    name: "floor",
+    name: names::NAME,
     about: "the same memory operations in a tight loop over a flat array: harvest, zap, age, clear",
     run,
 };
@@ -64,8 +65,8 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         let us = start.elapsed().as_nanos() as f64 / 1e3;
         black_box(&sptes);
         samples.push(Sample::new(
-            "harvest",
-            "us",
+            names::HARVEST,
+            names::US,
             ratio_params(config, ratio),
             us,
             "us",
@@ -82,7 +83,13 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             .count();
         let us = start.elapsed().as_nanos() as f64 / 1e3;
         black_box(present);
-        samples.push(Sample::new("zap", "us", backing.params(config), us, "us"));
+        samples.push(Sample::new(
+            names::ZAP,
+            names::US,
+            backing.params(config),
+            us,
+            "us",
+        ));
     }
 
     let n = config.scaled(RMAP_SPTES);
@@ -98,7 +105,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     }
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
     black_box(young);
-    samples.push(Sample::new("age", "ns_per_spte", p(), ns, "ns"));
+    samples.push(Sample::new(names::AGE, names::NS_PER_SPTE, p(), ns, "ns"));
 
     refill(&sptes);
     let start = Instant::now();
@@ -106,7 +113,7 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
         black_box(s.swap(0, Ordering::Relaxed));
     }
     let ns = start.elapsed().as_nanos() as f64 / n as f64;
-    samples.push(Sample::new("clear", "ns_per_spte", p(), ns, "ns"));
+    samples.push(Sample::new(names::CLEAR, names::NS_PER_SPTE, p(), ns, "ns"));
     Ok(samples)
 }
 

@@ -17,7 +17,7 @@ use crate::bench::dirty_ratio::RATIOS;
 use crate::bench::Record;
 
 /// The scenario name of the records `vmmu kvm compare --json` prints.
-pub const NAME: &str = "kvm-compare";
+pub const NAME: &str = crate::bench::names::kvm_compare::NAME;
 
 /// Whether the comparison can run here.
 #[derive(Clone, Debug, PartialEq)]

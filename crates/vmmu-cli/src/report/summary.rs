@@ -18,6 +18,9 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use super::query;
+use crate::bench::names::{
+    pte_list_destroy, rmap_iter, tdp, tdp_zap_hello, writable_bitmap, wrprot_slot,
+};
 use crate::bench::Record;
 
 /// The seed's first-root loop counts: 3584 + 2048 + 1024 + 512 before, 118 + 69 + 35 + 17
@@ -117,12 +120,12 @@ pub fn num(v: f64) -> String {
 }
 
 fn seed_000(rs: &[Record]) -> SeedRow {
-    let (s, m) = ("rmap-iter", "ns_per_spte");
+    let (s, m) = (rmap_iter::NAME, rmap_iter::NS_PER_SPTE);
     let len = query::of(rs, s, m)
         .filter_map(|r| r.params.get("len")?.as_u64())
         .max();
     let at = |v: &str| len.and_then(|l| query::value(rs, s, v, m, &[("len", json!(l))]));
-    let (old, new) = (at("restart-scan"), at("iterator"));
+    let (old, new) = (at(rmap_iter::RESTART_SCAN), at(rmap_iter::ITERATOR));
     let ratio = old.zip(new).map(|(o, n)| o / n);
     SeedRow {
         seed: "000",
@@ -142,10 +145,11 @@ fn seed_000(rs: &[Record]) -> SeedRow {
 }
 
 fn seed_001(rs: &[Record]) -> SeedRow {
-    let (s, m) = ("writable-bitmap", "ns_per_page");
+    let (s, m) = (writable_bitmap::NAME, writable_bitmap::NS_PER_PAGE);
     let at = |v: &str, w: u64| query::value(rs, s, v, m, &[("writable", json!(w))]);
-    let r0 = at("scan-512", 0).zip(at("bitmap", 0)).map(|(o, n)| o / n);
-    let r1 = at("scan-512", 1).zip(at("bitmap", 1)).map(|(o, n)| o / n);
+    let (old, new) = (writable_bitmap::SCAN_512, writable_bitmap::BITMAP);
+    let r0 = at(old, 0).zip(at(new, 0)).map(|(o, n)| o / n);
+    let r1 = at(old, 1).zip(at(new, 1)).map(|(o, n)| o / n);
     let both = r0.zip(r1);
     SeedRow {
         seed: "001",
@@ -162,18 +166,11 @@ fn seed_001(rs: &[Record]) -> SeedRow {
 }
 
 fn seed_002(rs: &[Record]) -> SeedRow {
-    let s = "tdp-zap-hello";
-    let at = |v: &str, m: &str| query::value(rs, s, v, m, &[]);
-    let loops = [
-        at("scan-all", "loops"),
-        at("skip-non-present", "loops"),
-        at("used-entries", "loops"),
-    ];
-    let ns = [
-        at("scan-all", "ns"),
-        at("skip-non-present", "ns"),
-        at("used-entries", "ns"),
-    ];
+    let s = tdp_zap_hello::NAME;
+    let modes = [tdp::SCAN_ALL, tdp::SKIP_NON_PRESENT, tdp::USED_ENTRIES];
+    let at = |m: &str| modes.map(|v| query::value(rs, s, v, m, &[]));
+    let loops = at(tdp_zap_hello::LOOPS);
+    let ns = at(tdp_zap_hello::NS);
     let ratio = loops[0].zip(loops[1]).map(|(o, n)| o / n.max(1.0));
     let need = SEED_002_LOOPS.0 / SEED_002_LOOPS.1;
     let ok = match (ratio, ns) {
@@ -210,9 +207,9 @@ fn seed_002(rs: &[Record]) -> SeedRow {
 }
 
 fn seed_003(rs: &[Record]) -> SeedRow {
-    let (s, m) = ("pte-list-destroy", "ns_per_spte");
+    let (s, m) = (pte_list_destroy::NAME, pte_list_destroy::NS_PER_SPTE);
     let at = |v: &str, len: u64| query::value(rs, s, v, m, &[("len", json!(len))]);
-    let r = |len| at("one-by-one", len).zip(at("destroy", len));
+    let r = |len| at(pte_list_destroy::ONE_BY_ONE, len).zip(at(pte_list_destroy::DESTROY, len));
     let ratio = r(1000).map(|(o, n)| o / n);
     SeedRow {
         seed: "003",
@@ -235,7 +232,7 @@ fn seed_003(rs: &[Record]) -> SeedRow {
 }
 
 fn seed_004(rs: &[Record]) -> SeedRow {
-    let (s, m) = ("wrprot-slot", "us");
+    let (s, m) = (wrprot_slot::NAME, wrprot_slot::US);
     let mut ratios: Vec<f64> = query::of(rs, s, m)
         .filter_map(|r| r.params.get("ratio")?.as_f64())
         .collect();
@@ -243,8 +240,8 @@ fn seed_004(rs: &[Record]) -> SeedRow {
     ratios.dedup();
     let at = |v: &str, ratio: f64| query::value(rs, s, v, m, &[("ratio", Value::from(ratio))]);
     let adv = |ratio: f64| {
-        at("walk-pages", ratio)
-            .zip(at("per-gfn", ratio))
+        at(wrprot_slot::WALK_PAGES, ratio)
+            .zip(at(wrprot_slot::PER_GFN, ratio))
             .map(|(o, n)| o / n)
     };
     let low = ratios.iter().copied().find(|&r| r > 0.0);

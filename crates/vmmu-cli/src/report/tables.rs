@@ -6,6 +6,10 @@
 use serde_json::Value;
 
 use super::query;
+use crate::bench::names::{
+    dirty_log, floor as fl, kvm_compare as kc, pte_list_destroy, rmap_iter, tdp_zap, wrprot_slot,
+    zap,
+};
 use crate::bench::Record;
 
 /// One (scenario, metric) table.
@@ -91,7 +95,7 @@ pub fn floor_for(
     let floor_where = |variant: &str, metric: &str, key: Option<&str>| {
         records
             .iter()
-            .filter(|r| r.scenario == "floor" && r.variant == variant && r.metric == metric)
+            .filter(|r| r.scenario == fl::NAME && r.variant == variant && r.metric == metric)
             .filter(|r| quick(&r.params) == quick(params))
             .filter(|r| {
                 ["mem_gib"]
@@ -107,18 +111,22 @@ pub fn floor_for(
     };
     let floor = |variant: &str, metric: &str, key: &str| floor_where(variant, metric, Some(key));
     match (scenario, metric) {
-        ("dirty-log", "harvest_us") | ("wrprot-slot", "us") | ("kvm-compare", "harvest_us") => {
+        (dirty_log::NAME, dirty_log::HARVEST_US)
+        | (wrprot_slot::NAME, wrprot_slot::US)
+        | (kc::NAME, kc::HARVEST_US) => {
             // At ratio 0 nothing is dirty: the floor does nothing, so no multiple of it.
             if params.get("ratio")?.as_f64()? == 0.0 {
                 return None;
             }
-            floor("harvest", "us", "ratio")
+            floor(fl::HARVEST, fl::US, "ratio")
         }
-        ("zap", "us") | ("tdp-zap", "us") | ("kvm-compare", "delete_us") => {
-            floor("zap", "us", "backing")
+        (zap::NAME, zap::US) | (tdp_zap::NAME, tdp_zap::US) | (kc::NAME, kc::DELETE_US) => {
+            floor(fl::ZAP, fl::US, "backing")
         }
-        ("rmap-iter", "ns_per_spte") => floor_where("age", metric, None),
-        ("pte-list-destroy", "ns_per_spte") => floor_where("clear", metric, None),
+        (rmap_iter::NAME, rmap_iter::NS_PER_SPTE) => floor_where(fl::AGE, fl::NS_PER_SPTE, None),
+        (pte_list_destroy::NAME, pte_list_destroy::NS_PER_SPTE) => {
+            floor_where(fl::CLEAR, fl::NS_PER_SPTE, None)
+        }
         _ => None,
     }
 }

@@ -12,7 +12,8 @@
 use alloc::boxed::Box;
 use core::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 
-use super::{Backing, HostPage};
+use super::Backing;
+use crate::host::HostPage;
 use crate::types::{Level, Pfn, PAGE_SHIFT};
 
 /// Regions the lock-free table holds; beyond that every lookup takes the lock.

@@ -1,0 +1,274 @@
+//! Every published scenario, variant and metric name, defined once.
+//!
+//! The scenarios emit their samples with these constants, and the report (`report/`: the
+//! figures, the tables' floors, the seed rules) finds records by the same constants, so
+//! renaming one is a compile error on both sides, or a change of the public contract in
+//! one place, never a figure silently left empty.
+//!
+//! One module per scenario, in the registry's order: its `NAME`, then its variants, then
+//! its metrics. The TDP MMU's iteration modes, the variants of every `tdp-*` scenario, are
+//! in [`tdp`]. Then the two sources the report adds: [`floor`] and [`kvm_compare`].
+//!
+//! # Invariants
+//! The strings are the public contract (`vmmu bench --json`, `results.json`): once
+//! published they are kept, and new ones are added beside them. Each `NAME` is unique (the
+//! registry's test checks it), and every scenario's record names come from its module here
+//! (or from [`tdp`]), never from a literal in the scenario's file.
+
+/// The TDP MMU's iteration modes (seed 002), as the variants of `tdp-zap-hello`, `tdp-zap`,
+/// `tdp-fault-in` and `tdp-fault-parallel` name them.
+pub mod tdp {
+    /// Every entry of every table, at every pass (KVM before seed 002).
+    pub const SCAN_ALL: &str = "scan-all";
+    /// Fast-forward over non-present entries, still reading them (seed 002's patch).
+    pub const SKIP_NON_PRESENT: &str = "skip-non-present";
+    /// A used-entries bitmap per table: read only what is in use.
+    pub const USED_ENTRIES: &str = "used-entries";
+}
+
+/// `fault-in`: first touch of every page on the shadow MMU.
+pub mod fault_in {
+    /// The scenario.
+    pub const NAME: &str = "fault-in";
+    /// The shadow MMU in direct mode (the only variant).
+    pub const SHADOW_DIRECT: &str = "shadow-direct";
+    /// Time per 4 KiB page written.
+    pub const NS_PER_PAGE: &str = "ns_per_page";
+}
+
+/// `zap`: zapping a fully mapped memslot on the shadow MMU.
+pub mod zap {
+    /// The scenario.
+    pub const NAME: &str = "zap";
+    /// The shadow MMU in direct mode (the only variant).
+    pub const SHADOW_DIRECT: &str = "shadow-direct";
+    /// Time of the zap.
+    pub const US: &str = "us";
+}
+
+/// `rmap-iter` (seed 000): walking reverse maps.
+pub mod rmap_iter {
+    /// The scenario.
+    pub const NAME: &str = "rmap-iter";
+    /// Restart the scan from the head on every step (before the seed).
+    pub const RESTART_SCAN: &str = "restart-scan";
+    /// The iterator that keeps its place (the seed).
+    pub const ITERATOR: &str = "iterator";
+    /// Time per SPTE visited.
+    pub const NS_PER_SPTE: &str = "ns_per_spte";
+}
+
+/// `pte-list-destroy` (seed 003): dropping long reverse maps.
+pub mod pte_list_destroy {
+    /// The scenario.
+    pub const NAME: &str = "pte-list-destroy";
+    /// Remove entries one by one from the head (before the seed).
+    pub const ONE_BY_ONE: &str = "one-by-one";
+    /// Clear in one pass, free the descriptors together (the seed).
+    pub const DESTROY: &str = "destroy";
+    /// Time per SPTE dropped.
+    pub const NS_PER_SPTE: &str = "ns_per_spte";
+}
+
+/// `writable-bitmap` (seed 001): write-protecting a shadow page.
+pub mod writable_bitmap {
+    /// The scenario.
+    pub const NAME: &str = "writable-bitmap";
+    /// Read all 512 entries (before the seed).
+    pub const SCAN_512: &str = "scan-512";
+    /// Follow the possibly-writable bitmap (the seed).
+    pub const BITMAP: &str = "bitmap";
+    /// Time per leaf table.
+    pub const NS_PER_PAGE: &str = "ns_per_page";
+}
+
+/// `wrprot-slot` (seed 004): GET_DIRTY_LOG's write protection.
+pub mod wrprot_slot {
+    /// The scenario.
+    pub const NAME: &str = "wrprot-slot";
+    /// Through each dirty gfn's reverse map.
+    pub const PER_GFN: &str = "per-gfn";
+    /// Walk every shadow page.
+    pub const WALK_PAGES: &str = "walk-pages";
+    /// Seed 004's rule choosing between the two.
+    pub const KVM_2012: &str = "kvm-2012";
+    /// vmmu's cost estimate choosing between the two.
+    pub const ADAPTIVE: &str = "adaptive";
+    /// Time of the GET.
+    pub const US: &str = "us";
+}
+
+/// `dirty-log`: one round of dirty logging, every mode.
+pub mod dirty_log {
+    /// The scenario.
+    pub const NAME: &str = "dirty-log";
+    /// `get` under shadow paging, with a guest OS.
+    pub const SHADOW_GET: &str = "shadow-get";
+    /// KVM_GET_DIRTY_LOG, shadow MMU.
+    pub const GET: &str = "get";
+    /// Manual protect (GET + CLEAR), shadow MMU.
+    pub const GET_CLEAR: &str = "get-clear";
+    /// The dirty ring, shadow MMU.
+    pub const RING: &str = "ring";
+    /// KVM_GET_DIRTY_LOG, TDP MMU.
+    pub const TDP_GET: &str = "tdp-get";
+    /// Manual protect (GET + CLEAR), TDP MMU.
+    pub const TDP_GET_CLEAR: &str = "tdp-get-clear";
+    /// The dirty ring, TDP MMU.
+    pub const TDP_RING: &str = "tdp-ring";
+    /// The guest's writes, per page written (not reported at ratio 0).
+    pub const WRITE_NS_PER_PAGE: &str = "write_ns_per_page";
+    /// Time of the harvest.
+    pub const HARVEST_US: &str = "harvest_us";
+}
+
+/// `tdp-zap-hello` (seed 002): tearing down a tiny VM on the TDP MMU. Variants: [`tdp`].
+pub mod tdp_zap_hello {
+    /// The scenario.
+    pub const NAME: &str = "tdp-zap-hello";
+    /// The iterator's positions.
+    pub const LOOPS: &str = "loops";
+    /// SPTEs the iterator loaded.
+    pub const READS: &str = "reads";
+    /// Time of the teardown.
+    pub const NS: &str = "ns";
+}
+
+/// `tdp-zap`: zapping a fully mapped slot on the TDP MMU. Variants: [`tdp`].
+pub mod tdp_zap {
+    /// The scenario.
+    pub const NAME: &str = "tdp-zap";
+    /// Time of the zap.
+    pub const US: &str = "us";
+}
+
+/// `tdp-fault-in`: first touch on the TDP MMU. Variants: [`tdp::SCAN_ALL`] and
+/// [`tdp::USED_ENTRIES`].
+pub mod tdp_fault_in {
+    /// The scenario.
+    pub const NAME: &str = "tdp-fault-in";
+    /// Time per 4 KiB page written.
+    pub const NS_PER_PAGE: &str = "ns_per_page";
+}
+
+/// `tdp-fault-parallel`: TDP faults from one and two vCPU threads. Variant:
+/// [`tdp::USED_ENTRIES`].
+pub mod tdp_fault_parallel {
+    /// The scenario.
+    pub const NAME: &str = "tdp-fault-parallel";
+    /// Faults per second over all threads.
+    pub const FAULTS_PER_S: &str = "faults_per_s";
+}
+
+/// `memory`: MMU metadata bytes per mapped page.
+pub mod memory {
+    /// The scenario.
+    pub const NAME: &str = "memory";
+    /// The shadow MMU in direct mode.
+    pub const SHADOW_DIRECT: &str = "shadow-direct";
+    /// The TDP MMU.
+    pub const TDP: &str = "tdp";
+    /// All of it.
+    pub const BYTES_PER_PAGE: &str = "bytes_per_page";
+    /// Page tables.
+    pub const TABLE_BYTES_PER_PAGE: &str = "table_bytes_per_page";
+    /// The MMU's per-table structures.
+    pub const STRUCT_BYTES_PER_PAGE: &str = "struct_bytes_per_page";
+    /// Reverse-map heads and descriptors.
+    pub const RMAP_BYTES_PER_PAGE: &str = "rmap_bytes_per_page";
+    /// The rest of the memslot's metadata.
+    pub const SLOT_BYTES_PER_PAGE: &str = "slot_bytes_per_page";
+}
+
+/// `shadow-fork`: unmapping a forked process's memory under shadow paging, by rmap
+/// algorithm.
+pub mod shadow_fork {
+    /// The scenario.
+    pub const NAME: &str = "shadow-fork";
+    /// Restart-scan iteration, one-by-one drop (before seeds 000 and 003).
+    pub const RESTART_SCAN: &str = "restart-scan";
+    /// Iterator, one-by-one drop (seed 000 only).
+    pub const ONE_BY_ONE: &str = "one-by-one";
+    /// Restart-scan iteration, destroy (seed 003 only).
+    pub const DESTROY: &str = "destroy";
+    /// Iterator, destroy (both seeds: KVM today).
+    pub const ITERATOR: &str = "iterator";
+    /// The MMU's time of the whole run, boot to the last exit.
+    pub const US: &str = "us";
+    /// The MMU's time of the host's unmap.
+    pub const UNMAP_US: &str = "unmap_us";
+    /// The MMU's time of the processes' exits.
+    pub const EXIT_US: &str = "exit_us";
+    /// Wall-clock time of the host's unmap.
+    pub const UNMAP_WALL_US: &str = "unmap_wall_us";
+    /// The longest reverse map, just before the unmap.
+    pub const MAX_RMAP_LEN: &str = "max_rmap_len";
+    /// MMU faults over the run.
+    pub const FAULTS: &str = "faults";
+}
+
+/// `shadow-ctxsw`: context switches under shadow paging, with and without the root cache.
+pub mod shadow_ctxsw {
+    /// The scenario.
+    pub const NAME: &str = "shadow-ctxsw";
+    /// 3 previous roots cached (KVM's `prev_roots`).
+    pub const ROOT_CACHE: &str = "root-cache";
+    /// None: every CR3 load looks its root up.
+    pub const NO_ROOT_CACHE: &str = "no-root-cache";
+    /// Wall-clock time per switch.
+    pub const US_PER_SWITCH: &str = "us_per_switch";
+    /// The MMU's time per switch.
+    pub const MMU_US_PER_SWITCH: &str = "mmu_us_per_switch";
+    /// Hits over CR3 loads in the timed loop.
+    pub const ROOT_CACHE_HIT_RATIO: &str = "root_cache_hit_ratio";
+}
+
+/// `shadow-pt-churn`: page-table churn under shadow paging, with and without unsync pages.
+pub mod shadow_pt_churn {
+    /// The scenario.
+    pub const NAME: &str = "shadow-pt-churn";
+    /// Every guest table write-protected, each PTE write emulated.
+    pub const SYNC: &str = "sync";
+    /// Last-level tables go unsync, resynced at the flush (KVM's default).
+    pub const UNSYNC: &str = "unsync";
+    /// The MMU's time of the loop.
+    pub const US: &str = "us";
+    /// Wall-clock time of the loop.
+    pub const WALL_US: &str = "wall_us";
+}
+
+/// The floor (`report/floor.rs`): run through the bench harness, not registered.
+pub mod floor {
+    /// The source.
+    pub const NAME: &str = "floor";
+    /// One atomic AND per dirty SPTE (the harvests' floor).
+    pub const HARVEST: &str = "harvest";
+    /// One read per present entry (the zaps' floor).
+    pub const ZAP: &str = "zap";
+    /// A read and an atomic AND per SPTE (`rmap-iter`'s floor).
+    pub const AGE: &str = "age";
+    /// One atomic swap per SPTE (`pte-list-destroy`'s floor).
+    pub const CLEAR: &str = "clear";
+    /// Time of `harvest` and `zap`.
+    pub const US: &str = "us";
+    /// Time per SPTE of `age` and `clear`.
+    pub const NS_PER_SPTE: &str = "ns_per_spte";
+}
+
+/// `vmmu kvm compare --json`: the host's KVM and vmmu side by side.
+pub mod kvm_compare {
+    /// The source.
+    pub const NAME: &str = "kvm-compare";
+    /// The host's KVM, through /dev/kvm.
+    pub const KVM: &str = "kvm";
+    /// vmmu on the same workload.
+    pub const VMMU: &str = "vmmu";
+    /// Time of the harvest (GET, or GET + CLEAR).
+    pub const HARVEST_US: &str = "harvest_us";
+    /// 1 if vmmu's bitmap equalled KVM's in every round (variant [`VMMU`] only).
+    pub const BITMAP_EQUAL: &str = "bitmap_equal";
+    /// First touch, per 4 KiB page.
+    pub const FAULT_NS_PER_PAGE: &str = "fault_ns_per_page";
+    /// Time of the memslot delete.
+    pub const DELETE_US: &str = "delete_us";
+}
