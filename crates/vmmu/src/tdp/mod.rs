@@ -32,7 +32,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crossbeam_epoch::{Guard, Owned, Shared};
+use crossbeam_epoch::{Atomic, Guard, Shared};
 
 pub use fault::TdpFault;
 pub use iter::{Step, TdpIter, TdpIteration, Walked};
@@ -139,8 +139,46 @@ pub struct TdpStats {
     pub zap_reads: AtomicU64,
 }
 
+/// A pointer to a root page, owned by the root list until the page is retired.
+///
+/// # Invariants
+/// - The pointer is never null: [`RootRef::new`] makes it from a live page.
+/// - The page is freed only by [`TdpMmu::retire`] (through the epoch collector) after
+///   [`RootRef::into_retired`] consumed the `RootRef`, which `reap_invalid_roots` does
+///   under the exclusive lock (`&mut TdpMmu`) once the root left the root list. So while
+///   a `&RootRef` exists, the page has not been handed to the collector yet.
+struct RootRef(Atomic<TdpPage>);
+
+impl RootRef {
+    fn new(page: TdpPage) -> Self {
+        RootRef(Atomic::new(page))
+    }
+
+    /// The root page, for as long as `guard` pins the epoch. The one place a root is
+    /// dereferenced.
+    #[inline]
+    fn page<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+        // The pointer never changes after `new`, and the root list is changed only under
+        // `&mut TdpMmu`: a relaxed load reads the value `new` stored.
+        let page = self.0.load(Ordering::Relaxed, guard);
+        // SAFETY: non-null and live when `page` is called (see the invariants: a `&self`
+        // means it is not retired yet). `guard` was pinned before any later retirement,
+        // and the collector frees a retired page only after every guard pinned before
+        // its retirement is dropped, so the page outlives `'g`.
+        unsafe { page.deref() }
+    }
+
+    /// Hand the root page over for retirement (with the other pages of a [`Removed`]).
+    fn into_retired<'g>(self, guard: &'g Guard) -> Shared<'g, TdpPage> {
+        self.0.load(Ordering::Relaxed, guard)
+    }
+}
+
 struct Root {
-    page: usize,
+    page: RootRef,
+    /// The root page's frame (immutable; kept here so vCPU reference counting needs no
+    /// epoch guard).
+    frame: Pfn,
     refs: AtomicU32,
     invalid: bool,
 }
@@ -172,12 +210,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     fn new_root(&mut self) -> Result<(), Error> {
         let page = self.alloc_page(Level::ROOT, Gfn(0))?;
-        // Owned by the root list until retired (crossbeam's Owned is a Box).
-        // SAFETY: `unprotected` only converts the new page to a raw pointer; nothing is
-        // read through it here.
-        let shared = Owned::new(page).into_shared(unsafe { crossbeam_epoch::unprotected() });
+        let frame = page.frame;
         self.roots.push(Root {
-            page: shared.as_raw() as usize,
+            page: RootRef::new(page),
+            frame,
             refs: AtomicU32::new(0),
             invalid: false,
         });
@@ -204,23 +240,23 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// The valid root (there is always exactly one).
-    pub fn root<'g>(&self, _guard: &'g Guard) -> &'g TdpPage {
-        let r = self
-            .roots
+    pub fn root<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+        self.roots
             .iter()
             .find(|r| !r.invalid)
-            .expect("a valid root");
-        // SAFETY: roots are freed only under the exclusive lock, after they are invalid
-        // and unreferenced; the caller holds the lock (shared at least) and a guard.
-        unsafe { &*(r.page as *const TdpPage) }
+            .expect("a valid root")
+            .page
+            .page(guard)
     }
 
     /// Every root, valid or not, with whether it is valid.
-    pub fn roots<'g>(&self, _guard: &'g Guard) -> impl Iterator<Item = (&'g TdpPage, bool)> + '_ {
-        // SAFETY: as in `root`.
+    pub fn roots<'g>(
+        &self,
+        guard: &'g Guard,
+    ) -> impl Iterator<Item = (&'g TdpPage, bool)> + use<'_, 'g, A> {
         self.roots
             .iter()
-            .map(|r| (unsafe { &*(r.page as *const TdpPage) }, !r.invalid))
+            .map(move |r| (r.page.page(guard), !r.invalid))
     }
 
     /// Take a reference to the valid root for a vCPU; returns its frame.
@@ -231,15 +267,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             .find(|r| !r.invalid)
             .expect("a valid root");
         r.refs.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: as in `root`.
-        unsafe { (*(r.page as *const TdpPage)).frame }
+        r.frame
     }
 
     /// Drop a vCPU's reference to the root with frame `frame`.
     pub fn put_root(&self, frame: Pfn) {
         for r in &self.roots {
-            // SAFETY: as in `root`.
-            if unsafe { (*(r.page as *const TdpPage)).frame } == frame {
+            if r.frame == frame {
                 r.refs.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
@@ -248,10 +282,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Whether `frame` is the valid root.
     pub fn is_valid_root(&self, frame: Pfn) -> bool {
-        // SAFETY: as in `root`.
-        self.roots
-            .iter()
-            .any(|r| !r.invalid && unsafe { (*(r.page as *const TdpPage)).frame } == frame)
+        self.roots.iter().any(|r| !r.invalid && r.frame == frame)
     }
 
     /// Zap every root in place, in passes of increasing level (exclusive lock; KVM's
@@ -294,12 +325,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         let mut keep = Vec::new();
         for r in core::mem::take(&mut self.roots) {
             if r.invalid && r.refs.load(Ordering::Acquire) == 0 {
-                // SAFETY: as in `root`.
-                let page = unsafe { &*(r.page as *const TdpPage) };
-                let (rm, c) = self.zap_root(page, guard);
+                let (rm, c) = self.zap_root(r.page.page(guard), guard);
                 removed.merge(rm);
                 counts.add(c);
-                removed.push(Shared::from(r.page as *const TdpPage));
+                removed.push(r.page.into_retired(guard));
             } else {
                 keep.push(r);
             }
