@@ -26,6 +26,7 @@ mod fault;
 mod iter;
 mod ops;
 mod page;
+mod spte_write;
 mod zap;
 
 use alloc::sync::Arc;
@@ -287,11 +288,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Zap every root in place, in passes of increasing level (exclusive lock; KVM's
     /// teardown path). The roots stay valid and referenced.
-    pub fn zap_all_roots(&self, guard: &Guard) -> (Removed, ZapCounts) {
+    pub fn zap_all_roots(&mut self, guard: &Guard) -> (Removed, ZapCounts) {
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
         let mut counts = ZapCounts::default();
-        for (root, _) in self.roots(guard) {
-            let (r, c) = self.zap_root(root, guard);
+        for (root, _) in mmu.roots(guard) {
+            let (r, c) = mmu.zap_root(root, guard);
             removed.merge(r);
             counts.add(c);
         }
@@ -308,10 +310,11 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             r.invalid = true;
         }
         self.new_root()?;
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
-        for (root, valid) in self.roots(guard) {
+        for (root, valid) in mmu.roots(guard) {
             if !valid {
-                removed.merge(self.zap_root(root, guard).0);
+                removed.merge(mmu.zap_root(root, guard).0);
             }
         }
         Ok(removed)
