@@ -4,7 +4,8 @@
 //! (the loser frees its unpublished table and retries), a huge page in the way of a
 //! smaller mapping is replaced by an empty table, a table where a huge page now fits is
 //! frozen, taken out and replaced by the huge leaf, and the leaf is installed with a
-//! compare-exchange against the value read.
+//! compare-exchange against the value read. Each of these is one of the write funnel's
+//! shared-lock writes (`spte_write`: `link_table_atomic`, `freeze`, `set_spte_atomic`).
 
 use crossbeam_epoch::{Guard, Owned};
 

@@ -1,12 +1,28 @@
 //! The TDP MMU (KVM's `tdp_mmu.c`, `tdp_iter.c`): two-dimensional paging without reverse
 //! maps, with faults running in parallel.
 //!
-//! # Locking protocol
-//! - The VM's MMU lock is a reader-writer lock. Faults, write protection, dirty clearing,
-//!   eager splitting, huge-page recovery and aging take it **shared**; zapping (roots,
-//!   leaf ranges for the notifier and memslot changes) takes it **exclusive**.
+//! # Invariants
+//! - There is always exactly one valid root; invalid roots stay listed until no vCPU
+//!   holds them. Root pages are held as `RootRef`s, dereferenced in one place
+//!   (`RootRef::page`) under an epoch guard.
+//! - Every SPTE write, used-entries bit and `children` pointer change goes through the
+//!   write funnel ([`spte_write`]), which keeps them consistent with each other; the
+//!   iterator and the operations only read.
+//!
+//! # Locking
+//! - The VM's MMU lock is a reader-writer lock (TDP faults enter through the fault gate
+//!   beside it instead, see `vm::lock`). The lock mode is in the types: what needs the
+//!   lock **exclusive** takes `&mut TdpMmu`, which only the exclusive lock gives
+//!   (zapping roots and leaf ranges for the notifier and memslot changes, `change_pte`,
+//!   dirty clearing, the fast zap and root reaping); what is correct under the lock
+//!   **shared** takes `&self` (faults, write protection, eager splitting, huge-page
+//!   recovery, aging), and may run under the exclusive lock too. A reader holding
+//!   `&TdpMmu` cannot call a writer's operation.
 //! - Under the shared lock every SPTE change is a compare-exchange against the value the
-//!   iterator read; a loser re-reads and retries, or gives up where KVM does (aging).
+//!   iterator read ([`TdpMmu::set_spte_atomic`](spte_write)); a loser re-reads and
+//!   retries, or gives up where KVM does (aging). Under the exclusive lock a write is a
+//!   plain store, or an atomic one where a CPU may still set A/D bits (`ExclusiveMmu`,
+//!   made only from `&mut TdpMmu`).
 //! - An entry whose subtree is being taken out is first set to [`FROZEN`]; a walker that
 //!   reads it retries. The removed subtree's entries are frozen one by one, so a fault
 //!   racing inside it cannot install anything.

@@ -4,9 +4,12 @@
 //! `clear_dirty_pt_masked`, `age_gfn_range`, `tdp_mmu_split_huge_pages_root`,
 //! `recover_huge_pages_range`).
 //!
-//! All but `change_pte` run under the shared lock: every change is a compare-exchange
-//! against the value read; on failure the body re-reads and retries (aging gives up, as
-//! KVM tolerates a lost accessed-bit update).
+//! # Locking
+//! `change_pte` and `clear_dirty` need the exclusive lock and take `&mut self`; their
+//! writes are the funnel's exclusive ones. The others take `&self` and are correct under
+//! the shared lock: every change is a compare-exchange against the value read; on
+//! failure the body re-reads and retries (aging gives up, as KVM tolerates a lost
+//! accessed-bit update).
 
 use alloc::vec::Vec;
 

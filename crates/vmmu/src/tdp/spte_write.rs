@@ -32,9 +32,9 @@
 //! # Invariants
 //! - Outside this file no TDP code writes a table entry, a used-entries bit or a
 //!   `children` pointer; the iterator and the operations only read.
-//! - In `UsedEntries` mode a shadow-present entry's bit is set (at every quiescent point
-//!   the bitmap is exact: bits of entries made non-present under the shared lock, by
-//!   freezing, belong to tables that are being removed or are re-set at once).
+//! - In `UsedEntries` mode a shadow-present entry's bit is set. A bit outlives its entry
+//!   only while the entry is frozen (it is given a present value again) or its table is
+//!   on its way out, so at every quiescent point the bitmap is exact.
 //! - A shadow-present non-leaf SPTE and the `children` pointer under it name the same
 //!   table (a walker that sees them differ is racing a change and retries).
 //! - Under the shared lock a non-leaf entry is never replaced directly: it is frozen
@@ -113,6 +113,11 @@ impl Frozen<'_> {
     /// frozen entry.
     #[inline]
     pub(crate) fn install(self, new: Spte) {
+        // A bit cannot be cleared under the shared lock: a frozen entry comes back present.
+        debug_assert!(
+            new.is_shadow_present(),
+            "a frozen entry is given a present value"
+        );
         self.page.table().set(self.index, new);
         if self.used && !self.was.is_shadow_present() && new.is_shadow_present() {
             self.page.set_used(self.index);

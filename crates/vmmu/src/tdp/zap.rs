@@ -1,10 +1,14 @@
-//! Zapping in the TDP MMU (KVM's `tdp_mmu_zap_root`, `tdp_mmu_zap_leafs`,
-//! `handle_removed_pt`).
+//! Zapping in the TDP MMU (KVM's `tdp_mmu_zap_root`, `tdp_mmu_zap_leafs`).
 //!
 //! A root is zapped in passes of increasing level, as KVM does to bound the work of each
 //! pass: 4K leaves first, then the entries pointing at the emptied 4K tables, and so on up
-//! to the root's own entries. Removed tables are returned in [`Removed`] to be retired
+//! to the root's own entries. Removed tables (taken out by the write funnel,
+//! `spte_write`, as KVM's `handle_removed_pt`) are returned in [`Removed`] to be retired
 //! after the flush.
+//!
+//! # Locking
+//! Every zap needs the exclusive lock: the public operations take `&mut self`, and the
+//! work is done through [`ExclusiveMmu`], the proof the funnel's exclusive writes take.
 
 use crossbeam_epoch::Guard;
 
