@@ -21,8 +21,8 @@
 //! | `Table::used`, `set_used`, `clear_used` | the used-entries bitmap (`TdpPage`, seed 002) |
 //! | `Mmu::alloc_page`, `free_unpublished` | `TdpMmu::alloc_page`, `TdpMmu::free_unpublished` |
 //! | `Mmu::fault` | `TdpMmu::map` (`tdp/fault.rs`) then `Vm::log_dirty` and `Vm::commit_tdp` |
-//! | `Mmu::zap_root_entry` | `TdpMmu::zap_entry` + `remove_subtree` + `handle_removed` (`tdp/zap.rs`), then `Vm::commit` |
-//! | `Mmu::get_dirty_log` | `Vm::get_dirty_log` (`dirty/mod.rs`) + `TdpMmu::clear_dirty` (`tdp/ops.rs`) |
+//! | `Mmu::zap_root_entry` | `ExclusiveMmu::zap_spte` (`tdp/zap.rs`) -> `set_spte` + `remove_subtree` + `handle_removed` (`tdp/spte_write.rs`), then `Vm::commit` |
+//! | `Mmu::get_dirty_log` | `Vm::get_dirty_log` (`dirty/mod.rs`) + `TdpMmu::clear_dirty` (`tdp/ops.rs`) -> `ExclusiveMmu::clear_bits` (`tdp/spte_write.rs`) |
 //! | `Mmu::flush_remote_tlbs` | `Vm::flush_remote_tlbs` -> `hw::request_vcpus` (fetch_or, `heavy_fence`, wait) |
 //! | `Mmu::retire` | `TdpMmu::retire` after the flush (the table's memory is freed) |
 //! | `Vcpu::enter_guest/exit_guest` | `hw::vcpu::Vcpu::enter_guest/exit_guest` (`light_fence`) |
@@ -258,7 +258,7 @@ impl Mmu {
         self.commit(flush, &removed);
     }
 
-    /// A zap of the root's entry under the exclusive lock (`zap_entry`, as `zap_root` and
+    /// A zap of the root's entry under the exclusive lock (`zap_spte`, as `zap_root` and
     /// `zap_all` do it): clear the entry and its used bit, take the child out
     /// (`remove_subtree`: forget it, freeze its entries in `handle_removed`), flush, and
     /// only then free it.

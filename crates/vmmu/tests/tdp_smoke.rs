@@ -139,7 +139,7 @@ fn yielding_walks_make_progress_and_finish() {
         let mut chunks = 0;
         loop {
             let (removed, resume) =
-                vm.with_tdp(|_, t| t.zap_leafs(start, end, 100, &vmmu::tdp::pin()));
+                vm.with_tdp_mut(|_, t| t.zap_leafs(start, end, 100, &vmmu::tdp::pin()));
             vm.flush_remote_tlbs();
             // SAFETY: flushed after the unlinks.
             vm.with_tdp(|_, t| unsafe { t.retire(removed) });

@@ -4,18 +4,19 @@
 //! (the loser frees its unpublished table and retries), a huge page in the way of a
 //! smaller mapping is replaced by an empty table, a table where a huge page now fits is
 //! frozen, taken out and replaced by the huge leaf, and the leaf is installed with a
-//! compare-exchange against the value read.
+//! compare-exchange against the value read. Each of these is one of the write funnel's
+//! shared-lock writes (`spte_write`: `link_table_atomic`, `freeze`, `set_spte_atomic`).
 
 use crossbeam_epoch::{Guard, Owned};
 
 use super::iter::{TdpIter, TdpIteration};
 use super::page::TdpPage;
+use super::spte_write::Link;
 use super::{Removed, TdpMmu};
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::mmu::{plan_fault, DirtyGfn, FaultOutcome, FaultPlan};
-use crate::spte::{Spte, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{ErrorCode, Gpa, Level};
 
@@ -64,7 +65,6 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                     level, spte, dirty, ..
                 } => (level, spte, dirty),
             };
-        let used = self.mode == TdpIteration::UsedEntries;
         let mut removed = Removed::default();
         let mut it = TdpIter::new(
             root,
@@ -102,21 +102,17 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 }
                 if s.is_shadow_present() && !s.is_leaf(level) {
                     // A table where a huge page now fits: take the subtree out.
-                    if page.table().compare_exchange(i, s, FROZEN).is_err() {
+                    let Some(frozen) = self.freeze(page, i, s, &mut removed, guard) else {
                         it.reread();
                         continue;
-                    }
-                    self.remove_subtree(page, i, s, false, &mut removed, guard);
-                    page.table().set(i, new);
-                } else if page.table().compare_exchange(i, s, new).is_err() {
+                    };
+                    frozen.install(new);
+                } else if !self.set_spte_atomic(page, i, s, new, &mut removed, guard) {
                     it.reread();
                     continue;
                 } else if s.is_shadow_present() {
                     // Replaced a leaf (new permissions or a new pfn).
                     removed.flush.set();
-                }
-                if used && !s.is_shadow_present() && new.is_shadow_present() {
-                    page.set_used(i);
                 }
                 if new.is_mmio() {
                     return Ok(TdpFault {
@@ -138,28 +134,20 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             // Link a new table here: over nothing, an old MMIO SPTE, or a huge page that
             // must become smaller mappings (its translation goes: flush).
             let below = it.level().below().expect("above the target level");
-            let child = Owned::new(self.alloc_page(below, it.gfn())?).into_shared(guard);
-            // SAFETY: just created, not yet visible to anyone.
-            let frame = unsafe { child.deref() }.frame;
-            if !page.claim_child(i, child, guard) {
-                // Another fault is linking a table here.
-                // SAFETY: never published.
-                unsafe { self.free_unpublished(child) };
-                it.reread();
-                continue;
-            }
-            if page
-                .table()
-                .compare_exchange(i, s, Spte::new_nonleaf(frame))
-                .is_err()
-            {
-                page.clear_child(i);
-                removed.push(child);
-                it.reread();
-                continue;
-            }
-            if used && !s.is_shadow_present() {
-                page.set_used(i);
+            let child = Owned::new(self.alloc_page(below, it.gfn())?);
+            match self.link_table_atomic(page, i, s, child, &mut removed, guard) {
+                Link::Linked => {}
+                Link::Busy(child) => {
+                    // Another fault is linking a table here.
+                    // SAFETY: never published.
+                    unsafe { self.free_unpublished(child) };
+                    it.reread();
+                    continue;
+                }
+                Link::Lost => {
+                    it.reread();
+                    continue;
+                }
             }
             if s.is_shadow_present() {
                 removed.flush.set();

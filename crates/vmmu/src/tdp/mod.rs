@@ -1,12 +1,28 @@
 //! The TDP MMU (KVM's `tdp_mmu.c`, `tdp_iter.c`): two-dimensional paging without reverse
 //! maps, with faults running in parallel.
 //!
-//! # Locking protocol
-//! - The VM's MMU lock is a reader-writer lock. Faults, write protection, dirty clearing,
-//!   eager splitting, huge-page recovery and aging take it **shared**; zapping (roots,
-//!   leaf ranges for the notifier and memslot changes) takes it **exclusive**.
+//! # Invariants
+//! - There is always exactly one valid root; invalid roots stay listed until no vCPU
+//!   holds them. Root pages are held as `RootRef`s, dereferenced in one place
+//!   (`RootRef::page`) under an epoch guard.
+//! - Every SPTE write, used-entries bit and `children` pointer change goes through the
+//!   write funnel ([`spte_write`]), which keeps them consistent with each other; the
+//!   iterator and the operations only read.
+//!
+//! # Locking
+//! - The VM's MMU lock is a reader-writer lock (TDP faults enter through the fault gate
+//!   beside it instead, see `vm::lock`). The lock mode is in the types: what needs the
+//!   lock **exclusive** takes `&mut TdpMmu`, which only the exclusive lock gives
+//!   (zapping roots and leaf ranges for the notifier and memslot changes, `change_pte`,
+//!   dirty clearing, the fast zap and root reaping); what is correct under the lock
+//!   **shared** takes `&self` (faults, write protection, eager splitting, huge-page
+//!   recovery, aging), and may run under the exclusive lock too. A reader holding
+//!   `&TdpMmu` cannot call a writer's operation.
 //! - Under the shared lock every SPTE change is a compare-exchange against the value the
-//!   iterator read; a loser re-reads and retries, or gives up where KVM does (aging).
+//!   iterator read ([`TdpMmu::set_spte_atomic`](spte_write)); a loser re-reads and
+//!   retries, or gives up where KVM does (aging). Under the exclusive lock a write is a
+//!   plain store, or an atomic one where a CPU may still set A/D bits (`ExclusiveMmu`,
+//!   made only from `&mut TdpMmu`).
 //! - An entry whose subtree is being taken out is first set to [`FROZEN`]; a walker that
 //!   reads it retries. The removed subtree's entries are frozen one by one, so a fault
 //!   racing inside it cannot install anything.
@@ -26,13 +42,14 @@ mod fault;
 mod iter;
 mod ops;
 mod page;
+mod spte_write;
 mod zap;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use crossbeam_epoch::{Guard, Owned, Shared};
+use crossbeam_epoch::{Atomic, Guard, Shared};
 
 pub use fault::TdpFault;
 pub use iter::{Step, TdpIter, TdpIteration, Walked};
@@ -112,8 +129,46 @@ pub struct TdpStats {
     pub zap_reads: AtomicU64,
 }
 
+/// A pointer to a root page, owned by the root list until the page is retired.
+///
+/// # Invariants
+/// - The pointer is never null: [`RootRef::new`] makes it from a live page.
+/// - The page is freed only by [`TdpMmu::retire`] (through the epoch collector) after
+///   [`RootRef::into_retired`] consumed the `RootRef`, which `reap_invalid_roots` does
+///   under the exclusive lock (`&mut TdpMmu`) once the root left the root list. So while
+///   a `&RootRef` exists, the page has not been handed to the collector yet.
+struct RootRef(Atomic<TdpPage>);
+
+impl RootRef {
+    fn new(page: TdpPage) -> Self {
+        RootRef(Atomic::new(page))
+    }
+
+    /// The root page, for as long as `guard` pins the epoch. The one place a root is
+    /// dereferenced.
+    #[inline]
+    fn page<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+        // The pointer never changes after `new`, and the root list is changed only under
+        // `&mut TdpMmu`: a relaxed load reads the value `new` stored.
+        let page = self.0.load(Ordering::Relaxed, guard);
+        // SAFETY: non-null and live when `page` is called (see the invariants: a `&self`
+        // means it is not retired yet). `guard` was pinned before any later retirement,
+        // and the collector frees a retired page only after every guard pinned before
+        // its retirement is dropped, so the page outlives `'g`.
+        unsafe { page.deref() }
+    }
+
+    /// Hand the root page over for retirement (with the other pages of a [`Removed`]).
+    fn into_retired<'g>(self, guard: &'g Guard) -> Shared<'g, TdpPage> {
+        self.0.load(Ordering::Relaxed, guard)
+    }
+}
+
 struct Root {
-    page: usize,
+    page: RootRef,
+    /// The root page's frame (immutable; kept here so vCPU reference counting needs no
+    /// epoch guard).
+    frame: Pfn,
     refs: AtomicU32,
     invalid: bool,
 }
@@ -145,12 +200,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     fn new_root(&mut self) -> Result<(), Error> {
         let page = self.alloc_page(Level::ROOT, Gfn(0))?;
-        // Owned by the root list until retired (crossbeam's Owned is a Box).
-        // SAFETY: `unprotected` only converts the new page to a raw pointer; nothing is
-        // read through it here.
-        let shared = Owned::new(page).into_shared(unsafe { crossbeam_epoch::unprotected() });
+        let frame = page.frame;
         self.roots.push(Root {
-            page: shared.as_raw() as usize,
+            page: RootRef::new(page),
+            frame,
             refs: AtomicU32::new(0),
             invalid: false,
         });
@@ -177,23 +230,23 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// The valid root (there is always exactly one).
-    pub fn root<'g>(&self, _guard: &'g Guard) -> &'g TdpPage {
-        let r = self
-            .roots
+    pub fn root<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+        self.roots
             .iter()
             .find(|r| !r.invalid)
-            .expect("a valid root");
-        // SAFETY: roots are freed only under the exclusive lock, after they are invalid
-        // and unreferenced; the caller holds the lock (shared at least) and a guard.
-        unsafe { &*(r.page as *const TdpPage) }
+            .expect("a valid root")
+            .page
+            .page(guard)
     }
 
     /// Every root, valid or not, with whether it is valid.
-    pub fn roots<'g>(&self, _guard: &'g Guard) -> impl Iterator<Item = (&'g TdpPage, bool)> + '_ {
-        // SAFETY: as in `root`.
+    pub fn roots<'g>(
+        &self,
+        guard: &'g Guard,
+    ) -> impl Iterator<Item = (&'g TdpPage, bool)> + use<'_, 'g, A> {
         self.roots
             .iter()
-            .map(|r| (unsafe { &*(r.page as *const TdpPage) }, !r.invalid))
+            .map(move |r| (r.page.page(guard), !r.invalid))
     }
 
     /// Take a reference to the valid root for a vCPU; returns its frame.
@@ -204,15 +257,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             .find(|r| !r.invalid)
             .expect("a valid root");
         r.refs.fetch_add(1, Ordering::AcqRel);
-        // SAFETY: as in `root`.
-        unsafe { (*(r.page as *const TdpPage)).frame }
+        r.frame
     }
 
     /// Drop a vCPU's reference to the root with frame `frame`.
     pub fn put_root(&self, frame: Pfn) {
         for r in &self.roots {
-            // SAFETY: as in `root`.
-            if unsafe { (*(r.page as *const TdpPage)).frame } == frame {
+            if r.frame == frame {
                 r.refs.fetch_sub(1, Ordering::AcqRel);
                 return;
             }
@@ -221,19 +272,17 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Whether `frame` is the valid root.
     pub fn is_valid_root(&self, frame: Pfn) -> bool {
-        // SAFETY: as in `root`.
-        self.roots
-            .iter()
-            .any(|r| !r.invalid && unsafe { (*(r.page as *const TdpPage)).frame } == frame)
+        self.roots.iter().any(|r| !r.invalid && r.frame == frame)
     }
 
     /// Zap every root in place, in passes of increasing level (exclusive lock; KVM's
     /// teardown path). The roots stay valid and referenced.
-    pub fn zap_all_roots(&self, guard: &Guard) -> (Removed, ZapCounts) {
+    pub fn zap_all_roots(&mut self, guard: &Guard) -> (Removed, ZapCounts) {
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
         let mut counts = ZapCounts::default();
-        for (root, _) in self.roots(guard) {
-            let (r, c) = self.zap_root(root, guard);
+        for (root, _) in mmu.roots(guard) {
+            let (r, c) = mmu.zap_root(root, guard);
             removed.merge(r);
             counts.add(c);
         }
@@ -250,10 +299,11 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             r.invalid = true;
         }
         self.new_root()?;
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
-        for (root, valid) in self.roots(guard) {
+        for (root, valid) in mmu.roots(guard) {
             if !valid {
-                removed.merge(self.zap_root(root, guard).0);
+                removed.merge(mmu.zap_root(root, guard).0);
             }
         }
         Ok(removed)
@@ -267,12 +317,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         let mut keep = Vec::new();
         for r in core::mem::take(&mut self.roots) {
             if r.invalid && r.refs.load(Ordering::Acquire) == 0 {
-                // SAFETY: as in `root`.
-                let page = unsafe { &*(r.page as *const TdpPage) };
-                let (rm, c) = self.zap_root(page, guard);
+                let (rm, c) = self.zap_root(r.page.page(guard), guard);
                 removed.merge(rm);
                 counts.add(c);
-                removed.push(Shared::from(r.page as *const TdpPage));
+                removed.push(r.page.into_retired(guard));
             } else {
                 keep.push(r);
             }

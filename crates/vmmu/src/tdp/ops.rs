@@ -4,20 +4,24 @@
 //! `clear_dirty_pt_masked`, `age_gfn_range`, `tdp_mmu_split_huge_pages_root`,
 //! `recover_huge_pages_range`).
 //!
-//! All but `change_pte` run under the shared lock: every change is a compare-exchange
-//! against the value read; on failure the body re-reads and retries (aging gives up, as
-//! KVM tolerates a lost accessed-bit update).
+//! # Locking
+//! `change_pte` and `clear_dirty` need the exclusive lock and take `&mut self`; their
+//! writes are the funnel's exclusive ones. The others take `&self` and are correct under
+//! the shared lock: every change is a compare-exchange against the value read; on
+//! failure the body re-reads and retries (aging gives up, as KVM tolerates a lost
+//! accessed-bit update).
 
 use alloc::vec::Vec;
 
 use crossbeam_epoch::{Guard, Owned};
 
-use super::iter::{Step, TdpIteration};
+use super::iter::Step;
 use super::page::TdpPage;
+use super::spte_write::Link;
 use super::{Removed, TdpMmu};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::spte::{bits, LeafAttrs, Spte, FROZEN};
+use crate::spte::{bits, LeafAttrs, Spte};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -65,12 +69,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             } else {
                 s.write_protected()
             };
-            if it
-                .page()
-                .table()
-                .compare_exchange(it.index(), s, new)
-                .is_err()
-            {
+            if !self.set_spte_atomic(it.page(), it.index(), s, new, &mut removed, guard) {
                 return Step::Retry;
             }
             if s.is_writable() {
@@ -86,7 +85,8 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// under the exclusive lock, so a plain store suffices where no CPU can set A/D).
     /// Sparse masks get one short walk each; when there is more than one dirty page per
     /// 64 on average, one walk over the whole range tests each leaf's bit instead.
-    pub fn clear_dirty(&self, base: Gfn, masks: &[u64], guard: &Guard) -> Removed {
+    pub fn clear_dirty(&mut self, base: Gfn, masks: &[u64], guard: &Guard) -> Removed {
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
         let nr: u64 = masks.iter().map(|m| m.count_ones() as u64).sum();
         if nr == 0 {
@@ -101,7 +101,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         };
         let nonzero = || masks.iter().enumerate().filter(|(_, &m)| m != 0);
         let mut protect = |start: Gfn, end: Gfn| {
-            self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
+            mmu.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
                 let s = it.spte;
                 let bit = it.gfn().0.wrapping_sub(base.0) as usize;
                 if it.level() == Level::L4K
@@ -111,12 +111,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         .get(bit / 64)
                         .is_some_and(|m| m & (1 << (bit % 64)) != 0)
                 {
-                    let t = it.page().table();
-                    if s.has_volatile_bits() {
-                        t.fetch_and_not(it.index(), bits::WRITABLE);
-                    } else {
-                        t.set(it.index(), s.write_protected());
-                    }
+                    mmu.clear_bits(it.page(), it.index(), s, bits::WRITABLE);
                     removed.flush.set();
                 }
                 Step::Next
@@ -145,18 +140,18 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// young. A lost compare-exchange is not retried (KVM tolerates it).
     pub fn age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
         let mut young = false;
+        // Clearing A changes no translation and unlinks nothing: nothing is owed.
+        let mut removed = Removed::default();
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
             if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
                 young = true;
-                let _ = it.page().table().compare_exchange(
-                    it.index(),
-                    s,
-                    s.without_bits(bits::ACCESSED),
-                );
+                let new = s.without_bits(bits::ACCESSED);
+                let _ = self.set_spte_atomic(it.page(), it.index(), s, new, &mut removed, guard);
             }
             Step::Next
         });
+        debug_assert!(removed.is_empty());
         young
     }
 
@@ -176,9 +171,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// The host now maps `gfn` at `new_pfn` (exclusive lock): point 4K leaves there
     /// read-only, or zap them when the new host mapping is writable; huge leaves over
     /// `gfn` are zapped.
-    pub fn change_pte(&self, gfn: Gfn, new_pfn: Pfn, writable: bool, guard: &Guard) -> Removed {
+    pub fn change_pte(&mut self, gfn: Gfn, new_pfn: Pfn, writable: bool, guard: &Guard) -> Removed {
+        let mmu = self.exclusive();
         let mut removed = Removed::default();
-        self.walk(
+        mmu.walk(
             gfn..Gfn(gfn.0 + 1),
             Level::L4K,
             u64::MAX,
@@ -188,12 +184,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 let s = it.spte;
                 if s.is_shadow_present() && s.is_leaf(it.level()) {
                     if writable || it.level() > Level::L4K {
-                        self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
+                        mmu.zap_spte(it.page(), it.index(), s, &mut removed, guard);
                     } else {
                         let new = s
                             .with_pfn(new_pfn)
                             .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | bits::ACCESSED);
-                        it.page().table().swap(it.index(), new);
+                        mmu.set_spte(it.page(), it.index(), s, new, &mut removed, guard);
                         removed.flush.set();
                     }
                 }
@@ -214,7 +210,6 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         guard: &Guard,
     ) -> SplitProgress {
         let mut removed = Removed::default();
-        let used = self.mode == TdpIteration::UsedEntries;
         let mut need = None;
         self.walk(start..end, Level::L2M, u64::MAX, true, guard, |it| {
             let s = it.spte;
@@ -240,29 +235,19 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 let large = if below == Level::L4K { bits::LARGE } else { 0 };
                 let sub = Spte(s.0 & !bits::PFN_MASK & !large)
                     .with_pfn(Pfn(s.pfn().0 + ((k as u64) << below.gfn_shift())));
-                child.table().set(k, sub);
-                if used {
-                    child.set_used(k);
-                }
+                self.init_spte(&mut child, k, sub);
             }
-            let frame = child.frame;
-            let shared = Owned::new(child).into_shared(guard);
-            let page = it.page();
-            let claimed = page.claim_child(it.index(), shared, guard);
-            if !claimed
-                || page
-                    .table()
-                    .compare_exchange(it.index(), s, Spte::new_nonleaf(frame))
-                    .is_err()
-            {
-                // Lost a race: give the table back for the next try. Forget the child only
-                // if it is ours: a failed claim means a racing fault recorded its own table
-                // there.
-                if claimed {
-                    page.clear_child(it.index());
+            let child = Owned::new(child);
+            match self.link_table_atomic(it.page(), it.index(), s, child, &mut removed, guard) {
+                Link::Linked => {}
+                Link::Busy(child) => {
+                    // A racing fault records its own table there: ours was never
+                    // published; it goes with the removed tables.
+                    removed.push(child);
+                    return Step::Retry;
                 }
-                removed.push(shared);
-                return Step::Retry;
+                // Lost a race: the table, briefly recorded, is already among the removed.
+                Link::Lost => return Step::Retry,
             }
             self.stats
                 .huge_split
@@ -303,16 +288,10 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             let Some(new) = self.huge_leaf_for(slots, host, it.gfn(), level) else {
                 return Step::Next;
             };
-            let page = it.page();
-            if page
-                .table()
-                .compare_exchange(it.index(), s, FROZEN)
-                .is_err()
-            {
+            let Some(frozen) = self.freeze(it.page(), it.index(), s, &mut removed, guard) else {
                 return Step::Retry;
-            }
-            self.remove_subtree(page, it.index(), s, false, &mut removed, guard);
-            page.table().set(it.index(), new);
+            };
+            frozen.install(new);
             self.stats
                 .huge_recovered
                 .fetch_add(1, core::sync::atomic::Ordering::Relaxed);

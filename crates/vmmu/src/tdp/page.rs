@@ -9,8 +9,9 @@
 //! `used` is the bitmap of shadow-present entries that the `used-entries` iteration mode
 //! (seed 002, the author's suggestion) walks instead of reading every entry. Invariant,
 //! maintained only in that mode: a present entry's bit is set. A bit is set by the thread
-//! whose compare-exchange made the entry present (right after it), and cleared only under
-//! the exclusive MMU lock, so at every quiescent point the bitmap is exact.
+//! whose write made the entry present (right after it), and cleared only under the
+//! exclusive MMU lock, so at every quiescent point the bitmap is exact. Both happen only
+//! in the SPTE write funnel ([`super::spte_write`]), as do the changes of `children`.
 
 use alloc::boxed::Box;
 use core::ptr::NonNull;
@@ -76,7 +77,7 @@ impl TdpPage {
     /// Record `child` under entry `i` if nothing is recorded; `false` if another thread
     /// is linking a child there.
     #[inline]
-    pub(crate) fn claim_child(&self, i: usize, child: Shared<'_, TdpPage>, guard: &Guard) -> bool {
+    pub(super) fn claim_child(&self, i: usize, child: Shared<'_, TdpPage>, guard: &Guard) -> bool {
         self.children.as_ref().expect("leaf table has no children")[i]
             .compare_exchange(
                 Shared::null(),
@@ -90,7 +91,7 @@ impl TdpPage {
 
     /// Forget the child under entry `i` (its SPTE no longer points at it).
     #[inline]
-    pub(crate) fn clear_child(&self, i: usize) {
+    pub(super) fn clear_child(&self, i: usize) {
         if let Some(c) = &self.children {
             c[i].store(Shared::null(), Ordering::Release);
         }
@@ -98,13 +99,13 @@ impl TdpPage {
 
     /// Mark entry `i` present in the used-entries bitmap.
     #[inline]
-    pub fn set_used(&self, i: usize) {
+    pub(super) fn set_used(&self, i: usize) {
         self.used[i / 64].fetch_or(1 << (i % 64), Ordering::Release);
     }
 
     /// Mark entry `i` not present (exclusive MMU lock only).
     #[inline]
-    pub fn clear_used(&self, i: usize) {
+    pub(super) fn clear_used(&self, i: usize) {
         self.used[i / 64].fetch_and(!(1 << (i % 64)), Ordering::Release);
     }
 

@@ -73,6 +73,14 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         })
     }
 
+    /// The TDP MMU, mutably, if that is what runs (exclusive lock).
+    pub(crate) fn tdp_mut(&mut self) -> Option<&mut TdpMmu<A>> {
+        match self {
+            Mmu::Tdp(m) => Some(m),
+            Mmu::Shadow(_) => None,
+        }
+    }
+
     /// The shadow MMU, mutably, if that is what runs.
     pub(crate) fn shadow_mut(&mut self) -> Option<&mut ShadowMmu<Arc<A>>> {
         match self {

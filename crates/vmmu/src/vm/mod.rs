@@ -330,6 +330,18 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             st.mmu.tdp().expect("with_tdp needs a TDP-MMU VM"),
         )
     }
+
+    /// [`with_tdp`](Self::with_tdp) with the TDP MMU mutable, for tests and benchmarks
+    /// that run an exclusive-lock TDP operation themselves (those take `&mut TdpMmu`).
+    ///
+    /// # Panics
+    /// If the VM runs the shadow MMU.
+    pub fn with_tdp_mut<R>(&self, f: impl FnOnce(&Memslots, &mut TdpMmu<A>) -> R) -> R {
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let m = st.mmu.tdp_mut().expect("with_tdp_mut needs a TDP-MMU VM");
+        f(&st.slots, m)
+    }
 }
 
 impl<H: HostMemory, A: TableAllocator + 'static> Drop for Vm<H, A> {
