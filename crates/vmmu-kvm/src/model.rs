@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::Gpa;
+use vmmu::Vcpu;
 use vmmu::{DirtyLogConfig, MemoryRegion, MemslotFlags, Vm, VmConfig};
 
 use crate::image::{DATA_GPA, DATA_SLOT};

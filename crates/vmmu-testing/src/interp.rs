@@ -25,10 +25,10 @@ use std::fmt;
 use std::sync::Arc;
 
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::MemslotLimits;
 use vmmu::table::HeapTableAllocator;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{
     Algorithms, DirtyWrprot, Error, Exit, MemoryRegion, MemslotFlags, MmuKind, PageWrprot,
     RmapDrop, RmapIteration, Vm, VmConfig,

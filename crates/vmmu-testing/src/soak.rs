@@ -31,10 +31,10 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::MemslotLimits;
 use vmmu::table::HeapTableAllocator;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, Vm, VmConfig};
 
 use crate::model::{DirtyMode, Expect, Model, ModelSlot};

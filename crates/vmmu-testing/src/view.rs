@@ -10,11 +10,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use vmmu::host::{HostMemory, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::Memslots;
 use vmmu::spte::Spte;
 use vmmu::table::{HeapTableAllocator, TableAllocator};
 use vmmu::types::{Level, Pfn};
+use vmmu::Vcpu;
 use vmmu::{MmuKind, Vm, VmStats};
 
 /// The VM type the interpreter and the soak drive.

@@ -90,4 +90,4 @@ pub use mmu::{DirtyGfn, FaultOutcome};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
 pub use vm::{DirtyLogConfig, Exit, PagingConfig, PagingStats, Vm, VmConfig, VmStats};
-pub use vm::{Mmu, MmuKind};
+pub use vm::{Mmu, MmuKind, Vcpu};

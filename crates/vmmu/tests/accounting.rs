@@ -48,7 +48,7 @@ fn run(mmu: MmuKind, dirty_log: DirtyLogConfig) {
     vm.set_user_memory_region(region(2, 3 * G1, 8 * M1, small, MemslotFlags::empty()))
         .unwrap();
     let mut vcpus: Vec<_> = (0..3).map(|_| vm.create_vcpu().unwrap()).collect();
-    let touch_all = |vcpus: &mut [vmmu::hw::Vcpu]| {
+    let touch_all = |vcpus: &mut [vmmu::Vcpu]| {
         for (base, size) in [(G1, 16 * M1), (2 * G1, 8 * M1), (3 * G1, 8 * M1)] {
             for p in 0..size / 4096 {
                 let v = &mut vcpus[(p % 3) as usize];

@@ -136,7 +136,7 @@ fn check(vm: &TestVm, models: &[SlotModel], what: &str) {
 fn run_ops(
     vm: &TestVm,
     host: &vmmu::host::SimHostMemory,
-    vcpus: &mut [vmmu::hw::Vcpu],
+    vcpus: &mut [vmmu::Vcpu],
     models: &mut [SlotModel],
     rng: &mut Rng,
     n: u64,
@@ -604,7 +604,7 @@ fn logging_drops_huge_pages_and_stopping_brings_them_back() {
             ),
         ];
         let mut v = vm.create_vcpu().unwrap();
-        let touch = |vm: &TestVm, v: &mut vmmu::hw::Vcpu, s: &SlotSpec, step: u64| {
+        let touch = |vm: &TestVm, v: &mut vmmu::Vcpu, s: &SlotSpec, step: u64| {
             for i in (0..s.pages()).step_by(step as usize) {
                 access_ok(vm, v, &host, s, s.page_gpa(i) + 8, AccessKind::Write);
             }

@@ -101,7 +101,7 @@ fn check(vm: &TestVm, m: &Model, what: &str) {
 fn access(
     vm: &TestVm,
     host: &vmmu::host::SimHostMemory,
-    vcpus: &mut [vmmu::hw::Vcpu],
+    vcpus: &mut [vmmu::Vcpu],
     m: &mut Model,
     v: usize,
     (k, p, kind): (usize, u64, AccessKind),

@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::MemslotLimits;
 use vmmu::types::{Gfn, Gpa, Hva};
+use vmmu::Vcpu;
 use vmmu::{DirtyLogConfig, Error, Exit, MemoryRegion, MemslotFlags, Vm, VmConfig};
 use vmmu_testing::view::{snapshot, SimVm};
 use vmmu_testing::MMUS;

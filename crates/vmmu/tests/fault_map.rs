@@ -8,8 +8,8 @@ use std::collections::BTreeSet;
 
 use common::*;
 use vmmu::host::Backing;
-use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gpa, Level, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Exit, MemslotFlags, VmConfig};
 
 /// Map every page of `specs` (in order), checking each translation, the audit after each

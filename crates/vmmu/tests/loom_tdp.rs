@@ -124,7 +124,7 @@ struct Mmu {
     freed: AtomicUsize,
     /// The slot's dirty bitmap word (`DirtyBitmap`), bit 0 for the model's gfn.
     dirty: AtomicU64,
-    /// `VcpuShared::mode` and `requests` of the one vCPU.
+    /// `CpuShared::mode` and `requests` of the one vCPU.
     mode: AtomicU8,
     requests: AtomicU32,
     /// Writes the vCPU completed (the model's observation, not library state).

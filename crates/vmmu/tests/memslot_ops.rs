@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use common::*;
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::MemslotLimits;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Level, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Error, Exit, MemslotFlags, VmConfig};
 
 fn map_slot(

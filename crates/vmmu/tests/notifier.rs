@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use common::*;
 use support::*;
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, Level, Pfn, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Algorithms, DirtyLogConfig, Error, Exit, MemslotFlags, VmConfig};
 
 struct Env {

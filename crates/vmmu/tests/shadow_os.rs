@@ -382,8 +382,8 @@ mod repro {
 
     use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
     use vmmu::host::{Backing, SimHostMemory};
-    use vmmu::hw::Vcpu;
     use vmmu::types::{AccessKind, Gpa, Gva};
+    use vmmu::Vcpu;
     use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, Vm, VmConfig};
 
     const RAM: u64 = 8 << 20;

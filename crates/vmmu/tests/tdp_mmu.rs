@@ -30,7 +30,7 @@ fn tdp_vm(mode: TdpIteration) -> (Arc<SimHostMemory>, TestVm) {
 }
 
 /// An 8 MiB THP slot at 1 GiB, every 2 MiB page written (2M leaves).
-fn thp_slot_mapped(host: &SimHostMemory, vm: &TestVm, vcpu: &mut vmmu::hw::Vcpu) -> SlotSpec {
+fn thp_slot_mapped(host: &SimHostMemory, vm: &TestVm, vcpu: &mut vmmu::Vcpu) -> SlotSpec {
     let hva = mmap(host, 8 * M1, Backing::Thp);
     let spec = add_slot(
         vm,

@@ -21,8 +21,8 @@ use std::sync::Mutex;
 
 use common::*;
 use vmmu::host::{Backing, HostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hva, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{DirtyLogConfig, MemslotFlags, MmuKind, TdpIteration, VmConfig};
 
 const VCPU_THREADS: usize = 3;

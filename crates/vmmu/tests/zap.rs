@@ -12,9 +12,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use common::*;
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::spte::Spte;
 use vmmu::types::{AccessKind, Gfn, Gpa, Level, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Algorithms, MemslotFlags, RmapDrop, VmConfig};
 
 /// Whether the leaf (first gfn, level) maps any gfn in `[start, end)`.

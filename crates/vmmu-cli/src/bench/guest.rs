@@ -6,8 +6,8 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value};
 
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gpa, Hva, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vm, VmConfig};
 
 use super::names::tdp;

@@ -16,9 +16,9 @@ use std::sync::Arc;
 
 use vmmu::guest::{GuestMemory, PagingState};
 use vmmu::host::HostMemory;
-use vmmu::hw::Vcpu;
 use vmmu::table::{HeapTableAllocator, TableAllocator};
 use vmmu::types::{AccessKind, ErrorCode, Gpa, Gva};
+use vmmu::Vcpu;
 use vmmu::{Exit, Vm};
 
 use super::layout::phys_to_virt;

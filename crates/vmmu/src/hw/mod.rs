@@ -1,4 +1,4 @@
-//! The CPU's view: an EPT walker that sets A/D bits, a per-vCPU TLB, and the vCPU mode
+//! The CPU model: an EPT walker that sets A/D bits, a per-CPU TLB, and the vCPU mode
 //! protocol that makes remote TLB flushes wait for vCPUs in guest mode.
 
 mod tlb;
@@ -6,5 +6,5 @@ mod vcpu;
 mod walk;
 
 pub use tlb::{Tlb, TlbEntry};
-pub use vcpu::{flush_vcpus, request_vcpus, Vcpu, VcpuShared, REQ_MMU_RELOAD, REQ_TLB_FLUSH};
+pub use vcpu::{flush_vcpus, request_vcpus, Cpu, CpuShared, REQ_MMU_RELOAD, REQ_TLB_FLUSH};
 pub use walk::{ept_walk, fast_page_fault, leaf_pfn, lockless_walk, WalkExit, WalkPoint};

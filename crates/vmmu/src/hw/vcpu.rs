@@ -1,4 +1,7 @@
-//! A vCPU and the mode/request protocol of KVM's `vcpu->mode` and `kvm_make_all_cpus_request`.
+//! A CPU as the MMU sees it (its TLB, the root it walks, its paging registers) and the
+//! mode/request protocol of KVM's `vcpu->mode` and `kvm_make_all_cpus_request`. The MMU's
+//! state of a vCPU (the roots it holds references on, its dirty ring) is the VM's, in
+//! `vm/vcpu.rs`.
 //!
 //! # Protocol
 //! A vCPU enters guest mode by storing `IN_GUEST_MODE`, then a [`light_fence`], then
@@ -17,12 +20,9 @@ use alloc::sync::Arc;
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
 use super::tlb::Tlb;
-use crate::dirty::DirtyRing;
 use crate::guest::PagingState;
-use crate::shadow::RootRef;
-use crate::sync::{heavy_fence, light_fence, Mutex};
+use crate::sync::{heavy_fence, light_fence};
 use crate::types::Pfn;
-use alloc::vec::Vec;
 
 const OUTSIDE_GUEST_MODE: u8 = 0;
 const IN_GUEST_MODE: u8 = 1;
@@ -32,35 +32,37 @@ pub const REQ_TLB_FLUSH: u32 = 1;
 /// Request: load the MMU's current root before running (the old one was invalidated).
 pub const REQ_MMU_RELOAD: u32 = 2;
 
-/// The part of a vCPU other threads touch.
-pub struct VcpuShared {
+/// The part of a CPU other threads touch: its mode and its pending requests.
+pub struct CpuShared {
     mode: AtomicU8,
     requests: AtomicU32,
-    /// The dirty ring, when the VM uses rings: the vCPU pushes, the VMM harvests and
-    /// resets. Its lock is taken by the vCPU only when logging a page.
-    pub(crate) dirty_ring: Option<Mutex<DirtyRing>>,
 }
 
-impl VcpuShared {
-    /// A vCPU's shared state, with a dirty ring of `ring_size` entries if given.
-    pub fn new(ring_size: Option<u32>) -> Self {
-        VcpuShared {
+impl CpuShared {
+    /// A CPU outside guest mode with no request pending.
+    pub fn new() -> Self {
+        CpuShared {
             mode: AtomicU8::new(OUTSIDE_GUEST_MODE),
             requests: AtomicU32::new(0),
-            dirty_ring: ring_size.map(|n| Mutex::new(DirtyRing::new(n))),
         }
+    }
+}
+
+impl Default for CpuShared {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
 /// Ask every vCPU in `vcpus` to flush its TLB and wait until none is in guest mode with
 /// its old translations (KVM's `kvm_make_all_cpus_request(KVM_REQ_TLB_FLUSH)` with wait).
-pub fn flush_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone) {
+pub fn flush_vcpus<'a>(vcpus: impl Iterator<Item = &'a CpuShared> + Clone) {
     request_vcpus(vcpus, REQ_TLB_FLUSH);
 }
 
 /// Post `req` to every vCPU in `vcpus` and wait until none is in guest mode without
 /// having seen it.
-pub fn request_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone, req: u32) {
+pub fn request_vcpus<'a>(vcpus: impl Iterator<Item = &'a CpuShared> + Clone, req: u32) {
     for v in vcpus.clone() {
         v.requests.fetch_or(req, Ordering::Relaxed);
     }
@@ -72,37 +74,23 @@ pub fn request_vcpus<'a>(vcpus: impl Iterator<Item = &'a VcpuShared> + Clone, re
     }
 }
 
-/// A virtual CPU: its TLB and its current root. Owned by the thread that runs it.
-pub struct Vcpu {
-    /// vCPU index.
-    pub id: u32,
-    pub(crate) shared: Arc<VcpuShared>,
+/// A CPU: its TLB, the root it walks (the EPT pointer, or CR3's shadow root) and its
+/// paging registers. Owned by the thread that runs it.
+pub struct Cpu {
+    pub(crate) shared: Arc<CpuShared>,
     pub(crate) tlb: Tlb,
     pub(crate) root: Pfn,
-    /// Guest accesses made.
-    pub accesses: u64,
-    /// Exits to the MMU (EPT violations and misconfigurations).
-    pub exits: u64,
     /// Paging registers (shadow paging).
     pub(crate) paging: PagingState,
-    /// Shadow paging: the root for the current CR3, and the previous ones kept for
-    /// switching back (most recent first).
-    pub(crate) proot: Option<RootRef>,
-    pub(crate) prev_roots: Vec<RootRef>,
 }
 
-impl Vcpu {
-    pub(crate) fn new(id: u32, shared: Arc<VcpuShared>, root: Pfn) -> Self {
-        Vcpu {
-            id,
+impl Cpu {
+    pub(crate) fn new(shared: Arc<CpuShared>, root: Pfn) -> Self {
+        Cpu {
             shared,
             tlb: Tlb::new(),
             root,
-            accesses: 0,
-            exits: 0,
             paging: PagingState::default(),
-            proot: None,
-            prev_roots: Vec::new(),
         }
     }
 
@@ -146,20 +134,6 @@ impl Vcpu {
         self.shared
             .mode
             .store(OUTSIDE_GUEST_MODE, Ordering::Release);
-    }
-
-    /// Whether this vCPU's dirty ring is too full to run (KVM_EXIT_DIRTY_RING_FULL).
-    #[inline]
-    pub fn dirty_ring_soft_full(&self) -> bool {
-        self.shared
-            .dirty_ring
-            .as_ref()
-            .is_some_and(|r| r.lock().is_soft_full())
-    }
-
-    /// The shared part (mode, requests, dirty ring).
-    pub fn shared(&self) -> &VcpuShared {
-        &self.shared
     }
 
     /// The TLB.

@@ -11,10 +11,10 @@
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
+use super::Vcpu;
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
-use crate::hw::Vcpu;
 use crate::memslot::DirtyBitmap;
 use crate::mmu::DirtyGfn;
 use crate::shadow::DirtyWrprot;
@@ -37,7 +37,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     /// Log `d` as dirty for `vcpu`: into its ring when the VM uses rings, else `bitmap`.
     #[inline]
     pub(crate) fn log_dirty(&self, vcpu: &Vcpu, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
-        match &vcpu.shared().dirty_ring {
+        match &vcpu.dirty_ring {
             Some(ring) => {
                 let pushed = ring.lock().push(d);
                 debug_assert!(pushed, "dirty ring overflow: vCPUs stop at soft-full");

@@ -10,7 +10,9 @@
 use core::sync::atomic::Ordering;
 
 use crate::error::Error;
-use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, Vcpu, WalkExit};
+use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, WalkExit};
+
+use super::Vcpu;
 use crate::mmu::FaultOutcome;
 use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
 
@@ -65,22 +67,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
             }
-            if !vcpu.enter_guest() {
+            if !vcpu.cpu.enter_guest() {
                 self.reload_root(vcpu);
                 continue;
             }
-            let mut result = match vcpu.tlb.lookup(gfn, kind) {
+            let mut result = match vcpu.cpu.tlb.lookup(gfn, kind) {
                 Some(pfn) => Ok(pfn),
                 // SAFETY: in guest mode (entered above, left below).
-                None => unsafe { ept_walk(&*self.alloc, vcpu.root, gpa, kind) }.map(|e| {
-                    vcpu.tlb.fill(gfn, e);
+                None => unsafe { ept_walk(&*self.alloc, vcpu.cpu.root, gpa, kind) }.map(|e| {
+                    vcpu.cpu.tlb.fill(gfn, e);
                     leaf_pfn(&e, gfn)
                 }),
             };
             if let Err(WalkExit::Violation { error_code, .. }) = result {
                 if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE)
                     // SAFETY: still in guest mode.
-                    && unsafe { fast_page_fault(&*self.alloc, vcpu.root, gpa) }
+                    && unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) }
                 {
                     // Still a VM exit (an EPT violation), handled without the MMU lock.
                     vcpu.exits += 1;
@@ -90,7 +92,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                     result = Err(WalkExit::Retry);
                 }
             }
-            vcpu.exit_guest();
+            vcpu.cpu.exit_guest();
             let outcome = match result {
                 Ok(pfn) => return Ok(Hpa((pfn.0 << PAGE_SHIFT) | gpa.page_offset())),
                 Err(WalkExit::Retry) => FaultOutcome::Spurious,

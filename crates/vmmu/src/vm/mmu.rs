@@ -17,12 +17,12 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use super::Vcpu;
 use crate::audit::{AuditError, AuditReport};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::guest::GuestMemory;
 use crate::host::HostMemory;
-use crate::hw::Vcpu;
 use crate::memslot::Memslots;
 use crate::mmu::{FaultOutcome, Invalidation, MmuStats};
 use crate::shadow::{DirtyWrprot, PagingStats, ShadowMmu};
@@ -127,7 +127,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
         let new = m.get_root();
         m.put_root(vcpu.root());
-        vcpu.set_root(new);
+        vcpu.cpu.set_root(new);
         true
     }
 

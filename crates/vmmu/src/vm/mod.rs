@@ -17,7 +17,7 @@ use crate::dirty::DirtyIndex;
 use crate::error::Error;
 use crate::guest::GuestMemory;
 use crate::host::HostMemory;
-use crate::hw::VcpuShared;
+
 use crate::memslot::{MemslotLimits, Memslots};
 use crate::mmu::MmuStats;
 use crate::shadow::{Algorithms, ShadowMmu};
@@ -41,6 +41,7 @@ pub use dirty_log::HarvestReport;
 pub(crate) use fault::MAX_ACCESS_RETRIES;
 
 pub use mmu::{Mmu, MmuKind};
+pub use vcpu::Vcpu;
 
 pub use crate::shadow::{PagingConfig, PagingStats};
 
@@ -191,7 +192,7 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     state: RwLock<VmState<A>>,
     /// TDP VMs: the fault gate (see `lock`).
     fault_gate: Option<crate::brlock::BrLock<()>>,
-    pub(crate) vcpus: RwLock<Vec<Arc<VcpuShared>>>,
+    pub(crate) vcpus: RwLock<Vec<vcpu::VcpuHandle>>,
     pub(crate) dirty_index: DirtyIndex,
     config: VmConfig,
     remote_flushes: AtomicU64,

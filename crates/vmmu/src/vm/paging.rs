@@ -12,12 +12,12 @@
 use alloc::sync::Arc;
 
 use super::MmuKind;
+use super::Vcpu;
 use crate::error::Error;
 use crate::flush::Flush;
 use crate::flush::Removed;
 use crate::guest::{GuestMemory, PagingState};
 use crate::host::HostMemory;
-use crate::hw::Vcpu;
 use crate::mmu::DirtyGfn;
 use crate::mmu::FaultOutcome;
 use crate::page::Role;
@@ -79,13 +79,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     pub fn set_paging(&self, vcpu: &mut Vcpu, state: PagingState) -> Result<(), Error> {
         self.paging_guest()?;
         let mut guard = self.lock();
-        let old = vcpu.paging;
-        vcpu.paging = PagingState {
+        let old = vcpu.cpu.paging;
+        vcpu.cpu.paging = PagingState {
             cpl: state.cpl & 3,
             ..state
         };
         if let Err(e) = self.switch_root(&mut guard, vcpu) {
-            vcpu.paging = old;
+            vcpu.cpu.paging = old;
             return Err(e);
         }
         Ok(())
@@ -95,7 +95,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Unsync shadow pages reachable from the new root are synced; the vCPU's TLB is
     /// flushed; a root among the vCPU's previous roots is reused without a lookup.
     pub fn load_cr3(&self, vcpu: &mut Vcpu, cr3: Gpa) -> Result<(), Error> {
-        self.set_paging(vcpu, PagingState { cr3, ..vcpu.paging })
+        self.set_paging(
+            vcpu,
+            PagingState {
+                cr3,
+                ..vcpu.cpu.paging
+            },
+        )
     }
 
     /// INVLPG: drop `vcpu`'s translation of `gva` and sync the unsync shadow entry that
@@ -112,7 +118,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 self.commit(st, Removed::flush_only(flush));
             }
         }
-        vcpu.tlb.flush_virt(gva.vpn());
+        vcpu.cpu.tlb.flush_virt(gva.vpn());
         Ok(())
     }
 
@@ -128,7 +134,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// there), sync what is unsync under it and flush the vCPU's TLB. Exclusive lock.
     fn switch_root(&self, st: &mut VmState<A>, vcpu: &mut Vcpu) -> Result<(), Error> {
         let guest = self.paging_guest()?;
-        let p = vcpu.paging;
+        let p = vcpu.cpu.paging;
         let (gfn, wp, nx) = (p.root_gfn(), p.cr0_wp, p.efer_nx);
         let role = Role::paging(Level::ROOT, false, AccessFlags::ALL, wp, nx);
         let (slots, m) = split(st);
@@ -167,8 +173,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             }
         }
         let root = vcpu.proot.expect("loaded above");
-        vcpu.root = root.frame;
-        vcpu.tlb.flush();
+        vcpu.cpu.root = root.frame;
+        vcpu.cpu.tlb.flush();
         self.commit(st, Removed::flush_only(flush));
         self.sync_under(st, guest, root.id)
     }
@@ -231,28 +237,28 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let guest = self.paging_guest()?;
         check_canonical(gva)?;
         vcpu.accesses += 1;
-        let user = vcpu.paging.user();
+        let user = vcpu.cpu.paging.user();
         let vpn = gva.vpn();
         let mut retries = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
             }
-            if vcpu.proot.is_none() || !vcpu.enter_guest() {
+            if vcpu.proot.is_none() || !vcpu.cpu.enter_guest() {
                 self.paging_reload(vcpu)?;
                 continue;
             }
-            if let Some((_, gfn)) = vcpu.tlb.lookup_virt(vpn, kind, user) {
+            if let Some((_, gfn)) = vcpu.cpu.tlb.lookup_virt(vpn, kind, user) {
                 let r = do_data(guest, gfn, gva, data);
-                vcpu.exit_guest();
+                vcpu.cpu.exit_guest();
                 return r;
             }
-            vcpu.exit_guest();
+            vcpu.cpu.exit_guest();
             // TLB miss: the hardware walk, under the shared lock (taken outside guest
             // mode, see the module docs).
             let walked = {
                 let guard = self.lock_shared_untimed();
-                if !vcpu.enter_guest() {
+                if !vcpu.cpu.enter_guest() {
                     drop(guard);
                     self.paging_reload(vcpu)?;
                     continue;
@@ -264,13 +270,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 let root = vcpu.proot.expect("loaded above").id;
                 let r = match m.translate(root, gva, kind, user) {
                     Ok(e) => {
-                        vcpu.tlb.fill(Gfn(vpn), e);
+                        vcpu.cpu.tlb.fill(Gfn(vpn), e);
                         let off = vpn & (e.level.pages() - 1);
                         Some(do_data(guest, Gfn(e.gfn.0 + off), gva, data))
                     }
                     Err(_) => None,
                 };
-                vcpu.exit_guest();
+                vcpu.cpu.exit_guest();
                 r
             };
             if let Some(r) = walked {
@@ -335,7 +341,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             guest,
             GvaFault {
                 root: root.id,
-                paging: &vcpu.paging,
+                paging: &vcpu.cpu.paging,
                 gva,
                 kind,
             },
@@ -350,7 +356,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             // A subtree with unsync pages was linked: sync before the access retries
             // (KVM's KVM_REQ_MMU_SYNC).
             self.sync_under(st, guest, root.id)?;
-            vcpu.tlb.flush();
+            vcpu.cpu.tlb.flush();
             let outcome = match fault.outcome {
                 FaultOutcome::Mapped(_) => FaultOutcome::Spurious,
                 o => o,

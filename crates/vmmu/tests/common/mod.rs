@@ -22,13 +22,13 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::memslot::Memslots;
 use vmmu::rmap;
 use vmmu::spte::Spte;
 use vmmu::table::TableAllocator;
 use vmmu::tdp::{TdpIter, TdpPage};
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, Level, PAGE_SIZE};
+use vmmu::Vcpu;
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vm, VmConfig, VmStats};
 
 /// The VM type every test uses.

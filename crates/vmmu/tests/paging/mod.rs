@@ -10,8 +10,8 @@ use std::sync::Arc;
 
 use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::{Gpa, Gva, Level};
+use vmmu::Vcpu;
 use vmmu::{MemoryRegion, MemslotFlags, MmuKind, Vm, VmConfig};
 
 /// Guest-physical memory the tests give a guest (tables at the bottom, data above).

@@ -23,8 +23,8 @@ use std::sync::Arc;
 
 use vmmu::guest::{pte, GuestMemory, PagingState, SimGuestMemory};
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::hw::Vcpu;
 use vmmu::types::{AccessKind, Gpa, Gva, Level};
+use vmmu::Vcpu;
 use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, PagingConfig, Vm, VmConfig};
 use vmmu_testing::reference_walk::{self as rw, describe_entry, RefWalk};
 
