@@ -40,6 +40,7 @@ pub use fault::{GvaFault, PagingFault, RMAP_RECYCLE_THRESHOLD};
 pub use roots::RootRef;
 
 use super::ShadowMmu;
+use crate::error::Error;
 use crate::flush::Flush;
 use crate::memslot::Memslots;
 use crate::page::Role;
@@ -187,14 +188,14 @@ impl<A: TableAllocator> ShadowMmu<A> {
         slots: &mut Memslots,
         gfn: Gfn,
         role: Role,
-    ) -> Result<(u32, bool, Flush), crate::Error> {
+    ) -> Result<(u32, bool, Flush), Error> {
         if let Some(id) = self.find_page(gfn, role) {
             return Ok((id, false, Flush::NONE));
         }
         let id = self
             .pages
             .create(&self.alloc, role, gfn, 0)
-            .ok_or(crate::Error::OutOfTableMemory)?;
+            .ok_or(Error::OutOfTableMemory)?;
         self.hash_insert(id);
         let flush = if role.is_direct() {
             Flush::NONE
