@@ -9,30 +9,33 @@
 //! The core is `#![no_std]` + `alloc`; the default `std` feature adds parking-lot locks
 //! (which sleep when contended) and `std::error::Error` impls.
 //!
-//! Module map (one mechanism per file, named as KVM names it):
+//! Module map (one mechanism per file, named as KVM names it), in layers: each imports only
+//! from the layers below it, and no two modules import each other.
 //!
-//! - [`types`]: gfn, pfn, gpa, hva, levels, access kinds, error codes
-//! - [`spte`]: the 64-bit EPT SPTE: bit layout, constructors, predicates
-//! - [`host`]: what the MMU learns from the host (hva -> pfn, mapping level), and a simulation
-//! - [`table`]: page-table memory (4 KiB frames of 512 atomic SPTEs) and its allocator
-//! - [`rmap`]: KVM's `pte_list`: reverse maps from a gfn to the SPTEs that map it
-//! - [`page`]: shadow pages (`kvm_mmu_page`) and the store naming them by table id
-//! - [`memslot`]: KVM_SET_USER_MEMORY_REGION slots with their per-level metadata
-//! - `faultin`: what a fault maps (host page, level, leaf), shared by both MMUs
-//! - [`shadow`]: the shadow MMU, direct mode and shadow paging: fault paths, zapping,
-//!   write protection, emulated page-table writes, unsync and resync
-//! - [`tdp`]: the TDP MMU: parallel faults, the one iterator (three modes, seed 002)
-//! - [`flush`]: the `#[must_use]` TLB flush token
-//! - [`guest`]: shadow paging's guest side: guest memory, guest PTEs, paging registers
-//! - [`dirty`]: dirty logging: bitmap GET / CLEAR (manual protect), per-vCPU dirty rings
-//! - [`notifier`]: MMU-notifier operations: invalidate (unmap), age, test_age, change_pte
-//! - [`hw`]: the CPU: EPT walker setting A/D bits, per-vCPU TLB (by gfn or by virtual
-//!   page), the vCPU mode protocol
-//! - [`audit`]: invariant checks (KVM's `mmu_audit.c`)
-//! - [`brlock`]: the big-reader lock the TDP MMU's faults take shared, one cache line per vCPU
-//! - [`mmu`]: which MMU a VM runs (shadow direct, TDP, shadow paging), behind one set of
-//!   operations
-//! - [`vm`]: the VM tying them together, and the public API
+//! - vocabulary: [`types`] (gfn, pfn, gpa, hva, levels, access kinds, error codes),
+//!   [`flush`] (the `#[must_use]` TLB flush token, and [`flush::Removed`], what every MMU
+//!   operation returns), [`error`], [`sync`] (locks, the asymmetric fence pair), [`brlock`]
+//!   (the big-reader lock TDP faults enter through)
+//! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it),
+//!   [`guest`] (shadow paging's guest side: guest memory, guest PTEs, paging registers,
+//!   the walk of the guest's tables)
+//! - formats and memory: [`spte`] (the 64-bit SPTE, EPT and legacy x86-64 formats),
+//!   [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator), [`rmap`] (KVM's
+//!   `pte_list`), [`memslot`] (slots with their per-level metadata, dirty bitmaps, write
+//!   tracking), [`page`] (shadow pages, `kvm_mmu_page`)
+//! - [`mmu`]: the vocabulary both MMUs share: the fault plan and its outcome, the
+//!   MMU-notifier invalidation in progress, the work counters
+//! - the MMUs, side by side: [`shadow`] (direct mode and shadow paging: fault paths,
+//!   zapping, write protection, emulated page-table writes, unsync and resync) and [`tdp`]
+//!   (parallel faults, the one iterator in three modes, one SPTE write funnel, lock modes
+//!   in the types)
+//! - [`dirty`]: the lockless index of logging slots and the per-vCPU dirty rings
+//! - [`hw`]: the CPU model: EPT walker setting A/D bits, per-CPU TLB (by gfn or by
+//!   virtual page), the vCPU mode protocol
+//! - [`audit`]: invariant checks (KVM's `mmu_audit.c`), for both MMUs
+//! - [`vm`]: the public API: the VM and its vCPUs, one file per mechanism (memslots,
+//!   faults, zaps, write tracking, dirty log, MMU notifier, shadow paging, the lock), and
+//!   in `vm/mmu.rs` the one place that dispatches between the MMUs
 //!
 //! ```
 //! use std::sync::Arc;

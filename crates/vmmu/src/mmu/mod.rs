@@ -1,5 +1,5 @@
 //! The vocabulary both MMUs share, below both of them: what a fault maps and what it did
-//! ([`plan_fault`], [`FaultOutcome`], [`DirtyGfn`]; KVM's `struct kvm_page_fault`,
+//! (`plan_map`, [`FaultOutcome`], [`DirtyGfn`]; KVM's `struct kvm_page_fault`,
 //! `kvm_faultin_pfn` and `RET_PF_*`), the MMU-notifier invalidation in progress
 //! ([`Invalidation`]) and the work counters ([`MmuStats`]). What every operation returns,
 //! the flush owed and the tables to free after it, sits beside the flush token

@@ -6,7 +6,7 @@
 //!   holds them. Root pages are held as `RootRef`s, dereferenced in one place
 //!   (`RootRef::page`) under an epoch guard.
 //! - Every SPTE write, used-entries bit and `children` pointer change goes through the
-//!   write funnel ([`spte_write`]), which keeps them consistent with each other; the
+//!   write funnel (`spte_write`), which keeps them consistent with each other; the
 //!   iterator and the operations only read.
 //!
 //! # Locking
@@ -19,7 +19,7 @@
 //!   recovery, aging), and may run under the exclusive lock too. A reader holding
 //!   `&TdpMmu` cannot call a writer's operation.
 //! - Under the shared lock every SPTE change is a compare-exchange against the value the
-//!   iterator read ([`TdpMmu::set_spte_atomic`](spte_write)); a loser re-reads and
+//!   iterator read (`TdpMmu::set_spte_atomic` in `spte_write`); a loser re-reads and
 //!   retries, or gives up where KVM does (aging). Under the exclusive lock a write is a
 //!   plain store, or an atomic one where a CPU may still set A/D bits (`ExclusiveMmu`,
 //!   made only from `&mut TdpMmu`).
@@ -32,7 +32,7 @@
 //!   freed (crossbeam-epoch; in the `no_std` core the collector is driven by explicit
 //!   handles instead of thread locals).
 //! - The used-entries bitmap (seed 002) is set by whoever made an entry present and
-//!   cleared only under the exclusive lock (see [`page`]).
+//!   cleared only under the exclusive lock (see `page`).
 //! - Roots are counted: a vCPU holds a reference to the root it runs on. Invalidated roots
 //!   (a fast zap of everything) are replaced at once and zapped when the last vCPU leaves.
 //!

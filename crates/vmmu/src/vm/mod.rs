@@ -1,5 +1,12 @@
 //! The VM: memslots, the MMU, vCPUs and the remote TLB flush, behind one API.
 //!
+//! One file per mechanism, each calling the MMU through the one dispatch in `mmu.rs`:
+//! `memslots.rs` (KVM_SET_USER_MEMORY_REGION, logging on and off), `fault.rs` (guest
+//! accesses and their faults), `zap.rs`, `track.rs` (write tracking), `dirty_log.rs`
+//! (GET/CLEAR, rings), `notifier.rs` (MMU-notifier operations), `paging.rs` (the
+//! shadow-paging API), `vcpu.rs` (vCPUs, the remote flush, root reload) and `lock.rs`
+//! (the MMU lock, the TDP fault gate, their timing).
+//!
 //! # Locking
 //! `state` is KVM's `mmu_lock` (with `slots_lock` folded in): memslot updates, faults and
 //! zaps take it exclusively. vCPUs take no lock to translate: they walk the tables in

@@ -15,7 +15,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Track writes to `gfn` (KVM's `kvm_write_track_add_gfn`, used by shadow paging for
     /// guest page tables and by VMMs for device tables): its SPTEs lose W and
     /// MMU-writable (so not even the fast path can restore W), huge mappings over it are
-    /// dropped and disallowed, and guest writes to it exit with [`Exit::WriteTracked`].
+    /// dropped and disallowed, and guest writes to it exit with [`Exit::WriteTracked`](super::Exit::WriteTracked).
     pub fn track_write(&self, gfn: Gfn) -> Result<(), Error> {
         let mut guard = self.lock();
         let st = &mut *guard;
