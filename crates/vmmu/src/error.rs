@@ -33,6 +33,7 @@
 //! | [`ClearLogRange`](Error::ClearLogRange) | `clear_dirty_log` |
 //! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log`, `harvest_dirty_ring`, `reset_dirty_rings` |
 //! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring` |
+//! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`; as `Exit::Error` for the accesses) given a vCPU another VM created |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
 //! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write` |
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
@@ -168,6 +169,12 @@ pub enum Error {
     WrongDirtyLogMode(&'static str),
     /// No vCPU has this index.
     NoSuchVcpu(u32),
+    /// The vCPU was created by another VM (perhaps one already dropped): a vCPU runs only
+    /// on its own VM.
+    ForeignVcpu {
+        /// The vCPU's index (in the VM that created it).
+        vcpu: u32,
+    },
     /// A host-virtual range is empty or reversed.
     InvalidHvaRange {
         /// Start.
@@ -293,6 +300,10 @@ impl fmt::Display for Error {
             ),
             Error::WrongDirtyLogMode(why) => write!(f, "wrong dirty-log mode: {why}"),
             Error::NoSuchVcpu(v) => write!(f, "vCPU {v} does not exist"),
+            Error::ForeignVcpu { vcpu } => write!(
+                f,
+                "vCPU {vcpu} was created by another VM: a vCPU runs only on its own VM"
+            ),
             Error::InvalidHvaRange { start, end } => {
                 write!(f, "host-virtual range [{start:#x}, {end:#x}) is empty or reversed")
             }

@@ -194,8 +194,8 @@ fn roots_are_cached_shared_and_survive_reclaim() {
     g.vm.reclaim_shadow_pages(usize::MAX);
     assert!(g.vm.stats().shadow_pages > 0, "held roots survive the zap");
     g.audit();
-    g.vm.release_vcpu(v);
-    g.vm.release_vcpu(w);
+    g.vm.release_vcpu(v).unwrap();
+    g.vm.release_vcpu(w).unwrap();
     assert_eq!(g.vm.stats().shadow_pages, 0, "released roots are freed");
     g.audit();
 }

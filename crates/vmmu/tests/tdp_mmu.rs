@@ -131,7 +131,7 @@ fn releasing_a_vcpu_frees_the_invalid_root_it_held() {
         vm.zap_all_fast().unwrap();
         let roots = |vm: &TestVm| vm.with_tdp(|_, m| m.roots(&vmmu::tdp::pin()).count());
         assert_eq!(roots(&vm), 2, "{mode:?}: the idle vCPU holds the old root");
-        vm.release_vcpu(idle);
+        vm.release_vcpu(idle).unwrap();
         assert_eq!(roots(&vm), 1, "{mode:?}: released, the old root goes");
         assert_eq!(tables_held(&vm), table_count(&vm), "{mode:?}");
         audit(&vm);

@@ -111,7 +111,10 @@ impl<'vm, H: HostMemory, A: TableAllocator + 'static> VcpuCpu<'vm, H, A> {
 impl<H: HostMemory, A: TableAllocator + 'static> Drop for VcpuCpu<'_, H, A> {
     fn drop(&mut self) {
         if let Some(v) = self.vcpu.take() {
-            self.vm.release_vcpu(v);
+            // The vCPU was made by this VM, so it is not refused.
+            self.vm
+                .release_vcpu(v)
+                .expect("the vCPU belongs to this VM");
         }
     }
 }

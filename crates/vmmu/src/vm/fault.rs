@@ -27,6 +27,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
     /// logging the page if a write made it writable in a logging slot.
     pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
+        self.check_vcpu(vcpu)?;
         if self.config.mmu == MmuKind::ShadowPaging {
             return Err(Error::WrongPagingMode(
                 "guest-physical faults need a direct MMU; shadow paging faults by gva",
@@ -48,6 +49,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// first tried on the lockless fast path, still in guest mode, as KVM's
     /// `fast_page_fault` runs with the shadow walk protected from frees.
     pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
+        self.check_vcpu(vcpu)?;
         vcpu.accesses += 1;
         if self.config.mmu == MmuKind::ShadowPaging {
             return Err(Exit::Error(Error::WrongPagingMode(

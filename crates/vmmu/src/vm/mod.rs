@@ -194,6 +194,8 @@ pub(crate) struct VmState<A: TableAllocator + 'static> {
 
 /// A virtual machine's memory virtualization.
 pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
+    /// This VM's identity, carried by its vCPUs (see `vcpu`).
+    id: vcpu::VmId,
     host: H,
     alloc: Arc<A>,
     state: RwLock<VmState<A>>,
@@ -261,6 +263,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
         );
         Ok(Vm {
+            id: vcpu::VmId::next(),
             host,
             alloc,
             state: RwLock::new(VmState { slots, mmu }),
@@ -355,7 +358,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
 impl<H: HostMemory, A: TableAllocator + 'static> Drop for Vm<H, A> {
     fn drop(&mut self) {
         let st = self.state.get_mut();
-        // SAFETY: the VM is going away; vCPUs borrow it, so none can run.
+        // SAFETY: the VM is going away (`&mut self`: no method of it runs), and a vCPU
+        // runs only inside a method of its own VM, which refuses it once this VM is gone
+        // (`Vm::check_vcpu`, see `vcpu`): no vCPU will run on these tables again.
         unsafe { st.mmu.destroy(&mut st.slots) };
     }
 }

@@ -77,6 +77,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// entering long mode or changing them does: the vCPU loads the root for the new
     /// state and its TLB is flushed.
     pub fn set_paging(&self, vcpu: &mut Vcpu, state: PagingState) -> Result<(), Error> {
+        self.check_vcpu(vcpu)?;
         self.paging_guest()?;
         let mut guard = self.lock();
         let old = vcpu.cpu.paging;
@@ -95,6 +96,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Unsync shadow pages reachable from the new root are synced; the vCPU's TLB is
     /// flushed; a root among the vCPU's previous roots is reused without a lookup.
     pub fn load_cr3(&self, vcpu: &mut Vcpu, cr3: Gpa) -> Result<(), Error> {
+        self.check_vcpu(vcpu)?;
         self.set_paging(
             vcpu,
             PagingState {
@@ -107,6 +109,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// INVLPG: drop `vcpu`'s translation of `gva` and sync the unsync shadow entry that
     /// maps it.
     pub fn invlpg(&self, vcpu: &mut Vcpu, gva: Gva) -> Result<(), Error> {
+        self.check_vcpu(vcpu)?;
         let guest = self.paging_guest()?;
         check_canonical(gva)?;
         let mut guard = self.lock();
@@ -125,6 +128,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// A full guest TLB flush (CR4.PGE toggle, or INVPCID all): every unsync page under
     /// the vCPU's root is synced and its TLB flushed.
     pub fn flush_guest_tlb(&self, vcpu: &mut Vcpu) -> Result<(), Error> {
+        self.check_vcpu(vcpu)?;
         self.paging_guest()?;
         let mut guard = self.lock();
         self.switch_root(&mut guard, vcpu)
@@ -208,11 +212,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// the value already there (the access carries no data; see
     /// [`gva_write_u64`](Self::gva_write_u64)).
     pub fn gva_access(&self, vcpu: &mut Vcpu, gva: Gva, kind: AccessKind) -> Result<Gpa, Exit> {
+        self.check_vcpu(vcpu)?;
         self.gva_op(vcpu, gva, kind, Data::None).map(|(gpa, _)| gpa)
     }
 
     /// A guest read of the 8-byte-aligned word at `gva`.
     pub fn gva_read_u64(&self, vcpu: &mut Vcpu, gva: Gva) -> Result<u64, Exit> {
+        self.check_vcpu(vcpu)?;
         check_aligned(gva)?;
         self.gva_op(vcpu, gva, AccessKind::Read, Data::Read)
             .map(|(_, v)| v)
@@ -222,6 +228,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// guest page table is emulated by the MMU (guest memory updated, the shadow entries
     /// of that table fixed).
     pub fn gva_write_u64(&self, vcpu: &mut Vcpu, gva: Gva, val: u64) -> Result<(), Exit> {
+        self.check_vcpu(vcpu)?;
         check_aligned(gva)?;
         self.gva_op(vcpu, gva, AccessKind::Write, Data::Write(val))
             .map(|_| ())

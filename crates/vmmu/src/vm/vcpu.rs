@@ -1,8 +1,18 @@
 //! vCPUs of the VM: a vCPU is a CPU of the model ([`Cpu`]: TLB, loaded root, paging
 //! registers) plus the MMU's state of it (the shadow-paging roots it holds references on,
 //! its dirty ring, its exit counters). Here: creation and release (with the roots they
-//! hold), the remote TLB flush that waits for every vCPU in guest mode, and the root
-//! reload a vCPU does when its root was invalidated.
+//! hold), the tie of each vCPU to its VM, the remote TLB flush that waits for every vCPU
+//! in guest mode, and the root reload a vCPU does when its root was invalidated.
+//!
+//! # Invariants
+//! - Every VM has a [`VmId`] no other VM of the process has (a global counter that
+//!   refuses to wrap), and every vCPU carries its VM's id, which safe code cannot change.
+//! - Every `Vm` method that takes a `Vcpu` checks the id first ([`Vm::check_vcpu`]) and
+//!   returns [`Error::ForeignVcpu`] before it touches anything. So a vCPU runs only on the
+//!   VM that made it: its root, TLB and shadow-paging roots name that VM's tables, its
+//!   mode is in that VM's flush list (a remote flush waits for it), its dirty ring is one
+//!   that VM's VMM harvests. Once the VM is dropped no `Vm` method accepts the vCPU, so
+//!   nothing walks the freed tables (`Vm::drop`'s safety argument).
 //!
 //! # Locking
 //! `Vm::vcpus` is read by every remote flush and written only when a vCPU is created; the
@@ -19,7 +29,7 @@ use crate::hw::{flush_vcpus, Cpu, CpuShared, Tlb};
 use crate::shadow::RootRef;
 use crate::sync::Mutex;
 use crate::types::Pfn;
-use core::sync::atomic::Ordering;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::Vm;
 use crate::host::HostMemory;
@@ -33,10 +43,31 @@ pub(crate) struct VcpuHandle {
     pub(crate) dirty_ring: Option<Arc<Mutex<DirtyRing>>>,
 }
 
+/// A VM's identity, unique among the VMs of this process (see the module's invariants).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct VmId(u64);
+
+impl VmId {
+    /// An id no VM had before. Panics rather than wrap (after 2^64 - 1 VMs: never, but
+    /// the vCPU check's soundness rests on uniqueness, so it is not left to chance).
+    pub(crate) fn next() -> VmId {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_add(1))
+            .expect("VM ids exhausted");
+        VmId(id)
+    }
+}
+
 /// A virtual CPU of a VM. Owned by the thread that runs it.
+///
+/// A vCPU belongs to the VM that created it: every `Vm` method taking a vCPU of another
+/// VM (even one that was dropped) returns [`Error::ForeignVcpu`] and does nothing.
 pub struct Vcpu {
     /// vCPU index.
     pub id: u32,
+    /// The VM that created this vCPU (private: safe code cannot move a vCPU to another VM).
+    vm: VmId,
     pub(crate) cpu: Cpu,
     /// Guest accesses made.
     pub accesses: u64,
@@ -83,6 +114,17 @@ impl Vcpu {
 }
 
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
+    /// Whether `vcpu` was created by this VM: [`Error::ForeignVcpu`] if not. Every method
+    /// taking a vCPU calls this before anything else (see the module's invariants).
+    #[inline]
+    pub(crate) fn check_vcpu(&self, vcpu: &Vcpu) -> Result<(), Error> {
+        if vcpu.vm == self.id {
+            Ok(())
+        } else {
+            Err(Error::ForeignVcpu { vcpu: vcpu.id })
+        }
+    }
+
     /// A new vCPU, with the VM's root loaded.
     ///
     /// Lock order: the MMU lock is never taken while the vCPU list is held (a remote
@@ -118,6 +160,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
         Ok(Vcpu {
             id,
+            vm: self.id,
             cpu: Cpu::new(handle.cpu, root),
             accesses: 0,
             exits: 0,
@@ -130,11 +173,16 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Give back what `vcpu` holds (KVM's vCPU destruction): its references on roots, so
     /// a root zapped while it ran can be freed now rather than with the VM. The vCPU keeps
     /// its place in the flush list (ids are not reused).
-    pub fn release_vcpu(&self, mut vcpu: Vcpu) {
+    ///
+    /// A vCPU of another VM is refused ([`Error::ForeignVcpu`]) and dropped: this VM is
+    /// untouched, and what the vCPU held in its own VM goes when that VM does.
+    pub fn release_vcpu(&self, mut vcpu: Vcpu) -> Result<(), Error> {
+        self.check_vcpu(&vcpu)?;
         let mut guard = self.lock();
         let st = &mut *guard;
         let removed = st.mmu.release_vcpu(&mut vcpu);
         self.commit(st, removed);
+        Ok(())
     }
 
     /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
