@@ -775,7 +775,7 @@ fn tdp_path(vm: &SimVm, root: vmmu::types::Pfn, gfn: Gfn) -> String {
     vm.with_tdp(|_, m| {
         let g = vmmu::tdp::pin();
         let mut out = String::new();
-        let Some((mut page, valid)) = m.roots(&g).find(|(r, _)| r.frame == root) else {
+        let Some((mut page, valid)) = m.roots(&g).find(|(r, _)| r.frame() == root) else {
             return format!("root {root:?} not found");
         };
         out += &format!("root valid={valid}; ");
@@ -788,13 +788,13 @@ fn tdp_path(vm: &SimVm, root: vmmu::types::Pfn, gfn: Gfn) -> String {
             out += &format!(
                 "L{} [{i}] {s:?} child={:?}; ",
                 page.level.as_u8(),
-                c.map(|c| (c.frame, c.level))
+                c.map(|c| (c.frame(), c.level))
             );
             if !s.is_shadow_present() || s.is_leaf(page.level) {
                 break;
             }
             match c {
-                Some(c) if c.frame == s.pfn() => page = c,
+                Some(c) if c.frame() == s.pfn() => page = c,
                 _ => break,
             }
         }

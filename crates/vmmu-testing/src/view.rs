@@ -80,7 +80,7 @@ pub fn with_tables<R>(vm: &SimVm, f: impl FnOnce(&Memslots, Vec<Pfn>) -> R) -> R
         }
         MmuKind::Tdp(_) => vm.with_tdp(|slots, m| {
             let guard = vmmu::tdp::pin();
-            let roots = m.roots(&guard).map(|(r, _)| r.frame).collect();
+            let roots = m.roots(&guard).map(|(r, _)| r.frame()).collect();
             f(slots, roots)
         }),
     }

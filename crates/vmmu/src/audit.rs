@@ -489,7 +489,7 @@ pub fn audit_tdp<A: TableAllocator + 'static>(
                 );
                 let c = child.expect("checked");
                 ensure!(
-                    c.frame == s.pfn(),
+                    c.frame() == s.pfn(),
                     "non-leaf at {gfn:?}: child frame differs"
                 );
                 ensure!(

@@ -66,6 +66,21 @@ extern crate alloc;
 #[cfg(feature = "std")]
 extern crate std;
 
+/// `internal! { pub ... }`: an item (a module, a re-export, a function or method) that
+/// is public with the `internals` feature and crate-private without it, for vmmu's own
+/// tests, benches and reference model (see the crate docs' "Features").
+macro_rules! internal {
+    ($(#[$m:meta])* pub $($item:tt)*) => {
+        $(#[$m])*
+        #[cfg(feature = "internals")]
+        pub $($item)*
+        $(#[$m])*
+        #[cfg(not(feature = "internals"))]
+        #[allow(dead_code, unused_imports)]
+        pub(crate) $($item)*
+    };
+}
+
 pub mod audit;
 pub mod brlock;
 pub mod dirty;
@@ -86,11 +101,14 @@ pub mod tdp;
 pub mod types;
 pub mod vm;
 
+pub use audit::{AuditError, AuditReport};
 pub use error::Error;
 pub use flush::Flush;
-pub use memslot::{MemoryRegion, MemslotFlags};
-pub use mmu::{DirtyGfn, FaultOutcome};
+pub use memslot::{MemoryRegion, MemslotFlags, MemslotLimits};
+pub use mmu::{DirtyGfn, FaultOutcome, MmuStats};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
-pub use vm::{DirtyLogConfig, Exit, PagingConfig, PagingStats, Vm, VmConfig, VmStats};
+pub use vm::{
+    DirtyLogConfig, Exit, HarvestReport, PagingConfig, PagingStats, Vm, VmConfig, VmStats,
+};
 pub use vm::{Mmu, MmuKind, Vcpu};

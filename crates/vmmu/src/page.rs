@@ -428,8 +428,10 @@ impl Pages {
     }
 
     /// Allocate a table and create a page for it. `None` when the allocator is out of
-    /// frames or the id space (22 bits) is exhausted.
-    pub fn create(
+    /// frames or the id space (22 bits) is exhausted. Crate-private: the page's table
+    /// lives in `alloc`'s memory, which the MMU that calls this keeps alive (it holds an
+    /// `Arc` of it) until [`free`](Self::free).
+    pub(crate) fn create(
         &mut self,
         alloc: &dyn TableAllocator,
         role: Role,
@@ -507,7 +509,7 @@ impl Pages {
     /// # Safety
     /// Nothing may read the table any more: it is unlinked and a TLB flush since the
     /// unlink has made every vCPU leave guest mode.
-    pub unsafe fn free(&mut self, alloc: &dyn TableAllocator, id: u32) {
+    pub(crate) unsafe fn free(&mut self, alloc: &dyn TableAllocator, id: u32) {
         let sp = self.slots[id as usize]
             .take()
             .expect("double free of a shadow page");

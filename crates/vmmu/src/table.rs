@@ -32,55 +32,72 @@ pub struct Table {
 
 const _: () = assert!(core::mem::size_of::<Table>() == 4096);
 
+/// Every access to the entries is crate-private without the `internals` feature: safe
+/// code outside vmmu cannot write a live table (a made-up non-leaf entry would send the
+/// walkers into memory that is not a table).
 impl Table {
-    /// Read entry `i`.
-    ///
-    /// `Acquire` pairs with the `Release` that published a child table, so a walker that
-    /// sees a non-leaf SPTE also sees the child's (zeroed or filled) contents.
-    #[inline]
-    pub fn get(&self, i: usize) -> Spte {
-        Spte(self.entries[i].load(Ordering::Acquire))
+    internal! {
+        /// Read entry `i`.
+        ///
+        /// `Acquire` pairs with the `Release` that published a child table, so a walker that
+        /// sees a non-leaf SPTE also sees the child's (zeroed or filled) contents.
+        #[inline]
+        pub fn get(&self, i: usize) -> Spte {
+            Spte(self.entries[i].load(Ordering::Acquire))
+        }
     }
 
-    /// Store entry `i` (the MMU holds the lock; no concurrent writer can change bits the
-    /// store would lose, because the old value had no volatile bits or is being replaced
-    /// wholesale on a non-present entry).
-    #[inline]
-    pub fn set(&self, i: usize, v: Spte) {
-        self.entries[i].store(v.0, Ordering::Release);
+    internal! {
+        /// Store entry `i` (the MMU holds the lock; no concurrent writer can change bits the
+        /// store would lose, because the old value had no volatile bits or is being replaced
+        /// wholesale on a non-present entry).
+        #[inline]
+        pub fn set(&self, i: usize, v: Spte) {
+            self.entries[i].store(v.0, Ordering::Release);
+        }
     }
 
-    /// Exchange entry `i`, returning the old value with every bit a CPU set until now.
-    #[inline]
-    pub fn swap(&self, i: usize, v: Spte) -> Spte {
-        Spte(self.entries[i].swap(v.0, Ordering::AcqRel))
+    internal! {
+        /// Exchange entry `i`, returning the old value with every bit a CPU set until now.
+        #[inline]
+        pub fn swap(&self, i: usize, v: Spte) -> Spte {
+            Spte(self.entries[i].swap(v.0, Ordering::AcqRel))
+        }
     }
 
-    /// Compare-exchange entry `i`.
-    #[inline]
-    pub fn compare_exchange(&self, i: usize, old: Spte, new: Spte) -> Result<Spte, Spte> {
-        self.entries[i]
-            .compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire)
-            .map(Spte)
-            .map_err(Spte)
+    internal! {
+        /// Compare-exchange entry `i`.
+        #[inline]
+        pub fn compare_exchange(&self, i: usize, old: Spte, new: Spte) -> Result<Spte, Spte> {
+            self.entries[i]
+                .compare_exchange(old.0, new.0, Ordering::AcqRel, Ordering::Acquire)
+                .map(Spte)
+                .map_err(Spte)
+        }
     }
 
-    /// Atomically set bits in entry `i` (how a CPU sets A/D), returning the old value.
-    #[inline]
-    pub fn fetch_or(&self, i: usize, bits: u64) -> Spte {
-        Spte(self.entries[i].fetch_or(bits, Ordering::AcqRel))
+    internal! {
+        /// Atomically set bits in entry `i` (how a CPU sets A/D), returning the old value.
+        #[inline]
+        pub fn fetch_or(&self, i: usize, bits: u64) -> Spte {
+            Spte(self.entries[i].fetch_or(bits, Ordering::AcqRel))
+        }
     }
 
-    /// Atomically clear bits in entry `i`, returning the old value.
-    #[inline]
-    pub fn fetch_and_not(&self, i: usize, bits: u64) -> Spte {
-        Spte(self.entries[i].fetch_and(!bits, Ordering::AcqRel))
+    internal! {
+        /// Atomically clear bits in entry `i`, returning the old value.
+        #[inline]
+        pub fn fetch_and_not(&self, i: usize, bits: u64) -> Spte {
+            Spte(self.entries[i].fetch_and(!bits, Ordering::AcqRel))
+        }
     }
 
-    /// The raw entries, for scans.
-    #[inline]
-    pub fn entries(&self) -> &[AtomicU64; SPTE_ENT_PER_PAGE] {
-        &self.entries
+    internal! {
+        /// The raw entries, for scans.
+        #[inline]
+        pub fn entries(&self) -> &[AtomicU64; SPTE_ENT_PER_PAGE] {
+            &self.entries
+        }
     }
 }
 

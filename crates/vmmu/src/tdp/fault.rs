@@ -7,7 +7,8 @@
 //! compare-exchange against the value read. Each of these is one of the write funnel's
 //! shared-lock writes (`spte_write`: `link_table_atomic`, `freeze`, `set_spte_atomic`).
 
-use crossbeam_epoch::{Guard, Owned};
+use super::EpochGuard;
+use crossbeam_epoch::Owned;
 
 use super::iter::{TdpIter, TdpIteration};
 use super::page::TdpPage;
@@ -43,14 +44,16 @@ impl TdpFault {
 
 impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// Handle a fault at `gpa` on the tables under `root` (the faulting vCPU's root).
-    pub fn map<H: HostMemory + ?Sized>(
+    /// Crate-private: `root` must be one of this MMU's roots (the VM finds it among
+    /// [`roots`](Self::roots) by the vCPU's root frame).
+    pub(crate) fn map<H: HostMemory + ?Sized>(
         &self,
         slots: &Memslots,
         host: &H,
         root: &TdpPage,
         gpa: Gpa,
         ec: ErrorCode,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> Result<TdpFault, Error> {
         // No shared counter is touched on the common path: with faults running in
         // parallel, one would bounce its cache line between the faulting CPUs.
@@ -172,7 +175,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         // SAFETY: forwarded from the caller: the page is ours alone.
         let owned = unsafe { page.into_owned() };
         // SAFETY: the frame was allocated for this page and nobody else references it.
-        unsafe { self.alloc.free_table(owned.frame) };
+        unsafe { self.alloc.free_table(owned.frame()) };
         self.stats
             .pages_freed
             .fetch_add(1, core::sync::atomic::Ordering::Relaxed);

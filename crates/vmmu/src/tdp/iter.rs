@@ -19,7 +19,7 @@
 //! # Counters
 //! `loops` counts the positions yielded (the seed's "loops"); `reads` counts SPTE reads.
 
-use crossbeam_epoch::Guard;
+use super::EpochGuard;
 
 use super::page::TdpPage;
 use crate::spte::Spte;
@@ -52,7 +52,7 @@ pub struct TdpIter<'g> {
     budget: u64,
     start: Gfn,
     resume: Option<Gfn>,
-    guard: &'g Guard,
+    guard: &'g EpochGuard,
     /// The entry at the current position, as last read.
     pub spte: Spte,
     /// Positions yielded.
@@ -71,7 +71,7 @@ impl<'g> TdpIter<'g> {
         end: Gfn,
         mode: TdpIteration,
         budget: u64,
-        guard: &'g Guard,
+        guard: &'g EpochGuard,
     ) -> Self {
         let mut path = [None; 5];
         path[root.level as usize] = Some(root);
@@ -134,7 +134,7 @@ impl<'g> TdpIter<'g> {
         self.resume
     }
     /// The epoch guard the walk holds.
-    pub fn guard(&self) -> &'g Guard {
+    pub fn guard(&self) -> &'g EpochGuard {
         self.guard
     }
 
@@ -231,11 +231,12 @@ impl<'g> TdpIter<'g> {
             return false;
         }
         let child = self.page().child(self.index, self.guard);
-        // SAFETY: the guard pins the epoch; pages are retired through it.
+        // SAFETY: the guard pins the epoch of the collector pages are retired through
+        // (an `EpochGuard` comes only from `pin`).
         let Some(child) = (unsafe { child.as_ref() }) else {
             return false;
         };
-        if child.frame != self.spte.pfn() {
+        if child.frame() != self.spte.pfn() {
             // The entry changed under us (a concurrent split or collapse): skip it.
             return false;
         }
@@ -330,7 +331,7 @@ impl<A: crate::table::TableAllocator + 'static> super::TdpMmu<A> {
         range: core::ops::Range<Gfn>,
         min_level: Level,
         budget: u64,
-        guard: &'g Guard,
+        guard: &'g EpochGuard,
         mut body: impl FnMut(&mut TdpIter<'g>) -> Step,
     ) -> Walked {
         let mut it = TdpIter::new(
@@ -372,7 +373,7 @@ impl<A: crate::table::TableAllocator + 'static> super::TdpMmu<A> {
         min_level: Level,
         budget: u64,
         valid_only: bool,
-        guard: &'g Guard,
+        guard: &'g EpochGuard,
         mut body: impl FnMut(&mut TdpIter<'g>) -> Step,
     ) -> Walked {
         let mut all = Walked::default();

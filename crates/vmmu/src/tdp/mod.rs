@@ -66,20 +66,43 @@ use crate::types::{Gfn, Level, Pfn};
 /// Positions one walk yields before it stops to let the lock go.
 pub const YIELD_BUDGET: u64 = 8192;
 
-/// Pin the epoch. With `std`, through the global collector's thread-local handle; without,
-/// through a handle registered for the occasion.
-pub fn pin() -> Guard {
+/// A pinned epoch of the one collector the TDP MMU retires its pages through.
+///
+/// # Invariants
+/// Only [`pin`] makes one (the field is private), so every `EpochGuard` pins that
+/// collector. Every TDP operation and accessor that reads pages without a lock takes an
+/// `EpochGuard`, never a bare `crossbeam_epoch::Guard`: a guard of another collector
+/// would not hold back the frees of [`TdpMmu::retire`], and a page it lets the caller
+/// see could be freed (and its frame handed out again) while still in use.
+///
+/// It derefs to the crossbeam guard, for the crossbeam calls the MMU makes with it.
+pub struct EpochGuard(Guard);
+
+impl core::ops::Deref for EpochGuard {
+    type Target = Guard;
+    #[inline]
+    fn deref(&self) -> &Guard {
+        &self.0
+    }
+}
+
+/// Pin the epoch of the TDP MMU's collector. With `std`, through the global collector's
+/// thread-local handle; without, through a handle of a static collector registered for
+/// the occasion.
+pub fn pin() -> EpochGuard {
     #[cfg(feature = "std")]
     {
-        crossbeam_epoch::pin()
+        EpochGuard(crossbeam_epoch::pin())
     }
     #[cfg(not(feature = "std"))]
     {
         static COLLECTOR: spin::Once<crossbeam_epoch::Collector> = spin::Once::new();
-        COLLECTOR
-            .call_once(crossbeam_epoch::Collector::new)
-            .register()
-            .pin()
+        EpochGuard(
+            COLLECTOR
+                .call_once(crossbeam_epoch::Collector::new)
+                .register()
+                .pin(),
+        )
     }
 }
 
@@ -147,19 +170,20 @@ impl RootRef {
     /// The root page, for as long as `guard` pins the epoch. The one place a root is
     /// dereferenced.
     #[inline]
-    fn page<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+    fn page<'g>(&self, guard: &'g EpochGuard) -> &'g TdpPage {
         // The pointer never changes after `new`, and the root list is changed only under
         // `&mut TdpMmu`: a relaxed load reads the value `new` stored.
         let page = self.0.load(Ordering::Relaxed, guard);
         // SAFETY: non-null and live when `page` is called (see the invariants: a `&self`
-        // means it is not retired yet). `guard` was pinned before any later retirement,
-        // and the collector frees a retired page only after every guard pinned before
+        // means it is not retired yet). `guard` pins the collector pages are retired
+        // through (an `EpochGuard` comes only from `pin`), before any later retirement,
+        // and that collector frees a retired page only after every guard pinned before
         // its retirement is dropped, so the page outlives `'g`.
         unsafe { page.deref() }
     }
 
     /// Hand the root page over for retirement (with the other pages of a [`Removed`]).
-    fn into_retired<'g>(self, guard: &'g Guard) -> Shared<'g, TdpPage> {
+    fn into_retired<'g>(self, guard: &'g EpochGuard) -> Shared<'g, TdpPage> {
         self.0.load(Ordering::Relaxed, guard)
     }
 }
@@ -200,7 +224,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     fn new_root(&mut self) -> Result<(), Error> {
         let page = self.alloc_page(Level::ROOT, Gfn(0))?;
-        let frame = page.frame;
+        let frame = page.frame();
         self.roots.push(Root {
             page: RootRef::new(page),
             frame,
@@ -230,7 +254,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// The valid root (there is always exactly one).
-    pub fn root<'g>(&self, guard: &'g Guard) -> &'g TdpPage {
+    pub fn root<'g>(&self, guard: &'g EpochGuard) -> &'g TdpPage {
         self.roots
             .iter()
             .find(|r| !r.invalid)
@@ -242,7 +266,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// Every root, valid or not, with whether it is valid.
     pub fn roots<'g>(
         &self,
-        guard: &'g Guard,
+        guard: &'g EpochGuard,
     ) -> impl Iterator<Item = (&'g TdpPage, bool)> + use<'_, 'g, A> {
         self.roots
             .iter()
@@ -277,7 +301,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Zap every root in place, in passes of increasing level (exclusive lock; KVM's
     /// teardown path). The roots stay valid and referenced.
-    pub fn zap_all_roots(&mut self, guard: &Guard) -> (Removed, ZapCounts) {
+    pub fn zap_all_roots(&mut self, guard: &EpochGuard) -> (Removed, ZapCounts) {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
         let mut counts = ZapCounts::default();
@@ -294,7 +318,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// idle vCPU holds only an empty root page. The page itself is freed by
     /// [`reap_invalid_roots`](Self::reap_invalid_roots) once no vCPU holds it. Exclusive
     /// lock.
-    pub fn invalidate_all_roots(&mut self, guard: &Guard) -> Result<Removed, Error> {
+    pub fn invalidate_all_roots(&mut self, guard: &EpochGuard) -> Result<Removed, Error> {
         for r in &mut self.roots {
             r.invalid = true;
         }
@@ -311,7 +335,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Zap and unlink invalid roots no vCPU holds any more (exclusive lock). The root
     /// pages themselves are among the removed pages.
-    pub fn reap_invalid_roots(&mut self, guard: &Guard) -> (Removed, ZapCounts) {
+    pub fn reap_invalid_roots(&mut self, guard: &EpochGuard) -> (Removed, ZapCounts) {
         let mut removed = Removed::default();
         let mut counts = ZapCounts::default();
         let mut keep = Vec::new();
@@ -351,7 +375,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 freed.fetch_add(n, Ordering::Release);
                 for p in pages {
                     let page = crossbeam_epoch::Owned::from_raw(p as *mut TdpPage);
-                    alloc.free_table(page.frame);
+                    alloc.free_table(page.frame());
                     drop(page);
                 }
             });

@@ -13,7 +13,8 @@
 
 use alloc::vec::Vec;
 
-use crossbeam_epoch::{Guard, Owned};
+use super::EpochGuard;
+use crossbeam_epoch::Owned;
 
 use super::iter::Step;
 use super::page::TdpPage;
@@ -53,7 +54,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         min_level: Level,
         track: bool,
         budget: u64,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> (Removed, Option<Gfn>) {
         let mut removed = Removed::default();
         let w = self.walk(start..end, min_level, budget, false, guard, |it| {
@@ -85,7 +86,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// under the exclusive lock, so a plain store suffices where no CPU can set A/D).
     /// Sparse masks get one short walk each; when there is more than one dirty page per
     /// 64 on average, one walk over the whole range tests each leaf's bit instead.
-    pub fn clear_dirty(&mut self, base: Gfn, masks: &[u64], guard: &Guard) -> Removed {
+    pub fn clear_dirty(&mut self, base: Gfn, masks: &[u64], guard: &EpochGuard) -> Removed {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
         let nr: u64 = masks.iter().map(|m| m.count_ones() as u64).sum();
@@ -138,7 +139,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// Clear the accessed bits of the leaves mapping `[start, end)`; whether any was
     /// young. A lost compare-exchange is not retried (KVM tolerates it).
-    pub fn age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
+    pub fn age_range(&self, start: Gfn, end: Gfn, guard: &EpochGuard) -> bool {
         let mut young = false;
         // Clearing A changes no translation and unlinks nothing: nothing is owed.
         let mut removed = Removed::default();
@@ -156,7 +157,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// Whether any leaf mapping `[start, end)` is young; stops at the first.
-    pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
+    pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &EpochGuard) -> bool {
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
             if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
@@ -171,7 +172,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// The host now maps `gfn` at `new_pfn` (exclusive lock): point 4K leaves there
     /// read-only, or zap them when the new host mapping is writable; huge leaves over
     /// `gfn` are zapped.
-    pub fn change_pte(&mut self, gfn: Gfn, new_pfn: Pfn, writable: bool, guard: &Guard) -> Removed {
+    pub fn change_pte(
+        &mut self,
+        gfn: Gfn,
+        new_pfn: Pfn,
+        writable: bool,
+        guard: &EpochGuard,
+    ) -> Removed {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
         mmu.walk(
@@ -202,12 +209,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// Split every huge leaf mapping `[start, end)` down to 4K (eager split when dirty
     /// logging starts), taking tables from `prealloc`, which the caller fills outside the
     /// lock. The mappings do not change, so no flush is owed by the split itself.
-    pub fn split_huge_pages(
+    /// Crate-private: the pages of `prealloc` are linked into the tables, so they must be
+    /// fresh pages of this MMU's allocator, never linked (the VM allocates them).
+    pub(crate) fn split_huge_pages(
         &self,
         start: Gfn,
         end: Gfn,
         prealloc: &mut Vec<TdpPage>,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> SplitProgress {
         let mut removed = Removed::default();
         let mut need = None;
@@ -276,7 +285,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         host: &H,
         start: Gfn,
         end: Gfn,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> Removed {
         let mut removed = Removed::default();
         self.walk(start..end, Level::L2M, u64::MAX, true, guard, |it| {

@@ -17,7 +17,8 @@ use alloc::boxed::Box;
 use core::ptr::NonNull;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crossbeam_epoch::{Atomic, Guard, Shared};
+use super::EpochGuard;
+use crossbeam_epoch::{Atomic, Shared};
 
 use crate::table::{Table, TableAllocator};
 use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
@@ -25,10 +26,15 @@ use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 const WORDS: usize = SPTE_ENT_PER_PAGE / 64;
 
 /// A TDP MMU page.
+///
+/// # Invariants
+/// Made only inside the crate ([`TdpPage::new`] is crate-private), by an MMU that keeps
+/// the allocator alive (it holds an `Arc` of it, and so does every deferred free) until
+/// the page is freed; `frame` (private) is the frame the allocator gave, so the free
+/// gives back exactly that frame. So `table()` always points into allocated memory.
 pub struct TdpPage {
     table: NonNull<Table>,
-    /// Frame of the table.
-    pub frame: Pfn,
+    frame: Pfn,
     /// Level of the table.
     pub level: Level,
     /// First gfn the table maps.
@@ -44,7 +50,13 @@ unsafe impl Sync for TdpPage {}
 
 impl TdpPage {
     /// A page with a fresh zeroed table, or `None` when the allocator is out of frames.
-    pub fn new<A: TableAllocator + ?Sized>(alloc: &A, level: Level, gfn: Gfn) -> Option<TdpPage> {
+    /// The caller keeps `alloc` alive until the page's frame is freed (see the type's
+    /// invariants).
+    pub(crate) fn new<A: TableAllocator + ?Sized>(
+        alloc: &A,
+        level: Level,
+        gfn: Gfn,
+    ) -> Option<TdpPage> {
         let frame = alloc.alloc_table()?;
         Some(TdpPage {
             table: alloc.table_ptr(frame),
@@ -57,6 +69,12 @@ impl TdpPage {
         })
     }
 
+    /// Frame of the table.
+    #[inline]
+    pub fn frame(&self) -> Pfn {
+        self.frame
+    }
+
     /// The table.
     #[inline]
     pub fn table(&self) -> &Table {
@@ -67,7 +85,7 @@ impl TdpPage {
     /// The child page recorded under entry `i` (null if none). Callers check it against
     /// the SPTE they read.
     #[inline]
-    pub fn child<'g>(&self, i: usize, guard: &'g Guard) -> Shared<'g, TdpPage> {
+    pub fn child<'g>(&self, i: usize, guard: &'g EpochGuard) -> Shared<'g, TdpPage> {
         match &self.children {
             Some(c) => c[i].load(Ordering::Acquire, guard),
             None => Shared::null(),
@@ -77,7 +95,12 @@ impl TdpPage {
     /// Record `child` under entry `i` if nothing is recorded; `false` if another thread
     /// is linking a child there.
     #[inline]
-    pub(super) fn claim_child(&self, i: usize, child: Shared<'_, TdpPage>, guard: &Guard) -> bool {
+    pub(super) fn claim_child(
+        &self,
+        i: usize,
+        child: Shared<'_, TdpPage>,
+        guard: &EpochGuard,
+    ) -> bool {
         self.children.as_ref().expect("leaf table has no children")[i]
             .compare_exchange(
                 Shared::null(),

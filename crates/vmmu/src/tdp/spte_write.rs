@@ -53,7 +53,8 @@
 
 use core::ops::Deref;
 
-use crossbeam_epoch::{Guard, Owned, Shared};
+use super::EpochGuard;
+use crossbeam_epoch::{Owned, Shared};
 
 use super::iter::TdpIteration;
 use super::page::TdpPage;
@@ -160,7 +161,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         old: Spte,
         new: Spte,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> bool {
         debug_assert!(
             !is_table(old, page.level) || new == FROZEN,
@@ -183,7 +184,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         i: usize,
         old: Spte,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> Option<Frozen<'p>> {
         self.set_spte_atomic(page, i, old, FROZEN, removed, guard)
             .then(|| Frozen {
@@ -203,9 +204,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         old: Spte,
         child: Owned<TdpPage>,
         removed: &mut Removed,
-        guard: &'g Guard,
+        guard: &'g EpochGuard,
     ) -> Link<'g> {
-        let frame = child.frame;
+        let frame = child.frame();
         let child = child.into_shared(guard);
         if !page.claim_child(i, child, guard) {
             return Link::Busy(child);
@@ -240,7 +241,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         new: Spte,
         lock: Lock,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) {
         if self.used_mode() {
             if !old.is_shadow_present() && new.is_shadow_present() {
@@ -264,13 +265,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         s: Spte,
         lock: Lock,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) {
         let child = page.child(i, guard);
         page.clear_child(i);
-        // SAFETY: the guard pins the epoch; the child is retired only through it.
+        // SAFETY: the guard pins the epoch (of the one collector: an `EpochGuard`); the
+        // child is retired only through it.
         match unsafe { child.as_ref() } {
-            Some(c) if c.frame == s.pfn() => self.handle_removed(child, lock, removed, guard),
+            Some(c) if c.frame() == s.pfn() => self.handle_removed(child, lock, removed, guard),
             _ => unreachable!("a non-leaf SPTE without its child page"),
         }
     }
@@ -283,7 +285,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         table: Shared<'_, TdpPage>,
         lock: Lock,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) {
         // SAFETY: pinned; retired only through the epoch.
         let t = unsafe { table.deref() };
@@ -330,7 +332,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
         old: Spte,
         new: Spte,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> Spte {
         let old = if old.has_volatile_bits() {
             page.table().swap(i, new)

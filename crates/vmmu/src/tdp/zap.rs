@@ -10,7 +10,7 @@
 //! Every zap needs the exclusive lock: the public operations take `&mut self`, and the
 //! work is done through [`ExclusiveMmu`], the proof the funnel's exclusive writes take.
 
-use crossbeam_epoch::Guard;
+use super::EpochGuard;
 
 use super::iter::Step;
 use super::page::TdpPage;
@@ -45,8 +45,9 @@ pub(crate) const MAX_GFN: Gfn = Gfn(1 << 36);
 
 impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// Zap everything under `root` in passes of increasing level (exclusive lock). The
-    /// root itself stays.
-    pub fn zap_root(&mut self, root: &TdpPage, guard: &Guard) -> (Removed, ZapCounts) {
+    /// root itself stays. Crate-private: `root` must be one of this MMU's roots (what is
+    /// zapped is retired through this MMU's allocator).
+    pub(crate) fn zap_root(&mut self, root: &TdpPage, guard: &EpochGuard) -> (Removed, ZapCounts) {
         self.exclusive().zap_root(root, guard)
     }
 
@@ -57,7 +58,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         start: Gfn,
         end: Gfn,
         budget: u64,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> (Removed, Option<Gfn>) {
         self.zap_leafs_from(start, end, Level::L4K, budget, guard)
     }
@@ -70,7 +71,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         end: Gfn,
         min_level: Level,
         budget: u64,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) -> (Removed, Option<Gfn>) {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
@@ -88,7 +89,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
     /// [`TdpMmu::zap_root`] for a caller that already holds the proof of the exclusive
     /// lock (and may be iterating over the roots).
-    pub(crate) fn zap_root(self, root: &TdpPage, guard: &Guard) -> (Removed, ZapCounts) {
+    pub(crate) fn zap_root(self, root: &TdpPage, guard: &EpochGuard) -> (Removed, ZapCounts) {
         let mut removed = Removed::default();
         let mut counts = ZapCounts::default();
         let mut zap_level = Level::L4K;
@@ -135,7 +136,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
         i: usize,
         seen: Spte,
         removed: &mut Removed,
-        guard: &Guard,
+        guard: &EpochGuard,
     ) {
         if self
             .set_spte(page, i, seen, Spte::NONE, removed, guard)

@@ -501,7 +501,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             let epoch = tdp::pin();
             let root = m
                 .roots(&epoch)
-                .find(|(r, valid)| *valid && r.frame == vcpu.root())
+                .find(|(r, valid)| *valid && r.frame() == vcpu.root())
                 .map(|(r, _)| r);
             let Some(root) = root else {
                 // The vCPU's root was invalidated; it reloads before its next entry.
@@ -593,7 +593,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
         for p in prealloc {
             // SAFETY: never linked: the frames were allocated above and only we know them.
-            unsafe { self.alloc.free_table(p.frame) };
+            unsafe { self.alloc.free_table(p.frame()) };
         }
     }
 }

@@ -212,7 +212,11 @@ fn tdp_hand_walk<H: HostMemory, A: TableAllocator>(vm: &Vm<H, A>, all_roots: boo
                 let child = unsafe { page.child(i, &guard).as_ref() }.unwrap_or_else(|| {
                     panic!("non-leaf at {:?} without a child page", page.gfn_at(i))
                 });
-                assert_eq!(child.frame, spte.pfn(), "child page differs from its SPTE");
+                assert_eq!(
+                    child.frame(),
+                    spte.pfn(),
+                    "child page differs from its SPTE"
+                );
                 assert_eq!(Some(child.level), page.level.below(), "child level");
                 assert_eq!(child.gfn, page.gfn_at(i), "child gfn");
                 stack.push(child);
