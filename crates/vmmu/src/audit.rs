@@ -62,7 +62,7 @@ macro_rules! ensure {
 /// Check every invariant of `mmu` against `slots`. With `bitmap_logging` (the VM logs
 /// into bitmaps, not rings), also check that every writable leaf of a logging slot is
 /// marked dirty: a writable page whose bit is clear would take unlogged writes.
-pub fn audit<A: TableAllocator>(
+pub(crate) fn audit<A: TableAllocator>(
     slots: &Memslots,
     mmu: &ShadowMmu<A>,
     bitmap_logging: bool,
@@ -276,7 +276,7 @@ pub fn audit<A: TableAllocator>(
 /// table has a sync shadow page no SPTE maps it writable; every entry of a sync indirect
 /// page agrees with the guest entry in `guest` (links name the guest's table, leaves its
 /// gfn with no more rights); the unsync-child marks match the children.
-pub fn audit_paging<A: TableAllocator>(
+pub(crate) fn audit_paging<A: TableAllocator>(
     slots: &Memslots,
     mmu: &ShadowMmu<A>,
     guest: &dyn crate::guest::GuestMemory,
@@ -441,7 +441,7 @@ pub fn audit_paging<A: TableAllocator>(
 /// mode every table's bitmap marks exactly its present entries; and the leaf rules of the
 /// shadow audit (inside a memslot, aligned, never writable in a READONLY slot, 4K and
 /// logged while the slot logs, never MMU-writable or huge over a write-tracked page).
-pub fn audit_tdp<A: TableAllocator + 'static>(
+pub(crate) fn audit_tdp<A: TableAllocator + 'static>(
     slots: &Memslots,
     mmu: &crate::tdp::TdpMmu<A>,
     bitmap_logging: bool,

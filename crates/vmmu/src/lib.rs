@@ -9,30 +9,64 @@
 //! The core is `#![no_std]` + `alloc`; the default `std` feature adds parking-lot locks
 //! (which sleep when contended) and `std::error::Error` impls.
 //!
-//! Module map (one mechanism per file, named as KVM names it), in layers: each imports only
-//! from the layers below it, and no two modules import each other.
+//! # Features
+//! - `std` (default): see above.
+//! - `internals`: for vmmu's own tests, benches and reference model; not a stable or
+//!   safe-to-misuse API. It makes the MMUs' insides public: the modules marked *internals*
+//!   below, access to the live MMU (`Vm::with_mmu`, `with_tdp`, `with_tdp_mut`), reads
+//!   and writes of table entries, the guest walk, a vCPU's TLB. Safe code using them can
+//!   corrupt live tables (and so reach undefined behaviour); an embedder never enables
+//!   it. What no caller outside the MMU needs stays crate-private even then: making
+//!   table pages (`TdpPage::new`, `Pages::create`), linking caller pages
+//!   (`split_huge_pages`), faulting or zapping under a caller's root (`map`,
+//!   `zap_root`), epoch guards of another collector (`tdp::EpochGuard`).
+//!
+//! # The public API (default features)
+//! What an embedder needs and nothing more, none of it able to reach undefined behaviour
+//! from safe code: [`Vm`] and [`Vcpu`] (a vCPU is tied to the VM that made it), the
+//! configuration ([`VmConfig`], [`DirtyLogConfig`], [`PagingConfig`], [`MemslotLimits`],
+//! [`Algorithms`] and its choices, [`MmuKind`], [`TdpIteration`]), memory regions
+//! ([`MemoryRegion`], [`MemslotFlags`]), [`Error`] and [`Exit`], the counters ([`VmStats`],
+//! [`MmuStats`], [`PagingStats`]), the audit's report ([`AuditReport`], [`AuditError`]), the
+//! traits an embedder implements and the types they use: [`host::HostMemory`],
+//! [`table::TableAllocator`] (an `unsafe` trait: its implementor vouches for the frames),
+//! [`guest::GuestMemory`], [`types`], [`guest::pte`]; and [`table::HeapTableAllocator`]
+//! and the simulators ([`host::SimHostMemory`], [`guest::SimGuestMemory`]), which the
+//! examples, tests and benchmarks run on. The simulators are safe code with no `unsafe`
+//! contract, so they stay in the default build (an embedder that does not use them pays
+//! nothing at run time).
+//!
+//! # Module map
+//! One mechanism per file, named as KVM names it, in layers: each imports only from the
+//! layers below it, and no two modules import each other. *internals*: public only with
+//! the `internals` feature.
 //!
 //! - vocabulary: [`types`] (gfn, pfn, gpa, hva, levels, access kinds, error codes),
-//!   [`flush`] (the `#[must_use]` TLB flush token, and [`flush::Removed`], what every MMU
-//!   operation returns), [`error`], [`sync`] (locks, the asymmetric fence pair), [`brlock`]
-//!   (the big-reader lock TDP faults enter through)
+//!   `flush` (*internals*: the `#[must_use]` TLB flush token, and `flush::Removed`, what
+//!   every MMU operation returns), [`error`], `sync` (*internals*: locks, the asymmetric
+//!   fence pair), `brlock` (*internals*: the big-reader lock TDP faults enter through)
 //! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it),
 //!   [`guest`] (shadow paging's guest side: guest memory, guest PTEs, paging registers,
-//!   the walk of the guest's tables)
-//! - formats and memory: [`spte`] (the 64-bit SPTE, EPT and legacy x86-64 formats),
-//!   [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator), [`rmap`] (KVM's
-//!   `pte_list`), [`memslot`] (slots with their per-level metadata, dirty bitmaps, write
-//!   tracking), [`page`] (shadow pages, `kvm_mmu_page`)
-//! - [`mmu`]: the vocabulary both MMUs share: the fault plan and its outcome, the
-//!   MMU-notifier invalidation in progress, the work counters
-//! - the MMUs, side by side: [`shadow`] (direct mode and shadow paging: fault paths,
-//!   zapping, write protection, emulated page-table writes, unsync and resync) and [`tdp`]
-//!   (parallel faults, the one iterator in three modes, one SPTE write funnel, lock modes
-//!   in the types)
-//! - [`dirty`]: the lockless index of logging slots and the per-vCPU dirty rings
-//! - [`hw`]: the CPU model: EPT walker setting A/D bits, per-CPU TLB (by gfn or by
-//!   virtual page), the vCPU mode protocol
-//! - [`audit`]: invariant checks (KVM's `mmu_audit.c`), for both MMUs
+//!   and, *internals*, the walk of the guest's tables)
+//! - formats and memory: `spte` (*internals*: the 64-bit SPTE, EPT and legacy x86-64
+//!   formats), [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator; the
+//!   entries' accessors are *internals*), `rmap` (*internals*: KVM's `pte_list`),
+//!   `memslot` (*internals*, the region types re-exported here: slots with their per-level
+//!   metadata, dirty bitmaps, write tracking), `page` (*internals*: shadow pages,
+//!   `kvm_mmu_page`)
+//! - `mmu` (*internals*, the outcome and counters re-exported here): the vocabulary both
+//!   MMUs share: the fault plan and its outcome, the MMU-notifier invalidation in
+//!   progress, the work counters
+//! - the MMUs, side by side (*internals*, their configuration re-exported here): `shadow`
+//!   (direct mode and shadow paging: fault paths, zapping, write protection, emulated
+//!   page-table writes, unsync and resync) and `tdp` (parallel faults, the one iterator in
+//!   three modes, one SPTE write funnel, lock modes in the types)
+//! - `dirty` (*internals*): the lockless index of logging slots and the per-vCPU dirty
+//!   rings
+//! - `hw` (*internals*): the CPU model: EPT walker setting A/D bits, per-CPU TLB (by gfn
+//!   or by virtual page), the vCPU mode protocol
+//! - [`audit`]: invariant checks (KVM's `mmu_audit.c`), for both MMUs ([`Vm::audit`] runs
+//!   them; the report types are public, the checks crate-private)
 //! - [`vm`]: the public API: the VM and its vCPUs, one file per mechanism (memslots,
 //!   faults, zaps, write tracking, dirty log, MMU notifier, shadow paging, the lock), and
 //!   in `vm/mmu.rs` the one place that dispatches between the MMUs
@@ -81,34 +115,38 @@ macro_rules! internal {
     };
 }
 
+// The embedder's API (see "Features" above).
 pub mod audit;
-pub mod brlock;
-pub mod dirty;
 pub mod error;
-pub mod flush;
 pub mod guest;
 pub mod host;
-pub mod hw;
-pub mod memslot;
-pub mod mmu;
-pub mod page;
-pub mod rmap;
-pub mod shadow;
-pub mod spte;
-pub mod sync;
 pub mod table;
-pub mod tdp;
 pub mod types;
 pub mod vm;
 
+// The MMUs' insides: public with `internals`, crate-private without.
+internal! { pub mod brlock; }
+internal! { pub mod dirty; }
+internal! { pub mod flush; }
+internal! { pub mod hw; }
+internal! { pub mod memslot; }
+internal! { pub mod mmu; }
+internal! { pub mod page; }
+internal! { pub mod rmap; }
+internal! { pub mod shadow; }
+internal! { pub mod spte; }
+internal! { pub mod sync; }
+internal! { pub mod tdp; }
+
 pub use audit::{AuditError, AuditReport};
 pub use error::Error;
-pub use flush::Flush;
 pub use memslot::{MemoryRegion, MemslotFlags, MemslotLimits};
 pub use mmu::{DirtyGfn, FaultOutcome, MmuStats};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
 pub use vm::{
-    DirtyLogConfig, Exit, HarvestReport, PagingConfig, PagingStats, Vm, VmConfig, VmStats,
+    DirtyLogConfig, Exit, HarvestReport, MmuKind, PagingConfig, PagingStats, Vcpu, Vm, VmConfig,
+    VmStats,
 };
-pub use vm::{Mmu, MmuKind, Vcpu};
+internal! { pub use flush::Flush; }
+internal! { pub use vm::Mmu; }

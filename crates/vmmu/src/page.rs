@@ -8,7 +8,9 @@
 //!   and is 0 exactly when entry `i` is not a present non-leaf SPTE.
 //! - `parent_ptes` holds one [`SpteRef`] for every non-leaf SPTE that points at this page.
 //! - A page's frame stays allocated for as long as the page is in the store; the store
-//!   gives frames back only through [`Pages::free`], which the MMU calls after a flush.
+//!   gives frames back only through `Pages::free` (crate-private), which the MMU calls
+//!   after a flush; pages are made only by `Pages::create` (crate-private), under an MMU
+//!   that holds its allocator for as long as they live.
 //!
 //! # Locking
 //! The store lives inside the MMU lock. The tables themselves are also read by CPU

@@ -10,7 +10,8 @@
 //!   simulation
 //! - [`pte`]: the x86-64 page-table entry bits (the guest's format, and the legacy format
 //!   the shadow tables use)
-//! - [`walk`]: the MMU's walk of the guest tables (KVM's `walk_addr_generic`)
+//! - `walk` (*internals*, see the crate docs): the MMU's walk of the guest tables (KVM's
+//!   `walk_addr_generic`)
 //! - [`PagingState`]: CR3, CR0.WP, EFER.NX and CPL: what decides a guest translation
 //!
 //! ```
@@ -49,10 +50,10 @@
 
 pub mod memory;
 pub mod pte;
-pub mod walk;
+internal! { pub mod walk; }
 
 pub use memory::{GuestMemory, SimGuestMemory};
-pub use walk::{walk_addr, GuestWalk};
+internal! { pub use walk::{walk_addr, GuestWalk}; }
 
 use crate::types::Gpa;
 

@@ -1,6 +1,6 @@
 //! x86-64 page-table entry bits (Intel SDM vol. 3, 4.5): the guest's own tables use them,
 //! and so do the shadow tables of a shadow-paging MMU (with KVM's software bits, see
-//! [`crate::spte::legacy`]).
+//! `spte::legacy`).
 
 /// Present.
 pub const P: u64 = 1 << 0;

@@ -55,8 +55,10 @@ pub struct WalkPoint<'a> {
 /// the tables for lockless users: the CPU model and the fast page fault.
 ///
 /// # Safety
-/// The caller is in guest mode: every table reachable from `root` stays allocated until
-/// it leaves (the MMU frees tables only after a remote flush, which waits for that).
+/// The caller is in guest mode on a vCPU of the VM whose MMU allocated `root` from
+/// `alloc` (so that VM's remote flushes wait for it): every table reachable from `root`
+/// stays allocated until it leaves (the MMU frees tables only after a remote flush, which
+/// waits for that). `vm::Vm` makes sure of the VM by its vCPU check (`vm::vcpu`).
 #[inline]
 pub unsafe fn lockless_walk<A: TableAllocator + ?Sized>(
     alloc: &A,

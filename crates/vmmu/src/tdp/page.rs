@@ -28,7 +28,7 @@ const WORDS: usize = SPTE_ENT_PER_PAGE / 64;
 /// A TDP MMU page.
 ///
 /// # Invariants
-/// Made only inside the crate ([`TdpPage::new`] is crate-private), by an MMU that keeps
+/// Made only inside the crate (`TdpPage::new` is crate-private), by an MMU that keeps
 /// the allocator alive (it holds an `Arc` of it, and so does every deferred free) until
 /// the page is freed; `frame` (private) is the frame the allocator gave, so the free
 /// gives back exactly that frame. So `table()` always points into allocated memory.

@@ -75,7 +75,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             }
             let mut result = match vcpu.cpu.tlb.lookup(gfn, kind) {
                 Some(pfn) => Ok(pfn),
-                // SAFETY: in guest mode (entered above, left below).
+                // SAFETY: in guest mode (entered above, left below) on this VM: the vCPU is
+                // this VM's (`check_vcpu` above), so its root is one of this VM's tables,
+                // from `self.alloc`, and this VM's remote flushes wait for its mode.
                 None => unsafe { ept_walk(&*self.alloc, vcpu.cpu.root, gpa, kind) }.map(|e| {
                     vcpu.cpu.tlb.fill(gfn, e);
                     leaf_pfn(&e, gfn)

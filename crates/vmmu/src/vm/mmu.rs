@@ -74,6 +74,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     }
 
     /// The TDP MMU, mutably, if that is what runs (exclusive lock).
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub(crate) fn tdp_mut(&mut self) -> Option<&mut TdpMmu<A>> {
         match self {
             Mmu::Tdp(m) => Some(m),
@@ -269,6 +270,7 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
     /// The TDP MMU, if that is what runs.
+    #[cfg_attr(not(feature = "internals"), allow(dead_code))]
     pub fn tdp(&self) -> Option<&TdpMmu<A>> {
         match self {
             Mmu::Tdp(m) => Some(m),

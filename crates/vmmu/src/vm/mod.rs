@@ -27,10 +27,9 @@ use crate::host::HostMemory;
 
 use crate::memslot::{MemslotLimits, Memslots};
 use crate::mmu::MmuStats;
-use crate::shadow::{Algorithms, ShadowMmu};
+use crate::shadow::Algorithms;
 use crate::sync::RwLock;
 use crate::table::{HeapTableAllocator, TableAllocator};
-use crate::tdp::TdpMmu;
 use crate::types::{ErrorCode, Gpa, Gva, Level};
 
 mod dirty_log;
@@ -47,7 +46,8 @@ mod zap;
 pub use dirty_log::HarvestReport;
 pub(crate) use fault::MAX_ACCESS_RETRIES;
 
-pub use mmu::{Mmu, MmuKind};
+pub use mmu::MmuKind;
+internal! { pub use mmu::Mmu; }
 pub use vcpu::Vcpu;
 
 pub use crate::shadow::{PagingConfig, PagingStats};
@@ -322,7 +322,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     ///
     /// # Panics
     /// If the VM runs the TDP MMU (see [`with_tdp`](Self::with_tdp)).
-    pub fn with_mmu<R>(&self, f: impl FnOnce(&Memslots, &ShadowMmu<Arc<A>>) -> R) -> R {
+    #[cfg(feature = "internals")]
+    pub fn with_mmu<R>(
+        &self,
+        f: impl FnOnce(&Memslots, &crate::shadow::ShadowMmu<Arc<A>>) -> R,
+    ) -> R {
         let st = self.lock();
         f(
             &st.slots,
@@ -334,7 +338,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     ///
     /// # Panics
     /// If the VM runs the shadow MMU.
-    pub fn with_tdp<R>(&self, f: impl FnOnce(&Memslots, &TdpMmu<A>) -> R) -> R {
+    #[cfg(feature = "internals")]
+    pub fn with_tdp<R>(&self, f: impl FnOnce(&Memslots, &crate::tdp::TdpMmu<A>) -> R) -> R {
         let st = self.lock();
         f(
             &st.slots,
@@ -347,7 +352,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     ///
     /// # Panics
     /// If the VM runs the shadow MMU.
-    pub fn with_tdp_mut<R>(&self, f: impl FnOnce(&Memslots, &mut TdpMmu<A>) -> R) -> R {
+    #[cfg(feature = "internals")]
+    pub fn with_tdp_mut<R>(&self, f: impl FnOnce(&Memslots, &mut crate::tdp::TdpMmu<A>) -> R) -> R {
         let mut guard = self.lock();
         let st = &mut *guard;
         let m = st.mmu.tdp_mut().expect("with_tdp_mut needs a TDP-MMU VM");

@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 
 use crate::dirty::DirtyRing;
 use crate::guest::PagingState;
-use crate::hw::{flush_vcpus, Cpu, CpuShared, Tlb};
+use crate::hw::{flush_vcpus, Cpu, CpuShared};
 use crate::shadow::RootRef;
 use crate::sync::Mutex;
 use crate::types::Pfn;
@@ -88,8 +88,9 @@ impl Vcpu {
         self.cpu.root()
     }
 
-    /// The TLB.
-    pub fn tlb(&self) -> &Tlb {
+    /// The TLB (`internals`: the CPU model is not part of the embedder's API).
+    #[cfg(feature = "internals")]
+    pub fn tlb(&self) -> &crate::hw::Tlb {
         self.cpu.tlb()
     }
 
