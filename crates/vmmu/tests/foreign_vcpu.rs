@@ -99,6 +99,9 @@ fn refuses_every_gpa_call(vm: &SimVm, own: &[Vcpu], foreign: &mut Vcpu, what: &s
 /// used to read the dead VM's TLB, then walk its freed root).
 #[test]
 fn a_vcpu_of_a_dropped_vm_is_refused() {
+    if vmmu_testing::skip_rerun("a_vcpu_of_a_dropped_vm_is_refused") {
+        return;
+    }
     for &(name, mmu) in MMUS {
         let b = vm(mmu, DirtyLogConfig::default(), false);
         let mut own = vec![b.create_vcpu().unwrap()];
@@ -127,6 +130,9 @@ fn a_vcpu_of_a_dropped_vm_is_refused() {
 /// working with its own vCPUs.
 #[test]
 fn a_vcpu_of_a_live_vm_is_refused_by_another() {
+    if vmmu_testing::skip_rerun("a_vcpu_of_a_live_vm_is_refused_by_another") {
+        return;
+    }
     for &(name, mmu) in MMUS {
         let a = vm(mmu, DirtyLogConfig::default(), false);
         let b = vm(mmu, DirtyLogConfig::default(), false);
@@ -149,6 +155,9 @@ fn a_vcpu_of_a_live_vm_is_refused_by_another() {
 /// vCPU to a logging slot is refused, and neither VM's ring holds an entry for it.
 #[test]
 fn dirty_entries_stay_in_their_own_vms_rings() {
+    if vmmu_testing::skip_rerun("dirty_entries_stay_in_their_own_vms_rings") {
+        return;
+    }
     let rings = DirtyLogConfig {
         ring_size: Some(64),
         ..DirtyLogConfig::default()
