@@ -229,8 +229,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// The upkeep after entry `i` of `page` went from `old` to `new` (KVM's
-    /// `handle_changed_spte`).
-    #[inline]
+    /// `handle_changed_spte`). Inlined into every write: on the fault path (an entry
+    /// made present) it is a test or two; taking a subtree out is out of line.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn handle_changed(
         &self,
@@ -249,14 +250,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 page.clear_used(i);
             }
         }
-        let same_table = is_table(new, page.level) && new.pfn() == old.pfn();
-        if is_table(old, page.level) && !same_table {
+        if is_table(old, page.level) && !(is_table(new, page.level) && new.pfn() == old.pfn()) {
             self.remove_subtree(page, i, old, lock, removed, guard);
         }
     }
 
     /// Entry `i` of `page`, which held the non-leaf `s`, no longer points at its child:
     /// queue the child's subtree for retirement.
+    #[inline(never)]
     fn remove_subtree(
         &self,
         page: &TdpPage,
