@@ -65,7 +65,8 @@ use crate::types::{Level, SPTE_ENT_PER_PAGE};
 /// The TDP MMU under the exclusive MMU lock. Made only by [`TdpMmu::exclusive`], from
 /// `&mut TdpMmu`: holding one proves that no shared-lock walker (a fault, aging, a split)
 /// runs, so the writes it offers may be plain stores. It derefs to the MMU for the rest
-/// (walks, reads, the shared-lock writes).
+/// (walks, reads, the shared-lock writes). The field is private to this file, so no other
+/// code can make one from `&TdpMmu`; copies live no longer than the `&mut` borrow.
 pub(crate) struct ExclusiveMmu<'a, A: TableAllocator + 'static>(&'a TdpMmu<A>);
 
 impl<A: TableAllocator + 'static> Clone for ExclusiveMmu<'_, A> {
