@@ -12,7 +12,7 @@ use super::Invalidation;
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::spte::{LeafAttrs, Spte};
+use crate::spte::{LeafAttrs, Spte, SpteFormat};
 use crate::types::{ErrorCode, Gpa, Level, Pfn};
 
 /// What a fault did.
@@ -102,7 +102,8 @@ pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
     let level = slot.max_mapping_level(gfn, max_level.min(host_page.level));
     let logging = slot.is_logging();
     let mmu_writable = !slot.is_readonly() && host_page.writable && !tracked;
-    let spte = Spte::new_leaf(
+    // Both MMUs that plan with this build EPT leaves.
+    let spte = SpteFormat::EPT.leaf(
         Pfn(host_page.pfn.0 & !(level.pages() - 1)),
         level,
         LeafAttrs {
@@ -114,6 +115,7 @@ pub(crate) fn plan_fault<H: HostMemory + ?Sized>(
             dirty: write,
             ..LeafAttrs::default()
         },
+        true,
     );
     let dirty = (write && logging).then(|| DirtyGfn {
         slot: slot.id,

@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::mmu::{plan_fault, DirtyGfn, FaultOutcome, FaultPlan};
-use crate::spte::{Spte, FROZEN};
+use crate::spte::{SpteFormat, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{ErrorCode, Gpa, Level};
 
@@ -150,7 +150,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             }
             if page
                 .table()
-                .compare_exchange(i, s, Spte::new_nonleaf(frame))
+                .compare_exchange(i, s, SpteFormat::EPT.nonleaf(frame))
                 .is_err()
             {
                 page.clear_child(i);

@@ -17,7 +17,7 @@ use super::page::TdpPage;
 use super::{Removed, TdpMmu};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::spte::{bits, LeafAttrs, Spte, FROZEN};
+use crate::spte::{bits, LeafAttrs, Spte, SpteFormat, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -112,7 +112,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                         .is_some_and(|m| m & (1 << (bit % 64)) != 0)
                 {
                     let t = it.page().table();
-                    if s.has_volatile_bits() {
+                    if SpteFormat::EPT.has_volatile_bits(s) {
                         t.fetch_and_not(it.index(), bits::WRITABLE);
                     } else {
                         t.set(it.index(), s.write_protected());
@@ -147,12 +147,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         let mut young = false;
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
-            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+            if s.is_shadow_present() && s.is_leaf(it.level()) && SpteFormat::EPT.is_accessed(s) {
                 young = true;
                 let _ = it.page().table().compare_exchange(
                     it.index(),
                     s,
-                    s.without_bits(bits::ACCESSED),
+                    s.without_bits(SpteFormat::EPT.accessed()),
                 );
             }
             Step::Next
@@ -164,7 +164,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &Guard) -> bool {
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
-            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+            if s.is_shadow_present() && s.is_leaf(it.level()) && SpteFormat::EPT.is_accessed(s) {
                 Step::Stop
             } else {
                 Step::Next
@@ -190,9 +190,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                     if writable || it.level() > Level::L4K {
                         self.zap_entry(it.page(), it.index(), s, &mut removed, guard);
                     } else {
-                        let new = s
-                            .with_pfn(new_pfn)
-                            .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | bits::ACCESSED);
+                        let new = s.with_pfn(new_pfn).without_bits(
+                            bits::WRITABLE | bits::HOST_WRITABLE | SpteFormat::EPT.accessed(),
+                        );
                         it.page().table().swap(it.index(), new);
                         removed.flush.set();
                     }
@@ -252,7 +252,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             if !claimed
                 || page
                     .table()
-                    .compare_exchange(it.index(), s, Spte::new_nonleaf(frame))
+                    .compare_exchange(it.index(), s, SpteFormat::EPT.nonleaf(frame))
                     .is_err()
             {
                 // Lost a race: give the table back for the next try. Forget the child only
@@ -342,7 +342,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             return None;
         }
         let mmu_writable = !slot.is_readonly() && hp.writable;
-        Some(Spte::new_leaf(
+        Some(SpteFormat::EPT.leaf(
             Pfn(hp.pfn.0 & !(level.pages() - 1)),
             level,
             LeafAttrs {
@@ -353,6 +353,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 accessed: true,
                 ..LeafAttrs::default()
             },
+            true,
         ))
     }
 }

@@ -11,7 +11,7 @@ use crossbeam_epoch::{Guard, Shared};
 use super::iter::Step;
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
-use crate::spte::{Spte, FROZEN};
+use crate::spte::{Spte, SpteFormat, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 
@@ -145,7 +145,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         removed: &mut Removed,
         guard: &Guard,
     ) {
-        let old = if seen.has_volatile_bits() {
+        let old = if SpteFormat::EPT.has_volatile_bits(seen) {
             page.table().swap(i, Spte::NONE)
         } else {
             page.table().set(i, Spte::NONE);

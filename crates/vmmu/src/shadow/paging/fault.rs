@@ -224,7 +224,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             }
         }
         let writable = mmu_writable && (write || !logging);
-        let new = Spte::new_legacy_leaf(
+        let new = self.format.leaf(
             pfn,
             level,
             LeafAttrs {
@@ -241,7 +241,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let i = gva.index_at(level);
         let old = self.pages.get(id).table().get(i);
         let same = |s: Spte| {
-            let ignore = crate::spte::legacy::ACCESSED | crate::spte::legacy::DIRTY;
+            let ignore = self.format.accessed_dirty();
             s.0 & !ignore == new.0 & !ignore
         };
         let outcome_mapped = protected
