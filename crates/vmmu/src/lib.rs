@@ -12,7 +12,8 @@
 //! Module map (one mechanism per file, named as KVM names it):
 //!
 //! - [`types`]: gfn, pfn, gpa, hva, levels, access kinds, error codes
-//! - [`spte`]: the 64-bit EPT SPTE: bit layout, constructors, predicates
+//! - [`spte`]: the 64-bit SPTE: bit layout, the formats (EPT, legacy) as mask tables,
+//!   constructors, predicates
 //! - [`host`]: what the MMU learns from the host (hva -> pfn, mapping level), and a simulation
 //! - [`table`]: page-table memory (4 KiB frames of 512 atomic SPTEs) and its allocator
 //! - [`rmap`]: KVM's `pte_list`: reverse maps from a gfn to the SPTEs that map it
