@@ -210,7 +210,10 @@ impl SpteFormat {
     /// Debug builds check that `level` can hold a leaf (4K, 2M, 1G), that `pfn` fits in
     /// 40 bits and is aligned to `level.pages()`, and that `writable` comes with
     /// `mmu_writable` and `host_writable`.
-    #[inline]
+    ///
+    /// Always inlined: with a constant format (EPT code names [`SpteFormat::EPT`]) the
+    /// masks fold away and the leaf is built as a hand-written one would be.
+    #[inline(always)]
     pub const fn leaf(self, pfn: Pfn, level: Level, attrs: LeafAttrs, user: bool) -> Spte {
         debug_check_leaf(pfn, level, &attrs);
         let m = self.0;
