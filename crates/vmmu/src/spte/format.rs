@@ -66,28 +66,32 @@ pub struct FormatMasks {
     pub memtype: u64,
     /// Ignore the guest PAT (EPT: bit 6; legacy: 0).
     pub ignore_pat: u64,
-    /// Which values of SPTE bits 0..=5 hardware refuses as a misconfiguration, one bit
-    /// per value (KVM's `bad_mt_xwr`; EPT: W without R, or a present entry with a
-    /// reserved memory type; legacy: 0, it has none).
-    pub bad_low6: u64,
+    /// An access-bit combination hardware refuses as a misconfiguration: the entry is
+    /// one when `s & bad_rights.0 == bad_rights.1` (EPT: W without R, `(R|W, W)`;
+    /// legacy: `(0, 1)`, never).
+    pub bad_rights: (u64, u64),
+    /// The memory-type encodings hardware refuses in a present entry, one bit per
+    /// encoding of [`Self::memtype`] (EPT: 2, 3 and 7; legacy: 0, none).
+    pub bad_memtypes: u64,
 }
 
-/// KVM's `bad_mt_xwr` for EPT with A/D bits: indexed by `mt << 3 | xwr`, W without R
-/// (xwr 010 and 110) at any memory type, and any present xwr with a reserved memory type
-/// (2, 3, 7).
-const fn ept_bad_low6() -> u64 {
-    let mut bad = 0u64;
-    let mut v = 0;
-    while v < 64 {
-        let (xwr, mt) = (v & 7, v >> 3);
-        let w_without_r = xwr & 0b011 == 0b010;
-        let reserved_mt = xwr != 0 && matches!(mt, 2 | 3 | 7);
-        if w_without_r || reserved_mt {
-            bad |= 1 << v;
-        }
-        v += 1;
+/// The shift of the field `mask` (0 for an absent field).
+#[inline(always)]
+const fn shift_of(mask: u64) -> u32 {
+    if mask == 0 {
+        0
+    } else {
+        mask.trailing_zeros()
     }
-    bad
+}
+
+/// Whether hardware refuses `s` as a misconfiguration in the format `m`.
+#[inline(always)]
+const fn misconfig_in(m: &FormatMasks, s: u64) -> bool {
+    if s & m.bad_rights.0 == m.bad_rights.1 {
+        return true;
+    }
+    s & m.present != 0 && (m.bad_memtypes >> ((s & m.memtype) >> shift_of(m.memtype))) & 1 != 0
 }
 
 impl FormatMasks {
@@ -106,7 +110,8 @@ impl FormatMasks {
         dirty: EPT_DIRTY,
         memtype: MT_MASK,
         ignore_pat: IGNORE_PAT,
-        bad_low6: ept_bad_low6(),
+        bad_rights: (READABLE | WRITABLE, WRITABLE),
+        bad_memtypes: (1 << 2) | (1 << 3) | (1 << 7),
     };
 
     /// Legacy x86-64 paging (KVM's masks with EPT off): shadow paging's format, the
@@ -124,7 +129,8 @@ impl FormatMasks {
         dirty: legacy::DIRTY,
         memtype: 0,
         ignore_pat: 0,
-        bad_low6: 0,
+        bad_rights: (0, 1),
+        bad_memtypes: 0,
     };
 }
 
@@ -181,7 +187,7 @@ impl SpteFormat {
         let mut gen = 0;
         while gen < 8 {
             let low6 = (MMIO_VALUE | (gen << 3)) & 0x3f;
-            let faults = MMIO_VALUE & m.present == 0 || (m.bad_low6 >> low6) & 1 != 0;
+            let faults = MMIO_VALUE & m.present == 0 || misconfig_in(m, low6);
             assert!(faults, "an MMIO SPTE must fault in every format");
             gen += 1;
         }
@@ -217,11 +223,7 @@ impl SpteFormat {
     pub const fn leaf(self, pfn: Pfn, level: Level, attrs: LeafAttrs, user: bool) -> Spte {
         debug_check_leaf(pfn, level, &attrs);
         let m = self.0;
-        let mt_shift = if m.memtype == 0 {
-            0
-        } else {
-            m.memtype.trailing_zeros()
-        };
+        let mt_shift = shift_of(m.memtype);
         Spte(
             m.leaf
                 | MMU_PRESENT
@@ -317,7 +319,7 @@ impl SpteFormat {
         if m == 0 || !s.is_shadow_present() {
             return None;
         }
-        MemType::from_bits(((s.0 & m) >> m.trailing_zeros()) as u8)
+        MemType::from_bits(((s.0 & m) >> shift_of(m)) as u8)
     }
 
     /// Shadow-present with ignore-PAT set (false in a format without it).
@@ -332,11 +334,10 @@ impl SpteFormat {
     /// MMIO SPTEs are EPT misconfigurations by construction; every other SPTE the
     /// constructors make is not. The memory-type check applies to any present entry: in
     /// a non-leaf those bits are reserved and KVM keeps them zero, so a reserved value
-    /// there is a misconfiguration too. One shift and AND (the CPU walk asks this at every
-    /// level).
+    /// there is a misconfiguration too.
     #[inline]
     pub const fn is_misconfig(self, s: Spte) -> bool {
-        (self.0.bad_low6 >> (s.0 & 0x3f)) & 1 != 0
+        misconfig_in(self.0, s.0)
     }
 
     /// Whether bits of this SPTE may change under the MMU's feet, so that clearing or
@@ -390,7 +391,9 @@ mod tests {
         );
         assert_eq!((l.exec, l.nx, l.user), (0, 1 << 63, 0x4));
         assert_eq!((l.accessed, l.dirty), (0x20, 0x40));
-        assert_eq!((l.memtype, l.ignore_pat, l.bad_low6), (0, 0, 0));
+        assert_eq!((l.memtype, l.ignore_pat, l.bad_memtypes), (0, 0, 0));
+        assert_eq!((e.bad_rights, e.bad_memtypes), ((0x3, 0x2), 0x8c));
+        assert_eq!(l.bad_rights, (0, 1));
         assert_eq!((EPT.name(), LEGACY.name()), ("EPT", "legacy"));
         assert_eq!(
             format!("{EPT:?} {LEGACY:?}"),
@@ -585,10 +588,10 @@ mod tests {
         }
     }
 
-    /// The misconfiguration bitmap says what the former bit tests said, for every value of
-    /// bits 0..=5 (and whatever lies above them).
+    /// The misconfiguration rule, for every value of bits 0..=5 (and whatever lies above
+    /// them): W without R at any memory type, a reserved memory type if present.
     #[test]
-    fn ept_misconfig_bitmap_matches_the_rule() {
+    fn ept_misconfig_matches_the_rule() {
         for v in 0..64u64 {
             let w_without_r = v & 0b011 == 0b010;
             let reserved_mt = v & 7 != 0 && matches!(v >> 3, 2 | 3 | 7);
