@@ -19,7 +19,8 @@
 //! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it),
 //!   [`guest`] (shadow paging's guest side: guest memory, guest PTEs, paging registers,
 //!   the walk of the guest's tables)
-//! - formats and memory: [`spte`] (the 64-bit SPTE, EPT and legacy x86-64 formats),
+//! - formats and memory: [`spte`] (the 64-bit SPTE: the bits every format shares, and
+//!   the formats, EPT and legacy x86-64, as mask tables with their builders and predicates),
 //!   [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator), [`rmap`] (KVM's
 //!   `pte_list`), [`memslot`] (slots with their per-level metadata, dirty bitmaps, write
 //!   tracking), [`page`] (shadow pages, `kvm_mmu_page`)

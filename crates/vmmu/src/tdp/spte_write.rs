@@ -58,7 +58,7 @@ use crossbeam_epoch::{Guard, Owned, Shared};
 use super::iter::TdpIteration;
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
-use crate::spte::{bits, Spte, FROZEN};
+use crate::spte::{bits, Spte, SpteFormat, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{Level, SPTE_ENT_PER_PAGE};
 
@@ -211,7 +211,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         if !page.claim_child(i, child, guard) {
             return Link::Busy(child);
         }
-        if !self.set_spte_atomic(page, i, old, Spte::new_nonleaf(frame), removed, guard) {
+        if !self.set_spte_atomic(page, i, old, SpteFormat::EPT.nonleaf(frame), removed, guard) {
             page.clear_child(i);
             removed.push(child);
             return Link::Lost;
@@ -334,7 +334,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
         removed: &mut Removed,
         guard: &Guard,
     ) -> Spte {
-        let old = if old.has_volatile_bits() {
+        let old = if SpteFormat::EPT.has_volatile_bits(old) {
             page.table().swap(i, new)
         } else {
             page.table().set(i, new);
@@ -354,7 +354,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
             mask & (bits::MMU_PRESENT | bits::PFN_MASK | bits::LARGE) == 0,
             "clear_bits changes attributes only"
         );
-        if old.has_volatile_bits() {
+        if SpteFormat::EPT.has_volatile_bits(old) {
             page.table().fetch_and_not(i, mask);
         } else {
             page.table().set(i, old.without_bits(mask));
