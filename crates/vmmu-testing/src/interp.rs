@@ -26,6 +26,7 @@ use std::sync::Arc;
 
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
 use vmmu::memslot::MemslotLimits;
+use vmmu::spte::SpteFormat;
 use vmmu::table::HeapTableAllocator;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
 use vmmu::Vcpu;
@@ -919,7 +920,9 @@ impl Interp {
     fn age(&mut self, start: u64, end: u64, test: bool) -> Result<(), Failure> {
         let bad = (start >= end).then_some(Error::InvalidHvaRange { start, end });
         let ranges = self.model.gfn_ranges(start, end);
-        let young_now = || -> bool { self.leaves_in(&ranges).iter().any(|e| e.spte.is_accessed()) };
+        // The interpreter runs only EPT MMUs (shadow paging is refused by `Interp::new`).
+        let is_young = |e: &view::Entry| SpteFormat::EPT.is_accessed(e.spte);
+        let young_now = || -> bool { self.leaves_in(&ranges).iter().any(is_young) };
         let expect_young = if bad.is_none() && test {
             Some(young_now())
         } else {
@@ -956,7 +959,7 @@ impl Interp {
             }
         } else {
             let left = self.leaves_in(&ranges);
-            if let Some(e) = left.iter().find(|e| e.spte.is_accessed()) {
+            if let Some(e) = left.iter().find(|e| is_young(e)) {
                 return self.fail(format!(
                     "after age_hva_range the {} leaf at gfn {:#x} is still young",
                     e.level.name(),

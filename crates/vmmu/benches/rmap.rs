@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use vmmu::rmap::{self, DescPool, RmapHead, SpteRef};
-use vmmu::spte::{bits, LeafAttrs, Spte};
+use vmmu::spte::{LeafAttrs, Spte, SpteFormat};
 use vmmu::table::{HeapTableAllocator, Table, TableAllocator};
 use vmmu::types::{Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -70,7 +70,8 @@ impl Fixture {
         for k in 0..len {
             for l in 0..lists {
                 let slot = k * lists + l;
-                f.leaves[slot] = Spte::new_leaf(Pfn(0x10_0000 + l as u64), Level::L4K, attrs);
+                f.leaves[slot] =
+                    SpteFormat::EPT.leaf(Pfn(0x10_0000 + l as u64), Level::L4K, attrs, true);
                 let s = SpteRef::new(
                     1 + (slot / SPTE_ENT_PER_PAGE) as u32,
                     slot % SPTE_ENT_PER_PAGE,
@@ -116,8 +117,8 @@ impl Drop for Fixture {
 /// KVM's age handler body for one SPTE.
 #[inline(always)]
 fn age_spte(table: &Table, index: usize) -> bool {
-    if table.get(index).is_accessed() {
-        table.fetch_and_not(index, bits::ACCESSED);
+    if SpteFormat::EPT.is_accessed(table.get(index)) {
+        table.fetch_and_not(index, SpteFormat::EPT.accessed());
         true
     } else {
         false

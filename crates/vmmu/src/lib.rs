@@ -48,8 +48,8 @@
 //! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it),
 //!   [`guest`] (shadow paging's guest side: guest memory, guest PTEs, paging registers,
 //!   and, *internals*, the walk of the guest's tables)
-//! - formats and memory: `spte` (*internals*: the 64-bit SPTE, EPT and legacy x86-64
-//!   formats), [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator; the
+//! - formats and memory: `spte` (*internals*: the 64-bit SPTE: the bits every format
+//!   shares, and the formats, EPT and legacy x86-64, as mask tables), [`table`] (4 KiB frames of 512 atomic SPTEs and their allocator; the
 //!   entries' accessors are *internals*), `rmap` (*internals*: KVM's `pte_list`),
 //!   `memslot` (*internals*, the region types re-exported here: slots with their per-level
 //!   metadata, dirty bitmaps, write tracking), `page` (*internals*: shadow pages,

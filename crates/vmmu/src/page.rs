@@ -22,7 +22,7 @@ use core::fmt;
 use core::ptr::NonNull;
 
 use crate::rmap::{RmapHead, SpteRef};
-use crate::spte::Spte;
+use crate::spte::{Spte, SpteFormat};
 use crate::table::{Table, TableAllocator};
 use crate::types::{AccessFlags, Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -110,6 +110,16 @@ impl Role {
     /// The same role marked invalid.
     pub const fn invalidated(self) -> Role {
         Role(self.0 | Self::INVALID)
+    }
+    /// The SPTE format of the page's table: legacy for shadow paging's pages, EPT for
+    /// the direct shadow MMU's (the format each builds, [`crate::shadow::ShadowMmu::format`]).
+    #[inline]
+    pub const fn format(self) -> SpteFormat {
+        if self.is_paging() {
+            SpteFormat::LEGACY
+        } else {
+            SpteFormat::EPT
+        }
     }
     /// Raw word.
     pub const fn word(self) -> u32 {
@@ -266,7 +276,7 @@ impl ShadowPage {
     pub fn spte_update(&mut self, i: usize, new: Spte) -> Spte {
         let t = self.table();
         let old = t.get(i);
-        let old = if old.has_volatile_bits() {
+        let old = if self.role.format().has_volatile_bits(old) {
             t.swap(i, new)
         } else {
             t.set(i, new);
@@ -284,7 +294,7 @@ impl ShadowPage {
     pub fn spte_write_protect(&self, i: usize, old: Spte) -> Spte {
         debug_assert!(old.is_writable());
         let t = self.table();
-        if old.has_volatile_bits() {
+        if self.role.format().has_volatile_bits(old) {
             t.swap(i, old.write_protected())
         } else {
             t.set(i, old.write_protected());
@@ -313,7 +323,7 @@ impl ShadowPage {
     pub fn spte_zap_leaf(&mut self, i: usize) -> Spte {
         let t = self.table();
         let old = t.get(i);
-        let old = if old.has_volatile_bits() {
+        let old = if self.role.format().has_volatile_bits(old) {
             t.swap(i, Spte::NONE)
         } else {
             t.set(i, Spte::NONE);

@@ -79,7 +79,7 @@ fn child_of(s: u64) -> usize {
 fn present(s: u64) -> bool {
     s & PRESENT != 0
 }
-/// `Spte::has_volatile_bits`: bits a CPU or the fast path may still set.
+/// `SpteFormat::EPT.has_volatile_bits`: bits a CPU or the fast path may still set.
 fn has_volatile_bits(s: u64) -> bool {
     present(s) && (s & A == 0 || (s & W != 0 && s & D == 0) || (s & W == 0 && s & MMU_W != 0))
 }

@@ -17,9 +17,13 @@ use std::sync::Mutex;
 use common::*;
 use support::*;
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
+use vmmu::spte::SpteFormat;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, Level, Pfn, PAGE_SIZE};
 use vmmu::Vcpu;
 use vmmu::{Algorithms, DirtyLogConfig, Error, Exit, MemslotFlags, VmConfig};
+
+/// The SPTE format of every MMU these tests run (the shadow MMU direct, the TDP MMU).
+const EPT: SpteFormat = SpteFormat::EPT;
 
 struct Env {
     host: std::sync::Arc<SimHostMemory>,
@@ -421,7 +425,7 @@ fn nested_invalidations_and_bad_ranges() {
 /// The A bit of every leaf mapping pages `pages` of `s`.
 fn accessed(vm: &TestVm, s: &SlotSpec, pages: std::ops::Range<u64>) -> Vec<bool> {
     pages
-        .map(|p| leaf_of(vm, gfn_of(s, p)).expect("mapped").2.is_accessed())
+        .map(|p| EPT.is_accessed(leaf_of(vm, gfn_of(s, p)).expect("mapped").2))
         .collect()
 }
 
@@ -429,7 +433,7 @@ fn accessed(vm: &TestVm, s: &SlotSpec, pages: std::ops::Range<u64>) -> Vec<bool>
 fn leaves_but_a(vm: &TestVm) -> Vec<((u64, Level), u64)> {
     leaves(vm)
         .into_iter()
-        .map(|(k, s)| (k, s.0 & !vmmu::spte::bits::ACCESSED))
+        .map(|(k, s)| (k, s.0 & !EPT.accessed()))
         .collect()
 }
 
@@ -500,7 +504,7 @@ fn age_and_test_age() {
             accessed(&e.vm, &s, 10..20),
             (10..20).map(|p| p == 15).collect::<Vec<_>>()
         );
-        assert!(leaf_of(&e.vm, gfn_of(&s, 15)).unwrap().2.is_dirty());
+        assert!(EPT.is_dirty(leaf_of(&e.vm, gfn_of(&s, 15)).unwrap().2));
         audit(&e.vm);
 
         // A huge leaf: aging 4K of it clears the A bit of the whole leaf, which stays.
@@ -514,7 +518,7 @@ fn age_and_test_age() {
             .unwrap());
         let (_, level, spte) = leaf_of(&e.vm, gfn_of(&thp, 300)).unwrap();
         assert_eq!(level, Level::L2M);
-        assert!(spte.is_shadow_present() && !spte.is_accessed());
+        assert!(spte.is_shadow_present() && !EPT.is_accessed(spte));
         audit(&e.vm);
         for p in [0, 300, 511] {
             touch(&e.vm, &mut v0, &e.host, &thp, p, AccessKind::Read);
@@ -751,8 +755,8 @@ fn notifiers_reach_every_alias() {
         }
         // age
         assert!(vm.age_hva_range(hva_of(&a, 0), hva_of(&a, 16)).unwrap());
-        assert!(!leaf_of(&vm, gfn_of(&a, 7)).unwrap().2.is_accessed());
-        assert!(!leaf_of(&vm, gfn_of(&b, 7)).unwrap().2.is_accessed());
+        assert!(!EPT.is_accessed(leaf_of(&vm, gfn_of(&a, 7)).unwrap().2));
+        assert!(!EPT.is_accessed(leaf_of(&vm, gfn_of(&b, 7)).unwrap().2));
         assert!(!vm
             .test_age_hva_range(hva_of(&a, 0), hva_of(&a, 16))
             .unwrap());

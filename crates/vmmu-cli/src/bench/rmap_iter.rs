@@ -21,7 +21,7 @@ use std::time::Instant;
 
 use serde_json::json;
 use vmmu::rmap::{self, DescPool, RmapHead, SpteRef, PTE_LIST_EXT};
-use vmmu::spte::{bits, LeafAttrs, Spte};
+use vmmu::spte::{LeafAttrs, Spte, SpteFormat};
 use vmmu::table::{HeapTableAllocator, Table, TableAllocator};
 use vmmu::types::{Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -104,8 +104,8 @@ fn restart_scan_lists(lists: usize, len: usize, budget: usize) -> usize {
 /// a CPU may set A/D bits in the same word). Returns whether it was young.
 #[inline(always)]
 fn age_spte(table: &Table, index: usize) -> bool {
-    if table.get(index).is_accessed() {
-        table.fetch_and_not(index, bits::ACCESSED);
+    if SpteFormat::EPT.is_accessed(table.get(index)) {
+        table.fetch_and_not(index, SpteFormat::EPT.accessed());
         true
     } else {
         false
@@ -240,7 +240,7 @@ impl RmapLists {
                 let pfn = Pfn(0x10_0000 + l as u64);
                 tables
                     .get(id)
-                    .set(index, Spte::new_leaf(pfn, Level::L4K, attrs));
+                    .set(index, SpteFormat::EPT.leaf(pfn, Level::L4K, attrs, true));
                 rmap::add(head, SpteRef::new(id, index), &mut pool);
             }
         }
@@ -264,7 +264,7 @@ mod tests {
         for &head in &f.heads {
             assert_eq!(rmap::check(head, &f.pool), Ok(len));
             for s in rmap::iter(head, &f.pool) {
-                assert!(f.tables.get(s.table_id()).get(s.index()).is_accessed());
+                assert!(SpteFormat::EPT.is_accessed(f.tables.get(s.table_id()).get(s.index())));
                 seen.push(s);
             }
         }

@@ -6,7 +6,7 @@
 //! against the value read, so an entry the MMU changed in the meantime is never
 //! resurrected: the walk restarts instead (hardware performs the same locked update).
 
-use crate::spte::Spte;
+use crate::spte::{Spte, SpteFormat};
 use crate::table::{Table, TableAllocator};
 use crate::types::{AccessKind, ErrorCode, Gfn, Gpa, Level, Pfn};
 
@@ -76,7 +76,11 @@ pub unsafe fn lockless_walk<A: TableAllocator + ?Sized>(
         let index = gfn.index_at(level);
         let spte = table.get(index);
         rwx &= spte.0;
-        if spte.is_ept_misconfig() || !spte.hw_present() || level == Level::L4K || spte.is_large() {
+        if SpteFormat::EPT.is_misconfig(spte)
+            || !SpteFormat::EPT.hw_present(spte)
+            || level == Level::L4K
+            || spte.is_large()
+        {
             use crate::spte::bits::{EXECUTABLE, READABLE, WRITABLE};
             return WalkPoint {
                 table,
@@ -110,10 +114,10 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
     loop {
         // SAFETY: forwarded contract.
         let p = unsafe { lockless_walk(alloc, root, gpa.gfn()) };
-        if p.spte.is_ept_misconfig() {
+        if SpteFormat::EPT.is_misconfig(p.spte) {
             return Err(WalkExit::Misconfig { gpa, spte: p.spte });
         }
-        if !p.spte.hw_present() {
+        if !SpteFormat::EPT.hw_present(p.spte) {
             return Err(violation(gpa, kind, false));
         }
         let (r, w, x) = p.rwx;
@@ -125,9 +129,9 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
         if !allowed {
             return Err(violation(gpa, kind, r || w || x));
         }
-        let mut want = crate::spte::bits::ACCESSED;
+        let mut want = SpteFormat::EPT.accessed();
         if kind == AccessKind::Write {
-            want |= crate::spte::bits::DIRTY;
+            want |= SpteFormat::EPT.dirty();
         }
         let spte = if p.spte.0 & want != want {
             // The CPU's locked A/D update: against the value read, or walk again.
@@ -141,7 +145,13 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
         } else {
             p.spte
         };
-        return Ok(Tlb::entry(spte.pfn(), p.level, r && w, x, spte.is_dirty()));
+        return Ok(Tlb::entry(
+            spte.pfn(),
+            p.level,
+            r && w,
+            x,
+            SpteFormat::EPT.is_dirty(spte),
+        ));
     }
 }
 

@@ -18,7 +18,7 @@ use super::Invalidation;
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::spte::{LeafAttrs, Spte};
+use crate::spte::{LeafAttrs, Spte, SpteFormat};
 use crate::types::{ErrorCode, Gpa, Level, Pfn};
 
 /// What a fault did, for every MMU (KVM's `RET_PF_*`).
@@ -106,7 +106,7 @@ impl MapPlan {
     #[inline(always)]
     pub(crate) fn ept_leaf(&self) -> Spte {
         let mmu_writable = self.mmu_writable();
-        Spte::new_leaf(
+        SpteFormat::EPT.leaf(
             self.pfn,
             self.level,
             LeafAttrs {
@@ -118,6 +118,8 @@ impl MapPlan {
                 dirty: self.write,
                 ..LeafAttrs::default()
             },
+            // EPT has no user bit: every leaf is the guest's.
+            true,
         )
     }
 }

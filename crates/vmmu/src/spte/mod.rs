@@ -1,8 +1,9 @@
-//! The 64-bit shadow page-table entry (SPTE) in Intel EPT format, encoded as KVM encodes
-//! it (`arch/x86/kvm/mmu/spte.h` with EPT enabled and A/D bits on).
+//! The 64-bit shadow page-table entry (SPTE), encoded as KVM encodes it
+//! (`arch/x86/kvm/mmu/spte.h`), in the two formats vmmu builds: Intel EPT with A/D bits
+//! (the direct shadow MMU and the TDP MMU) and legacy x86-64 paging (shadow paging).
 //!
 //! An SPTE is one of four things, told apart by the low bits and the software
-//! "shadow-present" bit [`bits::MMU_PRESENT`]:
+//! "shadow-present" bit [`bits::MMU_PRESENT`] (bits as in EPT):
 //!
 //! | kind | R W X (bits 0..=2) | MMU_PRESENT | meaning |
 //! |------|--------------------|-------------|---------|
@@ -11,30 +12,67 @@
 //! | MMIO | 110 (W+X, no R) | 0 | caches "this gfn is emulated MMIO"; hardware reports an EPT *misconfiguration* |
 //! | frozen | 000 | 0 | [`FROZEN`]: an entry the TDP MMU is changing; hardware sees it as not present |
 //!
-//! Invariants every constructor keeps (and the tests check bit by bit):
-//! - a shadow-present SPTE is always readable, so it is never an EPT misconfiguration
-//!   (EPT forbids write without read);
+//! # Invariants
+//! Every constructor keeps (and the tests check bit by bit):
+//! - a shadow-present SPTE is always readable (present) to hardware, so it is never an
+//!   EPT misconfiguration (EPT forbids write without read);
 //! - a writable leaf is also MMU-writable and host-writable (KVM never grants W without
 //!   the software bits that say it may);
-//! - only leaves carry a memory type, ignore-PAT, accessed and dirty bits; non-leaf SPTEs
-//!   carry R|W|X|MMU_PRESENT and the child table's frame number only;
+//! - only leaves carry a memory type, ignore-PAT and dirty bits; non-leaf SPTEs carry
+//!   their format's non-leaf bits, MMU_PRESENT and the child table's frame number only;
 //! - MMIO SPTEs and [`FROZEN`] are never shadow-present.
 //!
 //! Attribute predicates such as [`Spte::is_writable`] describe a *shadow-present* SPTE and
 //! return false for anything else (an MMIO SPTE has bit 1 set and [`FROZEN`] has the
 //! LARGE and ACCESSED bits set, but neither is writable, large or accessed). Each is still
-//! one AND and one compare. The raw hardware view is [`Spte::hw_present`] and
-//! [`Spte::is_ept_misconfig`].
+//! one AND and one compare. The raw hardware view is [`SpteFormat::hw_present`] and
+//! [`SpteFormat::is_misconfig`].
+//!
+//! # Formats
+//! An SPTE does not know its format: whoever reads one asks its format
+//! ([`SpteFormat`], KVM's runtime `shadow_*_mask` values) for every format-dependent bit.
+//! The table of masks ([`FormatMasks`], one `const` per format):
+//!
+//! | mask | [`FormatMasks::EPT`] | [`FormatMasks::LEGACY`] |
+//! |------|-----|--------|
+//! | present (to hardware) | R\|W\|X (0..=2) | P (0) |
+//! | leaf | R (0) | P (0) |
+//! | non-leaf | R\|W\|X | P\|RW\|US\|A |
+//! | readable | R (0) | P (0) |
+//! | exec / NX | X (2) / none | none / NX (63) |
+//! | user | none (every entry is the user's) | US (2) |
+//! | accessed / dirty | 8 / 9 | 5 / 6 |
+//! | memory type / ignore PAT | 3..=5 / 6 | none / none |
+//! | misconfiguration (bits 0..=5) | W without R; reserved memory type | none |
+//!
+//! [`Spte`] keeps only what is the same in every format, because format-blind code
+//! (reverse maps, zapping, write protection, the audit) reads it in both: W (bit 1,
+//! [`Spte::is_writable`], the write-protect builders), LARGE (bit 7, [`Spte::is_large`],
+//! [`Spte::is_leaf`]), the frame field (bits 12..=51), and the software bits vmmu owns in
+//! both, MMU_PRESENT (11), HOST_WRITABLE (57) and MMU_WRITABLE (58). W and LARGE are the
+//! same bit in every x86 format (EPT, legacy, AMD NPT), as KVM's `PT_WRITABLE_MASK` and
+//! `PT_PAGE_SIZE_MASK` are fixed. One MMIO encoding ([`Spte::new_mmio`]) serves both: P
+//! is clear, so legacy hardware sees it as not present, and EPT sees a misconfiguration.
+//! [`FROZEN`] is the TDP MMU's (EPT only). `Spte`'s `Debug` decodes the EPT bits.
+//!
+//! To add a format (AMD NPT, EPT without A/D bits): write one more `FormatMasks`
+//! constant and one `SpteFormat::new` of it; [`SpteFormat::new`] checks at compile time
+//! that it claims no shared bit and that MMIO SPTEs fault in it. No caller changes: each
+//! already names the format it reads.
 
 use core::fmt;
 
 use crate::types::{Gfn, Level, Pfn};
 
+mod format;
 pub mod legacy;
 
-pub use legacy::SpteFormat;
+pub use format::{FormatMasks, SpteFormat};
 
-/// The SPTE bit layout, as `u64` masks (and shifts where a field is wider than a bit).
+/// The SPTE bit layout in EPT format, as `u64` masks (and shifts where a field is wider
+/// than a bit). W, LARGE, the frame field and the software bits are every format's;
+/// the others are EPT's only: read them through [`SpteFormat::EPT`] (or raw, in EPT-only
+/// code such as the CPU's EPT walker).
 pub mod bits {
     /// Read access (EPT bit 0).
     pub const READABLE: u64 = 1 << 0;
@@ -163,14 +201,14 @@ impl MemType {
 
 /// The attributes of a leaf SPTE besides its frame and level.
 ///
-/// Leaves are always readable (EPT forbids W without R), so there is no `readable`
-/// field. `writable` requires `mmu_writable` and `host_writable` (checked by
-/// [`Spte::new_leaf`] in debug builds).
+/// Leaves are always readable (EPT forbids W without R; a present legacy entry is
+/// readable), so there is no `readable` field. `writable` requires `mmu_writable` and
+/// `host_writable` (checked by [`SpteFormat::leaf`] in debug builds).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct LeafAttrs {
-    /// Guest writes are allowed now (EPT W bit).
+    /// Guest writes are allowed now (W, bit 1).
     pub writable: bool,
-    /// Guest instruction fetches are allowed (EPT X bit).
+    /// Guest instruction fetches are allowed (EPT X set, legacy NX clear).
     pub executable: bool,
     /// The host mapping is writable ([`bits::HOST_WRITABLE`]).
     pub host_writable: bool,
@@ -180,9 +218,9 @@ pub struct LeafAttrs {
     pub accessed: bool,
     /// Pre-set the dirty bit.
     pub dirty: bool,
-    /// The EPT memory type.
+    /// The EPT memory type (ignored by a format without the field).
     pub memtype: MemType,
-    /// Ignore the guest PAT.
+    /// Ignore the guest PAT (ignored by a format without the bit).
     pub ignore_pat: bool,
 }
 
@@ -209,8 +247,8 @@ impl Default for LeafAttrs {
     }
 }
 
-/// A 64-bit SPTE in EPT format (see the module docs for the four kinds and the
-/// invariants the constructors keep).
+/// A 64-bit SPTE in either format (see the module docs for the four kinds, the
+/// invariants the constructors keep, and which bits are every format's).
 ///
 /// This is a plain value; live entries are atomics in `table`, read into an `Spte` and
 /// written back with a store, exchange or compare-exchange.
@@ -227,7 +265,7 @@ const fn bit_if(cond: bool, bit: u64) -> u64 {
     }
 }
 
-/// The debug checks every leaf constructor makes (both formats): a leaf level, a pfn
+/// The debug checks every leaf constructor makes (every format): a leaf level, a pfn
 /// that fits in 40 bits and is aligned to the level, and W only with MMU- and
 /// host-writable.
 #[inline]
@@ -251,45 +289,12 @@ impl Spte {
     /// The empty entry: not present, not MMIO.
     pub const NONE: Spte = Spte(0);
 
-    /// A leaf mapping `pfn` at `level`.
-    ///
-    /// Always readable and shadow-present; LARGE is set iff `level` is above 4K.
-    /// Debug builds check that `level` can hold a leaf (4K, 2M, 1G), that `pfn` fits in
-    /// 40 bits and is aligned to `level.pages()`, and that `writable` comes with
-    /// `mmu_writable` and `host_writable`.
-    #[inline]
-    pub const fn new_leaf(pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
-        debug_check_leaf(pfn, level, &attrs);
-        Spte(
-            READABLE
-                | MMU_PRESENT
-                | (pfn.0 << PFN_SHIFT)
-                | bit_if(attrs.writable, WRITABLE)
-                | bit_if(attrs.executable, EXECUTABLE)
-                | ((attrs.memtype as u64) << MT_SHIFT)
-                | bit_if(attrs.ignore_pat, IGNORE_PAT)
-                | bit_if((level as u8) > (Level::L4K as u8), LARGE)
-                | bit_if(attrs.accessed, ACCESSED)
-                | bit_if(attrs.dirty, DIRTY)
-                | bit_if(attrs.host_writable, HOST_WRITABLE)
-                | bit_if(attrs.mmu_writable, MMU_WRITABLE),
-        )
-    }
-
-    /// A non-leaf entry pointing to the table in frame `child`: R|W|X|MMU_PRESENT and the
-    /// frame; never LARGE, no memory type, no A/D (the rights of a walk are decided by
-    /// the leaf, so the non-leaf grants everything).
-    #[inline]
-    pub const fn new_nonleaf(child: Pfn) -> Spte {
-        debug_assert!(child.0 <= MAX_PFN, "table pfn wider than 40 bits");
-        Spte(RWX_MASK | MMU_PRESENT | (child.0 << PFN_SHIFT))
-    }
-
-    /// An MMIO SPTE caching "`gfn` is emulated MMIO as of memslot `generation`".
+    /// An MMIO SPTE caching "`gfn` is emulated MMIO as of memslot `generation`", in
+    /// every format (one encoding for all: see [`SpteFormat::new`]).
     ///
     /// `generation` is truncated to [`MMIO_GEN_BITS`] bits; its low 8 bits go to SPTE
-    /// bits 3..=10 and the high 11 to bits 52..=62. The result is never shadow-present
-    /// and is an EPT misconfiguration to hardware.
+    /// bits 3..=10 and the high 11 to bits 52..=62. The result is never shadow-present;
+    /// to EPT hardware it is a misconfiguration, to legacy hardware not present (P clear).
     #[inline]
     pub const fn new_mmio(gfn: Gfn, generation: u64) -> Spte {
         debug_assert!(gfn.0 <= MAX_PFN, "gfn wider than 40 bits");
@@ -336,34 +341,10 @@ impl Spte {
         self.is_shadow_present() && (matches!(level, Level::L4K) || self.0 & LARGE != 0)
     }
 
-    /// Shadow-present and readable (always true for a shadow-present SPTE).
-    #[inline]
-    pub const fn is_readable(self) -> bool {
-        self.present_with(READABLE)
-    }
-
-    /// Shadow-present and writable right now (EPT W bit).
+    /// Shadow-present and writable right now (W, bit 1 in every format).
     #[inline]
     pub const fn is_writable(self) -> bool {
         self.present_with(WRITABLE)
-    }
-
-    /// Shadow-present and executable (EPT X bit).
-    #[inline]
-    pub const fn is_executable(self) -> bool {
-        self.present_with(EXECUTABLE)
-    }
-
-    /// Shadow-present with the accessed bit set.
-    #[inline]
-    pub const fn is_accessed(self) -> bool {
-        self.present_with(ACCESSED)
-    }
-
-    /// Shadow-present with the dirty bit set.
-    #[inline]
-    pub const fn is_dirty(self) -> bool {
-        self.present_with(DIRTY)
     }
 
     /// Shadow-present with [`bits::HOST_WRITABLE`] set.
@@ -376,12 +357,6 @@ impl Spte {
     #[inline]
     pub const fn is_mmu_writable(self) -> bool {
         self.present_with(MMU_WRITABLE)
-    }
-
-    /// Shadow-present with [`bits::IGNORE_PAT`] set.
-    #[inline]
-    pub const fn ignore_pat(self) -> bool {
-        self.present_with(IGNORE_PAT)
     }
 
     /// The frame field (bits 12..=51): the mapped frame of a leaf, the child table's
@@ -405,45 +380,12 @@ impl Spte {
             | (((self.0 & MMIO_GEN_HIGH_MASK) >> MMIO_GEN_HIGH_SHIFT) << MMIO_GEN_LOW_BITS)
     }
 
-    /// The memory type of a shadow-present SPTE; `None` if not present or the field holds
-    /// a reserved encoding. (A non-leaf has 0 there, which reads as UC: the field is
-    /// meaningful for leaves only.)
-    #[inline]
-    pub const fn memtype(self) -> Option<MemType> {
-        if !self.is_shadow_present() {
-            return None;
-        }
-        MemType::from_bits(((self.0 & MT_MASK) >> MT_SHIFT) as u8)
-    }
-
     /// KVM's fast-page-fault condition: host-writable and MMU-writable, so a write fault
     /// on this (write-protected) leaf may be fixed by setting W with a compare-exchange
     /// and no MMU lock.
     #[inline]
     pub const fn can_be_made_writable_locklessly(self) -> bool {
         self.present_with(HOST_WRITABLE | MMU_WRITABLE)
-    }
-
-    /// Whether bits of this SPTE may change under the MMU's feet, so that clearing or
-    /// replacing it must use an atomic exchange (keeping the bits returned) rather than a
-    /// plain store that could lose them.
-    ///
-    /// True for a shadow-present SPTE that:
-    /// - is not accessed: a CPU walking through it may set A at any moment;
-    /// - is writable but not dirty: a CPU writing through it may set D at any moment,
-    ///   and losing that D bit would lose a dirty page from the dirty log;
-    /// - is not writable but can be made writable locklessly: the fast page-fault path may
-    ///   set W concurrently with a compare-exchange, without the MMU lock. (Once W is set,
-    ///   only D can still change, covered above; this is KVM's rule.)
-    ///
-    /// Not-present, MMIO and frozen SPTEs have no volatile bits: no CPU or lockless path
-    /// writes them.
-    #[inline]
-    pub const fn has_volatile_bits(self) -> bool {
-        self.is_shadow_present()
-            && (!self.is_accessed()
-                || (self.is_writable() && !self.is_dirty())
-                || (!self.is_writable() && self.can_be_made_writable_locklessly()))
     }
 
     /// This SPTE with `mask` set.
@@ -495,32 +437,10 @@ impl Spte {
         debug_assert!(pfn.0 <= MAX_PFN, "pfn wider than 40 bits");
         Spte((self.0 & !PFN_MASK) | ((pfn.0 << PFN_SHIFT) & PFN_MASK))
     }
-
-    /// Present to hardware: any of R, W, X set. (Hardware ignores MMU_PRESENT.)
-    #[inline]
-    pub const fn hw_present(self) -> bool {
-        self.0 & RWX_MASK != 0
-    }
-
-    /// What hardware does with this entry as a leaf: an EPT misconfiguration if W is set
-    /// without R, or if it is present with a reserved memory type (2, 3 or 7).
-    ///
-    /// MMIO SPTEs are misconfigurations by construction; every other SPTE the
-    /// constructors make is not. The memory-type check applies to any present entry: in
-    /// a non-leaf those bits are reserved and KVM keeps them zero, so a reserved value
-    /// there is a misconfiguration too.
-    #[inline]
-    pub const fn is_ept_misconfig(self) -> bool {
-        if self.0 & (READABLE | WRITABLE) == WRITABLE {
-            return true;
-        }
-        // Memory types 2, 3 and 7 are reserved (a bit test, not a decode: the CPU walk
-        // asks this at every level).
-        const RESERVED_MT: u64 = (1 << 2) | (1 << 3) | (1 << 7);
-        self.hw_present() && (RESERVED_MT >> ((self.0 & MT_MASK) >> MT_SHIFT)) & 1 != 0
-    }
 }
 
+/// Decodes the EPT bits (an SPTE does not know its format; a legacy SPTE prints its raw
+/// value and EPT names for its bits).
 impl fmt::Debug for Spte {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "Spte({:#x}", self.0)?;
@@ -540,10 +460,10 @@ impl fmt::Debug for Spte {
         }
         if !self.is_shadow_present() {
             f.write_str(" not-present")?;
-            if self.hw_present() {
+            if SpteFormat::EPT.hw_present(*self) {
                 f.write_str(" hw-present")?;
             }
-            if self.is_ept_misconfig() {
+            if SpteFormat::EPT.is_misconfig(*self) {
                 f.write_str(" misconfig")?;
             }
             return f.write_str(")");
@@ -574,7 +494,7 @@ impl fmt::Debug for Spte {
         if s & MMU_WRITABLE != 0 {
             f.write_str(" mw")?;
         }
-        if self.is_ept_misconfig() {
+        if SpteFormat::EPT.is_misconfig(*self) {
             f.write_str(" misconfig")?;
         }
         f.write_str(")")
@@ -588,6 +508,12 @@ mod tests {
     use proptest::prelude::*;
 
     const PFN: Pfn = Pfn(0x1234);
+    const EPT: SpteFormat = SpteFormat::EPT;
+
+    /// An EPT leaf (the tests of this module are EPT's; see `format` for legacy).
+    fn new_leaf(pfn: Pfn, level: Level, attrs: LeafAttrs) -> Spte {
+        EPT.leaf(pfn, level, attrs, true)
+    }
 
     fn rw_attrs() -> LeafAttrs {
         LeafAttrs {
@@ -640,7 +566,7 @@ mod tests {
 
     #[test]
     fn default_leaf_sets_exactly_r_x_wb_ipat_present() {
-        let s = Spte::new_leaf(PFN, Level::L4K, LeafAttrs::default());
+        let s = new_leaf(PFN, Level::L4K, LeafAttrs::default());
         assert_eq!(s.0, 0x1 | 0x4 | (6 << 3) | 0x40 | 0x800 | (0x1234 << 12));
     }
 
@@ -656,9 +582,9 @@ mod tests {
             memtype: MemType::Uc,
             ignore_pat: false,
         };
-        let b = Spte::new_leaf(Pfn(0), Level::L4K, base).0;
+        let b = new_leaf(Pfn(0), Level::L4K, base).0;
         assert_eq!(b, 0x801, "bare leaf is R + MMU_PRESENT");
-        let one = |a: LeafAttrs| Spte::new_leaf(Pfn(0), Level::L4K, a).0 ^ b;
+        let one = |a: LeafAttrs| new_leaf(Pfn(0), Level::L4K, a).0 ^ b;
         assert_eq!(
             one(LeafAttrs {
                 executable: true,
@@ -725,26 +651,25 @@ mod tests {
                 v << 3
             );
             assert_eq!(
-                Spte::new_leaf(
+                EPT.memtype(new_leaf(
                     PFN,
                     Level::L4K,
                     LeafAttrs {
                         memtype: mt,
                         ..base
                     }
-                )
-                .memtype(),
+                )),
                 Some(mt)
             );
         }
-        assert_eq!(Spte::new_leaf(Pfn(1), Level::L4K, base).0 ^ b, 0x1000);
+        assert_eq!(new_leaf(Pfn(1), Level::L4K, base).0 ^ b, 0x1000);
     }
 
     #[test]
     fn large_leaves_at_2m_and_1g() {
-        let s4 = Spte::new_leaf(Pfn(0x200), Level::L4K, LeafAttrs::default());
-        let s2 = Spte::new_leaf(Pfn(0x200), Level::L2M, LeafAttrs::default());
-        let s1 = Spte::new_leaf(Pfn(0x40000), Level::L1G, LeafAttrs::default());
+        let s4 = new_leaf(Pfn(0x200), Level::L4K, LeafAttrs::default());
+        let s2 = new_leaf(Pfn(0x200), Level::L2M, LeafAttrs::default());
+        let s1 = new_leaf(Pfn(0x40000), Level::L1G, LeafAttrs::default());
         assert_eq!(s2.0 ^ s4.0, 0x80);
         assert!(!s4.is_large() && s2.is_large() && s1.is_large());
         assert_eq!(s2.pfn(), Pfn(0x200));
@@ -758,7 +683,7 @@ mod tests {
     #[should_panic(expected = "not aligned")]
     #[cfg(debug_assertions)]
     fn misaligned_huge_pfn_is_caught() {
-        let _ = Spte::new_leaf(Pfn(0x201), Level::L2M, LeafAttrs::default());
+        let _ = new_leaf(Pfn(0x201), Level::L2M, LeafAttrs::default());
     }
 
     #[test]
@@ -770,26 +695,26 @@ mod tests {
             host_writable: true,
             ..LeafAttrs::default()
         };
-        let _ = Spte::new_leaf(PFN, Level::L4K, a);
+        let _ = new_leaf(PFN, Level::L4K, a);
     }
 
     #[test]
     #[should_panic(expected = "4K, 2M and 1G")]
     #[cfg(debug_assertions)]
     fn leaf_at_512g_is_caught() {
-        let _ = Spte::new_leaf(Pfn(0), Level::L512G, LeafAttrs::default());
+        let _ = new_leaf(Pfn(0), Level::L512G, LeafAttrs::default());
     }
 
     #[test]
     fn nonleaf_sets_rwx_present_and_child() {
-        let s = Spte::new_nonleaf(Pfn(0xabcde));
+        let s = EPT.nonleaf(Pfn(0xabcde));
         assert_eq!(s.0, 0x7 | 0x800 | (0xabcde << 12));
         assert!(s.is_shadow_present() && !s.is_large() && !s.is_mmio());
         assert!(!s.is_leaf(Level::L2M) && !s.is_leaf(Level::L512G));
         assert!(s.is_leaf(Level::L4K), "at 4K every present entry is a leaf");
-        assert!(!s.is_accessed() && !s.is_dirty());
+        assert!(!EPT.is_accessed(s) && !EPT.is_dirty(s));
         assert_eq!(s.pfn(), Pfn(0xabcde));
-        assert!(!s.is_ept_misconfig() && s.hw_present());
+        assert!(!EPT.is_misconfig(s) && EPT.hw_present(s));
     }
 
     #[test]
@@ -802,19 +727,19 @@ mod tests {
             } else {
                 Level::L4K
             };
-            let s = Spte::new_leaf(Pfn(pfn), level, rw_attrs());
+            let s = new_leaf(Pfn(pfn), level, rw_attrs());
             assert_eq!(s.pfn(), Pfn(pfn));
             // Nothing of the pfn leaks outside the field.
-            assert_eq!(s.0 & !PFN_MASK, Spte::new_leaf(Pfn(0), level, rw_attrs()).0);
-            assert_eq!(Spte::new_nonleaf(Pfn(pfn)).pfn(), Pfn(pfn));
+            assert_eq!(s.0 & !PFN_MASK, new_leaf(Pfn(0), level, rw_attrs()).0);
+            assert_eq!(EPT.nonleaf(Pfn(pfn)).pfn(), Pfn(pfn));
             assert_eq!(
-                Spte::new_leaf(Pfn(0), Level::L4K, rw_attrs())
+                new_leaf(Pfn(0), Level::L4K, rw_attrs())
                     .with_pfn(Pfn(pfn))
                     .pfn(),
                 Pfn(pfn)
             );
         }
-        let s = Spte::new_leaf(Pfn(MAX_PFN), Level::L4K, LeafAttrs::default());
+        let s = new_leaf(Pfn(MAX_PFN), Level::L4K, LeafAttrs::default());
         assert_eq!(s.0 & PFN_MASK, PFN_MASK);
         assert_eq!(s.with_pfn(Pfn(5)).0, (s.0 & !PFN_MASK) | (5 << 12));
     }
@@ -839,16 +764,16 @@ mod tests {
                 assert!(s.is_mmio(), "{s:?}");
                 assert!(!s.is_shadow_present());
                 assert!(!s.is_frozen());
-                assert!(s.is_ept_misconfig());
-                assert!(s.hw_present());
+                assert!(EPT.is_misconfig(s));
+                assert!(EPT.hw_present(s));
                 assert_eq!(s.mmio_gfn(), Gfn(gfn));
                 assert_eq!(s.mmio_generation(), gen);
                 assert_eq!(s.0 & MMIO_MASK, 0b110);
                 // Present-only predicates say no, though bits 1 and 2 are set.
-                assert!(!s.is_writable() && !s.is_executable() && !s.is_readable());
-                assert!(!s.is_large() && !s.is_accessed() && !s.is_dirty());
-                assert!(!s.is_leaf(Level::L4K) && !s.has_volatile_bits());
-                assert_eq!(s.memtype(), None);
+                assert!(!s.is_writable() && !EPT.is_executable(s) && !EPT.is_readable(s));
+                assert!(!s.is_large() && !EPT.is_accessed(s) && !EPT.is_dirty(s));
+                assert!(!s.is_leaf(Level::L4K) && !EPT.has_volatile_bits(s));
+                assert_eq!(EPT.memtype(s), None);
             }
         }
         // A generation above the mask is truncated.
@@ -883,14 +808,14 @@ mod tests {
     fn frozen_is_neither_present_nor_mmio() {
         assert!(!FROZEN.is_shadow_present());
         assert!(!FROZEN.is_mmio());
-        assert!(!FROZEN.hw_present());
-        assert!(!FROZEN.is_ept_misconfig());
+        assert!(!EPT.hw_present(FROZEN));
+        assert!(!EPT.is_misconfig(FROZEN));
         assert!(FROZEN.is_frozen());
-        assert!(!FROZEN.is_large() && !FROZEN.is_accessed());
+        assert!(!FROZEN.is_large() && !EPT.is_accessed(FROZEN));
         assert!(!FROZEN.is_leaf(Level::L4K) && !FROZEN.is_leaf(Level::L2M));
-        assert!(!FROZEN.has_volatile_bits());
+        assert!(!EPT.has_volatile_bits(FROZEN));
         assert!(!Spte::NONE.is_frozen());
-        assert!(!Spte::new_leaf(PFN, Level::L4K, LeafAttrs::default()).is_frozen());
+        assert!(!new_leaf(PFN, Level::L4K, LeafAttrs::default()).is_frozen());
     }
 
     #[test]
@@ -898,14 +823,14 @@ mod tests {
         let s = Spte::NONE;
         assert_eq!(s, Spte::default());
         assert!(!s.is_shadow_present() && !s.is_mmio() && !s.is_frozen());
-        assert!(!s.hw_present() && !s.is_ept_misconfig() && !s.has_volatile_bits());
+        assert!(!EPT.hw_present(s) && !EPT.is_misconfig(s) && !EPT.has_volatile_bits(s));
         assert!(!s.is_leaf(Level::L4K));
-        assert_eq!(s.memtype(), None);
+        assert_eq!(EPT.memtype(s), None);
     }
 
     #[test]
     fn predicates_true_and_false() {
-        let ro = Spte::new_leaf(
+        let ro = new_leaf(
             PFN,
             Level::L4K,
             LeafAttrs {
@@ -914,7 +839,7 @@ mod tests {
                 ..LeafAttrs::default()
             },
         );
-        let full = Spte::new_leaf(
+        let full = new_leaf(
             PFN,
             Level::L4K,
             LeafAttrs {
@@ -924,14 +849,14 @@ mod tests {
             },
         );
         assert!(ro.is_shadow_present() && full.is_shadow_present());
-        assert!(ro.is_readable() && full.is_readable());
+        assert!(EPT.is_readable(ro) && EPT.is_readable(full));
         assert!(!ro.is_writable() && full.is_writable());
-        assert!(!ro.is_executable() && full.is_executable());
-        assert!(!ro.is_accessed() && full.is_accessed());
-        assert!(!ro.is_dirty() && full.is_dirty());
+        assert!(!EPT.is_executable(ro) && EPT.is_executable(full));
+        assert!(!EPT.is_accessed(ro) && EPT.is_accessed(full));
+        assert!(!EPT.is_dirty(ro) && EPT.is_dirty(full));
         assert!(!ro.is_host_writable() && full.is_host_writable());
         assert!(!ro.is_mmu_writable() && full.is_mmu_writable());
-        assert!(!ro.ignore_pat() && full.ignore_pat());
+        assert!(!EPT.ignore_pat(ro) && EPT.ignore_pat(full));
         assert!(!ro.is_large() && !full.is_large());
         assert!(!ro.can_be_made_writable_locklessly() && full.can_be_made_writable_locklessly());
         assert!(!ro.is_mmio() && !full.is_mmio());
@@ -946,16 +871,21 @@ mod tests {
         // Raw bits without MMU_PRESENT do not count.
         let raw =
             Spte(RWX_MASK | ACCESSED | DIRTY | LARGE | HOST_WRITABLE | MMU_WRITABLE | IGNORE_PAT);
-        assert!(!raw.is_shadow_present() && !raw.is_readable() && !raw.is_writable());
-        assert!(!raw.is_executable() && !raw.is_accessed() && !raw.is_dirty() && !raw.is_large());
-        assert!(!raw.is_host_writable() && !raw.is_mmu_writable() && !raw.ignore_pat());
+        assert!(!raw.is_shadow_present() && !EPT.is_readable(raw) && !raw.is_writable());
+        assert!(
+            !EPT.is_executable(raw)
+                && !EPT.is_accessed(raw)
+                && !EPT.is_dirty(raw)
+                && !raw.is_large()
+        );
+        assert!(!raw.is_host_writable() && !raw.is_mmu_writable() && !EPT.ignore_pat(raw));
         assert!(!raw.can_be_made_writable_locklessly());
-        assert!(raw.hw_present());
+        assert!(EPT.hw_present(raw));
     }
 
     #[test]
     fn builders_change_only_their_bits() {
-        let full = Spte::new_leaf(
+        let full = new_leaf(
             PFN,
             Level::L4K,
             LeafAttrs {
@@ -979,7 +909,7 @@ mod tests {
     #[should_panic(expected = "not host- and MMU-writable")]
     #[cfg(debug_assertions)]
     fn made_writable_of_tracked_is_caught() {
-        let _ = Spte::new_leaf(PFN, Level::L4K, rw_attrs())
+        let _ = new_leaf(PFN, Level::L4K, rw_attrs())
             .write_tracked()
             .made_writable();
     }
@@ -995,7 +925,7 @@ mod tests {
                             if w && !(hw && mw) {
                                 continue; // not constructible
                             }
-                            let s = Spte::new_leaf(
+                            let s = new_leaf(
                                 PFN,
                                 Level::L4K,
                                 LeafAttrs {
@@ -1009,7 +939,7 @@ mod tests {
                             );
                             let expect = !a || (w && !d) || (!w && hw && mw);
                             assert_eq!(
-                                s.has_volatile_bits(),
+                                EPT.has_volatile_bits(s),
                                 expect,
                                 "a={a} w={w} d={d} hw={hw} mw={mw}"
                             );
@@ -1020,7 +950,7 @@ mod tests {
         }
         // Non-volatile leaves: accessed, and neither writable-clean nor waiting to be made
         // writable locklessly. A writable, dirty, accessed leaf is stable too.
-        let stable = Spte::new_leaf(
+        let stable = new_leaf(
             PFN,
             Level::L4K,
             LeafAttrs {
@@ -1028,51 +958,51 @@ mod tests {
                 ..LeafAttrs::default()
             },
         );
-        assert!(!stable.has_volatile_bits());
-        assert!(stable.without_bits(ACCESSED).has_volatile_bits());
+        assert!(!EPT.has_volatile_bits(stable));
+        assert!(EPT.has_volatile_bits(stable.without_bits(ACCESSED)));
         // A non-leaf has no A bit set, so it is volatile (the CPU may set A).
-        assert!(Spte::new_nonleaf(PFN).has_volatile_bits());
+        assert!(EPT.has_volatile_bits(EPT.nonleaf(PFN)));
     }
 
     #[test]
     fn misconfig_detection() {
         // W without R, with and without X.
-        assert!(Spte(0b010).is_ept_misconfig());
-        assert!(Spte(0b110).is_ept_misconfig());
-        assert!(Spte(0b010 | MMU_PRESENT).is_ept_misconfig());
+        assert!(EPT.is_misconfig(Spte(0b010)));
+        assert!(EPT.is_misconfig(Spte(0b110)));
+        assert!(EPT.is_misconfig(Spte(0b010 | MMU_PRESENT)));
         // Legal access combinations.
         for rwx in [0b000, 0b001, 0b011, 0b100, 0b101, 0b111] {
-            assert!(!Spte(rwx | (6 << 3)).is_ept_misconfig(), "rwx={rwx:03b}");
+            assert!(!EPT.is_misconfig(Spte(rwx | (6 << 3))), "rwx={rwx:03b}");
         }
         // Reserved memory types in a present entry.
         for mt in 0..8u64 {
             let s = Spte(READABLE | MMU_PRESENT | (mt << 3));
             let reserved = matches!(mt, 2 | 3 | 7);
-            assert_eq!(s.is_ept_misconfig(), reserved, "mt={mt}");
-            assert_eq!(s.memtype().is_none(), reserved);
+            assert_eq!(EPT.is_misconfig(s), reserved, "mt={mt}");
+            assert_eq!(EPT.memtype(s).is_none(), reserved);
             assert_eq!(MemType::from_bits(mt as u8).is_none(), reserved);
             // Not present to hardware: nothing is checked.
-            assert!(!Spte(mt << 3).is_ept_misconfig());
+            assert!(!EPT.is_misconfig(Spte(mt << 3)));
         }
         assert_eq!(MemType::from_bits(8), None);
         // Constructors never produce a misconfig except MMIO.
-        assert!(!Spte::new_leaf(PFN, Level::L4K, rw_attrs()).is_ept_misconfig());
-        assert!(!Spte::new_nonleaf(PFN).is_ept_misconfig());
-        assert!(Spte::new_mmio(Gfn(1), 1).is_ept_misconfig());
+        assert!(!EPT.is_misconfig(new_leaf(PFN, Level::L4K, rw_attrs())));
+        assert!(!EPT.is_misconfig(EPT.nonleaf(PFN)));
+        assert!(EPT.is_misconfig(Spte::new_mmio(Gfn(1), 1)));
     }
 
     #[test]
     fn hw_present_is_any_rwx() {
-        assert!(!Spte(0).hw_present());
-        assert!(!Spte(!RWX_MASK).hw_present());
+        assert!(!EPT.hw_present(Spte(0)));
+        assert!(!EPT.hw_present(Spte(!RWX_MASK)));
         for b in [READABLE, WRITABLE, EXECUTABLE] {
-            assert!(Spte(b).hw_present());
+            assert!(EPT.hw_present(Spte(b)));
         }
     }
 
     #[test]
     fn debug_decodes() {
-        let s = Spte::new_leaf(
+        let s = new_leaf(
             Pfn(0x1234),
             Level::L4K,
             LeafAttrs {
@@ -1086,7 +1016,7 @@ mod tests {
             d.contains("present pfn=0x1234 RWX A D mt=WB ipat hw mw"),
             "{d}"
         );
-        let l = Spte::new_leaf(Pfn(0x200), Level::L2M, LeafAttrs::default());
+        let l = new_leaf(Pfn(0x200), Level::L2M, LeafAttrs::default());
         assert!(
             format!("{l:?}").contains("large pfn=0x200 R-X mt=WB ipat)"),
             "{l:?}"
@@ -1132,21 +1062,21 @@ mod tests {
             attrs in attrs_strategy(),
         ) {
             let pfn = Pfn(raw_pfn & !(level.pages() - 1));
-            let s = Spte::new_leaf(pfn, level, attrs);
+            let s = new_leaf(pfn, level, attrs);
             prop_assert!(s.is_shadow_present());
             prop_assert!(s.is_leaf(level));
-            prop_assert!(!s.is_mmio() && !s.is_frozen() && !s.is_ept_misconfig());
-            prop_assert!(s.is_readable());
+            prop_assert!(!s.is_mmio() && !s.is_frozen() && !EPT.is_misconfig(s));
+            prop_assert!(EPT.is_readable(s));
             prop_assert_eq!(s.pfn(), pfn);
             prop_assert_eq!(s.is_large(), level != Level::L4K);
             prop_assert_eq!(s.is_writable(), attrs.writable);
-            prop_assert_eq!(s.is_executable(), attrs.executable);
+            prop_assert_eq!(EPT.is_executable(s), attrs.executable);
             prop_assert_eq!(s.is_host_writable(), attrs.host_writable);
             prop_assert_eq!(s.is_mmu_writable(), attrs.mmu_writable);
-            prop_assert_eq!(s.is_accessed(), attrs.accessed);
-            prop_assert_eq!(s.is_dirty(), attrs.dirty);
-            prop_assert_eq!(s.memtype(), Some(attrs.memtype));
-            prop_assert_eq!(s.ignore_pat(), attrs.ignore_pat);
+            prop_assert_eq!(EPT.is_accessed(s), attrs.accessed);
+            prop_assert_eq!(EPT.is_dirty(s), attrs.dirty);
+            prop_assert_eq!(EPT.memtype(s), Some(attrs.memtype));
+            prop_assert_eq!(EPT.ignore_pat(s), attrs.ignore_pat);
             // No stray bits: everything outside the known fields is zero.
             let known = RWX_MASK | MT_MASK | IGNORE_PAT | LARGE | ACCESSED | DIRTY
                 | MMU_PRESENT | PFN_MASK | HOST_WRITABLE | MMU_WRITABLE;

@@ -325,6 +325,11 @@ impl<A: crate::table::TableAllocator + 'static> super::TdpMmu<A> {
     /// The one loop over the iterator: run `body` at every position of a walk of
     /// `[start, end)` down to `min_level` under `root`, yielding after `budget`
     /// positions. Every TDP operation over a range is a body given to this.
+    ///
+    /// Always inlined, so each operation gets the loop with its body and the iterator's
+    /// step inlined together (left to the inliner, whether it does depends on how the
+    /// caller's crate splits into codegen units).
+    #[inline(always)]
     pub fn walk_root<'g>(
         &self,
         root: &'g TdpPage,

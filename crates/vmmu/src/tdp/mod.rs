@@ -273,6 +273,15 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             .map(move |r| (r.page.page(guard), !r.invalid))
     }
 
+    /// The valid root whose frame is `frame` (a vCPU's root), if it is still valid.
+    #[inline]
+    pub fn valid_root<'g>(&self, frame: Pfn, guard: &'g EpochGuard) -> Option<&'g TdpPage> {
+        self.roots
+            .iter()
+            .find(|r| !r.invalid && r.frame == frame)
+            .map(|r| r.page.page(guard))
+    }
+
     /// Take a reference to the valid root for a vCPU; returns its frame.
     pub fn get_root(&self) -> Pfn {
         let r = self

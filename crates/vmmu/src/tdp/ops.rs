@@ -22,7 +22,7 @@ use super::spte_write::Link;
 use super::{Removed, TdpMmu};
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
-use crate::spte::{bits, LeafAttrs, Spte};
+use crate::spte::{bits, LeafAttrs, Spte, SpteFormat};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, Pfn, SPTE_ENT_PER_PAGE};
 
@@ -145,9 +145,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         let mut removed = Removed::default();
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
-            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+            if s.is_shadow_present() && s.is_leaf(it.level()) && SpteFormat::EPT.is_accessed(s) {
                 young = true;
-                let new = s.without_bits(bits::ACCESSED);
+                let new = s.without_bits(SpteFormat::EPT.accessed());
                 let _ = self.set_spte_atomic(it.page(), it.index(), s, new, &mut removed, guard);
             }
             Step::Next
@@ -160,7 +160,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     pub fn test_age_range(&self, start: Gfn, end: Gfn, guard: &EpochGuard) -> bool {
         self.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
             let s = it.spte;
-            if s.is_shadow_present() && s.is_leaf(it.level()) && s.is_accessed() {
+            if s.is_shadow_present() && s.is_leaf(it.level()) && SpteFormat::EPT.is_accessed(s) {
                 Step::Stop
             } else {
                 Step::Next
@@ -193,9 +193,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                     if writable || it.level() > Level::L4K {
                         mmu.zap_spte(it.page(), it.index(), s, &mut removed, guard);
                     } else {
-                        let new = s
-                            .with_pfn(new_pfn)
-                            .without_bits(bits::WRITABLE | bits::HOST_WRITABLE | bits::ACCESSED);
+                        let new = s.with_pfn(new_pfn).without_bits(
+                            bits::WRITABLE | bits::HOST_WRITABLE | SpteFormat::EPT.accessed(),
+                        );
                         mmu.set_spte(it.page(), it.index(), s, new, &mut removed, guard);
                         removed.flush.set();
                     }
@@ -330,7 +330,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             return None;
         }
         let mmu_writable = !slot.is_readonly() && hp.writable;
-        Some(Spte::new_leaf(
+        Some(SpteFormat::EPT.leaf(
             Pfn(hp.pfn.0 & !(level.pages() - 1)),
             level,
             LeafAttrs {
@@ -341,6 +341,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 accessed: true,
                 ..LeafAttrs::default()
             },
+            true,
         ))
     }
 }

@@ -59,14 +59,15 @@ use crossbeam_epoch::{Owned, Shared};
 use super::iter::TdpIteration;
 use super::page::TdpPage;
 use super::{Removed, TdpMmu};
-use crate::spte::{bits, Spte, FROZEN};
+use crate::spte::{bits, Spte, SpteFormat, FROZEN};
 use crate::table::TableAllocator;
 use crate::types::{Level, SPTE_ENT_PER_PAGE};
 
 /// The TDP MMU under the exclusive MMU lock. Made only by [`TdpMmu::exclusive`], from
 /// `&mut TdpMmu`: holding one proves that no shared-lock walker (a fault, aging, a split)
 /// runs, so the writes it offers may be plain stores. It derefs to the MMU for the rest
-/// (walks, reads, the shared-lock writes).
+/// (walks, reads, the shared-lock writes). The field is private to this file, so no other
+/// code can make one from `&TdpMmu`; copies live no longer than the `&mut` borrow.
 pub(crate) struct ExclusiveMmu<'a, A: TableAllocator + 'static>(&'a TdpMmu<A>);
 
 impl<A: TableAllocator + 'static> Clone for ExclusiveMmu<'_, A> {
@@ -211,7 +212,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         if !page.claim_child(i, child, guard) {
             return Link::Busy(child);
         }
-        if !self.set_spte_atomic(page, i, old, Spte::new_nonleaf(frame), removed, guard) {
+        if !self.set_spte_atomic(page, i, old, SpteFormat::EPT.nonleaf(frame), removed, guard) {
             page.clear_child(i);
             removed.push(child);
             return Link::Lost;
@@ -230,8 +231,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     /// The upkeep after entry `i` of `page` went from `old` to `new` (KVM's
-    /// `handle_changed_spte`).
-    #[inline]
+    /// `handle_changed_spte`). Inlined into every write: on the fault path (an entry
+    /// made present) it is a test or two; taking a subtree out is out of line.
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
     fn handle_changed(
         &self,
@@ -250,14 +252,14 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 page.clear_used(i);
             }
         }
-        let same_table = is_table(new, page.level) && new.pfn() == old.pfn();
-        if is_table(old, page.level) && !same_table {
+        if is_table(old, page.level) && !(is_table(new, page.level) && new.pfn() == old.pfn()) {
             self.remove_subtree(page, i, old, lock, removed, guard);
         }
     }
 
     /// Entry `i` of `page`, which held the non-leaf `s`, no longer points at its child:
     /// queue the child's subtree for retirement.
+    #[inline(never)]
     fn remove_subtree(
         &self,
         page: &TdpPage,
@@ -334,7 +336,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
         removed: &mut Removed,
         guard: &EpochGuard,
     ) -> Spte {
-        let old = if old.has_volatile_bits() {
+        let old = if SpteFormat::EPT.has_volatile_bits(old) {
             page.table().swap(i, new)
         } else {
             page.table().set(i, new);
@@ -354,7 +356,7 @@ impl<A: TableAllocator + 'static> ExclusiveMmu<'_, A> {
             mask & (bits::MMU_PRESENT | bits::PFN_MASK | bits::LARGE) == 0,
             "clear_bits changes attributes only"
         );
-        if old.has_volatile_bits() {
+        if SpteFormat::EPT.has_volatile_bits(old) {
             page.table().fetch_and_not(i, mask);
         } else {
             page.table().set(i, old.without_bits(mask));

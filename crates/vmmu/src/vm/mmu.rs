@@ -501,11 +501,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 unreachable!("the VM's MMU kind does not change");
             };
             let epoch = tdp::pin();
-            let root = m
-                .roots(&epoch)
-                .find(|(r, valid)| *valid && r.frame() == vcpu.root())
-                .map(|(r, _)| r);
-            let Some(root) = root else {
+            let Some(root) = m.valid_root(vcpu.root(), &epoch) else {
                 // The vCPU's root was invalidated; it reloads before its next entry.
                 return Ok(FaultOutcome::Spurious);
             };

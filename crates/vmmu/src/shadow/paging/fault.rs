@@ -206,7 +206,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             }
         }
         let writable = plan.writable(mmu_writable);
-        let new = Spte::new_legacy_leaf(
+        let new = self.format.leaf(
             plan.pfn,
             level,
             LeafAttrs {
@@ -223,7 +223,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let i = gva.index_at(level);
         let old = self.pages.get(id).table().get(i);
         let same = |s: Spte| {
-            let ignore = crate::spte::legacy::ACCESSED | crate::spte::legacy::DIRTY;
+            let ignore = self.format.accessed_dirty();
             s.0 & !ignore == new.0 & !ignore
         };
         let outcome_mapped = protected

@@ -185,11 +185,12 @@ pub(crate) fn spte_allowed_by(spte: Spte, gpte: u64, gfn: Gfn, role: crate::page
         return false;
     }
     let access = role.access().intersect(pte_access(gpte, role.efer_nx()));
-    let user = spte.legacy_user();
+    let format = role.format();
+    let user = format.is_user(spte);
     if user && !access.contains(AccessFlags::USER) {
         return false;
     }
-    if spte.legacy_executable() && !access.contains(AccessFlags::EXEC) {
+    if format.is_executable(spte) && !access.contains(AccessFlags::EXEC) {
         return false;
     }
     if spte.is_writable() || spte.is_mmu_writable() {

@@ -9,7 +9,6 @@
 
 use crate::hw::{Tlb, TlbEntry};
 use crate::shadow::ShadowMmu;
-use crate::spte::legacy;
 use crate::table::TableAllocator;
 use crate::types::{AccessKind, ErrorCode, Gfn, Gva, Level};
 
@@ -36,12 +35,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 if user {
                     ec = ec | ErrorCode::USER;
                 }
-                if !spte.legacy_present() {
+                if !self.format.hw_present(spte) {
                     return Err(ec);
                 }
                 w &= spte.is_writable();
-                u &= spte.legacy_user();
-                x &= spte.legacy_executable();
+                u &= self.format.is_user(spte);
+                x &= self.format.is_executable(spte);
                 if level != Level::L4K && !spte.is_large() {
                     id = sp.child(i);
                     level = level.below().expect("above 4K");
@@ -56,9 +55,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 if !allowed {
                     return Err(ec | ErrorCode::PRESENT);
                 }
-                let mut want = legacy::ACCESSED;
+                let mut want = self.format.accessed();
                 if kind == AccessKind::Write {
-                    want |= legacy::DIRTY;
+                    want |= self.format.dirty();
                 }
                 let spte = if spte.0 & want != want {
                     match sp.table().compare_exchange(i, spte, spte.with_bits(want)) {
@@ -68,7 +67,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 } else {
                     spte
                 };
-                let mut e = Tlb::entry(spte.pfn(), level, w, x, spte.0 & legacy::DIRTY != 0);
+                let mut e = Tlb::entry(spte.pfn(), level, w, x, self.format.is_dirty(spte));
                 e.user = u;
                 e.gfn = Gfn(sp.gfn_at(i).0);
                 return Ok(e);
