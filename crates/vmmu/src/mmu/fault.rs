@@ -5,7 +5,8 @@
 //! [`plan_map`] makes every decision that does not depend on the page-table format:
 //! memslot lookup, the checks that end a fault without a mapping (a write to a READONLY
 //! slot, an invalidation in progress, a host page missing or read-only), the host page,
-//! the level, the writable states and the page to log. Each MMU then builds its format's
+//! the level (never one whose aligned range an invalidation in progress intersects), the
+//! writable states and the page to log. Each MMU then builds its format's
 //! leaf from the plan ([`MapPlan::ept_leaf`] for the direct MMUs, through
 //! [`plan_fault`]; shadow paging combines the plan with the guest's rights).
 //!
@@ -162,7 +163,18 @@ pub(crate) fn plan_map<H: HostMemory + ?Sized>(
     if write && !host_page.writable {
         return Err(Error::HostReadOnly { gpa, hva });
     }
-    let level = slot.max_mapping_level(gfn, max_level.min(host_page.level));
+    let mut level = slot.max_mapping_level(gfn, max_level.min(host_page.level));
+    // A leaf maps its whole level-aligned range: none of it may be under invalidation. A
+    // host may invalidate (and change) one 4 KiB page inside a huge page it maps; a huge
+    // leaf installed meanwhile from the answer above would keep that page's old frame
+    // after the change. Map smaller instead (the 4 KiB page itself was checked above).
+    while level > Level::L4K {
+        let start = slot.gfn_to_hva(gfn.align_down(level)).0;
+        if !invalidation.covers_range(start, start + level.bytes()) {
+            break;
+        }
+        level = level.below().expect("above 4K");
+    }
     Ok(MapDecision::Map(MapPlan {
         slot: slot_idx,
         level,

@@ -224,23 +224,24 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
 
-    /// Check the MMU's invariants against the memslots (and, under shadow paging, the
-    /// guest's tables in `guest`); exclusive lock.
-    pub(crate) fn audit(
+    /// Check the MMU's invariants against the memslots and the host (and, under shadow
+    /// paging, the guest's tables in `guest`); exclusive lock.
+    pub(crate) fn audit<H: HostMemory + ?Sized>(
         &self,
         slots: &Memslots,
+        host: &H,
         bitmap_logging: bool,
         guest: Option<&dyn GuestMemory>,
     ) -> Result<AuditReport, AuditError> {
         match self {
             Mmu::Shadow(m) => {
-                let rep = crate::audit::audit(slots, m, bitmap_logging)?;
+                let rep = crate::audit::audit(slots, m, host, bitmap_logging)?;
                 if let (true, Some(g)) = (m.is_paging(), guest) {
                     crate::audit::audit_paging(slots, m, g)?;
                 }
                 Ok(rep)
             }
-            Mmu::Tdp(m) => crate::audit::audit_tdp(slots, m, bitmap_logging),
+            Mmu::Tdp(m) => crate::audit::audit_tdp(slots, m, host, bitmap_logging),
         }
     }
 

@@ -311,7 +311,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let st = self.lock();
         let bitmap_logging = self.config.dirty_log.ring_size.is_none();
         st.mmu
-            .audit(&st.slots, bitmap_logging, self.guest.as_deref())
+            .audit(&st.slots, &self.host, bitmap_logging, self.guest.as_deref())
     }
 
     /// Run `f` with the memslots and the shadow MMU under the lock (for tests, audits and
