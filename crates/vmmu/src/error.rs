@@ -33,6 +33,7 @@
 //! | [`ClearLogRange`](Error::ClearLogRange) | `clear_dirty_log` |
 //! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log`, `harvest_dirty_ring`, `reset_dirty_rings` |
 //! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring` |
+//! | [`DirtyRingFull`](Error::DirtyRingFull) | `page_fault` (an access exits with `Exit::DirtyRingFull` instead) |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
 //! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write` |
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
@@ -168,6 +169,13 @@ pub enum Error {
     WrongDirtyLogMode(&'static str),
     /// No vCPU has this index.
     NoSuchVcpu(u32),
+    /// The vCPU's dirty ring has no room for the entry the fault may log (it is soft-full):
+    /// nothing was mapped; harvest and reset the rings first (KVM_EXIT_DIRTY_RING_FULL).
+    /// Converted into an exit, it becomes `Exit::DirtyRingFull`.
+    DirtyRingFull {
+        /// The vCPU.
+        vcpu: u32,
+    },
     /// A host-virtual range is empty or reversed.
     InvalidHvaRange {
         /// Start.
@@ -293,6 +301,10 @@ impl fmt::Display for Error {
             ),
             Error::WrongDirtyLogMode(why) => write!(f, "wrong dirty-log mode: {why}"),
             Error::NoSuchVcpu(v) => write!(f, "vCPU {v} does not exist"),
+            Error::DirtyRingFull { vcpu } => write!(
+                f,
+                "vCPU {vcpu}'s dirty ring is full: harvest and reset the rings before it faults again"
+            ),
             Error::InvalidHvaRange { start, end } => {
                 write!(f, "host-virtual range [{start:#x}, {end:#x}) is empty or reversed")
             }

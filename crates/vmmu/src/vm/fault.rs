@@ -12,6 +12,7 @@ use core::sync::atomic::Ordering;
 use crate::error::Error;
 use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, WalkExit};
 
+use super::dirty_log::DirtyRoom;
 use super::Vcpu;
 use crate::mmu::FaultOutcome;
 use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
@@ -25,7 +26,9 @@ use crate::table::TableAllocator;
 
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
-    /// logging the page if a write made it writable in a logging slot.
+    /// logging the page if a write made it writable in a logging slot. With dirty rings,
+    /// a vCPU whose ring is soft-full gets [`Error::DirtyRingFull`] and nothing is mapped
+    /// (it could not have run to take the fault: harvest and reset first).
     pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
         if self.config.mmu == MmuKind::ShadowPaging {
             return Err(Error::WrongPagingMode(
@@ -80,16 +83,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 }),
             };
             if let Err(WalkExit::Violation { error_code, .. }) = result {
-                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE)
-                    // SAFETY: still in guest mode.
-                    && unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) }
-                {
-                    // Still a VM exit (an EPT violation), handled without the MMU lock.
-                    vcpu.exits += 1;
-                    self.fast_faults.fetch_add(1, Ordering::Relaxed);
-                    self.dirty_index
-                        .with(gfn, |d, bitmap| self.log_dirty(vcpu, d, Some(bitmap)));
-                    result = Err(WalkExit::Retry);
+                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE) {
+                    // Room for the page first: without it the fault goes to the locked
+                    // path, which refuses (DirtyRingFull) rather than make the page
+                    // writable unlogged.
+                    if let Ok(room) = DirtyRoom::take(vcpu) {
+                        // SAFETY: still in guest mode.
+                        if unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) } {
+                            // Still a VM exit (an EPT violation), handled without the MMU
+                            // lock.
+                            self.fast_faults.fetch_add(1, Ordering::Relaxed);
+                            self.dirty_index
+                                .with(gfn, |d, bitmap| room.log(d, Some(bitmap)));
+                            vcpu.exits += 1;
+                            result = Err(WalkExit::Retry);
+                        }
+                    }
                 }
             }
             vcpu.cpu.exit_guest();

@@ -159,9 +159,14 @@ impl core::fmt::Display for Exit {
 #[cfg(feature = "std")]
 impl std::error::Error for Exit {}
 
+/// An error ends the access with [`Exit::Error`], but a full dirty ring is the exit the
+/// VMM expects for it, [`Exit::DirtyRingFull`].
 impl From<Error> for Exit {
     fn from(e: Error) -> Self {
-        Exit::Error(e)
+        match e {
+            Error::DirtyRingFull { .. } => Exit::DirtyRingFull,
+            e => Exit::Error(e),
+        }
     }
 }
 
