@@ -4,7 +4,8 @@
 //!
 //! [`plan_map`] makes every decision that does not depend on the page-table format:
 //! memslot lookup, the checks that end a fault without a mapping (a write to a READONLY
-//! slot, an invalidation in progress, a host page missing or read-only), the host page,
+//! slot, an invalidation in progress, a host page missing, read-only or with a frame too
+//! wide for an SPTE), the host page,
 //! the level (never one whose aligned range an invalidation in progress intersects), the
 //! writable states and the page to log. Each MMU then builds its format's
 //! leaf from the plan ([`MapPlan::ept_leaf`] for the direct MMUs, through
@@ -19,6 +20,7 @@ use super::Invalidation;
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
+use crate::spte::bits::MAX_PFN;
 use crate::spte::{LeafAttrs, Spte};
 use crate::types::{ErrorCode, Gpa, Level, Pfn};
 
@@ -160,6 +162,13 @@ pub(crate) fn plan_map<H: HostMemory + ?Sized>(
     let host_page = host
         .translate(hva)
         .ok_or(Error::NoHostMapping { gpa, hva })?;
+    if host_page.pfn.0 > MAX_PFN {
+        // It would spill out of the SPTE's frame field into its software bits.
+        return Err(Error::HostPfnTooLarge {
+            hva,
+            pfn: host_page.pfn,
+        });
+    }
     if write && !host_page.writable {
         return Err(Error::HostReadOnly { gpa, hva });
     }

@@ -322,7 +322,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             return None;
         }
         let hp = host.translate(hva)?;
-        if hp.level < level {
+        if hp.level < level || hp.pfn.0 > bits::MAX_PFN {
             return None;
         }
         let mmu_writable = !slot.is_readonly() && hp.writable;

@@ -21,6 +21,35 @@ use super::{Exit, MmuKind, Vm};
 
 /// Retries of one access before it is declared stuck.
 pub(crate) const MAX_ACCESS_RETRIES: u32 = 64;
+
+/// How long an access waits for the host's invalidation of its page to end before it
+/// gives up with [`Error::InvalidationInProgress`], in waits: the first [`SPIN_WAITS`]
+/// spin, the others yield the CPU (with `std`; without, each spins [`SPIN_WAITS`] times),
+/// so the thread closing the window gets to run. About a second with nothing else to run
+/// (much longer when other threads run meanwhile): an invalidation window is short, but
+/// one the accessing thread itself holds open never closes.
+pub(crate) const MAX_INVALIDATION_WAITS: u32 = 1 << 20;
+const SPIN_WAITS: u32 = 64;
+
+/// Wait a little for an invalidation in progress to end (a fault reported
+/// [`FaultOutcome::Retry`]); `false` once the access has waited as long as it may.
+pub(crate) fn wait_for_invalidation(waits: &mut u32) -> bool {
+    *waits += 1;
+    if *waits > MAX_INVALIDATION_WAITS {
+        return false;
+    }
+    if *waits <= SPIN_WAITS {
+        core::hint::spin_loop();
+    } else {
+        #[cfg(feature = "std")]
+        std::thread::yield_now();
+        #[cfg(not(feature = "std"))]
+        for _ in 0..SPIN_WAITS {
+            core::hint::spin_loop();
+        }
+    }
+    true
+}
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
@@ -66,6 +95,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
         let gfn = gpa.gfn();
         let mut retries = 0;
+        let mut waits = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
@@ -125,8 +155,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             };
             match outcome {
                 FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
-                // The host is changing this page; wait for the invalidation to end.
-                FaultOutcome::Retry => core::hint::spin_loop(),
+                // The host is changing this page; wait for the invalidation to end, for
+                // a while.
+                FaultOutcome::Retry => {
+                    if !wait_for_invalidation(&mut waits) {
+                        return Err(Exit::Error(Error::InvalidationInProgress { gpa }));
+                    }
+                }
                 FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
                     return Err(Exit::Mmio {
                         gpa,

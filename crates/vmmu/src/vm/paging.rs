@@ -26,6 +26,7 @@ use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
 use super::dirty_log::DirtyRoom;
+use super::fault::wait_for_invalidation;
 use super::{Exit, Vm, VmConfig, VmState, MAX_ACCESS_RETRIES};
 
 impl<H: HostMemory> Vm<H, HeapTableAllocator> {
@@ -241,6 +242,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let user = vcpu.cpu.paging.user();
         let vpn = gva.vpn();
         let mut retries = 0;
+        let mut waits = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
@@ -290,7 +292,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             let gpa = || gpa.expect("the guest's tables translated the gva");
             match outcome {
                 FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
-                FaultOutcome::Retry => core::hint::spin_loop(),
+                // The host is changing the page; wait for the invalidation to end, for a
+                // while.
+                FaultOutcome::Retry => {
+                    if !wait_for_invalidation(&mut waits) {
+                        return Err(Exit::Error(Error::InvalidationInProgress { gpa: gpa() }));
+                    }
+                }
                 FaultOutcome::GuestFault(error_code) => {
                     return Err(Exit::GuestPageFault { gva, error_code })
                 }
