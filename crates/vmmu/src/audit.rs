@@ -20,11 +20,13 @@ use alloc::format;
 use alloc::string::String;
 use core::fmt;
 
-use crate::memslot::Memslots;
+use crate::host::HostMemory;
+use crate::memslot::{Memslot, Memslots};
 use crate::rmap::{self, SpteRef};
 use crate::shadow::ShadowMmu;
+use crate::spte::Spte;
 use crate::table::TableAllocator;
-use crate::types::{Level, SPTE_ENT_PER_PAGE};
+use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 
 /// What the audit looked at.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,12 +61,60 @@ macro_rules! ensure {
     };
 }
 
-/// Check every invariant of `mmu` against `slots`. With `bitmap_logging` (the VM logs
-/// into bitmaps, not rings), also check that every writable leaf of a logging slot is
-/// marked dirty: a writable page whose bit is clear would take unlogged writes.
-pub(crate) fn audit<A: TableAllocator>(
+/// Check that the leaf `spte` of `level` mapping `gfn` in `slot` maps what the host maps
+/// now: for each 4 KiB page, the host's frame at the slot's hva is the leaf's frame plus
+/// the page's offset, and the host mapping is writable if the leaf is writable or
+/// host-writable. `at` names the leaf in the message.
+///
+/// One translation per host page: where the host reports a huge mapping, its contract
+/// ([`crate::host::HostPage`]) makes the rest of that huge page contiguous.
+fn check_leaf_against_host<H: HostMemory + ?Sized>(
+    host: &H,
+    slot: &Memslot,
+    gfn: Gfn,
+    level: Level,
+    spte: Spte,
+    at: &dyn fmt::Debug,
+) -> Result<(), AuditError> {
+    let base = spte.pfn().0;
+    let mut k = 0;
+    while k < level.pages() {
+        let g = Gfn(gfn.0 + k);
+        let hva = slot.gfn_to_hva(g);
+        let hp = host.translate(hva);
+        ensure!(
+            hp.is_some(),
+            "{} leaf {at:?} maps gfn {g:?}, but the host has nothing at hva {hva} (stale)",
+            level.name()
+        );
+        let hp = hp.expect("checked");
+        ensure!(
+            hp.pfn.0 == base + k,
+            "{} leaf {at:?} maps gfn {g:?} to pfn {:#x}, the host maps hva {hva} to pfn {:#x} (stale)",
+            level.name(),
+            base + k,
+            hp.pfn.0
+        );
+        ensure!(
+            hp.writable || !(spte.is_writable() || spte.is_host_writable()),
+            "{} leaf {at:?} is writable or host-writable at gfn {g:?}, the host maps hva {hva} read-only",
+            level.name()
+        );
+        // The rest of the host's (aligned) page around `hva` is contiguous with what was
+        // just checked: go to the next one.
+        let host_pages = hp.level.pages();
+        k += host_pages - (hva.0 >> crate::types::PAGE_SHIFT) % host_pages;
+    }
+    Ok(())
+}
+
+/// Check every invariant of `mmu` against `slots` and `host`. With `bitmap_logging` (the
+/// VM logs into bitmaps, not rings), also check that every writable leaf of a logging
+/// slot is marked dirty: a writable page whose bit is clear would take unlogged writes.
+pub(crate) fn audit<A: TableAllocator, H: HostMemory + ?Sized>(
     slots: &Memslots,
     mmu: &ShadowMmu<A>,
+    host: &H,
     bitmap_logging: bool,
 ) -> Result<AuditReport, AuditError> {
     let mut rep = AuditReport::default();
@@ -121,6 +171,7 @@ pub(crate) fn audit<A: TableAllocator>(
                     level.name(),
                     slot.id
                 );
+                check_leaf_against_host(host, slot, gfn, level, spte, &sref)?;
                 ensure!(
                     !(slot.is_readonly() && spte.is_writable()),
                     "writable leaf {sref:?} in READONLY memslot {}",
@@ -435,15 +486,18 @@ pub(crate) fn audit_paging<A: TableAllocator>(
     Ok(())
 }
 
-/// Check every invariant of the TDP MMU `mmu` against `slots` (at a quiescent point):
-/// exactly one valid root; no frozen entry; every present non-leaf SPTE points at the
-/// child page recorded beside it, one level down, mapping the same gfns; in used-entries
-/// mode every table's bitmap marks exactly its present entries; and the leaf rules of the
-/// shadow audit (inside a memslot, aligned, never writable in a READONLY slot, 4K and
-/// logged while the slot logs, never MMU-writable or huge over a write-tracked page).
-pub(crate) fn audit_tdp<A: TableAllocator + 'static>(
+/// Check every invariant of the TDP MMU `mmu` against `slots` and `host` (at a quiescent
+/// point): exactly one valid root; no frozen entry; every present non-leaf SPTE points at
+/// the child page recorded beside it, one level down, mapping the same gfns; in
+/// used-entries mode every table's bitmap marks exactly its present entries; and the leaf
+/// rules of the shadow audit (inside a memslot, aligned, mapping the host's current frames,
+/// never writable in a READONLY slot, 4K and logged while the slot logs, never
+/// MMU-writable or huge over a write-tracked page), on every root, the invalid roots vCPUs
+/// still hold included.
+pub(crate) fn audit_tdp<A: TableAllocator + 'static, H: HostMemory + ?Sized>(
     slots: &Memslots,
     mmu: &crate::tdp::TdpMmu<A>,
+    host: &H,
     bitmap_logging: bool,
 ) -> Result<AuditReport, AuditError> {
     use crate::tdp::{TdpIter, TdpIteration};
@@ -517,6 +571,7 @@ pub(crate) fn audit_tdp<A: TableAllocator + 'static>(
                     level.name(),
                     slot.id
                 );
+                check_leaf_against_host(host, slot, gfn, level, s, &gfn)?;
                 ensure!(
                     !(slot.is_readonly() && s.is_writable()),
                     "writable leaf at {gfn:?} in a READONLY slot"

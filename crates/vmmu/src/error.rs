@@ -25,6 +25,8 @@
 //! | [`InvalidRange`](Error::InvalidRange) | `zap_gfn_range`, `track_write`, `untrack_write`, `page_fault`, `access` (as `Exit::Error`) |
 //! | [`NoHostMapping`](Error::NoHostMapping) | `access` (as `Exit::Error`), `page_fault` |
 //! | [`HostReadOnly`](Error::HostReadOnly) | `access` (as `Exit::Error`), `page_fault` |
+//! | [`HostPfnTooLarge`](Error::HostPfnTooLarge) | `access`, `gva_*` (as `Exit::Error`), `page_fault`, `change_pte` |
+//! | [`InvalidationInProgress`](Error::InvalidationInProgress) | `access`, `gva_*` (as `Exit::Error`) |
 //! | [`OutOfTableMemory`](Error::OutOfTableMemory) | `Vm::with_allocator`, `access`, `page_fault`, `zap_all_fast` |
 //! | [`FaultLoop`](Error::FaultLoop) | `access` (as `Exit::Error`) |
 //! | [`NotLogging`](Error::NotLogging) | `get_dirty_log`, `clear_dirty_log` |
@@ -34,12 +36,13 @@
 //! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log`, `harvest_dirty_ring`, `reset_dirty_rings` |
 //! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring` |
 //! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`; as `Exit::Error` for the accesses) given a vCPU another VM created |
+//! | [`DirtyRingFull`](Error::DirtyRingFull) | `page_fault` (an access exits with `Exit::DirtyRingFull` instead) |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
-//! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write` |
+//! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write`; shadow paging's `set_paging`, `load_cr3` and `gva_*` (as `Exit::Error`) when a guest table to shadow has 65535 trackers already |
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
 //! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
 //! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
-//! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; shadow-paging faults and `gva_*` accesses (as `Exit::Error`) |
+//! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; `set_paging`, `load_cr3` (CR3 outside every memslot); `gva_read_u64`, `gva_write_u64` of data outside guest memory (as `Exit::Error`). A guest table outside guest memory or the memslots is a guest page fault (`Exit::GuestPageFault`), not this |
 //! | [`NonCanonical`](Error::NonCanonical) | `invlpg`, `gva_*` (as `Exit::Error`) |
 //! | [`Unaligned`](Error::Unaligned) | `gva_read_u64`, `gva_write_u64` (as `Exit::Error`) |
 //! | [`WrongPagingMode`](Error::WrongPagingMode) | `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*` (on a VM without shadow paging); `access` (on one with it) |
@@ -50,7 +53,7 @@
 
 use core::fmt;
 
-use crate::types::{Gpa, Gva, Hva};
+use crate::types::{Gpa, Gva, Hva, Pfn};
 
 /// An error from the vmmu public API.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,6 +137,22 @@ pub enum Error {
         /// Host-virtual address backing it.
         hva: Hva,
     },
+    /// The host gave a frame number that does not fit the 40 bits an SPTE holds
+    /// (`crate::spte::bits::MAX_PFN`): nothing was mapped.
+    HostPfnTooLarge {
+        /// Host-virtual address the frame backs.
+        hva: Hva,
+        /// The frame.
+        pfn: Pfn,
+    },
+    /// A guest access waited for the host's invalidation of the page behind it
+    /// (`invalidate_range_start` without its `_end` yet) for as long as an access waits,
+    /// and gave up: end the invalidation first (a single-threaded embedder touching its
+    /// own invalidation window would otherwise wait forever).
+    InvalidationInProgress {
+        /// The address.
+        gpa: Gpa,
+    },
     /// The table allocator is out of frames (or the 22-bit table id space is used up).
     OutOfTableMemory,
     /// A guest access kept faulting without making progress (an MMU bug or a livelock).
@@ -175,6 +194,13 @@ pub enum Error {
         /// The vCPU's index (in the VM that created it).
         vcpu: u32,
     },
+    /// The vCPU's dirty ring has no room for the entry the fault may log (it is soft-full):
+    /// nothing was mapped; harvest and reset the rings first (KVM_EXIT_DIRTY_RING_FULL).
+    /// Converted into an exit, it becomes `Exit::DirtyRingFull`.
+    DirtyRingFull {
+        /// The vCPU.
+        vcpu: u32,
+    },
     /// A host-virtual range is empty or reversed.
     InvalidHvaRange {
         /// Start.
@@ -182,7 +208,8 @@ pub enum Error {
         /// End.
         end: u64,
     },
-    /// untrack_write of a page nobody tracks, or track_write past 65535 trackers.
+    /// untrack_write of a page nobody tracks, or track_write past 65535 trackers (also
+    /// when shadow paging must track a guest table that has 65535 already).
     WriteTrackCount {
         /// The gfn.
         gfn: u64,
@@ -270,6 +297,15 @@ impl fmt::Display for Error {
             Error::HostReadOnly { gpa, hva } => {
                 write!(f, "write to gpa {gpa}, backed by read-only host memory at hva {hva}")
             }
+            Error::HostPfnTooLarge { hva, pfn } => write!(
+                f,
+                "host frame {:#x} behind hva {hva} does not fit the 40 bits of an SPTE",
+                pfn.0
+            ),
+            Error::InvalidationInProgress { gpa } => write!(
+                f,
+                "guest access to gpa {gpa} gave up waiting for the host's invalidation of its page to end"
+            ),
             Error::OutOfTableMemory => write!(f, "out of page-table memory"),
             Error::FaultLoop { gpa } => {
                 write!(f, "guest access to gpa {gpa} kept faulting without progress")
@@ -303,6 +339,10 @@ impl fmt::Display for Error {
             Error::ForeignVcpu { vcpu } => write!(
                 f,
                 "vCPU {vcpu} was created by another VM: a vCPU runs only on its own VM"
+            ),
+            Error::DirtyRingFull { vcpu } => write!(
+                f,
+                "vCPU {vcpu}'s dirty ring is full: harvest and reset the rings before it faults again"
             ),
             Error::InvalidHvaRange { start, end } => {
                 write!(f, "host-virtual range [{start:#x}, {end:#x}) is empty or reversed")

@@ -370,6 +370,14 @@ impl Memslot {
             .as_ref()
             .is_some_and(|t| t[(gfn.0 - self.base_gfn.0) as usize] != 0)
     }
+    /// Whether `gfn` has `u16::MAX` trackers, so [`track_write`](Self::track_write) would
+    /// refuse another.
+    #[inline]
+    pub(crate) fn write_track_full(&self, gfn: Gfn) -> bool {
+        self.write_track
+            .as_ref()
+            .is_some_and(|t| t[(gfn.0 - self.base_gfn.0) as usize] == u16::MAX)
+    }
     /// Add (`true`) or drop a tracker of writes to `gfn`; huge pages over a tracked page
     /// are disallowed. Returns `false`, changing nothing, when dropping an untracked page
     /// or when a page already has `u16::MAX` trackers.

@@ -6,7 +6,13 @@
 //! `reset` by resets, with `reset <= harvested <= pushed` and `pushed - reset <= size`:
 //! an entry's slot is reused only after it was harvested and reset. The ring is "soft
 //! full" one entry before it is full; a vCPU finding it so exits to the VMM
-//! (KVM_EXIT_DIRTY_RING_FULL) instead of running, so a push never finds it full.
+//! (KVM_EXIT_DIRTY_RING_FULL) instead of running.
+//!
+//! # Invariants
+//! A push never finds the ring full: every path that may log reserves room for its entry
+//! first ([`DirtyRing::reserve`], refused once the entries used plus those reserved reach
+//! soft-full), before it can make a page writable, and pushes into that room or gives it
+//! back. So `used + reserved <= size - 1` always.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -19,6 +25,8 @@ pub struct DirtyRing {
     pushed: u64,
     harvested: u64,
     reset: u64,
+    /// Room promised to faults in flight (see the module's invariants).
+    reserved: u64,
 }
 
 impl DirtyRing {
@@ -30,6 +38,7 @@ impl DirtyRing {
             pushed: 0,
             harvested: 0,
             reset: 0,
+            reserved: 0,
         }
     }
     /// Capacity.
@@ -44,8 +53,31 @@ impl DirtyRing {
     pub fn is_soft_full(&self) -> bool {
         self.used() + 1 >= self.size()
     }
-    /// Record a dirty page. `false` if the ring is full (the entry is lost: a caller bug,
-    /// since vCPUs stop at soft-full).
+    /// Reserve room for one entry, for a fault that may log a page: `false`, reserving
+    /// nothing, when the entries used and those already reserved make the ring soft-full
+    /// (the vCPU must stop). The room is used by [`push_reserved`](Self::push_reserved) or
+    /// given back by [`unreserve`](Self::unreserve).
+    pub(crate) fn reserve(&mut self) -> bool {
+        if self.used() + self.reserved + 1 >= self.size() {
+            return false;
+        }
+        self.reserved += 1;
+        true
+    }
+    /// Give back room [`reserve`](Self::reserve) took and no entry used.
+    pub(crate) fn unreserve(&mut self) {
+        debug_assert!(self.reserved != 0, "no room reserved");
+        self.reserved -= 1;
+    }
+    /// Record `e` in room [`reserve`](Self::reserve) took: it always fits.
+    pub(crate) fn push_reserved(&mut self, e: DirtyGfn) {
+        debug_assert!(self.reserved != 0, "no room reserved");
+        self.reserved -= 1;
+        let pushed = self.push(e);
+        debug_assert!(pushed, "reserved room was taken");
+    }
+    /// Record a dirty page. `false` if the ring is full (the entry is lost: the MMU's
+    /// paths reserve room first, see [`reserve`](Self::reserve)).
     pub fn push(&mut self, e: DirtyGfn) -> bool {
         if self.used() >= self.size() {
             return false;
@@ -112,5 +144,25 @@ mod tests {
         assert_eq!(r.harvest(&mut out), 1);
         assert_eq!(out, [e(5)], "wraps around");
         assert_eq!(r.counters(), (5, 5, 4));
+    }
+
+    #[test]
+    fn reservations_count_toward_soft_full() {
+        let mut r = DirtyRing::new(4);
+        assert!(r.reserve() && r.reserve() && r.reserve());
+        assert!(!r.reserve(), "three promised: soft-full");
+        r.push_reserved(e(1));
+        r.unreserve();
+        assert!(r.reserve(), "room given back");
+        r.push_reserved(e(2));
+        r.push_reserved(e(3));
+        assert!(r.is_soft_full());
+        assert!(!r.reserve());
+        let mut out = Vec::new();
+        r.harvest(&mut out);
+        r.reset(|_| {});
+        assert!(r.reserve(), "a reset frees room");
+        r.unreserve();
+        assert_eq!(out, [e(1), e(2), e(3)]);
     }
 }

@@ -116,7 +116,9 @@ pub fn fault_code(extra: ErrorCode, kind: AccessKind, paging: &PagingState) -> E
 /// Walk the guest's tables for an access of `kind` to `gva` (canonical) in `paging`'s
 /// context. `Ok(Ok(walk))` when the guest allows it (A set on every entry walked, D on
 /// the leaf of a write), `Ok(Err(error_code))` for a guest page fault (nothing changed),
-/// `Err` when a table lies outside guest memory.
+/// a table outside guest memory included (KVM's `walk_addr_generic` reports a fault with
+/// the access's error code when it cannot read a table). `Err` for any other error of
+/// the guest memory.
 pub fn walk_addr(
     mem: &dyn GuestMemory,
     paging: &PagingState,
@@ -138,7 +140,13 @@ pub fn walk_addr(
             let l = level as usize - 1;
             w.table_gfns[l] = table;
             let gpa = Gpa(table.gpa().0 + gva.index_at(level) as u64 * 8);
-            let gpte = mem.read_u64(gpa)?;
+            let gpte = match mem.read_u64(gpa) {
+                Ok(v) => v,
+                Err(Error::GuestMemory { .. }) => {
+                    return Ok(Err(fault_code(ErrorCode::empty(), kind, paging)))
+                }
+                Err(e) => return Err(e),
+            };
             w.ptes[l] = gpte;
             if gpte & pte::P == 0 {
                 return Ok(Err(fault_code(ErrorCode::empty(), kind, paging)));

@@ -13,7 +13,9 @@
 //! # Invariants
 //! Every [`HostMemory`] keeps the [`HostPage`] contract: a huge mapping is reported only
 //! where the whole aligned huge page is mapped at that level with contiguous pfns, and the
-//! pfn is congruent to the address's page number modulo the huge page's size.
+//! pfn is congruent to the address's page number modulo the huge page's size. A host
+//! change to a page is announced through the MMU notifier, covering at least that page
+//! (see [`HostMemory`]: the whole huge page around it is not required).
 //!
 //! # Locking
 //! The trait takes `&self` and is `Send + Sync`: faults on many vCPUs translate
@@ -51,9 +53,20 @@ pub struct HostPage {
 /// Host memory as the MMU sees it: host-virtual address to frame, mapping level and
 /// writability.
 ///
-/// Contract: see [`HostPage`] (contiguous, congruent pfns for huge mappings). A
-/// translation holds no reference: the host may change the mapping right after, and is
-/// then expected to tell the MMU through its notifier.
+/// Contract:
+/// - each answer keeps the [`HostPage`] invariant (contiguous, congruent pfns for huge
+///   mappings);
+/// - a translation holds no reference: the host may change the mapping right after, and
+///   then tells the MMU through the notifier. Before it changes the frame, the
+///   writability or the presence of any page, it calls `Vm::invalidate_range_start` on a
+///   range containing at least that page, and `Vm::invalidate_range_end` once the change
+///   is done (or `Vm::unmap_hva_range` after it, or `Vm::change_pte` for a page it moved).
+///
+/// The host need not invalidate the whole huge page around a page it changes (Linux does
+/// when it splits a THP, but vmmu does not rely on it): no fault installs a leaf whose
+/// level-aligned host range intersects an invalidation in progress, so a huge leaf built
+/// from the answer before the change never covers the changed page. The audit
+/// (`Vm::audit`) checks every leaf against the host's current answer, page by page.
 pub trait HostMemory: Send + Sync {
     /// Translate `hva`. `None` if nothing is mapped there (KVM would get -EFAULT /
     /// `KVM_PFN_ERR_FAULT`).

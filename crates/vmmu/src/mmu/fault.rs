@@ -4,8 +4,10 @@
 //!
 //! [`plan_map`] makes every decision that does not depend on the page-table format:
 //! memslot lookup, the checks that end a fault without a mapping (a write to a READONLY
-//! slot, an invalidation in progress, a host page missing or read-only), the host page,
-//! the level, the writable states and the page to log. Each MMU then builds its format's
+//! slot, an invalidation in progress, a host page missing, read-only or with a frame too
+//! wide for an SPTE), the host page,
+//! the level (never one whose aligned range an invalidation in progress intersects), the
+//! writable states and the page to log. Each MMU then builds its format's
 //! leaf from the plan ([`MapPlan::ept_leaf`] for the direct MMUs, through
 //! [`plan_fault`]; shadow paging combines the plan with the guest's rights).
 //!
@@ -18,6 +20,7 @@ use super::Invalidation;
 use crate::error::Error;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
+use crate::spte::bits::MAX_PFN;
 use crate::spte::{LeafAttrs, Spte, SpteFormat};
 use crate::types::{ErrorCode, Gpa, Level, Pfn};
 
@@ -161,10 +164,28 @@ pub(crate) fn plan_map<H: HostMemory + ?Sized>(
     let host_page = host
         .translate(hva)
         .ok_or(Error::NoHostMapping { gpa, hva })?;
+    if host_page.pfn.0 > MAX_PFN {
+        // It would spill out of the SPTE's frame field into its software bits.
+        return Err(Error::HostPfnTooLarge {
+            hva,
+            pfn: host_page.pfn,
+        });
+    }
     if write && !host_page.writable {
         return Err(Error::HostReadOnly { gpa, hva });
     }
-    let level = slot.max_mapping_level(gfn, max_level.min(host_page.level));
+    let mut level = slot.max_mapping_level(gfn, max_level.min(host_page.level));
+    // A leaf maps its whole level-aligned range: none of it may be under invalidation. A
+    // host may invalidate (and change) one 4 KiB page inside a huge page it maps; a huge
+    // leaf installed meanwhile from the answer above would keep that page's old frame
+    // after the change. Map smaller instead (the 4 KiB page itself was checked above).
+    while level > Level::L4K {
+        let start = slot.gfn_to_hva(gfn.align_down(level)).0;
+        if !invalidation.covers_range(start, start + level.bytes()) {
+            break;
+        }
+        level = level.below().expect("above 4K");
+    }
     Ok(MapDecision::Map(MapPlan {
         slot: slot_idx,
         level,

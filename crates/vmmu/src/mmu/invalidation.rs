@@ -1,6 +1,7 @@
 //! The MMU-notifier invalidation bookkeeping both MMUs keep (KVM's
 //! `mmu_invalidate_in_progress`, `mmu_invalidate_range_start/end` and `mmu_invalidate_seq`):
-//! while the host changes a range, a fault on it must not install a mapping.
+//! while the host changes a range, a fault on it must not install a mapping, and no fault
+//! may install a leaf whose range (a huge leaf's whole aligned range) intersects it.
 //!
 //! # Locking
 //! Changed under the VM's MMU lock held exclusively (`invalidate_range_start/end`); read by
@@ -24,6 +25,14 @@ impl Invalidation {
     #[inline]
     pub fn covers(&self, hva: Hva) -> bool {
         self.in_progress != 0 && hva.0 >= self.start && hva.0 < self.end
+    }
+    /// Whether a leaf mapping host-virtual `[start, end)` must not be installed now: an
+    /// invalidation in progress intersects the range. A huge leaf maps its whole aligned
+    /// range, so a fault checks that range, not only the page it faulted on (the host may
+    /// invalidate a single 4 KiB page inside a huge page it is changing).
+    #[inline]
+    pub fn covers_range(&self, start: u64, end: u64) -> bool {
+        self.in_progress != 0 && start < self.end && end > self.start
     }
     /// Invalidations begun and not ended.
     pub fn in_progress(&self) -> u32 {

@@ -325,8 +325,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         {
             return None;
         }
-        let hp = host.translate(slot.gfn_to_hva(gfn))?;
-        if hp.level < level {
+        let hva = slot.gfn_to_hva(gfn);
+        // As a fault: no huge leaf over a range an invalidation in progress intersects.
+        if self.invalidation.covers_range(hva.0, hva.0 + level.bytes()) {
+            return None;
+        }
+        let hp = host.translate(hva)?;
+        if hp.level < level || hp.pfn.0 > bits::MAX_PFN {
             return None;
         }
         let mmu_writable = !slot.is_readonly() && hp.writable;

@@ -3,21 +3,31 @@
 //! reading and resetting the vCPUs' rings, and logging a page a fault made writable. The
 //! bitmaps, the lockless index and the rings themselves live in [`crate::dirty`].
 //!
+//! # Invariants
+//! Every path that may log a page takes a [`DirtyRoom`] before it can make the page
+//! writable (the locked faults in `vm/mmu.rs`, the fast path in `vm/fault.rs`, the
+//! shadow-paging fault and emulated writes in `vm/paging.rs`): with rings, a vCPU whose
+//! ring has no room is refused (`Error::DirtyRingFull`, `Exit::DirtyRingFull`) and nothing
+//! is made writable; so no write is writable without its entry.
+//!
 //! # Locking
 //! GET, CLEAR and reset take the MMU lock exclusively and write-protect what they report
-//! through the MMU dispatch; logging a page takes only the ring's lock (or none, for a
-//! bitmap: its words are atomics).
+//! through the MMU dispatch; logging a page (and taking or giving back room for it) takes
+//! only the ring's lock (or none, for a bitmap: its words are atomics).
 
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::Ordering;
 
 use super::Vcpu;
+use crate::dirty::DirtyRing;
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
 use crate::memslot::DirtyBitmap;
 use crate::mmu::DirtyGfn;
 use crate::shadow::DirtyWrprot;
+use crate::sync::Mutex;
 use crate::table::TableAllocator;
 use crate::types::Gfn;
 
@@ -33,15 +43,33 @@ pub struct HarvestReport {
     pub wrprot: Option<DirtyWrprot>,
 }
 
-impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
-    /// Log `d` as dirty for `vcpu`: into its ring when the VM uses rings, else `bitmap`.
+/// Room for the one page a fault (or an emulated write) may log, taken before it can make
+/// a page writable: a place in the vCPU's dirty ring when the VM uses rings (given back
+/// on drop if unused), nothing to hold for a bitmap. So a page is never writable without
+/// its entry, and a push never finds the ring full (see `dirty::ring`).
+pub(crate) struct DirtyRoom {
+    ring: Option<Arc<Mutex<DirtyRing>>>,
+}
+
+impl DirtyRoom {
+    /// Room in `vcpu`'s ring, if it has one: [`Error::DirtyRingFull`] when the ring is
+    /// soft-full counting what faults in flight reserved (the vCPU must stop first).
     #[inline]
-    pub(crate) fn log_dirty(&self, vcpu: &Vcpu, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
+    pub(crate) fn take(vcpu: &Vcpu) -> Result<DirtyRoom, Error> {
         match &vcpu.dirty_ring {
-            Some(ring) => {
-                let pushed = ring.lock().push(d);
-                debug_assert!(pushed, "dirty ring overflow: vCPUs stop at soft-full");
-            }
+            None => Ok(DirtyRoom { ring: None }),
+            Some(r) if r.lock().reserve() => Ok(DirtyRoom {
+                ring: Some(r.clone()),
+            }),
+            Some(_) => Err(Error::DirtyRingFull { vcpu: vcpu.id }),
+        }
+    }
+
+    /// Log `d` as dirty: into the ring the room is in, else into `bitmap`.
+    #[inline]
+    pub(crate) fn log(mut self, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
+        match self.ring.take() {
+            Some(ring) => ring.lock().push_reserved(d),
             None => {
                 if let Some(b) = bitmap {
                     b.mark(d.offset);
@@ -49,7 +77,18 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             }
         }
     }
+}
 
+impl Drop for DirtyRoom {
+    #[inline]
+    fn drop(&mut self) {
+        if let Some(ring) = &self.ring {
+            ring.lock().unreserve();
+        }
+    }
+}
+
+impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     fn bitmap_mode(&self) -> Result<(), Error> {
         if self.config().dirty_log.ring_size.is_some() {
             return Err(Error::WrongDirtyLogMode(

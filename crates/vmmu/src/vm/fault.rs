@@ -12,6 +12,7 @@ use core::sync::atomic::Ordering;
 use crate::error::Error;
 use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, WalkExit};
 
+use super::dirty_log::DirtyRoom;
 use super::Vcpu;
 use crate::mmu::FaultOutcome;
 use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
@@ -20,12 +21,43 @@ use super::{Exit, MmuKind, Vm};
 
 /// Retries of one access before it is declared stuck.
 pub(crate) const MAX_ACCESS_RETRIES: u32 = 64;
+
+/// How long an access waits for the host's invalidation of its page to end before it
+/// gives up with [`Error::InvalidationInProgress`], in waits: the first [`SPIN_WAITS`]
+/// spin, the others yield the CPU (with `std`; without, each spins [`SPIN_WAITS`] times),
+/// so the thread closing the window gets to run. About a second with nothing else to run
+/// (much longer when other threads run meanwhile): an invalidation window is short, but
+/// one the accessing thread itself holds open never closes.
+pub(crate) const MAX_INVALIDATION_WAITS: u32 = 1 << 20;
+const SPIN_WAITS: u32 = 64;
+
+/// Wait a little for an invalidation in progress to end (a fault reported
+/// [`FaultOutcome::Retry`]); `false` once the access has waited as long as it may.
+pub(crate) fn wait_for_invalidation(waits: &mut u32) -> bool {
+    *waits += 1;
+    if *waits > MAX_INVALIDATION_WAITS {
+        return false;
+    }
+    if *waits <= SPIN_WAITS {
+        core::hint::spin_loop();
+    } else {
+        #[cfg(feature = "std")]
+        std::thread::yield_now();
+        #[cfg(not(feature = "std"))]
+        for _ in 0..SPIN_WAITS {
+            core::hint::spin_loop();
+        }
+    }
+    true
+}
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
 impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// Handle a fault taken by `vcpu` as the MMU's fault handler does, under the lock,
-    /// logging the page if a write made it writable in a logging slot.
+    /// logging the page if a write made it writable in a logging slot. With dirty rings,
+    /// a vCPU whose ring is soft-full gets [`Error::DirtyRingFull`] and nothing is mapped
+    /// (it could not have run to take the fault: harvest and reset first).
     pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
         self.check_vcpu(vcpu)?;
         if self.config.mmu == MmuKind::ShadowPaging {
@@ -65,6 +97,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
         let gfn = gpa.gfn();
         let mut retries = 0;
+        let mut waits = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
@@ -84,16 +117,22 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 }),
             };
             if let Err(WalkExit::Violation { error_code, .. }) = result {
-                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE)
-                    // SAFETY: still in guest mode.
-                    && unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) }
-                {
-                    // Still a VM exit (an EPT violation), handled without the MMU lock.
-                    vcpu.exits += 1;
-                    self.fast_faults.fetch_add(1, Ordering::Relaxed);
-                    self.dirty_index
-                        .with(gfn, |d, bitmap| self.log_dirty(vcpu, d, Some(bitmap)));
-                    result = Err(WalkExit::Retry);
+                if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE) {
+                    // Room for the page first: without it the fault goes to the locked
+                    // path, which refuses (DirtyRingFull) rather than make the page
+                    // writable unlogged.
+                    if let Ok(room) = DirtyRoom::take(vcpu) {
+                        // SAFETY: still in guest mode.
+                        if unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) } {
+                            // Still a VM exit (an EPT violation), handled without the MMU
+                            // lock.
+                            self.fast_faults.fetch_add(1, Ordering::Relaxed);
+                            self.dirty_index
+                                .with(gfn, |d, bitmap| room.log(d, Some(bitmap)));
+                            vcpu.exits += 1;
+                            result = Err(WalkExit::Retry);
+                        }
+                    }
                 }
             }
             vcpu.cpu.exit_guest();
@@ -120,8 +159,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             };
             match outcome {
                 FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
-                // The host is changing this page; wait for the invalidation to end.
-                FaultOutcome::Retry => core::hint::spin_loop(),
+                // The host is changing this page; wait for the invalidation to end, for
+                // a while.
+                FaultOutcome::Retry => {
+                    if !wait_for_invalidation(&mut waits) {
+                        return Err(Exit::Error(Error::InvalidationInProgress { gpa }));
+                    }
+                }
                 FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
                     return Err(Exit::Mmio {
                         gpa,

@@ -30,6 +30,7 @@ use crate::table::TableAllocator;
 use crate::tdp::{self, TdpMmu, TdpPage};
 use crate::types::{ErrorCode, Gfn, Gpa, Level, Pfn};
 
+use super::dirty_log::DirtyRoom;
 use super::{Vm, VmConfig, VmState};
 
 /// Which MMU a VM uses.
@@ -225,23 +226,24 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
 
-    /// Check the MMU's invariants against the memslots (and, under shadow paging, the
-    /// guest's tables in `guest`); exclusive lock.
-    pub(crate) fn audit(
+    /// Check the MMU's invariants against the memslots and the host (and, under shadow
+    /// paging, the guest's tables in `guest`); exclusive lock.
+    pub(crate) fn audit<H: HostMemory + ?Sized>(
         &self,
         slots: &Memslots,
+        host: &H,
         bitmap_logging: bool,
         guest: Option<&dyn GuestMemory>,
     ) -> Result<AuditReport, AuditError> {
         match self {
             Mmu::Shadow(m) => {
-                let rep = crate::audit::audit(slots, m, bitmap_logging)?;
+                let rep = crate::audit::audit(slots, m, host, bitmap_logging)?;
                 if let (true, Some(g)) = (m.is_paging(), guest) {
                     crate::audit::audit_paging(slots, m, g)?;
                 }
                 Ok(rep)
             }
-            Mmu::Tdp(m) => crate::audit::audit_tdp(slots, m, bitmap_logging),
+            Mmu::Tdp(m) => crate::audit::audit_tdp(slots, m, host, bitmap_logging),
         }
     }
 
@@ -488,13 +490,17 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// The MMU's fault handler for a fault `vcpu` took at `gpa` (checked by the caller):
     /// the TDP MMU maps inside the fault gate, in parallel with other vCPUs' faults; the
     /// shadow MMU under the exclusive lock. A page a write made writable in a logging
-    /// slot is logged before the lock goes.
+    /// slot is logged before the lock goes, in room taken before the fault
+    /// ([`Error::DirtyRingFull`], nothing mapped, when the vCPU's ring has none).
     pub(super) fn mmu_page_fault(
         &self,
         vcpu: &Vcpu,
         gpa: Gpa,
         ec: ErrorCode,
     ) -> Result<FaultOutcome, Error> {
+        // Dropped after the lock guards below (declared first): unused room goes back
+        // outside the lock.
+        let room = DirtyRoom::take(vcpu)?;
         if let MmuKind::Tdp(_) = self.config.mmu {
             let guard = self.lock_gated(Some(vcpu.id));
             let Mmu::Tdp(m) = &guard.mmu else {
@@ -511,7 +517,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                     .slots
                     .by_id(d.slot)
                     .expect("the fault found this slot");
-                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+                room.log(d, slot.dirty_bitmap());
             }
             drop(epoch);
             self.commit_tdp(m, fault.removed);
@@ -525,7 +531,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
         if let Some(d) = fault.dirty {
             let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
-            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            room.log(d, slot.dirty_bitmap());
         }
         self.commit(st, Removed::flush_only(fault.flush));
         Ok(fault.outcome)

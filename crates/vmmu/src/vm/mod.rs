@@ -159,9 +159,14 @@ impl core::fmt::Display for Exit {
 #[cfg(feature = "std")]
 impl std::error::Error for Exit {}
 
+/// An error ends the access with [`Exit::Error`], but a full dirty ring is the exit the
+/// VMM expects for it, [`Exit::DirtyRingFull`].
 impl From<Error> for Exit {
     fn from(e: Error) -> Self {
-        Exit::Error(e)
+        match e {
+            Error::DirtyRingFull { .. } => Exit::DirtyRingFull,
+            e => Exit::Error(e),
+        }
     }
 }
 
@@ -314,7 +319,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let st = self.lock();
         let bitmap_logging = self.config.dirty_log.ring_size.is_none();
         st.mmu
-            .audit(&st.slots, bitmap_logging, self.guest.as_deref())
+            .audit(&st.slots, &self.host, bitmap_logging, self.guest.as_deref())
     }
 
     /// Run `f` with the memslots and the shadow MMU under the lock (for tests, audits and

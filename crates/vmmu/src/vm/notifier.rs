@@ -112,9 +112,13 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 
     /// The host now maps the page at `hva` to `new_pfn` (KSM merge, migration):
     /// point the guest's SPTEs there read-only, or drop them if the new host mapping is
-    /// writable (`change_pte`). Flushes before returning.
+    /// writable (`change_pte`). Flushes before returning. A frame too wide for an SPTE
+    /// (40 bits) is refused ([`Error::HostPfnTooLarge`]) before anything changes.
     pub fn change_pte(&self, hva: Hva, new_pfn: Pfn, writable: bool) -> Result<(), Error> {
         let (start, end) = check(hva, Hva(hva.0.saturating_add(1)))?;
+        if new_pfn.0 > crate::spte::bits::MAX_PFN {
+            return Err(Error::HostPfnTooLarge { hva, pfn: new_pfn });
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut removed = Removed::default();

@@ -25,6 +25,8 @@ use crate::shadow::{GvaFault, ShadowMmu};
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
+use super::dirty_log::DirtyRoom;
+use super::fault::wait_for_invalidation;
 use super::{Exit, Vm, VmConfig, VmState, MAX_ACCESS_RETRIES};
 
 impl<H: HostMemory> Vm<H, HeapTableAllocator> {
@@ -247,6 +249,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let user = vcpu.cpu.paging.user();
         let vpn = gva.vpn();
         let mut retries = 0;
+        let mut waits = 0;
         while retries < MAX_ACCESS_RETRIES {
             if vcpu.dirty_ring_soft_full() {
                 return Err(Exit::DirtyRingFull);
@@ -296,7 +299,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             let gpa = || gpa.expect("the guest's tables translated the gva");
             match outcome {
                 FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
-                FaultOutcome::Retry => core::hint::spin_loop(),
+                // The host is changing the page; wait for the invalidation to end, for a
+                // while.
+                FaultOutcome::Retry => {
+                    if !wait_for_invalidation(&mut waits) {
+                        return Err(Exit::Error(Error::InvalidationInProgress { gpa: gpa() }));
+                    }
+                }
                 FaultOutcome::GuestFault(error_code) => {
                     return Err(Exit::GuestPageFault { gva, error_code })
                 }
@@ -333,6 +342,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         kind: AccessKind,
     ) -> Result<(FaultOutcome, Option<Gpa>), Error> {
         let guest = self.paging_guest()?;
+        // Room for the page the fault may log, before it can make one writable (dropped
+        // after the guard: unused room goes back outside the lock).
+        let room = DirtyRoom::take(vcpu)?;
         let mut guard = self.lock();
         let st = &mut *guard;
         let root = vcpu.proot.expect("the access loaded a root");
@@ -356,7 +368,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let sync = core::mem::take(&mut m.paging_mut().sync_needed);
         if let Some(d) = fault.dirty {
             let slot = st.slots.by_id(d.slot).expect("the fault found this slot");
-            self.log_dirty(vcpu, d, slot.dirty_bitmap());
+            room.log(d, slot.dirty_bitmap());
         }
         self.commit(st, Removed::flush_only(fault.flush));
         if sync {
@@ -374,9 +386,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     }
 
     /// Emulate the guest's write of `val` to the guest page table word at `gpa`, and log
-    /// the page dirty if its slot logs.
+    /// the page dirty if its slot logs: [`Error::DirtyRingFull`], nothing written, when
+    /// the vCPU's ring has no room for the entry.
     fn emulate_write(&self, vcpu: &Vcpu, gpa: Gpa, val: u64) -> Result<(), Error> {
         let guest = self.paging_guest()?;
+        let room = DirtyRoom::take(vcpu)?;
         let mut guard = self.lock();
         let st = &mut *guard;
         let (slots, m) = split(st);
@@ -388,7 +402,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                     slot: slot.id,
                     offset: gfn.0 - slot.base_gfn.0,
                 };
-                self.log_dirty(vcpu, d, slot.dirty_bitmap());
+                room.log(d, slot.dirty_bitmap());
             }
         }
         self.commit(st, Removed::flush_only(flush));

@@ -16,7 +16,7 @@ use crate::rmap::SpteRef;
 use crate::shadow::ShadowMmu;
 use crate::spte::{LeafAttrs, Spte};
 use crate::table::TableAllocator;
-use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
+use crate::types::{AccessFlags, AccessKind, ErrorCode, Gfn, Gpa, Gva, Level};
 
 /// Longest reverse map a fault lets a gfn have (KVM's `RMAP_RECYCLE_THRESHOLD`).
 pub const RMAP_RECYCLE_THRESHOLD: usize = 1000;
@@ -88,10 +88,14 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let at = Gpa(gfn.gpa().0 | gva.page_offset());
         gpa = Some(at);
         // Every guest table on the way must lie in a memslot: its shadow page protects it.
+        // One that does not is a table the guest's walk could not read (KVM reads them
+        // through the memslots): a page fault for the guest, as `walk_addr_generic`
+        // reports it.
         for l in walk.level as usize..=4 {
-            let t = walk.table_gfns[l - 1];
-            if slots.lookup(t).is_none() {
-                return Err(Error::GuestMemory { gpa: t.gpa() });
+            if slots.lookup(walk.table_gfns[l - 1]).is_none() {
+                self.paging_mut().stats.guest_faults += 1;
+                let ec = crate::guest::walk::fault_code(ErrorCode::empty(), kind, paging);
+                return done(FaultOutcome::GuestFault(ec), None, flush);
             }
         }
         // The memslot, the host page and the checks every MMU makes (see `mmu::fault`),

@@ -182,7 +182,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// The page shadowing the guest table at `gfn` with `role`, or a direct page for part
     /// of a guest huge page, found in the hash or created (KVM's `kvm_mmu_get_shadow_page`).
     /// A new indirect page write-protects its gfn (`account_shadowed`). Returns the id,
-    /// whether it was created, and the flush owed.
+    /// whether it was created, and the flush owed. A table above the last level whose gfn
+    /// already has `u16::MAX` write trackers (a VMM's) cannot be tracked once more:
+    /// [`Error::WriteTrackCount`], nothing created.
     pub(crate) fn get_shadow_page(
         &mut self,
         slots: &mut Memslots,
@@ -191,6 +193,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
     ) -> Result<(u32, bool, Flush), Error> {
         if let Some(id) = self.find_page(gfn, role) {
             return Ok((id, false, Flush::NONE));
+        }
+        if !role.is_direct()
+            && role.level() > Level::L4K
+            && slots.lookup(gfn).is_some_and(|s| s.write_track_full(gfn))
+        {
+            return Err(Error::WriteTrackCount { gfn: gfn.0 });
         }
         let id = self
             .pages
@@ -214,7 +222,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
             .expect("guest tables lie in memslots (checked by the fault path)");
         if level > Level::L4K {
             let ok = slot.track_write(gfn, true);
-            debug_assert!(ok, "write-track count overflow");
+            debug_assert!(
+                ok,
+                "write-track count full: get_shadow_page checks it first"
+            );
         } else {
             slot.account_disallow_lpage(gfn, 1);
         }
