@@ -22,6 +22,8 @@
 //!   every touched page. At teardown it checks that every table was freed.
 //! - [`reference_walk`]: an x86-64 4-level guest page walker from the Intel SDM rules, the
 //!   oracle of the shadow-paging tests (translation, #PF error code, A/D updates).
+//! - [`failing_alloc`]: a table allocator told to fail from its Nth allocation on, for
+//!   the allocation-failure atomicity tests.
 //! - [`soak`]: vCPU threads, a harvester, a notifier thread and a memslot thread on one VM
 //!   for a bounded time, with the audit and the model's checks at quiescent points.
 //!
@@ -31,6 +33,7 @@
 //! roots) and the accounting in [`interp::Interp::teardown`]. Shadow paging (issue 5)
 //! adds an entry to [`MMUS`] and an arm to each of those two matches.
 
+pub mod failing_alloc;
 pub mod guest_os;
 pub mod interp;
 pub mod model;
@@ -39,6 +42,7 @@ pub mod reference_walk;
 pub mod soak;
 pub mod view;
 
+pub use failing_alloc::FailingAllocator;
 pub use interp::{Failure, Interp, RunConfig, RunStats};
 pub use model::{DirtyMode, Model};
 pub use op::Op;

@@ -73,7 +73,10 @@ pub struct Tables {
 
 /// Run `f` with the memslots and the roots of `vm` under its exclusive MMU lock (the one
 /// MMU-specific piece of the walk: a third MMU adds an arm here).
-pub fn with_tables<R>(vm: &SimVm, f: impl FnOnce(&Memslots, Vec<Pfn>) -> R) -> R {
+pub fn with_tables<A: TableAllocator + 'static, R>(
+    vm: &Vm<Arc<SimHostMemory>, A>,
+    f: impl FnOnce(&Memslots, Vec<Pfn>) -> R,
+) -> R {
     match vm.config().mmu {
         MmuKind::ShadowDirect | MmuKind::ShadowPaging => {
             vm.with_mmu(|slots, m| f(slots, vec![m.root_frame()]))
@@ -90,8 +93,8 @@ pub fn with_tables<R>(vm: &SimVm, f: impl FnOnce(&Memslots, Vec<Pfn>) -> R) -> R
 ///
 /// # Safety
 /// The MMU lock is held exclusively and `root` is a live root.
-unsafe fn walk(
-    alloc: &HeapTableAllocator,
+unsafe fn walk<A: TableAllocator>(
+    alloc: &A,
     root: Pfn,
     out: &mut Vec<Entry>,
     tables: &mut BTreeSet<u64>,
@@ -134,8 +137,8 @@ unsafe fn walk(
 
 /// Read the tables under every root (the MMU's and each of `vcpus`'), the slots, the
 /// dirty bitmaps and which of `probe_tracked` (gfns) are write-tracked.
-pub fn read_tables<'a>(
-    vm: &SimVm,
+pub fn read_tables<'a, A: TableAllocator + 'static>(
+    vm: &Vm<Arc<SimHostMemory>, A>,
     vcpus: impl IntoIterator<Item = &'a Vcpu>,
     probe_tracked: &[u64],
 ) -> Tables {
@@ -143,6 +146,9 @@ pub fn read_tables<'a>(
     let alloc = vm.allocator().clone();
     with_tables(vm, |slots, mut roots| {
         roots.extend(vcpu_roots);
+        // Frame 0 is no root: a shadow-paging MMU has no direct root, and a vCPU before
+        // its first CR3 load has none loaded.
+        roots.retain(|r| r.0 != 0);
         roots.sort();
         roots.dedup();
         let mut t = Tables::default();
@@ -197,7 +203,10 @@ pub struct Snapshot {
 }
 
 /// Take a [`Snapshot`].
-pub fn snapshot<'a>(vm: &SimVm, vcpus: impl IntoIterator<Item = &'a Vcpu>) -> Snapshot {
+pub fn snapshot<'a, A: TableAllocator + 'static>(
+    vm: &Vm<Arc<SimHostMemory>, A>,
+    vcpus: impl IntoIterator<Item = &'a Vcpu>,
+) -> Snapshot {
     let tables = read_tables(vm, vcpus, &[]);
     let mut stats = vm.stats();
     if matches!(vm.config().mmu, MmuKind::Tdp(_)) {

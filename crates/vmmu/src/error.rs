@@ -15,6 +15,7 @@
 //! | [`UnalignedUserspaceAddr`](Error::UnalignedUserspaceAddr) | `set_user_memory_region` |
 //! | [`ZeroSize`](Error::ZeroSize) | `set_user_memory_region` (deleting a slot that does not exist) |
 //! | [`AddressOverflow`](Error::AddressOverflow) | `set_user_memory_region` |
+//! | [`SlotTooLarge`](Error::SlotTooLarge) | `set_user_memory_region` |
 //! | [`BeyondGuestPhysWidth`](Error::BeyondGuestPhysWidth) | `set_user_memory_region` |
 //! | [`Overlap`](Error::Overlap) | `set_user_memory_region` (create, move) |
 //! | [`TooManySlots`](Error::TooManySlots) | `set_user_memory_region` (create) |
@@ -80,6 +81,16 @@ pub enum Error {
     },
     /// guest_phys_addr + memory_size (or userspace_addr + memory_size) overflows.
     AddressOverflow,
+    /// The region has more pages than one memslot may
+    /// ([`MAX_SLOT_PAGES`](crate::memslot::MAX_SLOT_PAGES), KVM's `KVM_MEM_MAX_NR_PAGES`).
+    SlotTooLarge {
+        /// The slot id.
+        slot: u32,
+        /// Pages asked for.
+        pages: u64,
+        /// The most a slot may have.
+        max: u64,
+    },
     /// The region ends beyond the configured guest-physical address width.
     BeyondGuestPhysWidth {
         /// First byte past the region.
@@ -266,6 +277,10 @@ impl fmt::Display for Error {
                 "memslot {slot} does not exist and memory_size is 0 (a zero size deletes a slot)"
             ),
             Error::AddressOverflow => write!(f, "address + memory_size overflows 64 bits"),
+            Error::SlotTooLarge { slot, pages, max } => write!(
+                f,
+                "memslot {slot}: {pages} pages is more than a memslot may have ({max})"
+            ),
             Error::BeyondGuestPhysWidth { end, width_bits } => write!(
                 f,
                 "region ends at {end:#x}, beyond the {width_bits}-bit guest-physical address width"

@@ -429,6 +429,16 @@ impl Memslot {
     }
 }
 
+/// The most 4 KiB pages one memslot may have: KVM's `KVM_MEM_MAX_NR_PAGES`,
+/// `(1 << 31) - 1` (8 TiB less a page). KVM bounds it so that a page index fits the
+/// `int`/`unsigned long` arithmetic of its per-slot arrays (the dirty bitmap's bit
+/// offsets, the reverse maps); here it bounds what one call can make the VM allocate:
+/// a slot's metadata (reverse-map heads, disallow counts, the dirty bitmap) grows with
+/// its pages, and a caller's size must get a typed error, not an aborting allocation.
+/// [`Memslots::check`] refuses bigger slots with [`Error::SlotTooLarge`] before anything
+/// is allocated.
+pub const MAX_SLOT_PAGES: u64 = (1 << 31) - 1;
+
 /// Limits of the slot set.
 #[derive(Clone, Copy, Debug)]
 pub struct MemslotLimits {
@@ -593,6 +603,13 @@ impl Memslots {
         r.userspace_addr
             .checked_add(r.memory_size)
             .ok_or(Error::AddressOverflow)?;
+        if r.memory_size / PAGE_SIZE > MAX_SLOT_PAGES {
+            return Err(Error::SlotTooLarge {
+                slot: r.slot,
+                pages: r.memory_size / PAGE_SIZE,
+                max: MAX_SLOT_PAGES,
+            });
+        }
         if end > self.max_gfn() * PAGE_SIZE {
             return Err(Error::BeyondGuestPhysWidth {
                 end,

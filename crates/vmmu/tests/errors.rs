@@ -28,6 +28,7 @@ fn name(e: &Error) -> &'static str {
         Error::UnalignedUserspaceAddr(_) => "UnalignedUserspaceAddr",
         Error::ZeroSize { .. } => "ZeroSize",
         Error::AddressOverflow => "AddressOverflow",
+        Error::SlotTooLarge { .. } => "SlotTooLarge",
         Error::BeyondGuestPhysWidth { .. } => "BeyondGuestPhysWidth",
         Error::Overlap { .. } => "Overlap",
         Error::NoSuchSlot(_) => "NoSuchSlot",
@@ -72,6 +73,11 @@ fn every_variant_has_a_message() {
         Error::UnalignedUserspaceAddr(1),
         Error::ZeroSize { slot: 1 },
         Error::AddressOverflow,
+        Error::SlotTooLarge {
+            slot: 1,
+            pages: 1 << 36,
+            max: (1 << 31) - 1,
+        },
         Error::BeyondGuestPhysWidth {
             end: 1 << 49,
             width_bits: 48,

@@ -223,7 +223,19 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     }
 
     fn new_root(&mut self) -> Result<(), Error> {
-        let page = self.alloc_page(Level::ROOT, Gfn(0))?;
+        let page = self.alloc_root()?;
+        self.push_root(page);
+        Ok(())
+    }
+
+    /// A root page, not yet listed: what a fast zap needs, allocated before anything
+    /// changes so that running out of table memory leaves the roots as they were.
+    pub(crate) fn alloc_root(&self) -> Result<TdpPage, Error> {
+        self.alloc_page(Level::ROOT, Gfn(0))
+    }
+
+    /// List `page` (from [`alloc_root`](Self::alloc_root)) as a valid root.
+    fn push_root(&mut self, page: TdpPage) {
         let frame = page.frame();
         self.roots.push(Root {
             page: RootRef::new(page),
@@ -231,7 +243,6 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             refs: AtomicU32::new(0),
             invalid: false,
         });
-        Ok(())
     }
 
     pub(crate) fn alloc_page(&self, level: Level, gfn: Gfn) -> Result<TdpPage, Error> {
@@ -327,11 +338,21 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// idle vCPU holds only an empty root page. The page itself is freed by
     /// [`reap_invalid_roots`](Self::reap_invalid_roots) once no vCPU holds it. Exclusive
     /// lock.
+    ///
+    /// The new root is allocated first: out of table memory, nothing changed (the old
+    /// root stays valid, as the one-valid-root invariant needs).
     pub fn invalidate_all_roots(&mut self, guard: &EpochGuard) -> Result<Removed, Error> {
+        let page = self.alloc_root()?;
+        Ok(self.invalidate_all_roots_with(page, guard))
+    }
+
+    /// [`invalidate_all_roots`](Self::invalidate_all_roots) with the new root already
+    /// allocated ([`alloc_root`](Self::alloc_root)): cannot fail.
+    pub(crate) fn invalidate_all_roots_with(&mut self, page: TdpPage, guard: &EpochGuard) -> Removed {
         for r in &mut self.roots {
             r.invalid = true;
         }
-        self.new_root()?;
+        self.push_root(page);
         let mmu = self.exclusive();
         let mut removed = Removed::default();
         for (root, valid) in mmu.roots(guard) {
@@ -339,7 +360,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 removed.merge(mmu.zap_root(root, guard).0);
             }
         }
-        Ok(removed)
+        removed
     }
 
     /// Zap and unlink invalid roots no vCPU holds any more (exclusive lock). The root

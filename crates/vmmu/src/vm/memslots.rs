@@ -28,6 +28,16 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let mut guard = self.lock();
         let st = &mut *guard;
         let change = st.slots.check(&region)?;
+        // Every allocation before any change: when this update wraps the generation MMIO
+        // SPTEs carry, everything is zapped fast, and the TDP MMU's new root is taken now
+        // (out of table memory, the update is refused with nothing changed).
+        let wraps = change != SlotChange::None
+            && st.slots.generation().wrapping_add(1) & crate::spte::MMIO_GEN_MASK == 0;
+        let reserved = if wraps {
+            Some(st.mmu.reserve_fast_zap()?)
+        } else {
+            None
+        };
         let old = st
             .slots
             .by_id(region.slot)
@@ -48,10 +58,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         // Publish the logging slots before protecting anything: a lockless fast-path fault
         // that makes a page writable after the protection must find its slot to log it.
         self.dirty_index.publish(&st.slots);
-        if st.slots.generation() & crate::spte::MMIO_GEN_MASK == 0 {
+        if let Some(reserved) = reserved {
             // The generation MMIO SPTEs carry wrapped: an old one could match again. Zap
             // everything, as KVM's `kvm_mmu_invalidate_mmio_sptes` does.
-            let removed = st.mmu.zap_all_fast(&mut st.slots)?;
+            debug_assert_eq!(st.slots.generation() & crate::spte::MMIO_GEN_MASK, 0);
+            let removed = st.mmu.zap_all_fast_reserved(&mut st.slots, reserved);
             self.commit(st, removed);
         }
         self.mmio_generation

@@ -329,18 +329,40 @@ impl<A: TableAllocator + 'static> Mmu<A> {
     /// invalidates its roots and makes a new one, which vCPUs must reload; old roots are
     /// zapped as soon as no vCPU runs on them. The shadow MMU zaps in place.
     pub fn zap_all_fast(&mut self, slots: &mut Memslots) -> Result<Removed, Error> {
-        Ok(match self {
+        let reserved = self.reserve_fast_zap()?;
+        Ok(self.zap_all_fast_reserved(slots, reserved))
+    }
+
+    /// The table memory a fast zap needs (the TDP MMU's new root; nothing for the shadow
+    /// MMU), allocated before an operation changes anything, so that running out of it
+    /// leaves the VM as it was.
+    pub(crate) fn reserve_fast_zap(&self) -> Result<Option<TdpPage>, Error> {
+        match self {
+            Mmu::Shadow(_) => Ok(None),
+            Mmu::Tdp(m) => m.alloc_root().map(Some),
+        }
+    }
+
+    /// [`zap_all_fast`](Self::zap_all_fast) with its memory from
+    /// [`reserve_fast_zap`](Self::reserve_fast_zap): cannot fail.
+    pub(crate) fn zap_all_fast_reserved(
+        &mut self,
+        slots: &mut Memslots,
+        reserved: Option<TdpPage>,
+    ) -> Removed {
+        match self {
             Mmu::Shadow(m) => Removed::flush_only(m.zap_all(slots)),
             Mmu::Tdp(m) => {
                 let guard = tdp::pin();
-                let mut removed = m.invalidate_all_roots(&guard)?;
+                let page = reserved.expect("reserve_fast_zap gives the TDP MMU a root");
+                let mut removed = m.invalidate_all_roots_with(page, &guard);
                 removed.merge(m.reap_invalid_roots(&guard).0);
                 removed.flush.set();
                 // vCPUs must move to the new root before they run again.
                 removed.reload = true;
                 removed
             }
-        })
+        }
     }
 
     /// Zap huge leaves over `[start, end)` (exclusive lock): the shadow MMU's way to force

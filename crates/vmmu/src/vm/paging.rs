@@ -164,8 +164,10 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 m.paging_mut().stats.root_cache_hits += 1;
                 vcpu.prev_roots.remove(i)
             } else {
-                m.paging_mut().stats.root_cache_misses += 1;
                 let (r, f) = m.get_paging_root(slots, gfn, wp, nx)?;
+                // Counted once the root is there: a load refused for lack of table memory
+                // changes nothing, counters included.
+                m.paging_mut().stats.root_cache_misses += 1;
                 flush |= f;
                 r
             };
