@@ -141,7 +141,7 @@ impl RunConfig {
             0 | 1 => DirtyMode::Get,
             2 => DirtyMode::Manual,
             3 => DirtyMode::ManualInitSet,
-            4 => DirtyMode::Ring(4 + (b as u32 >> 3) % 32),
+            4 => DirtyMode::Ring(4 << ((b as u32 >> 3) % 5)),
             _ => DirtyMode::Ring(4096),
         };
         c.max_level = [Level::L1G, Level::L2M, Level::L4K][r.u8() as usize % 3];

@@ -42,6 +42,7 @@
 //! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write`; shadow paging's `set_paging`, `load_cr3` and `gva_*` (as `Exit::Error`) when a guest table to shadow has 65535 trackers already |
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
 //! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
+//! | [`InvalidRingSize`](Error::InvalidRingSize) | `Vm::with_allocator`, `Vm::with_guest_memory` (`Vm::new` panics with it) |
 //! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
 //! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; `set_paging`, `load_cr3` (CR3 outside every memslot); `gva_read_u64`, `gva_write_u64` of data outside guest memory (as `Exit::Error`). A guest table outside guest memory or the memslots is a guest page fault (`Exit::GuestPageFault`), not this |
 //! | [`NonCanonical`](Error::NonCanonical) | `invlpg`, `gva_*` (as `Exit::Error`) |
@@ -229,6 +230,14 @@ pub enum Error {
     NoInvalidationInProgress,
     /// A VM configuration value is out of range.
     InvalidConfig(&'static str),
+    /// `DirtyLogConfig::ring_size` is not a power of two from
+    /// [`DirtyLogConfig::MIN_RING_ENTRIES`](crate::DirtyLogConfig::MIN_RING_ENTRIES) to
+    /// [`DirtyLogConfig::MAX_RING_ENTRIES`](crate::DirtyLogConfig::MAX_RING_ENTRIES)
+    /// (KVM's `KVM_CAP_DIRTY_LOG_RING` also wants a power of two within limits).
+    InvalidRingSize {
+        /// The size asked for, in entries.
+        size: u32,
+    },
     /// A guest-memory access outside the guest's memory, or not 8-byte aligned.
     GuestMemory {
         /// The address.
@@ -327,6 +336,12 @@ impl fmt::Display for Error {
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
             Error::InvalidConfig(why) => write!(f, "invalid VM configuration: {why}"),
+            Error::InvalidRingSize { size } => write!(
+                f,
+                "dirty ring size {size}: a ring has a power of two of entries, from {} to {}",
+                crate::DirtyLogConfig::MIN_RING_ENTRIES,
+                crate::DirtyLogConfig::MAX_RING_ENTRIES
+            ),
             Error::GuestMemory { gpa } => write!(
                 f,
                 "guest memory access at gpa {gpa} is outside the guest's memory or not 8-byte aligned"

@@ -177,12 +177,12 @@ fn reset(vm: &TestVm, m: &mut Model) {
     m.reset_total += n;
 }
 
-/// The exact model over one set of algorithms: three vCPUs with 48-entry rings, a
+/// The exact model over one set of algorithms: three vCPUs with 64-entry rings, a
 /// 300-page slot logging from its creation and a THP slot mapped huge first and logging
 /// later; random accesses, harvests of random vCPUs and resets; a final harvest and reset
 /// of everything.
 fn exact(algos: Algorithms, seed: u64) {
-    const SIZE: u32 = 48;
+    const SIZE: u32 = 64;
     let (host, vm) = new_vm(ring_config(SIZE, algos));
     let h0 = mmap(&host, 300 * K4, Backing::Page4K);
     let h1 = mmap(&host, 2 * M2, Backing::Thp);

@@ -55,6 +55,7 @@ fn name(e: &Error) -> &'static str {
         Error::WriteTrackCount { .. } => "WriteTrackCount",
         Error::NoInvalidationInProgress => "NoInvalidationInProgress",
         Error::InvalidConfig(_) => "InvalidConfig",
+        Error::InvalidRingSize { .. } => "InvalidRingSize",
         Error::TooManyVcpus { .. } => "TooManyVcpus",
         Error::GuestMemory { .. } => "GuestMemory",
         Error::WrongPagingMode(_) => "WrongPagingMode",
@@ -120,6 +121,7 @@ fn every_variant_has_a_message() {
         Error::WriteTrackCount { gfn: 5 },
         Error::NoInvalidationInProgress,
         Error::InvalidConfig("why"),
+        Error::InvalidRingSize { size: 3 },
         Error::TooManyVcpus { max: 1 },
         Error::GuestMemory {
             gpa: vmmu::types::Gpa(0x1004),
@@ -637,5 +639,58 @@ fn invalid_configurations_are_typed() {
             matches!(r, Err(Error::InvalidConfig(_))),
             "gpa_bits {gpa_bits}"
         );
+    }
+}
+
+/// A dirty-ring size that is not a power of two from 4 to 2^20 entries is refused when
+/// the VM is created, before any table or ring is allocated (0 used to become 2,
+/// `u32::MAX` aborted on a 64 GiB ring in `create_vcpu`).
+#[test]
+fn ring_sizes_are_validated_before_anything_is_allocated() {
+    let min = DirtyLogConfig::MIN_RING_ENTRIES;
+    let max = DirtyLogConfig::MAX_RING_ENTRIES;
+    assert_eq!((min, max), (4, 1 << 20));
+    for &(name, mmu) in MMUS {
+        for size in [0, 1, 2, 3, 48, 1000, max + 1, max << 1, 1 << 31, u32::MAX] {
+            let alloc = Arc::new(vmmu_testing::FailingAllocator::new());
+            let r = Vm::with_allocator(
+                VmConfig {
+                    mmu,
+                    dirty_log: DirtyLogConfig {
+                        ring_size: Some(size),
+                        ..DirtyLogConfig::default()
+                    },
+                    ..VmConfig::default()
+                },
+                Arc::new(SimHostMemory::new()),
+                alloc.clone(),
+            );
+            assert_eq!(
+                r.err(),
+                Some(Error::InvalidRingSize { size }),
+                "{name}: ring size {size}"
+            );
+            assert_eq!(
+                alloc.attempts(),
+                0,
+                "{name}: ring size {size}: allocated a table"
+            );
+        }
+        for size in [min, 256, max] {
+            let vm = Vm::with_allocator(
+                VmConfig {
+                    mmu,
+                    dirty_log: DirtyLogConfig {
+                        ring_size: Some(size),
+                        ..DirtyLogConfig::default()
+                    },
+                    ..VmConfig::default()
+                },
+                Arc::new(SimHostMemory::new()),
+                Arc::new(vmmu::table::HeapTableAllocator::new()),
+            )
+            .unwrap_or_else(|e| panic!("{name}: ring size {size}: {e}"));
+            vm.create_vcpu().unwrap();
+        }
     }
 }

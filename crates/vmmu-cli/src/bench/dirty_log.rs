@@ -34,8 +34,10 @@
 //!
 //! The ring holds the whole round: the next power of two above the pages written plus 64,
 //! at least 4096 entries, so no vCPU exits for a full ring. At ratio 1 on 1 GiB that is
-//! 524,288 entries, above the 65,536 KVM allows; vmmu does not cap it, and the harvest cost
-//! does not depend on the capacity, only on the entries.
+//! 524,288 entries, above the 65,536 KVM allows; vmmu allows rings up to 2^20 entries
+//! (`DirtyLogConfig::MAX_RING_ENTRIES`), so the ring modes run on slots up to 2 GiB and
+//! refuse larger ones with an error (a round would need harvests while it writes). The
+//! harvest cost does not depend on the capacity, only on the entries.
 
 use std::time::Instant;
 
@@ -92,8 +94,8 @@ impl Mode {
     }
 
     /// The VM's dirty-log configuration for a round that dirties `pages` pages.
-    fn config(self, pages: u64) -> DirtyLogConfig {
-        match self {
+    fn config(self, pages: u64) -> Result<DirtyLogConfig, BenchError> {
+        Ok(match self {
             Mode::Get => DirtyLogConfig::default(),
             Mode::GetClear => DirtyLogConfig {
                 manual_protect: true,
@@ -101,12 +103,21 @@ impl Mode {
             },
             Mode::Ring => {
                 let entries = (pages + 64).next_power_of_two().max(4096);
+                let max = DirtyLogConfig::MAX_RING_ENTRIES;
+                let size = u32::try_from(entries).ok().filter(|&n| n <= max);
+                let Some(size) = size else {
+                    return Err(BenchError::new(format!(
+                        "dirty-log ring: a round writing {pages} pages needs a ring of \
+                         {entries} entries, more than the {max} a ring may have: use \
+                         --mem-gib 2 or less"
+                    )));
+                };
                 DirtyLogConfig {
-                    ring_size: Some(u32::try_from(entries).unwrap_or(u32::MAX)),
+                    ring_size: Some(size),
                     ..DirtyLogConfig::default()
                 }
             }
-        }
+        })
     }
 }
 
@@ -228,7 +239,7 @@ fn round(config: &BenchConfig, mode: Mode, mmu: MmuKind, ratio: f64) -> Result<R
     let dirty = random_pages(npages, dirty_count(npages, ratio));
     let vm_config = VmConfig {
         mmu,
-        dirty_log: mode.config(dirty.len() as u64),
+        dirty_log: mode.config(dirty.len() as u64)?,
         ..VmConfig::default()
     };
     let mut guest = Guest::with_vm_config(config, HostBacking::Page4K, vm_config)?;

@@ -16,7 +16,7 @@
 //! and-ed, because fast-path faults set bits without the lock. The index is read-locked
 //! by fast-path faults and write-locked only while memslots change, never across a flush.
 
-mod ring;
+pub(crate) mod ring;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;

@@ -13,11 +13,37 @@
 //! first ([`DirtyRing::reserve`], refused once the entries used plus those reserved reach
 //! soft-full), before it can make a page writable, and pushes into that room or gives it
 //! back. So `used + reserved <= size - 1` always.
+//!
+//! # Sizes
+//! A ring has a power of two of entries, from [`MIN_ENTRIES`] to [`MAX_ENTRIES`]; any
+//! other size is refused with [`Error::InvalidRingSize`] before anything is allocated.
+//! KVM (`kvm_vm_ioctl_enable_dirty_log_ring`) also wants a power of two, between one
+//! page and `KVM_DIRTY_RING_MAX_ENTRIES` (65536) of its 16-byte entries, i.e. 256 to
+//! 65536 entries. Its lower bound comes from the ring being a page the VMM maps; vmmu's
+//! ring is not mapped, and rings of a few entries are what the tests use to reach
+//! soft-full, so the floor is 4 (three usable entries). Its upper bound is raised to 2^20
+//! entries (16 MiB per vCPU) so that one benchmark round over 1 GiB of 4 KiB pages at
+//! dirty ratio 1 fits a ring without exits.
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
 
+use crate::error::Error;
 use crate::mmu::DirtyGfn;
+
+/// Fewest entries a ring may have.
+pub const MIN_ENTRIES: u32 = 4;
+/// Most entries a ring may have.
+pub const MAX_ENTRIES: u32 = 1 << 20;
+
+/// Whether `size` entries is a ring size vmmu accepts (see the module's sizes).
+pub fn check_size(size: u32) -> Result<(), Error> {
+    if size.is_power_of_two() && (MIN_ENTRIES..=MAX_ENTRIES).contains(&size) {
+        Ok(())
+    } else {
+        Err(Error::InvalidRingSize { size })
+    }
+}
 
 /// The ring.
 pub struct DirtyRing {
@@ -30,16 +56,17 @@ pub struct DirtyRing {
 }
 
 impl DirtyRing {
-    /// A ring of `size` entries (at least 2).
-    pub fn new(size: u32) -> Self {
-        let size = size.max(2) as usize;
-        DirtyRing {
-            entries: alloc::vec![DirtyGfn { slot: 0, offset: 0 }; size].into_boxed_slice(),
+    /// A ring of `size` entries, or [`Error::InvalidRingSize`] (nothing allocated) for a
+    /// size [`check_size`] refuses.
+    pub fn new(size: u32) -> Result<Self, Error> {
+        check_size(size)?;
+        Ok(DirtyRing {
+            entries: alloc::vec![DirtyGfn { slot: 0, offset: 0 }; size as usize].into_boxed_slice(),
             pushed: 0,
             harvested: 0,
             reset: 0,
             reserved: 0,
-        }
+        })
     }
     /// Capacity.
     pub fn size(&self) -> u64 {
@@ -121,8 +148,23 @@ mod tests {
     }
 
     #[test]
+    fn sizes_are_powers_of_two_within_the_limits() {
+        for ok in [4, 8, 256, 65536, 1 << 20] {
+            assert_eq!(check_size(ok), Ok(()), "{ok}");
+        }
+        for bad in [0, 1, 2, 3, 5, 48, 65535, (1 << 20) + 1, 1 << 21, 1 << 31, u32::MAX] {
+            assert_eq!(
+                check_size(bad),
+                Err(Error::InvalidRingSize { size: bad }),
+                "{bad}"
+            );
+            assert!(DirtyRing::new(bad).is_err());
+        }
+    }
+
+    #[test]
     fn push_harvest_reset_and_soft_full() {
-        let mut r = DirtyRing::new(4);
+        let mut r = DirtyRing::new(4).unwrap();
         assert!(r.push(e(1)) && r.push(e(2)));
         assert!(!r.is_soft_full());
         assert!(r.push(e(3)));
@@ -148,7 +190,7 @@ mod tests {
 
     #[test]
     fn reservations_count_toward_soft_full() {
-        let mut r = DirtyRing::new(4);
+        let mut r = DirtyRing::new(4).unwrap();
         assert!(r.reserve() && r.reserve() && r.reserve());
         assert!(!r.reserve(), "three promised: soft-full");
         r.push_reserved(e(1));

@@ -99,8 +99,20 @@ pub struct DirtyLogConfig {
     /// write-protected (KVM_DIRTY_LOG_INITIALLY_SET).
     pub initially_all_set: bool,
     /// KVM_CAP_DIRTY_LOG_RING: each vCPU pushes its dirty pages into a ring of this many
-    /// entries instead of the bitmap.
+    /// entries instead of the bitmap: a power of two from
+    /// [`MIN_RING_ENTRIES`](Self::MIN_RING_ENTRIES) to
+    /// [`MAX_RING_ENTRIES`](Self::MAX_RING_ENTRIES), or the VM is refused with
+    /// [`Error::InvalidRingSize`].
     pub ring_size: Option<u32>,
+}
+
+impl DirtyLogConfig {
+    /// Fewest entries a dirty ring may have (three usable before it is soft-full; KVM's
+    /// floor, one 4 KiB page of entries, comes from mapping the ring, which vmmu does not).
+    pub const MIN_RING_ENTRIES: u32 = crate::dirty::ring::MIN_ENTRIES;
+    /// Most entries a dirty ring may have (KVM's `KVM_DIRTY_RING_MAX_ENTRIES` is 65536;
+    /// vmmu allows 2^20, 16 MiB per vCPU).
+    pub const MAX_RING_ENTRIES: u32 = crate::dirty::ring::MAX_ENTRIES;
 }
 
 /// Why a guest access did not complete in memory: it went to the VMM.
@@ -261,6 +273,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             return Err(Error::InvalidConfig(
                 "gpa_bits must be 32..=48: the tables have 4 levels",
             ));
+        }
+        if let Some(size) = config.dirty_log.ring_size {
+            crate::dirty::ring::check_size(size)?;
         }
         let mmu = Mmu::new(&config, &alloc)?;
         let mut slots = Memslots::new(config.limits);

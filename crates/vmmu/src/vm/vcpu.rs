@@ -136,11 +136,10 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let root = self.lock_shared().mmu.take_root();
         let handle = VcpuHandle {
             cpu: Arc::new(CpuShared::new()),
-            dirty_ring: self
-                .config
-                .dirty_log
-                .ring_size
-                .map(|n| Arc::new(Mutex::new(DirtyRing::new(n)))),
+            dirty_ring: self.config.dirty_log.ring_size.map(|n| {
+                let ring = DirtyRing::new(n).expect("the VM checked its ring size");
+                Arc::new(Mutex::new(ring))
+            }),
         };
         let id = {
             let mut vcpus = self.vcpus.write();
