@@ -29,7 +29,7 @@
 //! | [`HostPfnTooLarge`](Error::HostPfnTooLarge) | `access`, `gva_*` (as `Exit::Error`), `page_fault`, `change_pte` |
 //! | [`InvalidationInProgress`](Error::InvalidationInProgress) | `access`, `gva_*` (as `Exit::Error`) |
 //! | [`OutOfTableMemory`](Error::OutOfTableMemory) | `Vm::with_allocator`, `access`, `page_fault`, `zap_all_fast` |
-//! | [`FaultLoop`](Error::FaultLoop) | `access` (as `Exit::Error`) |
+//! | [`FaultLoop`](Error::FaultLoop) | `access`, `gva_*` (as `Exit::Error`): an MMU bug, never contention |
 //! | [`NotLogging`](Error::NotLogging) | `get_dirty_log`, `clear_dirty_log` |
 //! | [`BitmapTooSmall`](Error::BitmapTooSmall) | `get_dirty_log`, `clear_dirty_log` |
 //! | [`ClearLogUnaligned`](Error::ClearLogUnaligned) | `clear_dirty_log` |
@@ -83,7 +83,7 @@ pub enum Error {
     /// guest_phys_addr + memory_size (or userspace_addr + memory_size) overflows.
     AddressOverflow,
     /// The region has more pages than one memslot may
-    /// ([`MAX_SLOT_PAGES`](crate::memslot::MAX_SLOT_PAGES), KVM's `KVM_MEM_MAX_NR_PAGES`).
+    /// (2^31 - 1, `memslot::MAX_SLOT_PAGES`, KVM's `KVM_MEM_MAX_NR_PAGES`).
     SlotTooLarge {
         /// The slot id.
         slot: u32,
@@ -167,7 +167,10 @@ pub enum Error {
     },
     /// The table allocator is out of frames (or the 22-bit table id space is used up).
     OutOfTableMemory,
-    /// A guest access kept faulting without making progress (an MMU bug or a livelock).
+    /// A guest access kept faulting without making progress although it held the MMU lock
+    /// exclusively, so no other thread could undo its faults: an MMU bug. Contention never
+    /// gives this: an access that keeps losing races to other threads' zaps completes under
+    /// the exclusive lock (`vm::LOCKLESS_RETRIES`).
     FaultLoop {
         /// The address that kept faulting.
         gpa: Gpa,
@@ -332,7 +335,10 @@ impl fmt::Display for Error {
             ),
             Error::OutOfTableMemory => write!(f, "out of page-table memory"),
             Error::FaultLoop { gpa } => {
-                write!(f, "guest access to gpa {gpa} kept faulting without progress")
+                write!(
+                    f,
+                    "guest access to gpa {gpa} kept faulting under the exclusive MMU lock (an MMU bug)"
+                )
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
             Error::InvalidConfig(why) => write!(f, "invalid VM configuration: {why}"),

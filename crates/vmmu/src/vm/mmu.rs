@@ -528,27 +528,27 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             let Mmu::Tdp(m) = &guard.mmu else {
                 unreachable!("the VM's MMU kind does not change");
             };
-            let epoch = tdp::pin();
-            let Some(root) = m.valid_root(vcpu.root(), &epoch) else {
-                // The vCPU's root was invalidated; it reloads before its next entry.
-                return Ok(FaultOutcome::Spurious);
-            };
-            let fault = m.map(&guard.slots, &self.host, root, gpa, ec, &epoch)?;
-            if let Some(d) = fault.dirty {
-                let slot = guard
-                    .slots
-                    .by_id(d.slot)
-                    .expect("the fault found this slot");
-                room.log(d, slot.dirty_bitmap());
-            }
-            drop(epoch);
-            self.commit_tdp(m, fault.removed);
-            return Ok(fault.outcome);
+            return self.tdp_page_fault(m, &guard.slots, vcpu, gpa, ec, room);
         }
         let mut guard = self.lock();
-        let st = &mut *guard;
-        let Mmu::Shadow(m) = &mut st.mmu else {
-            unreachable!("the VM's MMU kind does not change");
+        self.page_fault_under(&mut guard, vcpu, gpa, ec, room)
+    }
+
+    /// [`mmu_page_fault`](Self::mmu_page_fault) under the exclusive lock, held by the
+    /// caller (an access that lost too many races, see `vm/fault.rs`, or any fault of
+    /// the shadow MMU), with the room taken.
+    pub(super) fn page_fault_under(
+        &self,
+        st: &mut VmState<A>,
+        vcpu: &Vcpu,
+        gpa: Gpa,
+        ec: ErrorCode,
+        room: DirtyRoom,
+    ) -> Result<FaultOutcome, Error> {
+        let m = match &mut st.mmu {
+            // The exclusive lock allows all that the fault gate does.
+            Mmu::Tdp(m) => return self.tdp_page_fault(m, &st.slots, vcpu, gpa, ec, room),
+            Mmu::Shadow(m) => m,
         };
         let fault = m.direct_page_fault(&mut st.slots, &self.host, gpa, ec)?;
         if let Some(d) = fault.dirty {
@@ -556,6 +556,31 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             room.log(d, slot.dirty_bitmap());
         }
         self.commit(st, Removed::flush_only(fault.flush));
+        Ok(fault.outcome)
+    }
+
+    /// The TDP MMU's fault handler, in the fault gate or under the exclusive lock.
+    fn tdp_page_fault(
+        &self,
+        m: &TdpMmu<A>,
+        slots: &Memslots,
+        vcpu: &Vcpu,
+        gpa: Gpa,
+        ec: ErrorCode,
+        room: DirtyRoom,
+    ) -> Result<FaultOutcome, Error> {
+        let epoch = tdp::pin();
+        let Some(root) = m.valid_root(vcpu.root(), &epoch) else {
+            // The vCPU's root was invalidated; it reloads before its next entry.
+            return Ok(FaultOutcome::Spurious);
+        };
+        let fault = m.map(slots, &self.host, root, gpa, ec, &epoch)?;
+        if let Some(d) = fault.dirty {
+            let slot = slots.by_id(d.slot).expect("the fault found this slot");
+            room.log(d, slot.dirty_bitmap());
+        }
+        drop(epoch);
+        self.commit_tdp(m, fault.removed);
         Ok(fault.outcome)
     }
 

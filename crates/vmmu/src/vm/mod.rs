@@ -44,7 +44,7 @@ mod vcpu;
 mod zap;
 
 pub use dirty_log::HarvestReport;
-pub(crate) use fault::MAX_ACCESS_RETRIES;
+pub use fault::LOCKLESS_RETRIES;
 
 pub use mmu::MmuKind;
 internal! { pub use mmu::Mmu; }
@@ -191,6 +191,10 @@ pub struct VmStats {
     pub fast_mmio_exits: u64,
     /// Write faults fixed by the lockless fast path.
     pub fast_page_faults: u64,
+    /// Accesses that lost [`LOCKLESS_RETRIES`] races in a
+    /// row (each fault's mapping zapped again before the retried walk used it) and
+    /// completed under the exclusive MMU lock instead.
+    pub locked_accesses: u64,
     /// MMU work counters.
     pub mmu: MmuStats,
     /// Shadow pages now.
@@ -224,11 +228,19 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     remote_flushes: AtomicU64,
     fast_mmio: AtomicU64,
     fast_faults: AtomicU64,
+    locked_accesses: AtomicU64,
     mmio_generation: AtomicU64,
     mmu_ns: AtomicU64,
     /// Guest memory (shadow paging reads the guest's page tables there).
     pub(crate) guest: Option<Arc<dyn GuestMemory>>,
+    /// Tests: run after every lost race of an access (see `Vm::set_lost_race_hook`).
+    #[cfg(feature = "internals")]
+    pub(crate) lost_race_hook: Option<LostRaceHook<H, A>>,
 }
+
+/// What [`Vm::set_lost_race_hook`] installs.
+#[cfg(feature = "internals")]
+pub type LostRaceHook<H, A> = alloc::boxed::Box<dyn Fn(&Vm<H, A>) + Send + Sync>;
 
 /// Guest-physical widths the 4-level tables can map.
 const MIN_GPA_BITS: u8 = 32;
@@ -294,9 +306,12 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             remote_flushes: AtomicU64::new(0),
             fast_mmio: AtomicU64::new(0),
             fast_faults: AtomicU64::new(0),
+            locked_accesses: AtomicU64::new(0),
             mmio_generation: AtomicU64::new(0),
             mmu_ns: AtomicU64::new(0),
             guest,
+            #[cfg(feature = "internals")]
+            lost_race_hook: None,
         })
     }
 
@@ -321,6 +336,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             remote_tlb_flushes: self.remote_flushes.load(Ordering::Relaxed),
             fast_mmio_exits: self.fast_mmio.load(Ordering::Relaxed),
             fast_page_faults: self.fast_faults.load(Ordering::Relaxed),
+            locked_accesses: self.locked_accesses.load(Ordering::Relaxed),
             mmu,
             shadow_pages: pages,
             rmap_descs: descs,
@@ -365,6 +381,17 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             &st.slots,
             st.mmu.tdp().expect("with_tdp needs a TDP-MMU VM"),
         )
+    }
+
+    /// Have `hook` run each time an access loses a race on the lockless path: after a
+    /// try whose fault mapped the page (or the fast path fixed it, or the root was
+    /// reloaded), before the retry, with no lock held and the vCPU outside guest mode, so
+    /// `hook` may call any method of the VM, as another thread could at that moment. A
+    /// test that zaps the page there makes every lockless try lose, deterministically,
+    /// and so reaches the exclusive-lock path (`LOCKLESS_RETRIES`) on every access.
+    #[cfg(feature = "internals")]
+    pub fn set_lost_race_hook(&mut self, hook: LostRaceHook<H, A>) {
+        self.lost_race_hook = Some(hook);
     }
 
     /// [`with_tdp`](Self::with_tdp) with the TDP MMU mutable, for tests and benchmarks

@@ -8,6 +8,9 @@
 //! mode (a flusher holding the exclusive lock never waits for a vCPU that waits for the
 //! lock). Guest-memory accesses through a translation happen in guest mode, so a sync
 //! that write-protects a table and flushes every vCPU sees every write made before it.
+//! An access that keeps losing races to zaps between its fault and its walk completes
+//! under the exclusive lock, which it then holds across the walk (the retry protocol of
+//! `vm/fault.rs`).
 
 use alloc::sync::Arc;
 
@@ -26,8 +29,8 @@ use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{AccessFlags, AccessKind, Gfn, Gpa, Gva, Level};
 
 use super::dirty_log::DirtyRoom;
-use super::fault::wait_for_invalidation;
-use super::{Exit, Vm, VmConfig, VmState, MAX_ACCESS_RETRIES};
+use super::fault::Again;
+use super::{Exit, Vm, VmConfig, VmState};
 
 impl<H: HostMemory> Vm<H, HeapTableAllocator> {
     /// A shadow-paging VM ([`MmuKind::ShadowPaging`]) whose guest page tables live in
@@ -248,86 +251,107 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let guest = self.paging_guest()?;
         check_canonical(gva)?;
         vcpu.accesses += 1;
+        self.retry_access(Gpa(gva.0), |held| {
+            self.try_gva(vcpu, guest, gva, kind, data, held)
+        })
+    }
+
+    /// One try of a guest-virtual access (see `Vm::retry_access`): TLB lookup, or the
+    /// walk of the shadow tables, or the MMU's fault and what its outcome asks (a guest
+    /// page fault, an emulated write). With `held`, under the exclusive lock throughout.
+    fn try_gva(
+        &self,
+        vcpu: &mut Vcpu,
+        guest: &dyn GuestMemory,
+        gva: Gva,
+        kind: AccessKind,
+        data: Data,
+        mut held: Option<&mut VmState<A>>,
+    ) -> Result<Result<(Gpa, u64), Again>, Exit> {
+        if vcpu.dirty_ring_soft_full() {
+            return Err(Exit::DirtyRingFull);
+        }
         let user = vcpu.cpu.paging.user();
         let vpn = gva.vpn();
-        let mut retries = 0;
-        let mut waits = 0;
-        while retries < MAX_ACCESS_RETRIES {
-            if vcpu.dirty_ring_soft_full() {
-                return Err(Exit::DirtyRingFull);
+        if vcpu.proot.is_none() || !vcpu.cpu.enter_guest() {
+            match held {
+                Some(st) => self.switch_root(st, vcpu)?,
+                None => self.paging_reload(vcpu)?,
             }
-            if vcpu.proot.is_none() || !vcpu.cpu.enter_guest() {
-                self.paging_reload(vcpu)?;
-                continue;
-            }
-            if let Some((_, gfn)) = vcpu.cpu.tlb.lookup_virt(vpn, kind, user) {
-                let r = do_data(guest, gfn, gva, data);
-                vcpu.cpu.exit_guest();
-                return r;
-            }
+            return Ok(Err(Again::Lost));
+        }
+        if let Some((_, gfn)) = vcpu.cpu.tlb.lookup_virt(vpn, kind, user) {
+            let r = do_data(guest, gfn, gva, data);
             vcpu.cpu.exit_guest();
-            // TLB miss: the hardware walk, under the shared lock (taken outside guest
-            // mode, see the module docs).
-            let walked = {
-                let guard = self.lock_shared_untimed();
-                if !vcpu.cpu.enter_guest() {
-                    drop(guard);
-                    self.paging_reload(vcpu)?;
-                    continue;
-                }
-                let m = guard
-                    .mmu
-                    .shadow()
-                    .expect("shadow paging runs the shadow MMU");
-                let root = vcpu.proot.expect("loaded above").id;
-                let r = match m.translate(root, gva, kind, user) {
-                    Ok(e) => {
-                        vcpu.cpu.tlb.fill(Gfn(vpn), e);
-                        let off = vpn & (e.level.pages() - 1);
-                        Some(do_data(guest, Gfn(e.gfn.0 + off), gva, data))
-                    }
-                    Err(_) => None,
-                };
-                vcpu.cpu.exit_guest();
-                r
-            };
-            if let Some(r) = walked {
-                return r;
+            return r.map(Ok);
+        }
+        vcpu.cpu.exit_guest();
+        // TLB miss: the hardware walk, under the shared lock (taken outside guest mode,
+        // see the module docs) or the exclusive one held.
+        let walk = |st: &VmState<A>, vcpu: &mut Vcpu| {
+            if !vcpu.cpu.enter_guest() {
+                return None;
             }
-            vcpu.exits += 1;
-            let (outcome, gpa) = self.paging_page_fault(vcpu, gva, kind)?;
-            let write = kind == AccessKind::Write;
-            // Every outcome but a guest fault (and the retries) names the gpa.
-            let gpa = || gpa.expect("the guest's tables translated the gva");
-            match outcome {
-                FaultOutcome::Mapped(_) | FaultOutcome::Spurious => retries += 1,
-                // The host is changing the page; wait for the invalidation to end, for a
-                // while.
-                FaultOutcome::Retry => {
-                    if !wait_for_invalidation(&mut waits) {
-                        return Err(Exit::Error(Error::InvalidationInProgress { gpa: gpa() }));
-                    }
+            let m = st.mmu.shadow().expect("shadow paging runs the shadow MMU");
+            let root = vcpu.proot.expect("loaded above").id;
+            let r = m.translate(root, gva, kind, user).ok().map(|e| {
+                vcpu.cpu.tlb.fill(Gfn(vpn), e);
+                let off = vpn & (e.level.pages() - 1);
+                do_data(guest, Gfn(e.gfn.0 + off), gva, data)
+            });
+            vcpu.cpu.exit_guest();
+            Some(r)
+        };
+        let walked = match held.as_deref() {
+            Some(st) => walk(st, vcpu),
+            None => walk(&self.lock_shared_untimed(), vcpu),
+        };
+        match walked {
+            // A reload was requested meanwhile.
+            None => {
+                match held {
+                    Some(st) => self.switch_root(st, vcpu)?,
+                    None => self.paging_reload(vcpu)?,
                 }
-                FaultOutcome::GuestFault(error_code) => {
-                    return Err(Exit::GuestPageFault { gva, error_code })
+                return Ok(Err(Again::Lost));
+            }
+            Some(Some(r)) => return r.map(Ok),
+            Some(None) => {}
+        }
+        vcpu.exits += 1;
+        let (outcome, gpa) = match held.as_deref_mut() {
+            Some(st) => {
+                let room = DirtyRoom::take(vcpu)?;
+                self.paging_page_fault_under(st, vcpu, guest, gva, kind, room)?
+            }
+            None => self.paging_page_fault(vcpu, gva, kind)?,
+        };
+        let write = kind == AccessKind::Write;
+        // Every outcome but a guest fault (and the retries) names the gpa.
+        let gpa = || gpa.expect("the guest's tables translated the gva");
+        match outcome {
+            FaultOutcome::Mapped(_) | FaultOutcome::Spurious => Ok(Err(Again::Lost)),
+            FaultOutcome::Retry => Ok(Err(Again::Wait(gpa()))),
+            FaultOutcome::GuestFault(error_code) => Err(Exit::GuestPageFault { gva, error_code }),
+            FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
+                Err(Exit::Mmio { gpa: gpa(), write })
+            }
+            FaultOutcome::WriteTracked => Err(Exit::WriteTracked { gpa: gpa() }),
+            FaultOutcome::Emulate => {
+                let gpa = gpa();
+                let word = Gpa(gpa.0 & !7);
+                let val = match data {
+                    Data::Write(v) => v,
+                    _ => guest.read_u64(word)?,
+                };
+                let room = DirtyRoom::take(vcpu)?;
+                match held {
+                    Some(st) => self.emulate_write_under(st, guest, word, val, room)?,
+                    None => self.emulate_write_under(&mut self.lock(), guest, word, val, room)?,
                 }
-                FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => {
-                    return Err(Exit::Mmio { gpa: gpa(), write })
-                }
-                FaultOutcome::WriteTracked => return Err(Exit::WriteTracked { gpa: gpa() }),
-                FaultOutcome::Emulate => {
-                    let gpa = gpa();
-                    let word = Gpa(gpa.0 & !7);
-                    let val = match data {
-                        Data::Write(v) => v,
-                        _ => guest.read_u64(word)?,
-                    };
-                    self.emulate_write(vcpu, word, val)?;
-                    return Ok((gpa, val));
-                }
+                Ok(Ok((gpa, val)))
             }
         }
-        Err(Exit::Error(Error::FaultLoop { gpa: Gpa(gva.0) }))
     }
 
     /// The root of `vcpu` was zapped (or never loaded): load the one for its CR3.
@@ -348,7 +372,20 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         // after the guard: unused room goes back outside the lock).
         let room = DirtyRoom::take(vcpu)?;
         let mut guard = self.lock();
-        let st = &mut *guard;
+        self.paging_page_fault_under(&mut guard, vcpu, guest, gva, kind, room)
+    }
+
+    /// [`paging_page_fault`](Self::paging_page_fault) under the exclusive lock, held by
+    /// the caller, with the room taken.
+    fn paging_page_fault_under(
+        &self,
+        st: &mut VmState<A>,
+        vcpu: &mut Vcpu,
+        guest: &dyn GuestMemory,
+        gva: Gva,
+        kind: AccessKind,
+        room: DirtyRoom,
+    ) -> Result<(FaultOutcome, Option<Gpa>), Error> {
         let root = vcpu.proot.expect("the access loaded a root");
         let (slots, m) = split(st);
         if !m.paging_root_valid(&root) {
@@ -388,13 +425,16 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     }
 
     /// Emulate the guest's write of `val` to the guest page table word at `gpa`, and log
-    /// the page dirty if its slot logs: [`Error::DirtyRingFull`], nothing written, when
-    /// the vCPU's ring has no room for the entry.
-    fn emulate_write(&self, vcpu: &Vcpu, gpa: Gpa, val: u64) -> Result<(), Error> {
-        let guest = self.paging_guest()?;
-        let room = DirtyRoom::take(vcpu)?;
-        let mut guard = self.lock();
-        let st = &mut *guard;
+    /// the page dirty if its slot logs, in `room` (taken before the lock: without room
+    /// the access got [`Error::DirtyRingFull`] and nothing was written). Exclusive lock.
+    fn emulate_write_under(
+        &self,
+        st: &mut VmState<A>,
+        guest: &dyn GuestMemory,
+        gpa: Gpa,
+        val: u64,
+        room: DirtyRoom,
+    ) -> Result<(), Error> {
         let (slots, m) = split(st);
         let (flush, _) = m.emulate_pte_write(slots, guest, gpa, val)?;
         let gfn = gpa.gfn();

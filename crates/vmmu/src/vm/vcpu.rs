@@ -31,7 +31,7 @@ use crate::sync::Mutex;
 use crate::types::Pfn;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use super::Vm;
+use super::{Vm, VmState};
 use crate::host::HostMemory;
 use crate::table::TableAllocator;
 
@@ -207,8 +207,15 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             return;
         }
         let mut guard = self.lock();
-        let st = &mut *guard;
-        let removed = st.mmu.reap_invalid_roots();
-        self.commit(st, removed);
+        let removed = guard.mmu.reap_invalid_roots();
+        self.commit(&mut guard, removed);
+    }
+
+    /// [`reload_root`](Self::reload_root) under the exclusive lock, held by the caller.
+    pub(super) fn reload_root_under(&self, st: &mut VmState<A>, vcpu: &mut Vcpu) {
+        if st.mmu.reload_root(vcpu) {
+            let removed = st.mmu.reap_invalid_roots();
+            self.commit(st, removed);
+        }
     }
 }
