@@ -160,8 +160,10 @@ mod imp {
             variant: variant.into(),
             metric: metric.into(),
             value: v,
+            min: None,
             unit: unit.into(),
             params: params.clone(),
+            ruler: None,
         }
     }
 

@@ -82,6 +82,17 @@ fn out_of_range_options_are_usage_errors() {
     }
 }
 
+/// A record's minimum is at most its median; its CPU ruler was timed before the one run
+/// and after it.
+fn check_min_and_ruler(v: &Value) {
+    let (min, median) = (v["min"].as_f64().unwrap(), v["value"].as_f64().unwrap());
+    assert!(min.is_finite() && min <= median, "{v}");
+    let r = &v["ruler"];
+    assert_eq!(r["samples"], 2, "{v}");
+    let (lo, hi) = (r["min_us"].as_f64().unwrap(), r["max_us"].as_f64().unwrap());
+    assert!(lo > 0.0 && lo <= hi, "{v}");
+}
+
 /// Every stdout line is one record with exactly the contract's fields, for both backings.
 fn check_json_lines(scenario: &str, metric: &str, unit: &str) {
     let out = vmmu(&["bench", scenario, "--json", "--runs", "1"]);
@@ -99,8 +110,9 @@ fn check_json_lines(scenario: &str, metric: &str, unit: &str) {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["metric", "params", "scenario", "unit", "value", "variant"]
+            ["metric", "min", "params", "ruler", "scenario", "unit", "value", "variant"]
         );
+        check_min_and_ruler(&v);
         assert_eq!(v["scenario"], scenario);
         assert_eq!(v["variant"], "shadow-direct");
         assert_eq!(v["metric"], metric);
@@ -170,8 +182,9 @@ fn check_rmap_json_lines(scenario: &str, variants: &[&str], lens: &[u64]) {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["metric", "params", "scenario", "unit", "value", "variant"]
+            ["metric", "min", "params", "ruler", "scenario", "unit", "value", "variant"]
         );
+        check_min_and_ruler(&v);
         assert_eq!(v["scenario"], scenario);
         assert_eq!(v["metric"], "ns_per_spte");
         assert_eq!(v["unit"], "ns");
@@ -224,8 +237,9 @@ fn check_records(scenario: &str, want: &[(&str, &str, &str, Value)]) {
         keys.sort_unstable();
         assert_eq!(
             keys,
-            ["metric", "params", "scenario", "unit", "value", "variant"]
+            ["metric", "min", "params", "ruler", "scenario", "unit", "value", "variant"]
         );
+        check_min_and_ruler(&v);
         assert_eq!(v["scenario"], scenario);
         assert!(
             v["value"]

@@ -2,7 +2,7 @@
 //!
 //! A scenario reports, per run, a list of [`Sample`]s. Samples that measure the same thing
 //! share a key — (variant, metric, params) — and [`median_by_key`] folds the runs into one
-//! sample per key, keeping keys in the order they were first seen so that output order is
+//! sample per key (and its minimum), keeping keys in the order they were first seen so that output order is
 //! the scenario's own order, stable from one invocation to the next.
 
 use super::Sample;
@@ -21,8 +21,9 @@ pub fn median(values: &[f64]) -> Option<f64> {
 }
 
 /// Groups samples by (variant, metric, params) in first-seen order and replaces each group
-/// by one sample carrying the median value. The unit is taken from the group's first sample.
-pub fn median_by_key(samples: impl IntoIterator<Item = Sample>) -> Vec<Sample> {
+/// by one sample carrying the median value, paired with the group's minimum. The unit is
+/// taken from the group's first sample.
+pub fn median_by_key(samples: impl IntoIterator<Item = Sample>) -> Vec<(Sample, f64)> {
     // Linear search: a scenario reports a handful of keys, so a map buys nothing and would
     // need `params` (a JSON map) to be hashable or ordered.
     let mut groups: Vec<(Sample, Vec<f64>)> = Vec::new();
@@ -37,10 +38,14 @@ pub fn median_by_key(samples: impl IntoIterator<Item = Sample>) -> Vec<Sample> {
     }
     groups
         .into_iter()
-        .map(|(first, values)| Sample {
-            // A group holds at least its first sample, so the median exists.
-            value: median(&values).unwrap_or(f64::NAN),
-            ..first
+        .map(|(first, values)| {
+            let min = values.iter().copied().fold(f64::INFINITY, f64::min);
+            let s = Sample {
+                // A group holds at least its first sample, so the median exists.
+                value: median(&values).unwrap_or(f64::NAN),
+                ..first
+            };
+            (s, min)
         })
         .collect()
 }
@@ -100,20 +105,21 @@ mod tests {
         let out = median_by_key(samples);
         let keys: Vec<_> = out
             .iter()
-            .map(|s| {
+            .map(|(s, min)| {
                 (
                     s.metric.as_str(),
                     s.params["backing"].as_str().unwrap(),
                     s.value,
+                    *min,
                 )
             })
             .collect();
         assert_eq!(
             keys,
             [
-                ("ns_per_page", "4k", 2.0),
-                ("us", "4k", 20.0),
-                ("ns_per_page", "2m", 200.0)
+                ("ns_per_page", "4k", 2.0, 1.0),
+                ("us", "4k", 20.0, 10.0),
+                ("ns_per_page", "2m", 200.0, 100.0)
             ]
         );
     }
@@ -127,9 +133,15 @@ mod tests {
             sample("b", "m", "4k", 6.0),
         ]);
         assert_eq!(out.len(), 2);
-        assert_eq!((out[0].variant.as_str(), out[0].value), ("a", 1.5));
-        assert_eq!((out[1].variant.as_str(), out[1].value), ("b", 5.5));
-        assert_eq!(out[0].unit, "ns");
+        assert_eq!(
+            (out[0].0.variant.as_str(), out[0].0.value, out[0].1),
+            ("a", 1.5, 1.0)
+        );
+        assert_eq!(
+            (out[1].0.variant.as_str(), out[1].0.value, out[1].1),
+            ("b", 5.5, 5.0)
+        );
+        assert_eq!(out[0].0.unit, "ns");
     }
 
     #[test]

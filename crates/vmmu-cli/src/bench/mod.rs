@@ -3,7 +3,10 @@
 //! A [`Scenario`] is a named function that performs *one run* — fresh state, measure, tear
 //! down — and returns its [`Sample`]s. The harness ([`run`]) calls it `--runs` times and
 //! reduces the samples to their median per (variant, metric, params) key
-//! ([`median::median_by_key`]), giving one [`Record`] per key.
+//! ([`median::median_by_key`]), giving one [`Record`] per key, with the minimum beside the
+//! median and the [`ruler`] (a fixed CPU loop timed before every run and after the last)
+//! that says how much the machine moved meanwhile. A scenario runs its variants inside
+//! each run, so over the runs they alternate.
 //!
 //! Adding a scenario is adding a file that defines a `pub const SCENARIO: Scenario`, one
 //! entry in [`SCENARIOS`] and a module of its names in [`names`]. Scenario, variant and
@@ -20,6 +23,7 @@ pub mod names;
 pub mod output;
 mod pte_list_destroy;
 mod rmap_iter;
+pub mod ruler;
 mod shadow_ctxsw;
 pub mod shadow_fork;
 mod shadow_guest;
@@ -168,27 +172,36 @@ pub struct Record {
     pub metric: String,
     /// Median of the runs' values.
     pub value: f64,
+    /// Minimum of the runs' values (absent in records from before it was kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
     /// See [`Sample::unit`].
     pub unit: String,
     /// See [`Sample::params`].
     pub params: Map<String, Value>,
+    /// The CPU ruler over the scenario's runs (see [`ruler`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ruler: Option<ruler::Ruler>,
 }
 
 impl Record {
-    fn new(scenario: &str, sample: Sample) -> Self {
+    fn new(scenario: &str, sample: Sample, min: f64, ruler: Option<ruler::Ruler>) -> Self {
         Record {
             scenario: scenario.into(),
             variant: sample.variant,
             metric: sample.metric,
             value: sample.value,
+            min: Some(min),
             unit: sample.unit,
             params: sample.params,
+            ruler,
         }
     }
 }
 
-/// Runs `scenario` `runs` times and reports the median of each key. `on_run(i, runs)` is
-/// called before run `i` (1-based), for progress reporting.
+/// Runs `scenario` `runs` times and reports the median (and the minimum) of each key, with
+/// the CPU ruler timed before each run and after the last. `on_run(i, runs)` is called
+/// before run `i` (1-based), for progress reporting.
 pub fn run(
     scenario: &Scenario,
     config: &BenchConfig,
@@ -196,18 +209,22 @@ pub fn run(
     mut on_run: impl FnMut(u32, u32),
 ) -> Result<Vec<Record>, BenchError> {
     let mut samples = Vec::new();
+    let mut ruler = ruler::RulerTimes::default();
     for i in 1..=runs {
         on_run(i, runs);
+        ruler.tick();
         samples.extend((scenario.run)(config)?);
     }
+    ruler.tick();
+    let ruler = ruler.ruler();
     Ok(median::median_by_key(samples)
         .into_iter()
-        .map(|mut s| {
+        .map(|(mut s, min)| {
             if config.quick {
                 // A quick workload is a different measurement: its key says so.
                 s.params.insert("quick".into(), Value::Bool(true));
             }
-            Record::new(scenario.name, s)
+            Record::new(scenario.name, s, min, ruler)
         })
         .collect())
 }
@@ -324,13 +341,50 @@ mod tests {
     #[test]
     fn record_serializes_to_the_public_json_shape() {
         let p = params([("backing", json!("2m")), ("mem_gib", json!(1))]);
-        let r = Record::new("zap", Sample::new("shadow-direct", "us", p, 1.5, "us"));
+        let ruler = ruler::Ruler {
+            min_us: 900.0,
+            max_us: 1000.0,
+            samples: 2,
+        };
+        let r = Record::new(
+            "zap",
+            Sample::new("shadow-direct", "us", p, 1.5, "us"),
+            1.25,
+            Some(ruler),
+        );
         let v: Value = serde_json::to_value(&r).unwrap();
         assert_eq!(
             v,
             json!({"scenario": "zap", "variant": "shadow-direct", "metric": "us",
-                   "value": 1.5, "unit": "us", "params": {"backing": "2m", "mem_gib": 1}})
+                   "value": 1.5, "min": 1.25, "unit": "us",
+                   "params": {"backing": "2m", "mem_gib": 1},
+                   "ruler": {"min_us": 900.0, "max_us": 1000.0, "samples": 2}})
         );
+        // Records without the newer fields (the KVM side's, older files) still parse.
+        let old: Record = serde_json::from_value(json!({"scenario": "zap",
+            "variant": "kvm", "metric": "us", "value": 2.0, "unit": "us", "params": {}}))
+        .unwrap();
+        assert_eq!((old.min, old.ruler), (None, None));
+    }
+
+    #[test]
+    fn runs_record_the_minimum_and_the_ruler() {
+        let records = run(
+            &SCENARIOS[0],
+            &BenchConfig {
+                mem_gib: 1,
+                quick: true,
+            },
+            2,
+            |_, _| {},
+        )
+        .unwrap();
+        for r in &records {
+            let min = r.min.expect("the harness keeps the minimum");
+            assert!(min <= r.value, "{r:?}");
+            let ruler = r.ruler.expect("the harness times the ruler");
+            assert_eq!(ruler.samples, 3, "before each of 2 runs and after the last");
+        }
     }
 
     #[test]

@@ -116,7 +116,7 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
 
     h.push_str(
         "<h2 id=\"sources\">What ran</h2>\n<table><tr><th>scenario</th><th>status</th>\
-                <th>runs</th><th>records</th><th>seconds</th></tr>\n",
+                <th>runs</th><th>records</th><th>seconds</th><th>CPU ruler spread</th></tr>\n",
     );
     for s in &report.sources {
         let (class, text) = match &s.state {
@@ -124,10 +124,11 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
             SourceState::Skipped(why) => ("skip", why.clone()),
             SourceState::Failed(why) => ("fail", format!("failed: {why}")),
         };
+        let (ruler, moved) = super::ruler_cell(s);
         let _ = writeln!(
             h,
             "<tr><td>{}</td><td class=\"{class}\">{}</td><td class=\"n\">{}</td>\
-             <td class=\"n\">{}</td><td class=\"n\">{}</td></tr>",
+             <td class=\"n\">{}</td><td class=\"n\">{}</td><td class=\"n{}\">{}</td></tr>",
             esc(&s.name),
             esc(&text),
             s.runs,
@@ -136,10 +137,13 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
                 format!("{:.2}", s.seconds)
             } else {
                 "-".into()
-            }
+            },
+            if moved { " fail" } else { "" },
+            ruler
         );
     }
     h.push_str("</table>\n");
+    let _ = writeln!(h, "<p>{}</p>", esc(&super::ruler_note(&report.sources)));
 
     let mut shown = vec![false; tables.len()];
     for f in figures {

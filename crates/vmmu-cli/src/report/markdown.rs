@@ -49,7 +49,8 @@ pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String
         );
     }
     d.push_str(
-        "\n## What ran\n\n| scenario | status | runs | records | seconds |\n|---|---|---:|---:|---:|\n",
+        "\n## What ran\n\n| scenario | status | runs | records | seconds | CPU ruler spread |\n\
+         |---|---|---:|---:|---:|---:|\n",
     );
     for s in &report.sources {
         let status = match &s.state {
@@ -57,16 +58,19 @@ pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String
             SourceState::Skipped(why) => why.clone(),
             SourceState::Failed(why) => format!("**failed**: {why}"),
         };
+        let (ruler, moved) = super::ruler_cell(s);
         let _ = writeln!(
             d,
-            "| {} | {} | {} | {} | {:.2} |",
+            "| {} | {} | {} | {} | {:.2} | {} |",
             s.name,
             cell(&status),
             s.runs,
             s.records,
-            s.seconds
+            s.seconds,
+            if moved { format!("**{ruler}**") } else { ruler }
         );
     }
+    let _ = writeln!(d, "\n{}", super::ruler_note(&report.sources));
     let mut shown = vec![false; tables.len()];
     for f in figures {
         let _ = writeln!(d, "\n## {}\n", f.heading);

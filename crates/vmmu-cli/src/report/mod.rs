@@ -40,6 +40,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use serde::Serialize;
 
+use crate::bench::ruler::Ruler;
 use crate::bench::{self, names, BenchConfig, Record, Scenario};
 use summary::SeedRow;
 
@@ -89,6 +90,44 @@ pub struct Source {
     pub records: usize,
     /// Wall-clock time it took.
     pub seconds: f64,
+    /// The CPU ruler over its runs (`bench::ruler`), when it ran through the harness.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ruler: Option<Ruler>,
+}
+
+/// A source's CPU ruler for the "What ran" tables: its spread, flagged when the machine
+/// moved more than `bench::ruler::SPREAD_WARN` during the scenario; `-` without one.
+pub fn ruler_cell(s: &Source) -> (String, bool) {
+    match s.ruler {
+        Some(r) => (format!("{:.2}x", r.spread()), r.moved()),
+        None => ("-".into(), false),
+    }
+}
+
+/// What the CPU rulers say about the run as a whole: which scenarios ran on a machine
+/// that moved more than `bench::ruler::SPREAD_WARN`.
+pub fn ruler_note(sources: &[Source]) -> String {
+    let moved: Vec<&str> = sources
+        .iter()
+        .filter(|s| s.ruler.is_some_and(|r| r.moved()))
+        .map(|s| s.name.as_str())
+        .collect();
+    let what = "CPU ruler spread: the slowest over the fastest timing of a fixed arithmetic \
+                loop, timed before each run of a scenario and after the last (1.00x: the \
+                machine gave the process the same CPU throughout)";
+    if moved.is_empty() {
+        format!(
+            "{what}. No scenario saw it move more than {}x.",
+            bench::ruler::SPREAD_WARN
+        )
+    } else {
+        format!(
+            "{what}. The machine moved more than {}x during: {}; their figures are less \
+             comparable than the others.",
+            bench::ruler::SPREAD_WARN,
+            moved.join(", ")
+        )
+    }
 }
 
 fn state_json<S: serde::Serializer>(state: &SourceState, s: S) -> Result<S::Ok, S::Error> {
@@ -243,6 +282,7 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
             runs,
             records: got.len(),
             seconds,
+            ruler: got.first().and_then(|r| r.ruler),
         });
         records.extend(got);
     }
@@ -274,6 +314,7 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
         runs: rounds,
         records: got.len(),
         seconds,
+        ruler: None,
     });
     records.extend(got);
     for (name, why) in PENDING {
@@ -284,6 +325,7 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
                 runs: 0,
                 records: 0,
                 seconds: 0.0,
+                ruler: None,
             });
         }
     }
@@ -588,6 +630,7 @@ mod tests {
             runs: 0,
             records: 0,
             seconds: 0.0,
+            ruler: None,
         };
         let v = serde_json::to_value(&s).unwrap();
         assert_eq!(v["state"]["status"], "skipped");

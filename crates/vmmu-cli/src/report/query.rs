@@ -91,8 +91,10 @@ pub(crate) mod tests {
             variant: variant.into(),
             metric: metric.into(),
             value: v,
+            min: None,
             unit: "us".into(),
             params: m,
+            ruler: None,
         }
     }
 
