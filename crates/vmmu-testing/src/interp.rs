@@ -17,6 +17,18 @@
 //! Operations with an effect to verify at once check it right after the call: after a
 //! zap or an unmap nothing maps the range; after `age` nothing there is young.
 //!
+//! Table memory can run short ([`Op::FailAlloc`]): the allocator refuses allocations
+//! from the Nth on while the next operations run, and the first one that meets the
+//! failure must either succeed as the model says or return `OutOfTableMemory` with the VM
+//! exactly as before (a guest access may keep the empty intermediate tables it linked,
+//! as `error.rs` documents); it is then applied again with memory back. A call the model
+//! says must fail with a typed error must fail so even when memory is short: input is
+//! checked before anything is allocated.
+//!
+//! A second VM on a host of its own ([`Op::OtherVm`]) runs beside this one, and vCPUs
+//! cross between them (and outlive a dropped VM): every foreign use must be refused with
+//! `ForeignVcpu` and change neither VM.
+//!
 //! At [`teardown`](Interp::teardown) every table, reverse-map descriptor and shadow page
 //! must have been freed.
 
@@ -27,7 +39,6 @@ use std::sync::Arc;
 use vmmu::host::{Backing, HostMemory, SimHostMemory};
 use vmmu::memslot::MemslotLimits;
 use vmmu::spte::SpteFormat;
-use vmmu::table::HeapTableAllocator;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
 use vmmu::Vcpu;
 use vmmu::{
@@ -36,9 +47,13 @@ use vmmu::{
 };
 
 use crate::model::{DirtyMode, Expect, Model};
-use crate::op::{Bytes, Op};
+use crate::op::{Bytes, Op, FAIL_ALLOC_OPS};
 use crate::view::{self, SimVm, Snapshot, Tables};
-use crate::Rng;
+use crate::{FailingAllocator, Rng};
+
+/// The VM the interpreter drives: its tables come from an allocator that can be told to
+/// run out ([`Op::FailAlloc`]).
+pub type InterpVm = Vm<Arc<SimHostMemory>, FailingAllocator>;
 
 /// Guest-physical window of the small slots: 64 MiB from 1 GiB.
 pub const WIN: u64 = 1 << 30;
@@ -207,6 +222,11 @@ pub struct RunStats {
     /// Operations not issued (an access that would wait on the caller's own open
     /// invalidation, or an operation on a slot that does not exist).
     pub skipped: u64,
+    /// Operations that met an allocation failure, returned `OutOfTableMemory`, changed
+    /// nothing and then succeeded with memory back.
+    pub out_of_memory: u64,
+    /// Foreign vCPU uses refused with `ForeignVcpu`, both VMs unchanged.
+    pub foreign: u64,
 }
 
 impl RunStats {
@@ -223,6 +243,8 @@ impl RunStats {
         self.rejected += o.rejected;
         self.accesses += o.accesses;
         self.skipped += o.skipped;
+        self.out_of_memory += o.out_of_memory;
+        self.foreign += o.foreign;
     }
 }
 
@@ -257,6 +279,43 @@ struct HostRegion {
     holes: Vec<(u64, u64)>,
 }
 
+/// The second VM of [`Op::OtherVm`]: its own host, one 4 MiB THP slot at [`WIN`], one
+/// vCPU.
+struct OtherVm {
+    vm: SimVm,
+    vcpu: Vcpu,
+}
+
+const OTHER_SIZE: u64 = 4 << 20;
+
+impl OtherVm {
+    fn new(cfg: &RunConfig) -> Result<Self, Failure> {
+        let host = Arc::new(SimHostMemory::new());
+        let hva = host
+            .mmap(OTHER_SIZE, Backing::Thp, true)
+            .map_err(|e| fail0(format!("other VM's host mmap: {e}")))?;
+        let vm = Vm::new(
+            VmConfig {
+                mmu: cfg.mmu,
+                dirty_log: cfg.dirty.config(),
+                ..VmConfig::default()
+            },
+            host,
+        );
+        let f = |e: Error| fail0(format!("the other VM: {e}"));
+        vm.set_user_memory_region(MemoryRegion {
+            slot: 0,
+            flags: MemslotFlags::LOG_DIRTY_PAGES,
+            guest_phys_addr: WIN,
+            memory_size: OTHER_SIZE,
+            userspace_addr: hva.0,
+        })
+        .map_err(f)?;
+        let vcpu = vm.create_vcpu().map_err(f)?;
+        Ok(OtherVm { vm, vcpu })
+    }
+}
+
 const SENTINEL: u64 = 0x5a5a_5a5a_5a5a_5a5a;
 const TOUCHED: usize = 24;
 
@@ -266,10 +325,22 @@ pub struct Interp {
     pub cfg: RunConfig,
     /// The host.
     pub host: Arc<SimHostMemory>,
-    vm: Option<SimVm>,
-    alloc: Arc<HeapTableAllocator>,
-    /// The vCPUs.
+    /// The vCPUs (before the VM: they drop first).
     pub vcpus: Vec<Vcpu>,
+    vm: Option<InterpVm>,
+    alloc: Arc<FailingAllocator>,
+    /// [`Op::FailAlloc`]: allocations each armed operation may make, and operations left.
+    armed: Option<(u64, u32)>,
+    /// An operation is running with the allocator armed.
+    short: bool,
+    /// It met the failure: the operation stops at once (see [`Interp::apply`]).
+    ran_out: bool,
+    /// The host-virtual ranges of the open invalidations.
+    open: Vec<(u64, u64)>,
+    /// [`Op::OtherVm`]'s VM, once made.
+    other: Option<OtherVm>,
+    /// A vCPU whose VM was dropped.
+    stale: Option<Vcpu>,
     /// The model.
     pub model: Model,
     regions: Vec<HostRegion>,
@@ -315,7 +386,7 @@ impl Interp {
                 "the interpreter drives guest-physical accesses; shadow paging runs under the guest OS model".into(),
             ));
         }
-        let alloc = Arc::new(HeapTableAllocator::new());
+        let alloc = Arc::new(FailingAllocator::new());
         let vm = Vm::with_allocator(config, host.clone(), alloc.clone())
             .map_err(|e| fail0(format!("Vm::with_allocator: {e}")))?;
         let mut model = Model::new(limits, cfg.dirty, cfg.max_vcpus);
@@ -323,9 +394,15 @@ impl Interp {
         let mut it = Interp {
             cfg,
             host,
+            vcpus: Vec::new(),
             vm: Some(vm),
             alloc,
-            vcpus: Vec::new(),
+            armed: None,
+            short: false,
+            ran_out: false,
+            open: Vec::new(),
+            other: None,
+            stale: None,
             model,
             regions,
             touched: VecDeque::new(),
@@ -350,7 +427,7 @@ impl Interp {
     }
 
     /// The VM.
-    pub fn vm(&self) -> &SimVm {
+    pub fn vm(&self) -> &InterpVm {
         self.vm.as_ref().expect("the VM exists until teardown")
     }
 
@@ -376,6 +453,9 @@ impl Interp {
     ) -> Result<Option<T>, Failure> {
         let before = want.is_err().then(|| self.snap());
         let got = f(self);
+        if self.short && want.is_ok() && got == Err(Error::OutOfTableMemory) {
+            return self.out_of_memory();
+        }
         if got != want {
             return self.fail(format!("{what}: got {got:?}, the model says {want:?}"));
         }
@@ -390,6 +470,12 @@ impl Interp {
             self.stats.rejected += 1;
         }
         Ok(got.ok())
+    }
+
+    /// The operation met the allocation failure: stop it here (see [`Interp::apply`]).
+    fn out_of_memory<T>(&mut self) -> Result<T, Failure> {
+        self.ran_out = true;
+        self.fail("out of table memory")
     }
 
     fn touch(&mut self, gfn: u64) {
@@ -472,6 +558,9 @@ impl Interp {
         let vm = self.vm.as_ref().expect("vm");
         let was_full = self.vcpus[v].dirty_ring_soft_full();
         let got = vm.access(&mut self.vcpus[v], Gpa(gpa), kind);
+        if self.short && got == Err(Exit::Error(Error::OutOfTableMemory)) {
+            return self.out_of_memory();
+        }
         self.stats.accesses += 1;
         let gfn = gpa >> 12;
         if got == Err(Exit::DirtyRingFull) && self.cfg.dirty.is_ring() {
@@ -558,12 +647,64 @@ impl Interp {
     }
 
     /// Apply one operation, check its result, then check everything.
+    ///
+    /// While a [`Op::FailAlloc`] is armed the operation runs with the allocator failing
+    /// after its first `after` allocations. If it meets the failure (a call returns
+    /// `OutOfTableMemory` where the model expects success), it stops there; the VM must be
+    /// as before the operation (for an access: the same translations, slots, generation
+    /// and bitmaps), the model goes back to its state before, and the operation is
+    /// applied again with memory back, which must succeed as the model says.
     pub fn apply(&mut self, op: &Op) -> Result<(), Failure> {
         self.step += 1;
         self.op = Some(op.clone());
         *self.stats.ops.entry(op.kind()).or_default() += 1;
-        self.apply_op(op)?;
+        match self.armed {
+            Some((after, left)) if !matches!(op, Op::FailAlloc { .. }) => {
+                self.armed = (left > 1).then_some((after, left - 1));
+                self.apply_short_of_memory(op, after)?;
+            }
+            _ => self.apply_op(op)?,
+        }
         self.check()
+    }
+
+    fn apply_short_of_memory(&mut self, op: &Op, after: u64) -> Result<(), Failure> {
+        let model = self.model.clone();
+        let before = self.snap();
+        let failures = self.alloc.failures();
+        self.alloc.fail_after(after);
+        self.short = true;
+        let r = self.apply_op(op);
+        self.short = false;
+        self.alloc.restore();
+        if !std::mem::take(&mut self.ran_out) {
+            return r;
+        }
+        self.armed = None;
+        if self.alloc.failures() == failures {
+            return self.fail("OutOfTableMemory, but no allocation failed");
+        }
+        if let Err(e) = self.vm().audit() {
+            return self.fail(format!("out of table memory: {e}"));
+        }
+        let now = self.snap();
+        let access = matches!(op, Op::Access { .. } | Op::AccessGpa { .. });
+        let (b, a) = (&before.tables, &now.tables);
+        let same = if access {
+            b.entries == a.entries
+                && (&b.slots, b.generation, &b.bitmaps) == (&a.slots, a.generation, &a.bitmaps)
+        } else {
+            before == now
+        };
+        if !same {
+            return self.fail(format!(
+                "OutOfTableMemory, but the VM changed: {}",
+                diff(&before, &now)
+            ));
+        }
+        self.model = model;
+        self.stats.out_of_memory += 1;
+        self.apply_op(op)
     }
 
     fn apply_op(&mut self, op: &Op) -> Result<(), Failure> {
@@ -800,6 +941,7 @@ impl Interp {
                     it.vm().invalidate_range_start(Hva(start), Hva(end))
                 })?;
                 if ok {
+                    self.open.push((start, end));
                     let ranges = self.model.gfn_ranges(start, end);
                     self.nothing_mapped("invalidate_range_start", &ranges)?;
                 }
@@ -810,8 +952,39 @@ impl Interp {
                 self.call("invalidate_range_end", want, |it| {
                     it.vm().invalidate_range_end()
                 })?;
+                if self.model.invalidations == 0 {
+                    self.open.clear();
+                }
                 Ok(())
             }
+            Op::HostChangeInWindow { page, unmap } => {
+                let Some(&(start, end)) = self.open.get(page as usize % self.open.len().max(1))
+                else {
+                    self.stats.skipped += 1;
+                    return Ok(());
+                };
+                let hva = start + (page % ((end - start) / PAGE_SIZE)) * PAGE_SIZE;
+                if unmap {
+                    if self.host.munmap(Hva(hva), PAGE_SIZE).is_ok() {
+                        if let Some(r) = self
+                            .regions
+                            .iter_mut()
+                            .find(|r| hva >= r.hva && hva < r.hva + r.shape.region)
+                        {
+                            r.holes.push((hva, hva + PAGE_SIZE));
+                        }
+                    }
+                } else {
+                    let _ = self.host.remap_page(Hva(hva));
+                }
+                Ok(())
+            }
+            Op::FailAlloc { after } => {
+                self.armed = Some((after as u64, FAIL_ALLOC_OPS));
+                Ok(())
+            }
+            Op::OtherVm { call, page } => self.other_vm(call, page),
+            Op::BadConfig { bits } => self.bad_config(bits),
             Op::HvaRange { which, start, end } => match which {
                 0 => self.unmap(start, end),
                 1 => self.age(start, end, false),
@@ -866,6 +1039,218 @@ impl Interp {
                 self.create_vcpu()
             }
         }
+    }
+
+    /// [`Op::OtherVm`]: see there.
+    fn other_vm(&mut self, call: u8, page: u16) -> Result<(), Failure> {
+        if self.other.is_none() {
+            self.other = Some(OtherVm::new(&self.cfg)?);
+        }
+        let gpa = WIN + (page as u64 % (OTHER_SIZE / PAGE_SIZE)) * PAGE_SIZE;
+        match call {
+            0 => {
+                let o = self.other.as_mut().expect("made");
+                let r = if page & 1 == 0 {
+                    o.vm.write(&mut o.vcpu, Gpa(gpa))
+                } else {
+                    o.vm.read(&mut o.vcpu, Gpa(gpa))
+                };
+                match r {
+                    Ok(_) => {}
+                    Err(Exit::DirtyRingFull) if self.cfg.dirty.is_ring() => {
+                        let mut out = Vec::new();
+                        let reset =
+                            o.vm.harvest_dirty_ring(o.vcpu.id, &mut out)
+                                .and_then(|_| o.vm.reset_dirty_rings());
+                        if let Err(e) = reset {
+                            return self.fail(format!("the other VM's ring: {e}"));
+                        }
+                    }
+                    Err(e) => return self.fail(format!("the other VM's access {gpa:#x}: {e:?}")),
+                }
+                let o = self.other.as_ref().expect("made");
+                if let Err(e) = o.vm.audit() {
+                    return self.fail(format!("the other VM: {e}"));
+                }
+                Ok(())
+            }
+            1 => {
+                let before = self.snap();
+                let vm = self.vm.as_ref().expect("vm");
+                let o = self.other.as_mut().expect("made");
+                let v = match self.stale.as_mut() {
+                    Some(v) if page & 1 == 1 => v,
+                    _ => &mut o.vcpu,
+                };
+                if let Err(e) = refuses(vm, v, Gpa(gpa)) {
+                    return self.fail(format!("this VM, given a foreign vCPU: {e}"));
+                }
+                self.unchanged("a foreign vCPU's use", &before)
+            }
+            2 => {
+                let before = self.snap();
+                let o = self.other.as_mut().expect("made");
+                let theirs = view::snapshot(&o.vm, [&o.vcpu]);
+                let n = self.vcpus.len();
+                let v = &mut self.vcpus[page as usize % n];
+                if let Err(e) = refuses(&o.vm, v, Gpa(gpa)) {
+                    return self.fail(format!("the other VM, given this VM's vCPU: {e}"));
+                }
+                let o = self.other.as_ref().expect("made");
+                let after = view::snapshot(&o.vm, [&o.vcpu]);
+                if after != theirs {
+                    return self.fail(format!(
+                        "the other VM refused this VM's vCPU but changed: {}",
+                        diff(&theirs, &after)
+                    ));
+                }
+                self.unchanged("lending a vCPU to the other VM", &before)
+            }
+            3 => {
+                // The VM goes; its vCPU stays (and must be useless, not dangerous).
+                let OtherVm { vm, vcpu } = self.other.take().expect("made");
+                drop(vm);
+                self.stale = Some(vcpu);
+                Ok(())
+            }
+            _ => {
+                let before = self.snap();
+                let v = match self.stale.take() {
+                    Some(v) => v,
+                    None => {
+                        let o = self.other.as_ref().expect("made");
+                        match o.vm.create_vcpu() {
+                            Ok(v) => v,
+                            Err(e) => return self.fail(format!("the other VM's vCPU: {e}")),
+                        }
+                    }
+                };
+                let id = v.id;
+                let r = self.vm().release_vcpu(v);
+                if r != Err(Error::ForeignVcpu { vcpu: id }) {
+                    return self.fail(format!("release_vcpu of a foreign vCPU: {r:?}"));
+                }
+                self.unchanged("release_vcpu of a foreign vCPU", &before)
+            }
+        }
+    }
+
+    fn unchanged(&mut self, what: &str, before: &Snapshot) -> Result<(), Failure> {
+        let after = self.snap();
+        if after != *before {
+            return self.fail(format!(
+                "{what} was refused but changed the VM: {}",
+                diff(before, &after)
+            ));
+        }
+        self.stats.foreign += 1;
+        Ok(())
+    }
+
+    /// [`Op::BadConfig`]: a VM built from `bits` fails or succeeds as the rules say; a
+    /// failure allocates nothing.
+    fn bad_config(&mut self, bits: u64) -> Result<(), Failure> {
+        let b = bits.to_le_bytes();
+        let mut r = Bytes(&b);
+        let mmu = if r.u8() % 8 == 0 {
+            MmuKind::ShadowPaging
+        } else {
+            self.cfg.mmu
+        };
+        let gpa_bits = match r.u8() {
+            x if x < 192 => 30 + x % 21,
+            x => x,
+        };
+        let ring_size = match r.u8() % 4 {
+            0 => None,
+            1 => Some(1u32 << (r.u8() % 32)),
+            2 => Some(r.u32()),
+            _ => Some(4u32 << (r.u8() % 19)),
+        };
+        let max_vcpus = r.u8() as u32 % 3;
+        let config = VmConfig {
+            mmu,
+            limits: MemslotLimits {
+                gpa_bits,
+                ..MemslotLimits::default()
+            },
+            max_vcpus,
+            dirty_log: vmmu::DirtyLogConfig {
+                ring_size,
+                ..vmmu::DirtyLogConfig::default()
+            },
+            ..VmConfig::default()
+        };
+        // The rules, in the order the VM checks them: shadow paging needs guest memory
+        // (`Vm::with_guest_memory`); the tables have four levels (32 to 48 bits); a ring
+        // is a power of two from 4 to 2^20 entries (KVM's KVM_DIRTY_RING_MAX_ENTRIES is
+        // 65536; vmmu allows more for large guests, and no fewer than a fault can use).
+        let ring_ok = |n: u32| n.is_power_of_two() && (4..=1 << 20).contains(&n);
+        let want: Result<(), Error> = if mmu == MmuKind::ShadowPaging {
+            Err(Error::WrongPagingMode(""))
+        } else if !(32..=48).contains(&gpa_bits) {
+            Err(Error::InvalidConfig(""))
+        } else if let Some(n) = ring_size.filter(|&n| !ring_ok(n)) {
+            Err(Error::InvalidRingSize { size: n })
+        } else {
+            Ok(())
+        };
+        let alloc = Arc::new(FailingAllocator::new());
+        let host = Arc::new(SimHostMemory::new());
+        let got = Vm::with_allocator(config, host, alloc.clone());
+        let same = match (&got, &want) {
+            (Ok(_), Ok(())) => true,
+            (Err(Error::WrongPagingMode(_)), Err(Error::WrongPagingMode(_)))
+            | (Err(Error::InvalidConfig(_)), Err(Error::InvalidConfig(_))) => true,
+            (Err(a), Err(b)) => a == b,
+            _ => false,
+        };
+        if !same {
+            return self.fail(format!(
+                "Vm::with_allocator({config:?}): got {:?}, the rules say {want:?}",
+                got.as_ref().map(|_| ())
+            ));
+        }
+        match got {
+            Err(_) if alloc.attempts() != 0 => {
+                return self.fail(format!(
+                    "a refused configuration allocated {} tables",
+                    alloc.attempts()
+                ));
+            }
+            Err(_) => self.stats.rejected += 1,
+            Ok(vm) => {
+                let v = vm.create_vcpu();
+                let want = if max_vcpus == 0 {
+                    Err(Error::TooManyVcpus { max: 0 })
+                } else {
+                    Ok(0)
+                };
+                if v.as_ref().map(|v| v.id).map_err(Clone::clone) != want {
+                    return self.fail(format!(
+                        "create_vcpu with max_vcpus {max_vcpus}: {:?}",
+                        v.as_ref().map(|v| v.id)
+                    ));
+                }
+                if let Ok(mut v) = v {
+                    if let Err(e) = vm.write(&mut v, Gpa(WIN)) {
+                        if !matches!(e, Exit::Mmio { .. }) {
+                            return self.fail(format!("a write to no memory: {e:?}"));
+                        }
+                    }
+                    let _ = vm.release_vcpu(v);
+                }
+                if let Err(e) = vm.audit() {
+                    return self.fail(format!("a VM built from {config:?}: {e}"));
+                }
+                drop(vm);
+                let live = view::settle_live(alloc.heap());
+                if live != 0 {
+                    return self.fail(format!("{live} tables left by a dropped VM"));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn track(&mut self, gfn: u64, untrack: bool) -> Result<(), Failure> {
@@ -1142,6 +1527,9 @@ impl Interp {
     pub fn teardown(&mut self) -> Result<(), Failure> {
         self.step += 1;
         self.op = None;
+        self.other = None;
+        self.stale = None;
+        self.open.clear();
         while self.model.invalidations > 0 {
             self.model.invalidate_end().expect("open");
             if let Err(e) = self.vm().invalidate_range_end() {
@@ -1199,16 +1587,57 @@ impl Interp {
         }
         self.vcpus.clear();
         self.vm = None;
-        let live = view::settle_live(&self.alloc);
+        let heap = self.alloc.heap();
+        let live = view::settle_live(heap);
         if live != 0 {
             return self.fail(format!(
                 "{live} tables still allocated after the VM was dropped ({} allocated, {} freed)",
-                self.alloc.allocated(),
-                self.alloc.freed()
+                heap.allocated(),
+                heap.freed()
             ));
         }
         Ok(())
     }
+}
+
+/// Every call of `vm` that takes a vCPU, given `v` of another VM: each must refuse it with
+/// `ForeignVcpu` and leave the vCPU as it was.
+fn refuses<A: vmmu::table::TableAllocator + 'static>(
+    vm: &Vm<Arc<SimHostMemory>, A>,
+    v: &mut Vcpu,
+    gpa: Gpa,
+) -> Result<(), String> {
+    let want = Error::ForeignVcpu { vcpu: v.id };
+    let exit = Err(Exit::Error(want.clone()));
+    let counters = (v.accesses, v.exits, v.root());
+    for kind in [AccessKind::Read, AccessKind::Write, AccessKind::Fetch] {
+        let got = vm.access(v, gpa, kind);
+        if got != exit {
+            return Err(format!("{kind:?} of {:#x}: {got:?}", gpa.0));
+        }
+    }
+    let got = vm.page_fault(v, gpa, vmmu::types::ErrorCode::WRITE);
+    if got != Err(want.clone()) {
+        return Err(format!("page_fault: {got:?}"));
+    }
+    let gva = vmmu::types::Gva(gpa.0);
+    let got = vm.gva_access(v, gva, AccessKind::Write);
+    if got != Err(Exit::Error(want.clone())) {
+        return Err(format!("gva_access: {got:?}"));
+    }
+    for (what, got) in [
+        ("invlpg", vm.invlpg(v, gva)),
+        ("flush_guest_tlb", vm.flush_guest_tlb(v)),
+        ("load_cr3", vm.load_cr3(v, gpa)),
+    ] {
+        if got != Err(want.clone()) {
+            return Err(format!("{what}: {got:?}"));
+        }
+    }
+    if (v.accesses, v.exits, v.root()) != counters {
+        return Err("the vCPU ran".into());
+    }
+    Ok(())
 }
 
 fn fail0(what: String) -> Failure {

@@ -242,7 +242,47 @@ pub enum Op {
     },
     /// `create_vcpu()`.
     CreateVcpu,
+    /// Table memory runs short: each of the next [`FAIL_ALLOC_OPS`] operations runs with
+    /// the allocator refusing every allocation after its first `after`, until one of them
+    /// meets the failure. That operation must return `OutOfTableMemory` and change
+    /// nothing (then it is applied again with memory back), or succeed as the model says.
+    FailAlloc {
+        /// Allocations that still succeed in each armed operation.
+        after: u8,
+    },
+    /// The host remaps (or, with `unmap`, munmaps) one page inside a range an open
+    /// invalidation covers (the host changes what it announced, inside the window):
+    /// skipped when no invalidation is open.
+    HostChangeInWindow {
+        /// Which page of the open ranges.
+        page: u64,
+        /// munmap instead of remap.
+        unmap: bool,
+    },
+    /// A second VM, on a host of its own, and its vCPU: `call` 0 writes (odd `page`:
+    /// reads) its memory through its own vCPU; 1 hands its vCPU (or the vCPU of a dropped
+    /// VM, when one is kept) to this VM's calls; 2 hands this VM's vCPU to the other VM's
+    /// calls; 3 drops the other VM, keeping its vCPU, and makes a new one; 4 has this VM
+    /// release a vCPU not its own. Every foreign use is refused with `ForeignVcpu` and
+    /// changes neither VM.
+    OtherVm {
+        /// Which call.
+        call: u8,
+        /// A page of the other VM's slot (and a vCPU index of this one).
+        page: u16,
+    },
+    /// Build a VM from a configuration made of `bits`, malformed ones included (a shadow
+    /// paging MMU without guest memory, any guest-physical width, any ring size, no
+    /// vCPUs allowed): it succeeds or fails as the model says, a failure before any
+    /// table is allocated; a VM built runs one write.
+    BadConfig {
+        /// The configuration's bits.
+        bits: u64,
+    },
 }
+
+/// Operations a [`Op::FailAlloc`] arms.
+pub const FAIL_ALLOC_OPS: u32 = 8;
 
 impl Op {
     /// A short name of the operation's kind (for counts).
@@ -280,6 +320,10 @@ impl Op {
             Op::ZapAllFast => "zap-all-fast",
             Op::Track { .. } | Op::TrackGfn { .. } => "write-track",
             Op::CreateVcpu => "create-vcpu",
+            Op::FailAlloc { .. } => "fail-alloc",
+            Op::HostChangeInWindow { .. } => "host-change-in-window",
+            Op::OtherVm { .. } => "other-vm",
+            Op::BadConfig { .. } => "bad-config",
         }
     }
 
@@ -431,11 +475,15 @@ impl Op {
                 slot: r.u8(),
                 page: r.u16() as u64,
             },
-            33 => match r.u8() % 2 {
-                0 => Op::InvalidateStart {
+            33 => match r.u8() % 4 {
+                0 | 2 => Op::InvalidateStart {
                     slot: r.u8(),
                     page: r.u16() as u64,
                     pages: r.u8() as u64,
+                },
+                1 => Op::HostChangeInWindow {
+                    page: r.u16() as u64,
+                    unmap: r.bool(),
                 },
                 _ => Op::InvalidateEnd,
             },
@@ -457,9 +505,18 @@ impl Op {
             36 => Op::ZapSlot {
                 slot: r.u8() as u32 % 8,
             },
-            37 => match r.u8() % 4 {
+            37 => match r.u8() % 8 {
                 0 => Op::ZapAllFast,
                 1 => Op::CreateVcpu,
+                2 | 3 => Op::FailAlloc {
+                    // Most faults allocate one to three tables: fail early most often.
+                    after: [0, 0, 0, 1, 1, 2, 3, 5][r.u8() as usize % 8],
+                },
+                4 => Op::OtherVm {
+                    call: r.u8() % 5,
+                    page: r.u16(),
+                },
+                5 => Op::BadConfig { bits: r.u64() },
                 _ => Op::ZapAll,
             },
             38 => Op::Track {

@@ -6,7 +6,10 @@
 //! every mode (GET; GET + CLEAR of whole and partial, misaligned and oversized ranges;
 //! ring harvest + reset), notifier unmap / age / test_age / change_pte with the host
 //! remapping, protecting, unmapping and splitting pages, open invalidation windows, zaps
-//! of ranges, slots and everything (in place and fast), write tracking, new vCPUs.
+//! of ranges, slots and everything (in place and fast), write tracking, new vCPUs; table
+//! memory running out at any allocation of the next operations; the host changing pages
+//! inside an open invalidation; a second VM whose vCPUs cross over (and outlive it);
+//! malformed VM configurations.
 //!
 //! After every step (see `vmmu_testing::interp`): every call returned what the model
 //! says, a rejected call changed nothing, the audit holds, slots and bitmaps equal the
@@ -114,6 +117,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (prop_oneof![Just(u64::MAX), any::<u64>(), (WIN >> 12)..((WIN + WIN_SIZE) >> 12)], any::<bool>())
             .prop_map(|(gfn, untrack)| Op::TrackGfn { gfn, untrack }),
         1 => Just(Op::CreateVcpu),
+        2 => prop_oneof![3 => Just(0u8), 2 => 1..6u8].prop_map(|after| Op::FailAlloc { after }),
+        1 => (any::<u64>(), any::<bool>()).prop_map(|(page, unmap)| Op::HostChangeInWindow { page, unmap }),
+        1 => (0..5u8, any::<u16>()).prop_map(|(call, page)| Op::OtherVm { call, page }),
+        1 => any::<u64>().prop_map(|bits| Op::BadConfig { bits }),
     ]
 }
 
@@ -186,6 +193,8 @@ static TOTALS: Mutex<(u64, RunStats)> = Mutex::new((
         rejected: 0,
         accesses: 0,
         skipped: 0,
+        out_of_memory: 0,
+        foreign: 0,
     },
 ));
 
@@ -221,12 +230,14 @@ fn differential(name: &str) {
     let (cases, stats) = mine.into_inner().unwrap();
     if std::env::var_os("VMMU_PROPTEST_STATS").is_some() {
         eprintln!(
-            "{name}: {cases} sequences, {} operations, {} checks passed, {} rejected calls unchanged, {} accesses checked, {} skipped; by kind: {:?}",
+            "{name}: {cases} sequences, {} operations, {} checks passed, {} rejected calls unchanged, {} accesses checked, {} skipped, {} out of table memory and unchanged, {} foreign vCPU uses refused; by kind: {:?}",
             stats.total_ops(),
             stats.checks,
             stats.rejected,
             stats.accesses,
             stats.skipped,
+            stats.out_of_memory,
+            stats.foreign,
             stats.ops
         );
         let mut t = TOTALS.lock().unwrap();
