@@ -17,8 +17,9 @@
 use alloc::boxed::Box;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicUsize, Ordering};
 
+pub use crate::dirty::DirtyBitmap;
 use crate::error::Error;
 use crate::rmap::{self, DescPool, RmapHead, SpteRef};
 use crate::types::{Gfn, Hva, Level, PAGE_SIZE};
@@ -101,70 +102,6 @@ pub enum SlotChange {
     },
     /// Nothing changes.
     None,
-}
-
-/// A slot's dirty bitmap: one bit per 4 KiB page, set by write faults.
-///
-/// `count` follows the number of set bits (KVM 2012's `nr_dirty_pages`): markers add
-/// after setting a bit, harvesters subtract after clearing bits, so it may lag or even dip
-/// below zero for a moment but is zero at rest exactly when no bit is set. A harvester
-/// that reads zero may skip the scan: a bit set concurrently is reported next time.
-pub struct DirtyBitmap {
-    words: Box<[AtomicU64]>,
-    count: core::sync::atomic::AtomicI64,
-}
-
-impl DirtyBitmap {
-    /// A bitmap for `npages` pages, every bit clear or, with `all_set`, every bit of a
-    /// page set (KVM_DIRTY_LOG_INITIALLY_SET).
-    pub fn new(npages: u64, all_set: bool) -> Self {
-        DirtyBitmap {
-            words: (0..npages.div_ceil(64))
-                .map(|w| {
-                    let bits = (npages - w * 64).min(64);
-                    let v = match (all_set, bits) {
-                        (false, _) => 0,
-                        (true, 64) => u64::MAX,
-                        (true, b) => (1u64 << b) - 1,
-                    };
-                    AtomicU64::new(v)
-                })
-                .collect(),
-            count: core::sync::atomic::AtomicI64::new(if all_set { npages as i64 } else { 0 }),
-        }
-    }
-
-    /// Whether some bit may be set (see the type's docs).
-    #[inline]
-    pub fn maybe_dirty(&self) -> bool {
-        self.count.load(Ordering::Acquire) != 0
-    }
-
-    /// Account for `n` bits a harvester cleared.
-    #[inline]
-    pub fn cleared(&self, n: u64) {
-        self.count.fetch_sub(n as i64, Ordering::AcqRel);
-    }
-    /// Mark page `offset` dirty; returns whether it was clean. `Relaxed` is enough: the
-    /// harvester's exchange of the word is the only reader and the bit is all it needs.
-    #[inline]
-    pub fn mark(&self, offset: u64) -> bool {
-        let bit = 1u64 << (offset % 64);
-        let clean = self.words[(offset / 64) as usize].fetch_or(bit, Ordering::Relaxed) & bit == 0;
-        if clean {
-            self.count.fetch_add(1, Ordering::AcqRel);
-        }
-        clean
-    }
-    /// Whether page `offset` is marked.
-    #[inline]
-    pub fn test(&self, offset: u64) -> bool {
-        self.words[(offset / 64) as usize].load(Ordering::Relaxed) & (1 << (offset % 64)) != 0
-    }
-    /// The words.
-    pub fn words(&self) -> &[AtomicU64] {
-        &self.words
-    }
 }
 
 /// One memslot.
@@ -425,7 +362,7 @@ impl Memslot {
                 .iter()
                 .map(|d| d.len() * 4)
                 .sum::<usize>()
-            + self.dirty_bitmap.as_ref().map_or(0, |b| b.words.len() * 8)
+            + self.dirty_bitmap.as_ref().map_or(0, |b| b.bytes())
     }
 }
 

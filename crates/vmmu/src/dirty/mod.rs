@@ -16,14 +16,16 @@
 //! and-ed, because fast-path faults set bits without the lock. The index is read-locked
 //! by fast-path faults and write-locked only while memslots change, never across a flush.
 
+pub mod bitmap;
 pub(crate) mod ring;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
+pub use bitmap::{DirtyBitmap, DirtyMasks};
 pub use ring::DirtyRing;
 
-use crate::memslot::{DirtyBitmap, Memslots};
+use crate::memslot::Memslots;
 use crate::mmu::DirtyGfn;
 use crate::sync::RwLock;
 use crate::types::Gfn;

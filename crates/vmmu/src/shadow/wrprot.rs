@@ -10,6 +10,7 @@
 //!
 //! Clearing W needs a flush: a vCPU may hold a writable translation in its TLB.
 
+use crate::dirty::DirtyMasks;
 use crate::flush::Flush;
 use crate::memslot::Memslots;
 use crate::page::Pages;
@@ -32,14 +33,10 @@ const COST_PER_PAGE: u64 = 20;
 const COST_PER_WRITABLE: u64 = 8;
 const COST_PER_MISPREDICT: u64 = 120;
 
-/// Whether `gfn`'s bit is set in `masks` (64 gfns a word from its `Gfn`); true without
-/// masks.
+/// Whether `gfn`'s bit is set in `masks`; true without masks.
 #[inline]
-fn in_masks(masks: Option<(Gfn, &[u64])>, gfn: Gfn) -> bool {
-    masks.is_none_or(|(base, m)| {
-        let bit = gfn.0.wrapping_sub(base.0) as usize;
-        m.get(bit / 64).is_some_and(|w| w & (1 << (bit % 64)) != 0)
-    })
+fn in_masks(masks: Option<&DirtyMasks<'_>>, gfn: Gfn) -> bool {
+    masks.is_none_or(|m| m.contains(gfn))
 }
 
 /// Call `f` on every entry of `head`, iterating as `mode` says (seed 000).
@@ -81,6 +78,20 @@ fn spte_write_protect(pages: &mut Pages, sref: SpteRef, track: bool) -> bool {
     flush
 }
 
+/// Clear W on the SPTE `sref` names, for dirty logging (MMU-writable stays, so no counter
+/// moves). Returns whether it was writable (so a flush is owed).
+#[inline]
+fn spte_clear_writable(pages: &Pages, sref: SpteRef) -> bool {
+    let sp = pages.get(sref.table_id());
+    let i = sref.index();
+    let old = sp.table().get(i);
+    if old.is_writable() {
+        sp.spte_write_protect(i, old);
+        return true;
+    }
+    false
+}
+
 impl<A: TableAllocator> ShadowMmu<A> {
     /// Write-protect every leaf mapping `gfn` at `min_level` and above, through the
     /// reverse maps (KVM's `rmap_write_protect`). With `track`, also clear MMU-writable
@@ -115,15 +126,20 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let Some(slot) = slots.lookup(Gfn(base.0 + mask.trailing_zeros() as u64)) else {
             return Flush::NONE;
         };
+        // Levels with no mapping in the slot are skipped for the whole mask.
+        let levels = Level::LEAF_LEVELS.map(|l| (l, slot.rmap_entries(l) != 0));
         let mut flush = false;
-        let (pages, pool, mode) = (&mut self.pages, &self.pool, self.algos.rmap_iteration);
+        let (pages, pool, mode) = (&self.pages, &self.pool, self.algos.rmap_iteration);
         while mask != 0 {
             let gfn = Gfn(base.0 + mask.trailing_zeros() as u64);
             mask &= mask - 1;
-            for level in Level::LEAF_LEVELS {
-                if slot.rmap_entries(level) != 0 && slot.contains(gfn) {
+            if !slot.contains(gfn) {
+                continue;
+            }
+            for (level, mapped) in levels {
+                if mapped {
                     for_each_rmap_spte(slot.rmap_head(gfn, level), pool, mode, |s| {
-                        flush |= spte_write_protect(pages, s, false);
+                        flush |= spte_clear_writable(pages, s);
                     });
                 }
             }
@@ -145,7 +161,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         id: u32,
         lo: Gfn,
         hi: Gfn,
-        masks: Option<(Gfn, &[u64])>,
+        masks: Option<&DirtyMasks<'_>>,
     ) -> bool {
         let sp = self.pages.get(id);
         let level = sp.role.level();
@@ -222,16 +238,16 @@ impl<A: TableAllocator> ShadowMmu<A> {
         &mut self,
         slots: &Memslots,
         slot_id: u32,
-        masks: Option<(Gfn, &[u64])>,
+        masks: Option<&DirtyMasks<'_>>,
     ) -> Flush {
         let Some(slot) = slots.by_id(slot_id) else {
             return Flush::NONE;
         };
         let (lo, hi) = match masks {
             None => (slot.base_gfn, slot.end_gfn()),
-            Some((base, m)) => (
-                base.max(slot.base_gfn),
-                Gfn(base.0 + 64 * m.len() as u64).min(slot.end_gfn()),
+            Some(m) => (
+                m.base.max(slot.base_gfn),
+                Gfn(m.base.0 + 64 * m.masks().len() as u64).min(slot.end_gfn()),
             ),
         };
         let mut flush = false;
@@ -252,17 +268,15 @@ impl<A: TableAllocator> ShadowMmu<A> {
         Flush::new(flush)
     }
 
-    /// Write-protect the dirty gfns `base + i` (bits of `masks`, 64 gfns a word) of memslot
-    /// `slot_id`, choosing the method as configured (seed 004). `nr_dirty` is the number of
-    /// bits set. Returns the flush owed and the method used.
+    /// Write-protect the dirty gfns of `masks` in memslot `slot_id`, choosing the method as
+    /// configured (seed 004). Returns the flush owed and the method used.
     pub fn write_protect_dirty(
         &mut self,
         slots: &Memslots,
         slot_id: u32,
-        base: Gfn,
-        masks: &[u64],
-        nr_dirty: u64,
+        masks: &DirtyMasks<'_>,
     ) -> (Flush, DirtyWrprot) {
+        let nr_dirty = masks.nr;
         if nr_dirty == 0 {
             return (Flush::NONE, DirtyWrprot::PerGfn);
         }
@@ -284,15 +298,13 @@ impl<A: TableAllocator> ShadowMmu<A> {
         };
         if per_gfn {
             let mut flush = Flush::NONE;
-            for (k, &m) in masks.iter().enumerate() {
-                if m != 0 {
-                    flush |= self.write_protect_masked(slots, Gfn(base.0 + 64 * k as u64), m);
-                }
+            for (base, m) in masks.iter() {
+                flush |= self.write_protect_masked(slots, base, m);
             }
             (flush, DirtyWrprot::PerGfn)
         } else {
             (
-                self.walk_write_protect(slots, slot_id, Some((base, masks))),
+                self.walk_write_protect(slots, slot_id, Some(masks)),
                 DirtyWrprot::WalkPages,
             )
         }

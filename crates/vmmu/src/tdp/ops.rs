@@ -20,6 +20,7 @@ use super::iter::Step;
 use super::page::TdpPage;
 use super::spte_write::Link;
 use super::{Removed, TdpMmu};
+use crate::dirty::DirtyMasks;
 use crate::host::HostMemory;
 use crate::memslot::Memslots;
 use crate::spte::{bits, LeafAttrs, Spte, SpteFormat};
@@ -86,31 +87,25 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
     /// under the exclusive lock, so a plain store suffices where no CPU can set A/D).
     /// Sparse masks get one short walk each; when there is more than one dirty page per
     /// 64 on average, one walk over the whole range tests each leaf's bit instead.
-    pub fn clear_dirty(&mut self, base: Gfn, masks: &[u64], guard: &EpochGuard) -> Removed {
+    pub fn clear_dirty(&mut self, masks: &DirtyMasks<'_>, guard: &EpochGuard) -> Removed {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
-        let nr: u64 = masks.iter().map(|m| m.count_ones() as u64).sum();
-        if nr == 0 {
+        if masks.nr == 0 {
             return removed;
         }
-        let span = |k: usize, m: u64| {
-            let at = base.0 + 64 * k as u64;
+        let span = |(at, m): (Gfn, u64)| {
             (
-                Gfn(at + m.trailing_zeros() as u64),
-                Gfn(at + 64 - m.leading_zeros() as u64),
+                Gfn(at.0 + m.trailing_zeros() as u64),
+                Gfn(at.0 + 64 - m.leading_zeros() as u64),
             )
         };
-        let nonzero = || masks.iter().enumerate().filter(|(_, &m)| m != 0);
         let mut protect = |start: Gfn, end: Gfn| {
             mmu.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
                 let s = it.spte;
-                let bit = it.gfn().0.wrapping_sub(base.0) as usize;
                 if it.level() == Level::L4K
                     && s.is_shadow_present()
                     && s.is_writable()
-                    && masks
-                        .get(bit / 64)
-                        .is_some_and(|m| m & (1 << (bit % 64)) != 0)
+                    && masks.contains(it.gfn())
                 {
                     mmu.clear_bits(it.page(), it.index(), s, bits::WRITABLE);
                     removed.flush.set();
@@ -118,19 +113,13 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
                 Step::Next
             });
         };
-        if nr > masks.len() as u64 {
-            let first = nonzero()
-                .next()
-                .map(|(k, &m)| span(k, m).0)
-                .expect("nr > 0");
-            let last = nonzero()
-                .next_back()
-                .map(|(k, &m)| span(k, m).1)
-                .expect("nr > 0");
+        if masks.nr > masks.masks().len() as u64 {
+            let first = masks.iter().next().map(span).expect("nr > 0").0;
+            let last = masks.iter().next_back().map(span).expect("nr > 0").1;
             protect(first, last);
         } else {
-            for (k, &m) in nonzero() {
-                let (start, end) = span(k, m);
+            for m in masks.iter() {
+                let (start, end) = span(m);
                 protect(start, end);
             }
         }

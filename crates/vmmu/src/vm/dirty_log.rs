@@ -17,10 +17,9 @@
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
-use core::sync::atomic::Ordering;
 
 use super::Vcpu;
-use crate::dirty::DirtyRing;
+use crate::dirty::{DirtyMasks, DirtyRing};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
@@ -115,42 +114,17 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 got: out.len(),
             });
         }
-        if !bitmap.maybe_dirty() {
-            // Nothing marked since the last harvest: no scan (KVM 2012's shortcut).
-            out[..words.len()].fill(0);
-            return Ok(HarvestReport {
-                dirty_pages: 0,
-                wrprot: None,
-            });
-        }
-        let mut nr = 0u64;
-        for (o, w) in out.iter_mut().zip(words) {
-            let v = w.load(Ordering::Relaxed);
-            // Read first: exchanging a clean word would cost an atomic per 64 pages.
-            *o = if v != 0 && !manual {
-                w.swap(0, Ordering::AcqRel)
-            } else {
-                v
-            };
-            if *o != 0 {
-                // Baseline x86-64 has no popcnt instruction: skip the software count on
-                // the (usually many) clean words.
-                nr += o.count_ones() as u64;
-            }
-        }
-        if !manual {
-            bitmap.cleared(nr);
-        }
+        let out = &mut out[..words.len()];
+        let mut nonzero = alloc::vec![0u64; bitmap.summary_len()];
+        let nr = bitmap.harvest(out, &mut nonzero, !manual);
         if manual || nr == 0 {
             return Ok(HarvestReport {
                 dirty_pages: nr,
                 wrprot: None,
             });
         }
-        let base = s.base_gfn;
-        let (removed, how) =
-            st.mmu
-                .write_protect_dirty(&st.slots, slot, base, &out[..words.len()], nr);
+        let masks = DirtyMasks::new(s.base_gfn, out, &nonzero, nr);
+        let (removed, how) = st.mmu.write_protect_dirty(&st.slots, slot, &masks);
         self.commit(st, removed);
         Ok(HarvestReport {
             dirty_pages: nr,
@@ -201,11 +175,17 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 got: bitmap.len(),
             });
         }
-        let base = s.base_gfn;
-        let mut masks = alloc::vec![0u64; nwords];
+        let base = Gfn(s.base_gfn.0 + first_page);
+        let first_word = first_page as usize / 64;
+        // The cleared bits go into the VM's zeroed scratch masks, and which words got
+        // some into `nonzero`: the work follows the words the caller set, not the range.
+        let mut masks = core::mem::take(&mut st.clear_masks);
+        if masks.len() < nwords {
+            masks.resize(nwords, 0);
+        }
+        let mut nonzero = alloc::vec![0u64; nwords.div_ceil(64)];
         let mut cleared = 0u64;
-        let words = &dirty.words()[first_page as usize / 64..][..nwords];
-        for (k, (&user, word)) in bitmap[..nwords].iter().zip(words).enumerate() {
+        for (k, &user) in bitmap[..nwords].iter().enumerate() {
             if user == 0 {
                 continue;
             }
@@ -215,18 +195,25 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             } else {
                 user
             };
-            if user & word.load(Ordering::Relaxed) == 0 {
-                continue;
+            let m = dirty.clear_word(first_word + k, user);
+            if m != 0 {
+                cleared += m.count_ones() as u64;
+                masks[k] = m;
+                nonzero[k / 64] |= 1 << (k % 64);
             }
-            let m = word.fetch_and(!user, Ordering::AcqRel) & user;
-            cleared += m.count_ones() as u64;
-            dirty.cleared(m.count_ones() as u64);
-            masks[k] = m;
         }
-        let (removed, _) =
-            st.mmu
-                .write_protect_dirty(&st.slots, slot, Gfn(base.0 + first_page), &masks, cleared);
+        let dm = DirtyMasks::new(base, &masks[..nwords], &nonzero, cleared);
+        let (removed, _) = st.mmu.write_protect_dirty(&st.slots, slot, &dm);
         self.commit(st, removed);
+        // Back to zero, word by word.
+        for (i, &s) in nonzero.iter().enumerate() {
+            let mut bits = s;
+            while bits != 0 {
+                masks[i * 64 + bits.trailing_zeros() as usize] = 0;
+                bits &= bits - 1;
+            }
+        }
+        st.clear_masks = masks;
         Ok(cleared)
     }
 
@@ -293,11 +280,9 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 let bit = e.offset - first * 64;
                 masks[(bit / 64) as usize] |= 1 << (bit % 64);
             }
-            let nr = masks.iter().map(|m| m.count_ones() as u64).sum();
             let base = Gfn(s.base_gfn.0 + first * 64);
-            let (r, _) = st
-                .mmu
-                .write_protect_dirty(&st.slots, slot, base, &masks, nr);
+            let dm = DirtyMasks::dense(base, &masks);
+            let (r, _) = st.mmu.write_protect_dirty(&st.slots, slot, &dm);
             removed.merge(r);
         }
         self.commit(st, removed);

@@ -19,6 +19,7 @@ use core::sync::atomic::{AtomicU64, Ordering};
 
 use super::Vcpu;
 use crate::audit::{AuditError, AuditReport};
+use crate::dirty::DirtyMasks;
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::guest::GuestMemory;
@@ -396,23 +397,20 @@ impl<A: TableAllocator + 'static> Mmu<A> {
         }
     }
 
-    /// Write-protect exactly the pages whose bits are set in `masks` (64 pages a word from
-    /// `base`): the pages GET harvested or CLEAR cleared. The shadow MMU chooses its method
+    /// Write-protect exactly the pages whose bits are set in `masks`: the pages GET harvested or CLEAR cleared. The shadow MMU chooses its method
     /// as configured (seed 004); the TDP MMU walks per mask or once, by density.
     pub fn write_protect_dirty(
         &mut self,
         slots: &Memslots,
         slot: u32,
-        base: Gfn,
-        masks: &[u64],
-        nr_dirty: u64,
+        masks: &DirtyMasks<'_>,
     ) -> (Removed, Option<DirtyWrprot>) {
         match self {
             Mmu::Shadow(m) => {
-                let (f, how) = m.write_protect_dirty(slots, slot, base, masks, nr_dirty);
+                let (f, how) = m.write_protect_dirty(slots, slot, masks);
                 (Removed::flush_only(f), Some(how))
             }
-            Mmu::Tdp(m) => (m.clear_dirty(base, masks, &tdp::pin()), None),
+            Mmu::Tdp(m) => (m.clear_dirty(masks, &tdp::pin()), None),
         }
     }
 

@@ -211,6 +211,9 @@ pub struct VmStats {
 pub(crate) struct VmState<A: TableAllocator + 'static> {
     pub(crate) slots: Memslots,
     pub(crate) mmu: Mmu<A>,
+    /// CLEAR's masks, all zero between calls (so a CLEAR of a few pages neither
+    /// allocates nor zeroes a slot-sized buffer; see `vm/dirty_log.rs`).
+    pub(crate) clear_masks: Vec<u64>,
 }
 
 /// A virtual machine's memory virtualization.
@@ -298,7 +301,11 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             id: vcpu::VmId::next(),
             host,
             alloc,
-            state: RwLock::new(VmState { slots, mmu }),
+            state: RwLock::new(VmState {
+                slots,
+                mmu,
+                clear_masks: Vec::new(),
+            }),
             fault_gate: matches!(config.mmu, MmuKind::Tdp(_)).then(lock::gate),
             vcpus: RwLock::new(Vec::new()),
             dirty_index: DirtyIndex::default(),
