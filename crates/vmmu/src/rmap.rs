@@ -173,6 +173,15 @@ impl RmapHead {
         self.0 & 1 != 0
     }
 
+    /// The one SPTE linked, if exactly one is.
+    #[inline]
+    pub fn as_single(self) -> Option<SpteRef> {
+        match self.decode() {
+            Decoded::Single(s) => Some(s),
+            _ => None,
+        }
+    }
+
     #[inline]
     const fn single(sref: SpteRef) -> RmapHead {
         RmapHead(sref.raw() << 1)

@@ -220,6 +220,26 @@ impl<'a> DirtyMasks<'a> {
             .is_some_and(|w| w & (1 << (bit % 64)) != 0)
     }
 
+    /// The 64 bits of gfns `gfn .. gfn + 64` (bit `i` is `gfn + i`), wherever `gfn` falls
+    /// relative to the masks' words (zero outside them).
+    #[inline]
+    pub fn bits_from(&self, gfn: Gfn) -> u64 {
+        let off = gfn.0.wrapping_sub(self.base.0) as i64;
+        let word = |k: i64| -> u64 {
+            usize::try_from(k)
+                .ok()
+                .and_then(|k| self.masks.get(k))
+                .copied()
+                .unwrap_or(0)
+        };
+        let (k, r) = (off.div_euclid(64), off.rem_euclid(64) as u32);
+        if r == 0 {
+            word(k)
+        } else {
+            (word(k) >> r) | (word(k + 1) << (64 - r))
+        }
+    }
+
     /// The non-zero masks in order, each with the gfn of its bit 0.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Gfn, u64)> + 'a {
         let (base, masks) = (self.base, self.masks);
@@ -290,6 +310,13 @@ mod tests {
         assert_eq!(v, [(Gfn(164), 5), (Gfn(292), 1 << 63)]);
         assert_eq!(m.nr, 3);
         assert!(m.contains(Gfn(166)) && !m.contains(Gfn(165)) && !m.contains(Gfn(99)));
+        assert_eq!(m.bits_from(Gfn(164)), 5);
+        assert_eq!(m.bits_from(Gfn(162)), 5 << 2);
+        assert_eq!(m.bits_from(Gfn(166)), 1);
+        assert_eq!(m.bits_from(Gfn(60)), 0);
+        assert_eq!(m.bits_from(Gfn(120)), 5 << 44);
+        assert_eq!(m.bits_from(Gfn(292 + 63)), 1);
+        assert_eq!(m.bits_from(Gfn(292 + 64)), 0);
     }
 
     #[test]

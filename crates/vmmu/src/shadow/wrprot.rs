@@ -13,7 +13,7 @@
 use crate::dirty::DirtyMasks;
 use crate::flush::Flush;
 use crate::memslot::Memslots;
-use crate::page::Pages;
+use crate::page::{Pages, ShadowPage};
 use crate::rmap::{self, DescPool, RmapHead, SpteRef};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
@@ -21,17 +21,18 @@ use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 use super::{DirtyWrprot, PageWrprot, RmapIteration, ShadowMmu};
 
 /// Cost model of [`DirtyWrprot::Adaptive`], in tenths of a nanosecond, fitted to
-/// `vmmu bench wrprot-slot` on a 1 GiB slot at 4K (2 cores, noisy machine):
-/// - per gfn: one reverse-map lookup and SPTE update at a random place, ~11.5 ns;
-/// - walk: ~2 ns per shadow page looked at and ~0.8 ns per possibly-writable SPTE
-///   visited, plus ~12 ns per branch the CPU mispredicts on "is it writable?", which
-///   happens about `dirty * (1 - dirty / mapped)` times.
+/// `examples/harvest_prof` (GET of a 1 GiB slot at 4K, strided writes, 2 cores):
+/// - per gfn: one reverse-map lookup and SPTE update at a scattered place, ~13 ns;
+/// - walk: ~25 ns per shadow page looked at (its eight mask words), ~0.9 ns per dirty
+///   SPTE visited (neighbours share lines), plus ~4.5 ns per branch the CPU mispredicts
+///   on "is this entry's bit set?", which happens about `dirty * (1 - dirty / mapped)`
+///   times.
 ///
-/// The crossover lands near 28% dirty; the measured one lies between 10% and 50%.
-const COST_PER_GFN: u64 = 115;
-const COST_PER_PAGE: u64 = 20;
-const COST_PER_WRITABLE: u64 = 8;
-const COST_PER_MISPREDICT: u64 = 120;
+/// The crossover lands near 0.4% dirty; the measured one lies between 0.3% and 1%.
+const COST_PER_GFN: u64 = 130;
+const COST_PER_PAGE: u64 = 250;
+const COST_PER_DIRTY_WALKED: u64 = 9;
+const COST_PER_MISPREDICT: u64 = 45;
 
 /// Whether `gfn`'s bit is set in `masks`; true without masks.
 #[inline]
@@ -78,12 +79,60 @@ fn spte_write_protect(pages: &mut Pages, sref: SpteRef, track: bool) -> bool {
     flush
 }
 
+/// Clear W on the 4K leaves of the direct page `sp` at entries `first..last` whose gfn is
+/// set in `masks`, 64 entries at a time: the word of the masks, and with
+/// [`PageWrprot::Bitmap`] the possibly-writable word, say which entries to look at.
+/// Returns whether a writable SPTE was protected.
+fn protect_direct_masked(
+    sp: &ShadowPage,
+    first: usize,
+    last: usize,
+    masks: &DirtyMasks<'_>,
+    how: PageWrprot,
+) -> bool {
+    if how == PageWrprot::Bitmap && sp.possible_writable == 0 {
+        return false;
+    }
+    let writable = sp.possible_writable_words();
+    let mut flush = false;
+    for (w, &pw) in writable.iter().enumerate() {
+        let (lo, hi) = (w * 64, w * 64 + 64);
+        if hi <= first || lo >= last {
+            continue;
+        }
+        let mut bits = masks.bits_from(Gfn(sp.gfn.0 + lo as u64));
+        if how == PageWrprot::Bitmap {
+            bits &= pw;
+        }
+        if first > lo {
+            bits &= u64::MAX << (first - lo);
+        }
+        if last < hi {
+            bits &= u64::MAX >> (hi - last);
+        }
+        while bits != 0 {
+            let i = lo + bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            let spte = sp.table().get(i);
+            if spte.is_shadow_present() && spte.is_leaf(Level::L4K) && spte.is_writable() {
+                sp.spte_write_protect(i, spte);
+                flush = true;
+            }
+        }
+    }
+    flush
+}
+
 /// Clear W on the SPTE `sref` names, for dirty logging (MMU-writable stays, so no counter
 /// moves). Returns whether it was writable (so a flush is owed).
 #[inline]
 fn spte_clear_writable(pages: &Pages, sref: SpteRef) -> bool {
-    let sp = pages.get(sref.table_id());
-    let i = sref.index();
+    clear_writable_at(pages.get(sref.table_id()), sref.index())
+}
+
+/// [`spte_clear_writable`] of entry `i` of `sp`.
+#[inline]
+fn clear_writable_at(sp: &ShadowPage, i: usize) -> bool {
     let old = sp.table().get(i);
     if old.is_writable() {
         sp.spte_write_protect(i, old);
@@ -127,16 +176,39 @@ impl<A: TableAllocator> ShadowMmu<A> {
             return Flush::NONE;
         };
         // Levels with no mapping in the slot are skipped for the whole mask.
-        let levels = Level::LEAF_LEVELS.map(|l| (l, slot.rmap_entries(l) != 0));
+        let [(_, small), huge @ ..] = Level::LEAF_LEVELS.map(|l| (l, slot.rmap_entries(l) != 0));
         let mut flush = false;
         let (pages, pool, mode) = (&self.pages, &self.pool, self.algos.rmap_iteration);
+        let heads = slot.rmaps(Level::L4K);
+        // The 4K heads of a mask's gfns are neighbours, and most name one SPTE each, in
+        // one table: keep that table's page from gfn to gfn.
+        let mut last: Option<(u32, &ShadowPage)> = None;
         while mask != 0 {
             let gfn = Gfn(base.0 + mask.trailing_zeros() as u64);
             mask &= mask - 1;
             if !slot.contains(gfn) {
                 continue;
             }
-            for (level, mapped) in levels {
+            if small {
+                let head = heads[(gfn.0 - slot.base_gfn.0) as usize];
+                match head.as_single() {
+                    Some(s) => {
+                        let sp = match last {
+                            Some((id, sp)) if id == s.table_id() => sp,
+                            _ => {
+                                let sp = pages.get(s.table_id());
+                                last = Some((s.table_id(), sp));
+                                sp
+                            }
+                        };
+                        flush |= clear_writable_at(sp, s.index());
+                    }
+                    None => for_each_rmap_spte(head, pool, mode, |s| {
+                        flush |= spte_clear_writable(pages, s);
+                    }),
+                }
+            }
+            for (level, mapped) in huge {
                 if mapped {
                     for_each_rmap_spte(slot.rmap_head(gfn, level), pool, mode, |s| {
                         flush |= spte_clear_writable(pages, s);
@@ -184,6 +256,10 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 lo <= g && g < hi
             }
         };
+        if let (false, Level::L4K, Some(m)) = (indirect, level, masks) {
+            // A direct 4K page holds gfns in order: 64 entries take one word of the masks.
+            return protect_direct_masked(sp, first, last, m, self.algos.page_wrprot);
+        }
         let mut flush = false;
         match self.algos.page_wrprot {
             PageWrprot::Scan512 => {
@@ -291,7 +367,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     .max(nr_dirty);
                 let mispredicts = nr_dirty * (mapped - nr_dirty) / mapped.max(1);
                 let walk = self.pages.len() as u64 * COST_PER_PAGE
-                    + mapped * COST_PER_WRITABLE
+                    + nr_dirty * COST_PER_DIRTY_WALKED
                     + mispredicts * COST_PER_MISPREDICT;
                 nr_dirty * COST_PER_GFN < walk
             }

@@ -138,6 +138,21 @@ impl<'g> TdpIter<'g> {
         self.guard
     }
 
+    /// The table the current entry links to, if it is a present non-leaf entry whose
+    /// child is still the one recorded (a concurrent split or collapse may have changed
+    /// the entry under the walk: then `None`, and the entry is skipped).
+    #[inline]
+    pub fn child_table(&self) -> Option<&'g TdpPage> {
+        if !self.spte.is_shadow_present() || self.spte.is_leaf(self.level) {
+            return None;
+        }
+        let child = self.page().child(self.index, self.guard);
+        // SAFETY: the guard pins the epoch of the collector pages are retired through
+        // (an `EpochGuard` comes only from `pin`).
+        let child = unsafe { child.as_ref() }?;
+        (child.frame() == self.spte.pfn()).then_some(child)
+    }
+
     /// Read the current entry again (after a failed compare-exchange).
     #[inline]
     pub fn reread(&mut self) -> Spte {
@@ -230,16 +245,9 @@ impl<'g> TdpIter<'g> {
         {
             return false;
         }
-        let child = self.page().child(self.index, self.guard);
-        // SAFETY: the guard pins the epoch of the collector pages are retired through
-        // (an `EpochGuard` comes only from `pin`).
-        let Some(child) = (unsafe { child.as_ref() }) else {
+        let Some(child) = self.child_table() else {
             return false;
         };
-        if child.frame() != self.spte.pfn() {
-            // The entry changed under us (a concurrent split or collapse): skip it.
-            return false;
-        }
         self.level = child.level;
         self.path[self.level as usize] = Some(child);
         let idx = self.next_last_level_gfn.max(child.gfn).index_at(self.level);

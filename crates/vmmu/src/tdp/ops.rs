@@ -82,11 +82,12 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         (removed, w.resume)
     }
 
-    /// Write-protect the 4K leaves of the gfns `base + 64 * k + i` for every bit `i` of
-    /// `masks[k]` (KVM's `kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode; like it,
-    /// under the exclusive lock, so a plain store suffices where no CPU can set A/D).
-    /// Sparse masks get one short walk each; when there is more than one dirty page per
-    /// 64 on average, one walk over the whole range tests each leaf's bit instead.
+    /// Write-protect the 4K leaves of the gfns set in `masks` (KVM's
+    /// `kvm_tdp_mmu_clear_dirty_pt_masked` in write-protect mode; like it, under the
+    /// exclusive lock, so a plain store suffices where no CPU can set A/D). The walk goes
+    /// down to the 2M level only; each last-level table under it is read where the masks
+    /// say, one mask word per 64 entries. Dirty words that are dense over their range get
+    /// one walk over it all; sparse ones a short walk each.
     pub fn clear_dirty(&mut self, masks: &DirtyMasks<'_>, guard: &EpochGuard) -> Removed {
         let mmu = self.exclusive();
         let mut removed = Removed::default();
@@ -100,22 +101,45 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
             )
         };
         let mut protect = |start: Gfn, end: Gfn| {
-            mmu.walk(start..end, Level::L4K, u64::MAX, false, guard, |it| {
-                let s = it.spte;
-                if it.level() == Level::L4K
-                    && s.is_shadow_present()
-                    && s.is_writable()
-                    && masks.contains(it.gfn())
-                {
-                    mmu.clear_bits(it.page(), it.index(), s, bits::WRITABLE);
-                    removed.flush.set();
+            mmu.walk(start..end, Level::L2M, u64::MAX, false, guard, |it| {
+                if it.level() != Level::L2M {
+                    return Step::Next;
+                }
+                let Some(pt) = it.child_table() else {
+                    return Step::Next;
+                };
+                for w in 0..SPTE_ENT_PER_PAGE / 64 {
+                    let g = pt.gfn.0 + 64 * w as u64;
+                    if g + 64 <= start.0 || g >= end.0 {
+                        continue;
+                    }
+                    // Only this walk's range: the next walk may start in the same table.
+                    let mut set = masks.bits_from(Gfn(g));
+                    if start.0 > g {
+                        set &= u64::MAX << (start.0 - g);
+                    }
+                    if end.0 < g + 64 {
+                        set &= u64::MAX >> (g + 64 - end.0);
+                    }
+                    while set != 0 {
+                        let i = w * 64 + set.trailing_zeros() as usize;
+                        set &= set - 1;
+                        let s = pt.table().get(i);
+                        if s.is_shadow_present() && s.is_writable() {
+                            mmu.clear_bits(pt, i, s, bits::WRITABLE);
+                            removed.flush.set();
+                        }
+                    }
                 }
                 Step::Next
             });
         };
-        if masks.nr > masks.masks().len() as u64 {
-            let first = masks.iter().next().map(span).expect("nr > 0").0;
-            let last = masks.iter().next_back().map(span).expect("nr > 0").1;
+        let first = masks.iter().next().map(span).expect("nr > 0").0;
+        let last = masks.iter().next_back().map(span).expect("nr > 0").1;
+        let words = masks.iter().count() as u64;
+        // A walk visits every 2M entry of its range: one walk when the dirty words are
+        // at least a quarter as many as those entries, else one per word.
+        if words * 4 > (last.0 - first.0) / SPTE_ENT_PER_PAGE as u64 {
             protect(first, last);
         } else {
             for m in masks.iter() {
