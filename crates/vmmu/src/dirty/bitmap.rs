@@ -240,6 +240,23 @@ impl<'a> DirtyMasks<'a> {
         }
     }
 
+    /// Whether any of the 512 gfns from `gfn` (a last-level table's) may be set: false only if none is. With a summary it
+    /// reads summary bits, not the masks.
+    #[inline]
+    pub fn any_in_table(&self, gfn: Gfn) -> bool {
+        let off = gfn.0.wrapping_sub(self.base.0) as i64;
+        let first = off.div_euclid(64);
+        // The table's 512 gfns touch words first..=first + 8 (one more when misaligned).
+        let last = (off + 511).div_euclid(64);
+        (first.max(0)..=last.min(self.masks.len() as i64 - 1)).any(|k| {
+            let k = k as usize;
+            match self.nonzero {
+                Some(nz) => nz[k / 64] & (1 << (k % 64)) != 0,
+                None => self.masks[k] != 0,
+            }
+        })
+    }
+
     /// The non-zero masks in order, each with the gfn of its bit 0.
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Gfn, u64)> + 'a {
         let (base, masks) = (self.base, self.masks);
@@ -317,6 +334,11 @@ mod tests {
         assert_eq!(m.bits_from(Gfn(120)), 5 << 44);
         assert_eq!(m.bits_from(Gfn(292 + 63)), 1);
         assert_eq!(m.bits_from(Gfn(292 + 64)), 0);
+        assert!(m.any_in_table(Gfn(0)) && m.any_in_table(Gfn(292)));
+        assert!(!m.any_in_table(Gfn(356)) && !m.any_in_table(Gfn(0x1000_0000)));
+        let nz = [0b1010u64];
+        let s = DirtyMasks::new(Gfn(0), &[0, 1, 0, 1, 0, 0, 0, 0, 0, 0], &nz, 2);
+        assert!(s.any_in_table(Gfn(0)) && !s.any_in_table(Gfn(256)));
     }
 
     #[test]

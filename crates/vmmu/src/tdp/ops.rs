@@ -102,7 +102,7 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
         };
         let mut protect = |start: Gfn, end: Gfn| {
             mmu.walk(start..end, Level::L2M, u64::MAX, false, guard, |it| {
-                if it.level() != Level::L2M {
+                if it.level() != Level::L2M || !masks.any_in_table(it.gfn()) {
                     return Step::Next;
                 }
                 let Some(pt) = it.child_table() else {
