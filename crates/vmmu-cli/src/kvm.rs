@@ -112,10 +112,11 @@ mod imp {
     use std::time::Duration;
 
     use serde_json::{json, Map, Value};
+    use vmmu::{MmuKind, TdpIteration, VmConfig};
     use vmmu_kvm::compare::{self, Bitmaps, FaultDelete};
     use vmmu_kvm::conformance;
     use vmmu_kvm::model::VmmuGuest;
-    use vmmu_kvm::{DirtyLog, HostBacking, Schedule, SlotConfig};
+    use vmmu_kvm::{DirtyLog, HostBacking, Peer, Schedule, SlotConfig};
 
     use super::{CompareArgs, ConformanceArgs, KvmArgs, KvmCommand};
     use crate::bench::median::median;
@@ -167,14 +168,31 @@ mod imp {
         }
     }
 
+    /// The vmmu peers of the harvest rows: (JSON variant, table name, configuration).
+    fn vmmu_peers() -> [(&'static str, &'static str, VmConfig); 2] {
+        [
+            (names::VMMU, "shadow", VmConfig::default()),
+            (
+                names::VMMU_TDP,
+                "tdp",
+                VmConfig {
+                    mmu: MmuKind::Tdp(TdpIteration::default()),
+                    ..VmConfig::default()
+                },
+            ),
+        ]
+    }
+
     /// One (mode, ratio) row: medians over the rounds.
     struct HarvestRow {
         mode: DirtyLog,
         ratio: f64,
         writes: u64,
         kvm_us: f64,
-        vmmu_us: f64,
-        equal: bool,
+        /// Per vmmu peer ([`vmmu_peers`]), its median and its minimum.
+        vmmu_us: Vec<(f64, f64)>,
+        /// Per vmmu peer, whether its bitmaps equalled KVM's in every round.
+        equal: Vec<bool>,
         diff: Option<String>,
     }
 
@@ -191,19 +209,26 @@ mod imp {
     fn harvest_rows(a: &CompareArgs, mode: DirtyLog) -> Result<Vec<HarvestRow>> {
         let slot = SlotConfig::new(u64::from(a.mem_gib) << 30, HostBacking::Page4K, mode);
         let mut kvm = vmmu_kvm::open_kvm(&slot)?;
-        let mut vmmu = VmmuGuest::new(&slot)?;
-        let mut bufs = Bitmaps::new(slot.bitmap_words());
+        let peers = vmmu_peers();
+        let mut guests = peers
+            .iter()
+            .map(|(_, _, c)| VmmuGuest::with_vm_config(&slot, *c))
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let mut vmmu: Vec<&mut dyn Peer> = guests.iter_mut().map(|g| g as &mut dyn Peer).collect();
+        let mut bufs = Bitmaps::new(slot.bitmap_words(), vmmu.len());
         // Map every page once and empty the log, so rounds measure re-dirtying (a write
         // fault on a write-protected SPTE), not first touch.
         let all = Schedule::every_page(slot.pages());
         let first = compare::harvest_round(&mut *kvm, &mut vmmu, &all, &mut bufs)?;
-        if let Some(d) = first.diff {
-            return Err(format!(
-                "{}: KVM's and vmmu's dirty bitmaps differ after the first write of every \
-                 page: {d}",
-                mode.name()
-            )
-            .into());
+        for ((_, name, _), d) in peers.iter().zip(first.diff) {
+            if let Some(d) = d {
+                return Err(format!(
+                    "{}: KVM's and vmmu {name}'s dirty bitmaps differ after the first write \
+                     of every page: {d}",
+                    mode.name()
+                )
+                .into());
+            }
         }
         let mut rows = Vec::new();
         for &ratio in &a.ratios {
@@ -211,23 +236,40 @@ mod imp {
             let s = Schedule::for_ratio(slot.pages(), ratio);
             // One untimed round first: every written page is then mapped and protected.
             let warm = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
-            let mut diff = warm.diff.map(|d| format!("warm-up round: {d}"));
-            let (mut k, mut v) = (Vec::new(), Vec::new());
+            let mut diffs: Vec<Option<String>> = warm
+                .diff
+                .into_iter()
+                .map(|d| d.map(|d| format!("warm-up round: {d}")))
+                .collect();
+            let mut k = Vec::new();
+            let mut v = vec![Vec::new(); vmmu.len()];
             for i in 0..a.rounds {
                 let r = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
                 k.push(us(r.kvm));
-                v.push(us(r.vmmu));
-                if diff.is_none() {
-                    diff = r.diff.map(|d| format!("round {i}: {d}"));
+                for (j, t) in r.vmmu.iter().enumerate() {
+                    v[j].push(us(*t));
+                }
+                for (d, rd) in diffs.iter_mut().zip(r.diff) {
+                    if d.is_none() {
+                        *d = rd.map(|x| format!("round {i}: {x}"));
+                    }
                 }
             }
+            let diff = peers
+                .iter()
+                .zip(&diffs)
+                .filter_map(|((_, name, _), d)| d.as_ref().map(|d| format!("vmmu {name}: {d}")))
+                .reduce(|a, b| format!("{a}; {b}"));
             rows.push(HarvestRow {
                 mode,
                 ratio,
                 writes: s.len(),
                 kvm_us: med(&k),
-                vmmu_us: med(&v),
-                equal: diff.is_none(),
+                vmmu_us: v
+                    .iter()
+                    .map(|x| (med(x), x.iter().copied().fold(f64::INFINITY, f64::min)))
+                    .collect(),
+                equal: diffs.iter().map(Option::is_none).collect(),
                 diff,
             });
         }
@@ -317,9 +359,15 @@ mod imp {
             .map(|(k, v)| (k.to_owned(), v))
             .collect();
             v.push(record(names::KVM, names::HARVEST_US, &p, r.kvm_us, "us"));
-            v.push(record(names::VMMU, names::HARVEST_US, &p, r.vmmu_us, "us"));
-            let eq = if r.equal { 1.0 } else { 0.0 };
-            v.push(record(names::VMMU, names::BITMAP_EQUAL, &p, eq, "bool"));
+            for (((variant, _, _), &(t, min)), &equal) in
+                vmmu_peers().iter().zip(&r.vmmu_us).zip(&r.equal)
+            {
+                let mut rec = record(variant, names::HARVEST_US, &p, t, "us");
+                rec.min = Some(min);
+                v.push(rec);
+                let eq = if equal { 1.0 } else { 0.0 };
+                v.push(record(variant, names::BITMAP_EQUAL, &p, eq, "bool"));
+            }
         }
         for f in faults {
             let p: Map<String, Value> = [
@@ -421,8 +469,9 @@ mod imp {
         )?;
         writeln!(
             out,
-            "  vmmu: the same slot over simulated host memory, vmmu's default configuration, \
-             written through the CPU model"
+            "  vmmu: the same slot over simulated host memory, written through the CPU model; \
+             shadow = vmmu's default configuration (the shadow MMU, direct), tdp = the TDP MMU; \
+             the first-touch and delete rows are the default's"
         )?;
         writeln!(out)?;
         writeln!(
@@ -433,24 +482,34 @@ mod imp {
         let body: Vec<Vec<String>> = rows
             .iter()
             .map(|r| {
-                vec![
+                let mut row = vec![
                     r.mode.name().to_owned(),
                     format!("{}", r.ratio),
                     r.writes.to_string(),
                     num(r.kvm_us),
-                    num(r.vmmu_us),
-                    format!("{}x", num(r.kvm_us / r.vmmu_us)),
-                    if r.equal { "identical" } else { "DIFFER" }.to_owned(),
-                ]
+                ];
+                for &(t, _) in &r.vmmu_us {
+                    row.push(num(t));
+                    row.push(format!("{}x", num(r.kvm_us / t)));
+                }
+                let same = r.equal.iter().all(|&e| e);
+                row.push(if same { "identical" } else { "DIFFER" }.to_owned());
+                row
             })
             .collect();
-        table(
-            out,
-            &[
-                "mode", "ratio", "pages", "kvm us", "vmmu us", "kvm/vmmu", "bitmaps",
-            ],
-            &body,
-        )?;
+        let mut header = vec![
+            "mode".to_owned(),
+            "ratio".into(),
+            "pages".into(),
+            "kvm us".into(),
+        ];
+        for (_, name, _) in vmmu_peers() {
+            header.push(format!("{name} us"));
+            header.push(format!("kvm/{name}"));
+        }
+        header.push("bitmaps".into());
+        let header: Vec<&str> = header.iter().map(String::as_str).collect();
+        table(out, &header, &body)?;
         for r in rows {
             if let Some(d) = &r.diff {
                 writeln!(out, "  {} ratio {}: {d}", r.mode.name(), r.ratio)?;

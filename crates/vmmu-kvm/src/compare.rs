@@ -77,7 +77,7 @@ impl fmt::Display for Diff {
     }
 }
 
-/// One measured harvest on both peers.
+/// One measured harvest on KVM and on each vmmu peer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HarvestRound {
     /// Pages the schedule stored to (repeats counted).
@@ -86,49 +86,53 @@ pub struct HarvestRound {
     pub dirty: u64,
     /// KVM's harvest time.
     pub kvm: Duration,
-    /// vmmu's harvest time.
-    pub vmmu: Duration,
-    /// Where the bitmaps differ, if they do.
-    pub diff: Option<Diff>,
+    /// Each vmmu peer's harvest time, in the order given.
+    pub vmmu: Vec<Duration>,
+    /// Where each vmmu peer's bitmap differs from KVM's, if it does.
+    pub diff: Vec<Option<Diff>>,
 }
 
-/// Bitmaps for harvesting a slot on two peers, reused round after round.
+/// Bitmaps for harvesting a slot on KVM and on vmmu peers, reused round after round.
 pub struct Bitmaps {
     /// KVM's.
     pub kvm: Vec<u64>,
-    /// vmmu's.
-    pub vmmu: Vec<u64>,
+    /// Each vmmu peer's.
+    pub vmmu: Vec<Vec<u64>>,
 }
 
 impl Bitmaps {
-    /// Two zeroed bitmaps of `words` words.
-    pub fn new(words: usize) -> Self {
+    /// Zeroed bitmaps of `words` words: KVM's and `peers` vmmu ones.
+    pub fn new(words: usize, peers: usize) -> Self {
         Bitmaps {
             kvm: vec![0; words],
-            vmmu: vec![0; words],
+            vmmu: vec![vec![0; words]; peers],
         }
     }
 }
 
-/// Run `schedule` and harvest (timed) on each peer in turn, then compare the bitmaps.
-/// Each harvest follows its own peer's run directly, so neither finds its caches cooled
-/// by the other's run.
+/// Run `schedule` and harvest (timed) on KVM, then on each vmmu peer in turn, and compare
+/// each vmmu bitmap with KVM's. Each harvest follows its own peer's run directly, so none
+/// finds its caches cooled by another's run.
 pub fn harvest_round(
     kvm: &mut dyn Peer,
-    vmmu: &mut dyn Peer,
+    vmmu: &mut [&mut dyn Peer],
     schedule: &Schedule,
     bufs: &mut Bitmaps,
 ) -> Result<HarvestRound, Error> {
+    assert_eq!(vmmu.len(), bufs.vmmu.len(), "one bitmap per vmmu peer");
     kvm.run(schedule)?;
     let t_kvm = harvest(kvm, &mut bufs.kvm)?;
-    vmmu.run(schedule)?;
-    let t_vmmu = harvest(vmmu, &mut bufs.vmmu)?;
+    let mut times = Vec::with_capacity(vmmu.len());
+    for (peer, out) in vmmu.iter_mut().zip(&mut bufs.vmmu) {
+        peer.run(schedule)?;
+        times.push(harvest(&mut **peer, out)?);
+    }
     Ok(HarvestRound {
         writes: schedule.len(),
         dirty: bufs.kvm.iter().map(|w| u64::from(w.count_ones())).sum(),
         kvm: t_kvm,
-        vmmu: t_vmmu,
-        diff: Diff::find(&bufs.kvm, &bufs.vmmu),
+        vmmu: times,
+        diff: bufs.vmmu.iter().map(|v| Diff::find(&bufs.kvm, v)).collect(),
     })
 }
 

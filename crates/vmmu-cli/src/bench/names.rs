@@ -261,11 +261,14 @@ pub mod kvm_compare {
     pub const NAME: &str = "kvm-compare";
     /// The host's KVM, through /dev/kvm.
     pub const KVM: &str = "kvm";
-    /// vmmu on the same workload.
+    /// vmmu on the same workload (its default MMU, the shadow MMU in direct mode).
     pub const VMMU: &str = "vmmu";
+    /// vmmu's TDP MMU on the same workload (harvests only).
+    pub const VMMU_TDP: &str = "vmmu-tdp";
     /// Time of the harvest (GET, or GET + CLEAR).
     pub const HARVEST_US: &str = "harvest_us";
-    /// 1 if vmmu's bitmap equalled KVM's in every round (variant [`VMMU`] only).
+    /// 1 if vmmu's bitmap equalled KVM's in every round (variants [`VMMU`] and
+    /// [`VMMU_TDP`]).
     pub const BITMAP_EQUAL: &str = "bitmap_equal";
     /// First touch, per 4 KiB page.
     pub const FAULT_NS_PER_PAGE: &str = "fault_ns_per_page";
