@@ -42,7 +42,8 @@ fn list_prints_the_public_scenarios() {
                 "memory",
                 "shadow-fork",
                 "shadow-ctxsw",
-                "shadow-pt-churn"
+                "shadow-pt-churn",
+                "floor"
             ]
         );
     }

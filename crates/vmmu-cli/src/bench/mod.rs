@@ -16,6 +16,7 @@
 mod dirty_log;
 pub mod dirty_ratio;
 mod fault_in;
+mod floor;
 pub mod guest;
 pub mod median;
 mod memory;
@@ -58,6 +59,7 @@ pub const SCENARIOS: &[Scenario] = &[
     shadow_fork::SCENARIO,
     shadow_ctxsw::SCENARIO,
     shadow_pt_churn::SCENARIO,
+    floor::SCENARIO,
 ];
 
 /// Looks a scenario up by its public name.

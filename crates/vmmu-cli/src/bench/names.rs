@@ -241,8 +241,13 @@ pub mod shadow_pt_churn {
 pub mod floor {
     /// The source.
     pub const NAME: &str = "floor";
-    /// One atomic AND per dirty SPTE (the harvests' floor).
+    /// The least work of a harvest: bitmap copy, RMW per non-zero word, store per dirty
+    /// SPTE, flush (the harvests' floor).
     pub const HARVEST: &str = "harvest";
+    /// `pattern` of a `harvest`: `dirty-log`'s and `wrprot-slot`'s random pages.
+    pub const RANDOM: &str = "random";
+    /// `pattern` of a `harvest`: `kvm-compare`'s stride of pages.
+    pub const STRIDE: &str = "stride";
     /// One read per present entry (the zaps' floor).
     pub const ZAP: &str = "zap";
     /// A read and an atomic AND per SPTE (`rmap-iter`'s floor).

@@ -310,8 +310,15 @@ fn kvm_harvest(rs: &[Record], variant: &str, mode: &str, label: &str, look: Look
 
 fn floor_harvest(rs: &[Record]) -> Line {
     Line {
-        label: "floor: atomic AND per dirty SPTE".into(),
-        points: query::series(rs, fl::NAME, fl::HARVEST, fl::US, "ratio", &[]),
+        label: "floor: bitmap copy, RMW per dirty word, store per dirty SPTE, flush".into(),
+        points: query::series(
+            rs,
+            fl::NAME,
+            fl::HARVEST,
+            fl::US,
+            "ratio",
+            &[("pattern", Value::from(fl::RANDOM))],
+        ),
         look: Look::Floor,
     }
 }
@@ -357,8 +364,8 @@ fn wrprot(rs: &[Record]) -> Figure {
                   ratios and no worse near its rule's switch (dirty pages = shadow pages, a \
                   ratio of about 1/512 here). kvm-2012 should follow the lower of the two on each \
                   side of that switch; adaptive switches where vmmu's own costs cross. Ratio 0 \
-                  (nothing dirty) cannot sit on a log axis: it is in the table. A multiple of the \
-                  floor below 1x: see the dirty-logging section."
+                  (nothing dirty) cannot sit on a log axis: it is in the table. The floor is the \
+                  least any harvest does: see the dirty-logging section."
             .into(),
     }
 }
@@ -441,10 +448,12 @@ fn harvest(rs: &[Record]) -> Figure {
                   the host's KVM in the same mode as vmmu's line of that colour (kvm-compare: a stride of pages rather than random \
                   ones, real guest writes, median of its rounds); the grey line is vmmu's get on \
                   that same workload, the like-for-like comparison with KVM. The black dashed line \
-                  is the floor, one atomic AND per dirty SPTE; the tables give each mode's \
-                  multiple of it. Below 1x means vmmu protected those SPTEs with plain stores (no \
-                  bit the CPU could set was left clear, so KVM's rule needs no locked operation), \
-                  which is cheaper than the floor assumes."
+                  is the floor, the least any harvest does over the same pages laid out as the \
+                  MMU's: copy the bitmap to the caller, one read-modify-write per non-zero bitmap \
+                  word, one store per dirty SPTE at an address computed from its gfn, one flush \
+                  request. The tables give each mode's multiple of it (kvm-compare's against the \
+                  floor of its own stride of pages). The ring copies entries, not a bitmap, so \
+                  it can go below 1x at low ratios."
             .into(),
     }
 }

@@ -80,7 +80,8 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
     h.push_str(
         "<p>Does each of the five KVM optimizations vmmu carries do what its patch claimed, by \
          how much, and on which workload; how vmmu compares with the host's KVM and with the \
-         floor (the same memory operations in a tight loop over a flat array). Every number is \
+         floor (the least work of the same operations, in a tight loop over memory laid out as \
+         the MMU's). Every number is \
          measured in this run on this machine; times on a shared machine are noisy, so look at \
          ratios and shapes more than at the last digit. Lower is better everywhere except \
          faults per second. Every measurement is in <code>results.json</code>; the same tables \

@@ -33,7 +33,8 @@ pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String
     d.push_str(
         "The plots are in `index.html`; every measurement is in `results.json`. Ratios above 1 \
          mean the seed's algorithm is faster by that factor; `(N x)` after a value is its \
-         multiple of the floor (the same memory operations in a tight loop over a flat array).\n\n",
+         multiple of the floor (the least work of the same operations, in a tight loop over \
+         memory laid out as the MMU's).\n\n",
     );
     d.push_str("## The seeds' claims\n\n| seed | claim | variants compared | measured | rule | held |\n|---|---|---|---|---|---|\n");
     for s in &report.seeds {

@@ -92,11 +92,17 @@ pub fn floor_for(
     // The floor of the same workload size: same `key`, same `mem_gib` where the record has
     // one, and both quick or both not (kvm-compare is never quick).
     let quick = |p: &serde_json::Map<String, Value>| p.get("quick").and_then(Value::as_bool);
-    let floor_where = |variant: &str, metric: &str, key: Option<&str>| {
+    // `fixed`: params the floor's record must have that the measured record does not.
+    let floor_where = |variant: &str, metric: &str, key: Option<&str>, fixed: &[(&str, &str)]| {
         records
             .iter()
             .filter(|r| r.scenario == fl::NAME && r.variant == variant && r.metric == metric)
             .filter(|r| quick(&r.params) == quick(params))
+            .filter(|r| {
+                fixed
+                    .iter()
+                    .all(|(k, v)| r.params.get(*k).and_then(Value::as_str) == Some(*v))
+            })
             .filter(|r| {
                 ["mem_gib"]
                     .into_iter()
@@ -109,23 +115,28 @@ pub fn floor_for(
             .map(|r| r.value)
             .next()
     };
-    let floor = |variant: &str, metric: &str, key: &str| floor_where(variant, metric, Some(key));
+    // The harvest floor of the measured workload's own pages (`floor.rs`).
+    let harvest = |pattern: &str| {
+        // At ratio 0 nothing is dirty and the floor is the copy alone: a multiple of it
+        // would measure the fixed work only, and the summary skips it, so none is shown.
+        if params.get("ratio")?.as_f64()? == 0.0 {
+            return None;
+        }
+        floor_where(fl::HARVEST, fl::US, Some("ratio"), &[("pattern", pattern)])
+    };
     match (scenario, metric) {
-        (dirty_log::NAME, dirty_log::HARVEST_US)
-        | (wrprot_slot::NAME, wrprot_slot::US)
-        | (kc::NAME, kc::HARVEST_US) => {
-            // At ratio 0 nothing is dirty: the floor does nothing, so no multiple of it.
-            if params.get("ratio")?.as_f64()? == 0.0 {
-                return None;
-            }
-            floor(fl::HARVEST, fl::US, "ratio")
+        (dirty_log::NAME, dirty_log::HARVEST_US) | (wrprot_slot::NAME, wrprot_slot::US) => {
+            harvest(fl::RANDOM)
         }
+        (kc::NAME, kc::HARVEST_US) => harvest(fl::STRIDE),
         (zap::NAME, zap::US) | (tdp_zap::NAME, tdp_zap::US) | (kc::NAME, kc::DELETE_US) => {
-            floor(fl::ZAP, fl::US, "backing")
+            floor_where(fl::ZAP, fl::US, Some("backing"), &[])
         }
-        (rmap_iter::NAME, rmap_iter::NS_PER_SPTE) => floor_where(fl::AGE, fl::NS_PER_SPTE, None),
+        (rmap_iter::NAME, rmap_iter::NS_PER_SPTE) => {
+            floor_where(fl::AGE, fl::NS_PER_SPTE, None, &[])
+        }
         (pte_list_destroy::NAME, pte_list_destroy::NS_PER_SPTE) => {
-            floor_where(fl::CLEAR, fl::NS_PER_SPTE, None)
+            floor_where(fl::CLEAR, fl::NS_PER_SPTE, None, &[])
         }
         _ => None,
     }
@@ -296,17 +307,26 @@ mod tests {
     #[test]
     fn pivots_variants_into_columns_with_the_floor() {
         let p = |ratio: f64| [("mem_gib", json!(1)), ("ratio", json!(ratio))];
+        let f = |ratio: f64, pattern: &str| {
+            [
+                ("mem_gib", json!(1)),
+                ("ratio", json!(ratio)),
+                ("pattern", json!(pattern)),
+            ]
+        };
         let rs = vec![
             rec("dirty-log", "get", "harvest_us", &p(0.0), 0.25),
             rec("dirty-log", "ring", "harvest_us", &p(0.0), 0.12),
             rec("dirty-log", "get", "harvest_us", &p(0.5), 500.0),
             rec("dirty-log", "ring", "harvest_us", &p(0.5), 700.0),
             rec("dirty-log", "get", "write_ns_per_page", &p(0.5), 90.0),
-            rec("floor", "harvest", "us", &p(0.0), 0.01),
-            rec("floor", "harvest", "us", &p(0.5), 100.0),
+            rec("floor", "harvest", "us", &f(0.0, "random"), 0.01),
+            rec("floor", "harvest", "us", &f(0.5, "random"), 100.0),
+            rec("floor", "harvest", "us", &f(0.5, "stride"), 250.0),
+            rec("kvm-compare", "vmmu", "harvest_us", &p(0.5), 500.0),
         ];
         let ts = tables(&rs);
-        assert_eq!(ts.len(), 3);
+        assert_eq!(ts.len(), 4);
         let t = &ts[0];
         assert_eq!(
             (t.scenario.as_str(), t.metric.as_str()),
@@ -322,6 +342,9 @@ mod tests {
         assert_eq!(t.rows[1].values, [Some(500.0), Some(700.0)]);
         assert_eq!(t.rows[1].times_floor(Some(500.0)), Some(5.0));
         assert!(!ts[1].has_floor);
+        // kvm-compare writes a stride: its floor is the stride's, not the random pages'.
+        let kc = ts.iter().find(|t| t.scenario == "kvm-compare").unwrap();
+        assert_eq!(kc.rows[0].floor, Some(250.0));
     }
 
     #[test]
@@ -353,6 +376,7 @@ mod tests {
                 &[
                     ("mem_gib", json!(1)),
                     ("ratio", json!(0.5)),
+                    ("pattern", json!("random")),
                     ("quick", q.clone()),
                 ],
                 1.0,
