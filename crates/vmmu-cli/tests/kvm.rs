@@ -74,13 +74,29 @@ fn compare_prints_the_contracts_records() {
             .filter(|r| r["variant"] == variant && r["metric"] == metric)
             .count()
     };
-    // 2 modes x 2 ratios of harvests; 2 backings of fault-in and delete.
+    // get, get-clear and, where the host offers it, ring; each at 2 ratios. A host
+    // without the ring says so.
+    let mut modes: Vec<&str> = recs
+        .iter()
+        .filter(|r| r["metric"] == "harvest_us")
+        .map(|r| r["params"]["mode"].as_str().unwrap())
+        .collect();
+    modes.sort_unstable();
+    modes.dedup();
+    if modes.len() == 2 {
+        assert!(stderr.contains("ring: not measured"), "{stderr}");
+    } else {
+        assert_eq!(modes, ["get", "get-clear", "ring"]);
+    }
+    let harvests = 2 * modes.len();
+    // 2 backings of fault-in and delete.
     for v in ["kvm", "vmmu"] {
-        assert_eq!(count(v, "harvest_us"), 4);
+        assert_eq!(count(v, "harvest_us"), harvests);
         assert_eq!(count(v, "fault_ns_per_page"), 2);
         assert_eq!(count(v, "delete_us"), 2);
     }
-    assert_eq!(count("vmmu", "bitmap_equal"), 4);
+    assert_eq!(count("vmmu", "bitmap_equal"), harvests);
+    assert_eq!(count("vmmu-tdp", "bitmap_equal"), harvests);
     for r in &recs {
         assert_eq!(r["scenario"], "kvm-compare");
         let keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();

@@ -2,27 +2,28 @@
 //! variants of the harvest in one sitting (no /dev/kvm needed):
 //!
 //! ```sh
-//! cargo run --release -p vmmu-kvm --example harvest_prof -- RATIO [get|clear] [ROUNDS] [shadow|tdp]
+//! cargo run --release -p vmmu-kvm --example harvest_prof -- RATIO [get|clear|ring] [ROUNDS] [shadow|tdp]
 //! ```
 //!
 //! A 1 GiB slot at 4 KiB, every page written and harvested once, then ROUNDS rounds of
 //! writing every round(1/RATIO)-th page (as kvm compare's guest does) and harvesting (GET,
-//! or GET + CLEAR of what GET reported). Prints the mean and the minimum harvest time.
+//! or GET + CLEAR of what GET reported, or the ring's entries and its reset, every 32,768
+//! pages). Prints the mean and the minimum harvest time.
 //! `WRPROT=pergfn|walk` forces the shadow MMU's write-protection method; `EVICT=1` writes
 //! 64 MiB between rounds, so the harvest finds its caches as cold as after KVM's turn.
 
 use std::time::Duration;
-use vmmu_kvm::compare::harvest;
+use vmmu_kvm::compare::run_and_harvest;
 use vmmu_kvm::model::VmmuGuest;
-use vmmu_kvm::{DirtyLog, HostBacking, Peer, Schedule, SlotConfig};
+use vmmu_kvm::{DirtyLog, HostBacking, Schedule, SlotConfig};
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let ratio: f64 = args.get(1).map(|s| s.parse().unwrap()).unwrap_or(0.01);
-    let mode = if args.get(2).map(|s| s.as_str()) == Some("clear") {
-        DirtyLog::GetClear
-    } else {
-        DirtyLog::Get
+    let mode = match args.get(2).map(|s| s.as_str()) {
+        Some("clear") => DirtyLog::GetClear,
+        Some("ring") => DirtyLog::Ring,
+        _ => DirtyLog::Get,
     };
     let iters: usize = args.get(3).map(|s| s.parse().unwrap()).unwrap_or(200);
     let mmu = args.get(4).cloned().unwrap_or_default();
@@ -54,8 +55,7 @@ fn main() {
     let mut g = VmmuGuest::with_vm_config(&cfg, vmc).unwrap();
     let npages = cfg.pages();
     let mut out = vec![0u64; cfg.bitmap_words()];
-    g.run(&Schedule::every_page(npages)).unwrap();
-    harvest(&mut g, &mut out).unwrap();
+    run_and_harvest(&mut g, &Schedule::every_page(npages), &mut out).unwrap();
     let s = Schedule::for_ratio(npages, ratio);
     let mut tot = Duration::ZERO;
     let mut min = Duration::MAX;
@@ -67,8 +67,7 @@ fn main() {
                 *w = w.wrapping_add(k as u64 ^ i as u64);
             }
         }
-        g.run(&s).unwrap();
-        let t = harvest(&mut g, &mut out).unwrap();
+        let t = run_and_harvest(&mut g, &s, &mut out).unwrap();
         tot += t;
         min = min.min(t);
     }

@@ -4,16 +4,48 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::{DirtyLog, Error, Peer, Schedule};
+use crate::{DirtyLog, Error, Peer, Schedule, RING_BATCH};
 
 /// Harvest the data slot as a VMM does in the slot's mode: `KVM_GET_DIRTY_LOG` into
-/// `out`, and with manual protect a `KVM_CLEAR_DIRTY_LOG` of exactly what GET reported.
-/// Returns the time of the ioctl(s) together.
+/// `out`, with manual protect then a `KVM_CLEAR_DIRTY_LOG` of exactly what GET reported;
+/// with a ring, the ring's entries into `out` (adding to its bits) and
+/// `KVM_RESET_DIRTY_RINGS`. Returns the time of the calls together.
 pub fn harvest(peer: &mut dyn Peer, out: &mut [u64]) -> Result<Duration, Error> {
-    let mut t = peer.get_dirty_log(out)?;
-    if peer.config().log == DirtyLog::GetClear {
-        let npages = peer.config().pages();
-        t += peer.clear_dirty_log(0, npages, out)?;
+    match peer.config().log {
+        DirtyLog::Ring => peer.harvest_ring(out),
+        log => {
+            let mut t = peer.get_dirty_log(out)?;
+            if log == DirtyLog::GetClear {
+                let npages = peer.config().pages();
+                t += peer.clear_dirty_log(0, npages, out)?;
+            }
+            Ok(t)
+        }
+    }
+}
+
+/// Run `schedule` on `peer` and harvest into `out` (which then holds every page the run
+/// dirtied); returns the harvest time. With a ring, the run goes in pieces of at most
+/// [`RING_BATCH`] pages, each followed by a harvest, as a VMM keeps a ring from filling;
+/// the time is their sum (one harvest of the empty ring at ratio 0).
+pub fn run_and_harvest(
+    peer: &mut dyn Peer,
+    schedule: &Schedule,
+    out: &mut [u64],
+) -> Result<Duration, Error> {
+    if peer.config().log != DirtyLog::Ring {
+        peer.run(schedule)?;
+        return harvest(peer, out);
+    }
+    out.fill(0);
+    let mut pieces = schedule.split(RING_BATCH);
+    if pieces.is_empty() {
+        pieces.push(Schedule::empty());
+    }
+    let mut t = Duration::ZERO;
+    for piece in &pieces {
+        peer.run(piece)?;
+        t += peer.harvest_ring(out)?;
     }
     Ok(t)
 }
@@ -120,12 +152,10 @@ pub fn harvest_round(
     bufs: &mut Bitmaps,
 ) -> Result<HarvestRound, Error> {
     assert_eq!(vmmu.len(), bufs.vmmu.len(), "one bitmap per vmmu peer");
-    kvm.run(schedule)?;
-    let t_kvm = harvest(kvm, &mut bufs.kvm)?;
+    let t_kvm = run_and_harvest(kvm, schedule, &mut bufs.kvm)?;
     let mut times = Vec::with_capacity(vmmu.len());
     for (peer, out) in vmmu.iter_mut().zip(&mut bufs.vmmu) {
-        peer.run(schedule)?;
-        times.push(harvest(&mut **peer, out)?);
+        times.push(run_and_harvest(&mut **peer, schedule, out)?);
     }
     Ok(HarvestRound {
         writes: schedule.len(),
@@ -177,5 +207,31 @@ mod tests {
         assert_eq!((d.word, d.words), (1, 2));
         assert_eq!(d.pages(), (vec![64], vec![65]));
         assert!(d.to_string().contains("only on kvm: [64]"), "{d}");
+    }
+
+    #[test]
+    fn a_ring_round_longer_than_the_batch_is_harvested_in_pieces() {
+        use crate::model::VmmuGuest;
+        use crate::{HostBacking, SlotConfig};
+        // More pages than one batch: the round needs two harvests.
+        let pages = RING_BATCH + 1000;
+        let slot = SlotConfig::new(pages * 4096, HostBacking::Page4K, DirtyLog::Ring);
+        let mut a = VmmuGuest::new(&slot).unwrap();
+        let mut b = VmmuGuest::new(&slot).unwrap();
+        let mut bufs = Bitmaps::new(slot.bitmap_words(), 1);
+        let mut peers: [&mut dyn Peer; 1] = [&mut b];
+        let all = Schedule::every_page(pages);
+        let r = harvest_round(&mut a, &mut peers, &all, &mut bufs).unwrap();
+        assert_eq!((r.writes, r.dirty), (pages, pages));
+        assert_eq!(r.diff, [None]);
+        // Everything was reset: writing a few pages again logs exactly those.
+        let few = Schedule::Pages(vec![3, RING_BATCH + 7]);
+        let r = harvest_round(&mut a, &mut peers, &few, &mut bufs).unwrap();
+        assert_eq!(r.dirty, 2);
+        assert_eq!(bufs.kvm[0], 1 << 3);
+        // Nothing written: an empty ring is still harvested, and reports nothing.
+        let r = harvest_round(&mut a, &mut peers, &Schedule::empty(), &mut bufs).unwrap();
+        assert_eq!(r.dirty, 0);
+        a.vm().audit().unwrap();
     }
 }

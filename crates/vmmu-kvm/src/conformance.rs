@@ -10,8 +10,9 @@
 //!    pages over the slot; a stride from a random page; a small hot set written many
 //!    times. Lists are shuffled and padded with repeats, so pages come in random order and
 //!    more than once; most pages are never touched.
-//! 2. `KVM_GET_DIRTY_LOG` on both peers, compared. In GET mode, sometimes a second GET at
-//!    once (both must report nothing new).
+//! 2. `KVM_GET_DIRTY_LOG` on both peers, compared; with the dirty ring, each peer's ring
+//!    entries collected into a bitmap and `KVM_RESET_DIRTY_RINGS`, compared. In GET and
+//!    ring modes, sometimes a second harvest at once (both must report nothing new).
 //! 3. In GET + CLEAR mode, one of: clear everything GET reported; clear one to four
 //!    sub-ranges (64-page aligned starts, lengths in 64-page units or up to the slot's
 //!    end) with masks that keep some reported bits, add clean ones or set every bit; or
@@ -37,7 +38,8 @@ use crate::{DirtyLog, Error, GuestPaging, HostBacking, Peer, Rng, Schedule, Slot
 pub struct Mismatch {
     /// The round (0-based).
     pub round: u64,
-    /// Which harvest of the round: `get`, `get-again`, `get-after-clear`.
+    /// Which harvest of the round: `get`, `get-again`, `get-after-clear`, `ring`,
+    /// `ring-again`.
     pub step: &'static str,
     /// Where the bitmaps differ.
     pub diff: Diff,
@@ -122,9 +124,12 @@ impl fmt::Display for Report {
 /// 4 KiB host pages, and over THP (so the slot maps 2 MiB while logging is off); and
 /// 4133 pages (not a multiple of 64, so the last bitmap word is partial and a clear may
 /// end at the slot's end with an odd length) under 4 KiB guest pages over THP.
+///
+/// The ring's slots have fewer pages than [`RING_BATCH`](crate::RING_BATCH), so the
+/// distinct pages a round dirties always fit the ring: no round needs a harvest inside it.
 pub fn standard_slots() -> Vec<SlotConfig> {
     let mut v = Vec::new();
-    for log in [DirtyLog::Get, DirtyLog::GetClear] {
+    for log in [DirtyLog::Get, DirtyLog::GetClear, DirtyLog::Ring] {
         v.push(SlotConfig::new(64 << 20, HostBacking::Page4K, log));
         v.push(SlotConfig::new(64 << 20, HostBacking::Thp, log));
         v.push(SlotConfig {
@@ -282,10 +287,18 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// GET on both peers; compare them with each other, and KVM with the oracle.
+    /// GET (or the ring's entries and reset) on both peers; compare them with each other,
+    /// and KVM with the oracle.
     fn harvest(&mut self, round: u64, step: &'static str) -> Result<(), Error> {
-        self.kvm.get_dirty_log(&mut self.kvm_bits)?;
-        self.vmmu.get_dirty_log(&mut self.vmmu_bits)?;
+        if self.report.slot.log == DirtyLog::Ring {
+            self.kvm_bits.fill(0);
+            self.vmmu_bits.fill(0);
+            self.kvm.harvest_ring(&mut self.kvm_bits)?;
+            self.vmmu.harvest_ring(&mut self.vmmu_bits)?;
+        } else {
+            self.kvm.get_dirty_log(&mut self.kvm_bits)?;
+            self.vmmu.get_dirty_log(&mut self.vmmu_bits)?;
+        }
         let r = &mut self.report;
         r.harvests += 1;
         r.dirty_bits += self
@@ -303,7 +316,7 @@ impl Run<'_> {
             r.kvm_vs_oracle += 1;
         }
         // Go on from what KVM reported, so one oracle difference is counted once.
-        if r.slot.log == DirtyLog::Get {
+        if r.slot.log != DirtyLog::GetClear {
             self.oracle.bits.fill(0);
         } else {
             self.oracle.bits.copy_from_slice(&self.kvm_bits);
@@ -322,11 +335,21 @@ impl Run<'_> {
             self.kvm.run(&s)?;
             self.vmmu.run(&s)?;
         }
-        self.harvest(round, "get")?;
+        let first = if slot.log == DirtyLog::Ring {
+            "ring"
+        } else {
+            "get"
+        };
+        self.harvest(round, first)?;
         match slot.log {
-            DirtyLog::Get => {
+            DirtyLog::Get | DirtyLog::Ring => {
                 if rng.percent(10) {
-                    self.harvest(round, "get-again")?;
+                    let again = if slot.log == DirtyLog::Ring {
+                        "ring-again"
+                    } else {
+                        "get-again"
+                    };
+                    self.harvest(round, again)?;
                 }
             }
             DirtyLog::GetClear => {

@@ -9,23 +9,29 @@
 //!
 //! `KVM_GET_DIRTY_LOG` and `KVM_CLEAR_DIRTY_LOG` are issued directly (kvm-ioctls' own
 //! `get_dirty_log` allocates a fresh bitmap on each call, which would be timed with the
-//! ioctl; it has no `clear_dirty_log`).
+//! ioctl; it has no `clear_dirty_log`), and so is the dirty ring, which kvm-ioctls does
+//! not wrap: `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_ACQ_REL)` before the vCPU exists, the
+//! vCPU's ring mapped from its fd at `KVM_DIRTY_LOG_PAGE_OFFSET`, entries read with the
+//! acquire/release protocol of `Documentation/virt/kvm/api.rst`, and
+//! `KVM_RESET_DIRTY_RINGS`.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log,
+    kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_gfn, kvm_dirty_log,
     kvm_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_regs, kvm_segment,
-    kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
+    kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_DIRTY_LOG_PAGE_OFFSET, KVM_MAX_CPUID_ENTRIES, KVM_MEM_LOG_DIRTY_PAGES,
 };
 use kvm_ioctls::{Cap, Kvm, VcpuExit, VcpuFd, VmFd};
 
 use crate::image::{Layout, DATA_GPA, DATA_SLOT, DONE_PORT, LIST_ENTRY, STRIDE_ENTRY, SYSTEM_SLOT};
-use crate::{DirtyLog, Error, HostBacking, Peer, Schedule, SlotConfig};
+use crate::{DirtyLog, Error, HostBacking, Peer, Schedule, SlotConfig, RING_ENTRIES};
 
 /// `_IOC(dir, 0xAE, nr, size)` as Linux's `asm-generic/ioctl.h` encodes it.
 const fn kvm_ioc(dir: u64, nr: u64, size: usize) -> u64 {
@@ -38,6 +44,12 @@ const KVM_GET_DIRTY_LOG: u64 = kvm_ioc(IOC_WRITE, 0x42, size_of::<kvm_dirty_log>
 /// `KVM_CLEAR_DIRTY_LOG`: `_IOWR(KVMIO, 0xc0, struct kvm_clear_dirty_log)`.
 const KVM_CLEAR_DIRTY_LOG: u64 =
     kvm_ioc(IOC_READ | IOC_WRITE, 0xc0, size_of::<kvm_clear_dirty_log>());
+/// `KVM_RESET_DIRTY_RINGS`: `_IO(KVMIO, 0xc7)`.
+const KVM_RESET_DIRTY_RINGS: u64 = kvm_ioc(0, 0xc7, 0);
+/// `KVM_DIRTY_GFN_F_DIRTY`: the entry holds a page the vCPU dirtied.
+const GFN_DIRTY: u32 = 1 << 0;
+/// `KVM_DIRTY_GFN_F_RESET`: the VMM has collected the entry.
+const GFN_RESET: u32 = 1 << 1;
 
 const MIB2: usize = 2 << 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14), spelled out for older libc crates.
@@ -188,10 +200,115 @@ impl Drop for HostMapping {
     }
 }
 
+/// A vCPU's dirty ring, mapped from its fd; unmapped on drop (before the vCPU closes:
+/// [`KvmGuest`]'s field order).
+struct RingMapping {
+    entries: NonNull<kvm_dirty_gfn>,
+    /// A power of two.
+    len: u32,
+    /// The next entry to collect (KVM's `fetch_index` on the VMM side).
+    next: u32,
+}
+
+impl RingMapping {
+    /// Map the ring of `len` entries of the vCPU `fd`.
+    fn new(fd: libc::c_int, len: u32) -> io::Result<Self> {
+        // SAFETY: `sysconf` has no preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as libc::off_t;
+        let bytes = len as usize * size_of::<kvm_dirty_gfn>();
+        // SAFETY: a fresh shared mapping of the vCPU's ring; no existing memory affected.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                libc::off_t::from(KVM_DIRTY_LOG_PAGE_OFFSET) * page,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let entries = NonNull::new(map.cast()).ok_or_else(io::Error::last_os_error)?;
+        Ok(RingMapping {
+            entries,
+            len,
+            next: 0,
+        })
+    }
+
+    /// Collect every entry KVM published since the last call, in ring order: call `f`
+    /// with each (slot, offset) and hand the entry back (`KVM_DIRTY_GFN_F_RESET`).
+    /// Stops at the first entry not yet published (flags without `DIRTY`).
+    fn collect(&mut self, mut f: impl FnMut(u32, u64)) -> u32 {
+        let mut n = 0;
+        loop {
+            let i = (self.next & (self.len - 1)) as usize;
+            // SAFETY: `i < len`, inside the mapping, which lives as long as `self`;
+            // entries are 16-byte aligned (the mapping is page-aligned).
+            let e = unsafe { self.entries.as_ptr().add(i) };
+            // SAFETY: `flags` is a naturally aligned u32 in shared memory that KVM only
+            // accesses atomically (`smp_store_release` / `smp_load_acquire`).
+            let flags = unsafe { AtomicU32::from_ptr(&raw mut (*e).flags) };
+            // Acquire pairs with KVM's release when it published the entry: slot and
+            // offset are complete once DIRTY is seen.
+            if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
+                break;
+            }
+            // SAFETY: a published entry; KVM does not write it again before it is reset.
+            let (slot, offset) = unsafe { ((*e).slot, (*e).offset) };
+            f(slot, offset);
+            // Release: our reads of the entry happen before KVM may reuse it.
+            flags.store(GFN_RESET, Ordering::Release);
+            self.next = self.next.wrapping_add(1);
+            n += 1;
+        }
+        n
+    }
+}
+
+impl Drop for RingMapping {
+    fn drop(&mut self) {
+        let bytes = self.len as usize * size_of::<kvm_dirty_gfn>();
+        // SAFETY: our own mapping; nothing refers to it any more.
+        unsafe { libc::munmap(self.entries.as_ptr().cast(), bytes) };
+    }
+}
+
+/// Enable a dirty ring of [`RING_ENTRIES`] entries on `vm` (before any vCPU exists):
+/// with acquire/release ordering where the host offers it, as KVM recommends.
+fn enable_dirty_ring(vm: &VmFd) -> Result<(), Error> {
+    let bytes = RING_ENTRIES as usize * size_of::<kvm_dirty_gfn>();
+    let cap = [KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_DIRTY_LOG_RING]
+        .into_iter()
+        .find(|&c| vm.check_extension_raw(c.into()) > 0)
+        .ok_or_else(|| {
+            Error::KvmUnsupported("no KVM_CAP_DIRTY_LOG_RING (the dirty ring)".into())
+        })?;
+    let max = vm.check_extension_raw(cap.into()) as usize;
+    if max < bytes {
+        return Err(Error::KvmUnsupported(format!(
+            "the host's dirty ring holds at most {} entries, {} needed",
+            max / size_of::<kvm_dirty_gfn>(),
+            RING_ENTRIES
+        )));
+    }
+    let enable = kvm_enable_cap {
+        cap,
+        args: [bytes as u64, 0, 0, 0],
+        ..Default::default()
+    };
+    vm.enable_cap(&enable)
+        .map_err(kvm_err("KVM_ENABLE_CAP(DIRTY_LOG_RING)"))
+}
+
 /// A KVM VM running the image guest on one vCPU.
 ///
-/// Field order is drop order: the vCPU and the VM close before their memory is unmapped.
+/// Field order is drop order: the ring is unmapped before the vCPU closes, and the vCPU
+/// and the VM close before their memory is unmapped.
 pub struct KvmGuest {
+    ring: Option<RingMapping>,
     vcpu: VcpuFd,
     vm: VmFd,
     _kvm: Kvm,
@@ -228,6 +345,9 @@ impl KvmGuest {
             };
             vm.enable_cap(&cap)
                 .map_err(kvm_err("KVM_ENABLE_CAP(MANUAL_DIRTY_LOG_PROTECT2)"))?;
+        }
+        if config.log == DirtyLog::Ring {
+            enable_dirty_ring(&vm)?;
         }
 
         let layout = Layout::new(config.bytes, config.paging, config.list_entries);
@@ -271,8 +391,18 @@ impl KvmGuest {
         let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         set_user_long_mode(&mut sregs);
         vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+        let ring = match config.log {
+            DirtyLog::Ring => Some(RingMapping::new(vcpu.as_raw_fd(), RING_ENTRIES).map_err(
+                |err| Error::Kvm {
+                    what: "mmap the vCPU's dirty ring",
+                    err,
+                },
+            )?),
+            _ => None,
+        };
 
         Ok(KvmGuest {
+            ring,
             vcpu,
             vm,
             _kvm: kvm,
@@ -481,6 +611,30 @@ impl Peer for KvmGuest {
         Ok(elapsed)
     }
 
+    fn harvest_ring(&mut self, out: &mut [u64]) -> Result<Duration, Error> {
+        let ring = self.ring.as_mut().ok_or_else(|| {
+            Error::KvmUnsupported("the slot was not built with a dirty ring".into())
+        })?;
+        let fd = self.vm.as_raw_fd();
+        let start = Instant::now();
+        ring.collect(|slot, offset| {
+            // `slot` is (address space << 16) | id; the data slot is in space 0.
+            if slot == DATA_SLOT {
+                out[(offset / 64) as usize] |= 1 << (offset % 64);
+            }
+        });
+        // SAFETY: a VM fd; the ioctl takes no argument.
+        let ret = unsafe { libc::ioctl(fd, KVM_RESET_DIRTY_RINGS as _) };
+        let elapsed = start.elapsed();
+        if ret < 0 {
+            return Err(Error::Kvm {
+                what: "KVM_RESET_DIRTY_RINGS",
+                err: io::Error::last_os_error(),
+            });
+        }
+        Ok(elapsed)
+    }
+
     /// Bytes of the data slot's host memory backed by THP (see [`HostMapping::huge_bytes`]).
     fn host_huge_bytes(&self) -> Option<u64> {
         self.data.as_ref().and_then(HostMapping::huge_bytes)
@@ -531,5 +685,7 @@ mod tests {
     fn ioctl_numbers_match_linux() {
         assert_eq!(KVM_GET_DIRTY_LOG, 0x4010_ae42);
         assert_eq!(KVM_CLEAR_DIRTY_LOG, 0xc018_aec0);
+        assert_eq!(KVM_RESET_DIRTY_RINGS, 0xaec7);
+        assert_eq!(size_of::<kvm_dirty_gfn>(), 16);
     }
 }

@@ -73,15 +73,32 @@ pub enum DirtyLog {
     /// `KVM_DIRTY_LOG_INITIALLY_SET`): GET only copies the bitmap; `KVM_CLEAR_DIRTY_LOG`
     /// clears bits and write-protects those pages.
     GetClear,
+    /// LOG_DIRTY_PAGES with a per-vCPU dirty ring of [`RING_ENTRIES`] entries
+    /// (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`, or `KVM_CAP_DIRTY_LOG_RING` on a host without
+    /// it): the VMM reads the entries the vCPU pushed and calls `KVM_RESET_DIRTY_RINGS`,
+    /// which write-protects them again. A run may write at most [`RING_BATCH`] pages
+    /// before a harvest ([`Schedule::split`]).
+    Ring,
 }
 
+/// Entries of the ring in [`DirtyLog::Ring`], on both peers: the most KVM allows
+/// (`KVM_DIRTY_RING_MAX_ENTRIES`, a 1 MiB ring of 16-byte entries).
+pub const RING_ENTRIES: u32 = 1 << 16;
+
+/// Pages a run writes at most before a harvest in [`DirtyLog::Ring`]: half the ring, well
+/// below KVM's soft-full mark (the size less its reserved entries, 64 plus the CPU's
+/// hardware log), so the guest never exits with `KVM_EXIT_DIRTY_RING_FULL`.
+pub const RING_BATCH: u64 = RING_ENTRIES as u64 / 2;
+
 impl DirtyLog {
-    /// The name used in output and in the `mode` param (`off`, `get`, `get-clear`).
+    /// The name used in output and in the `mode` param (`off`, `get`, `get-clear`,
+    /// `ring`).
     pub fn name(self) -> &'static str {
         match self {
             DirtyLog::Off => "off",
             DirtyLog::Get => "get",
             DirtyLog::GetClear => "get-clear",
+            DirtyLog::Ring => "ring",
         }
     }
 }
@@ -148,6 +165,11 @@ pub trait Peer {
         num_pages: u64,
         bitmap: &[u64],
     ) -> Result<Duration, Error>;
+    /// In [`DirtyLog::Ring`]: read every entry the vCPU pushed to its dirty ring since the
+    /// last harvest, set each data-slot page's bit in `out` (the VMM's own bitmap: its
+    /// other bits are left as they are), and `KVM_RESET_DIRTY_RINGS`, which write-protects
+    /// the pages again and frees the entries. Returns the time of both.
+    fn harvest_ring(&mut self, out: &mut [u64]) -> Result<Duration, Error>;
     /// `KVM_SET_USER_MEMORY_REGION` changing only the data slot's flags: LOG_DIRTY_PAGES
     /// on or off. Turning it on starts an empty bitmap and write-protects the slot;
     /// turning it off drops the bitmap (GET then fails) and lets faults map huge again.

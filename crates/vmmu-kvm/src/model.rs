@@ -12,10 +12,10 @@ use std::time::{Duration, Instant};
 use vmmu::host::{Backing, SimHostMemory};
 use vmmu::types::Gpa;
 use vmmu::Vcpu;
-use vmmu::{DirtyLogConfig, MemoryRegion, MemslotFlags, Vm, VmConfig};
+use vmmu::{DirtyGfn, DirtyLogConfig, MemoryRegion, MemslotFlags, Vm, VmConfig};
 
 use crate::image::{DATA_GPA, DATA_SLOT};
-use crate::{DirtyLog, Error, HostBacking, Peer, Schedule, SlotConfig};
+use crate::{DirtyLog, Error, HostBacking, Peer, Schedule, SlotConfig, RING_ENTRIES};
 
 fn vmmu_err<E: std::fmt::Display>(what: &'static str) -> impl FnOnce(E) -> Error {
     move |e| Error::Vmmu {
@@ -31,6 +31,8 @@ pub struct VmmuGuest {
     hva: u64,
     present: bool,
     config: SlotConfig,
+    /// The ring harvest's buffer, allocated once for a full ring.
+    entries: Vec<DirtyGfn>,
 }
 
 impl VmmuGuest {
@@ -53,6 +55,7 @@ impl VmmuGuest {
         let vm_config = VmConfig {
             dirty_log: DirtyLogConfig {
                 manual_protect: config.log == DirtyLog::GetClear,
+                ring_size: (config.log == DirtyLog::Ring).then_some(RING_ENTRIES),
                 ..DirtyLogConfig::default()
             },
             ..vm_config
@@ -78,6 +81,11 @@ impl VmmuGuest {
             hva: hva.0,
             present: true,
             config: *config,
+            entries: Vec::with_capacity(if config.log == DirtyLog::Ring {
+                RING_ENTRIES as usize
+            } else {
+                0
+            }),
         })
     }
 
@@ -127,6 +135,21 @@ impl Peer for VmmuGuest {
             .clear_dirty_log(DATA_SLOT, first_page, num_pages, bitmap);
         let elapsed = start.elapsed();
         r.map_err(vmmu_err("clear_dirty_log"))?;
+        Ok(elapsed)
+    }
+
+    fn harvest_ring(&mut self, out: &mut [u64]) -> Result<Duration, Error> {
+        self.entries.clear();
+        let start = Instant::now();
+        let r = self.vm.harvest_dirty_ring(self.vcpu.id, &mut self.entries);
+        for e in &self.entries {
+            if e.slot == DATA_SLOT {
+                out[(e.offset / 64) as usize] |= 1 << (e.offset % 64);
+            }
+        }
+        let reset = r.and_then(|_| self.vm.reset_dirty_rings());
+        let elapsed = start.elapsed();
+        reset.map_err(vmmu_err("harvest_dirty_ring and reset_dirty_rings"))?;
         Ok(elapsed)
     }
 

@@ -52,6 +52,33 @@ impl Schedule {
         Schedule::every_kth(npages, k)
     }
 
+    /// The same stores in order, as runs of at most `max` stores each (`max >= 1`): a
+    /// VMM with a dirty ring harvests between them.
+    pub fn split(&self, max: u64) -> Vec<Schedule> {
+        assert!(max >= 1, "pieces of 0 stores");
+        match self {
+            Schedule::Stride { first, end, step } => {
+                let span = max.saturating_mul(*step);
+                let mut pieces = Vec::new();
+                let mut at = *first;
+                while at < *end {
+                    let stop = at.saturating_add(span).min(*end);
+                    pieces.push(Schedule::Stride {
+                        first: at,
+                        end: stop,
+                        step: *step,
+                    });
+                    at = stop;
+                }
+                pieces
+            }
+            Schedule::Pages(p) => p
+                .chunks(max as usize)
+                .map(|c| Schedule::Pages(c.to_vec()))
+                .collect(),
+        }
+    }
+
     /// Number of stores (repeats counted).
     pub fn len(&self) -> u64 {
         match self {
@@ -135,6 +162,24 @@ impl Rng {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn split_keeps_every_store_in_order() {
+        for s in [
+            Schedule::every_kth(1000, 3),
+            Schedule::every_page(64),
+            Schedule::Pages((0..10).rev().collect()),
+            Schedule::empty(),
+        ] {
+            for max in [1, 7, 64, 1000] {
+                let pieces = s.split(max);
+                assert!(pieces.iter().all(|p| p.len() <= max && !p.is_empty()));
+                let joined: Vec<u64> = pieces.iter().flat_map(|p| p.pages()).collect();
+                assert_eq!(joined, s.pages().collect::<Vec<_>>(), "{s:?} by {max}");
+            }
+        }
+        assert_eq!(Schedule::every_page(100).split(40).len(), 3);
+    }
 
     #[test]
     fn stride_counts_and_pages() {

@@ -97,6 +97,9 @@ impl vmmu_kvm::Peer for LosesWrites {
     ) -> Result<std::time::Duration, vmmu_kvm::Error> {
         self.0.clear_dirty_log(first_page, num_pages, bitmap)
     }
+    fn harvest_ring(&mut self, out: &mut [u64]) -> Result<std::time::Duration, vmmu_kvm::Error> {
+        self.0.harvest_ring(out)
+    }
     fn set_dirty_logging(&mut self, on: bool) -> Result<std::time::Duration, vmmu_kvm::Error> {
         self.0.set_dirty_logging(on)
     }

@@ -270,7 +270,8 @@ pub mod kvm_compare {
     pub const VMMU: &str = "vmmu";
     /// vmmu's TDP MMU on the same workload (harvests only).
     pub const VMMU_TDP: &str = "vmmu-tdp";
-    /// Time of the harvest (GET, or GET + CLEAR).
+    /// Time of the harvest (GET; GET + CLEAR; or, for the ring, collecting its entries and
+    /// `KVM_RESET_DIRTY_RINGS`, summed over the round's pieces).
     pub const HARVEST_US: &str = "harvest_us";
     /// 1 if vmmu's bitmap equalled KVM's in every round (variants [`VMMU`] and
     /// [`VMMU_TDP`]).

@@ -424,6 +424,13 @@ fn harvest(rs: &[Record]) -> Figure {
         "KVM get-clear (/dev/kvm)",
         Look::Dashed(1),
     ));
+    lines.push(kvm_harvest(
+        rs,
+        kc::KVM,
+        "ring",
+        "KVM ring (/dev/kvm)",
+        Look::Dashed(2),
+    ));
     lines.push(floor_harvest(rs));
     Figure {
         id: "harvest",
