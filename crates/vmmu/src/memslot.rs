@@ -22,7 +22,7 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub use crate::dirty::DirtyBitmap;
 use crate::error::Error;
 use crate::rmap::{self, DescPool, RmapHead, SpteRef};
-use crate::types::{Gfn, Hva, Level, PAGE_SIZE};
+use crate::types::{Gfn, Hva, Level, PAGE_SIZE, SPTE_ENT_PER_PAGE};
 
 /// Memslot flags, as KVM's `KVM_MEM_*`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
@@ -251,6 +251,30 @@ impl Memslot {
             pool,
         );
         self.rmap_entries[l] -= removed as u64;
+        removed
+    }
+    /// Remove from the 4 KiB reverse maps of the 512 gfns from `first` (which must lie in
+    /// the slot) the leaves of the direct last-level table `table_id` mapping them, entry
+    /// `i` for gfn `first + i`: a whole table's leaves at once, for a zap that visits
+    /// tables instead of reverse maps. When every head names its leaf alone (the table is
+    /// full and no other SPTE maps its gfns) the run is checked and emptied in two passes
+    /// ([`rmap::clear_table_run`]); otherwise head by head, leaving alone a gfn whose head
+    /// does not name the table's entry (it was not present). Returns the entries removed.
+    pub fn rmap_remove_table(&mut self, first: Gfn, table_id: u32, pool: &mut DescPool) -> u64 {
+        let start = level_index(first, self.base_gfn, Level::L4K);
+        let heads = &mut self.rmap[0][start..start + SPTE_ENT_PER_PAGE];
+        let removed = if rmap::clear_table_run(heads, table_id) {
+            SPTE_ENT_PER_PAGE as u64
+        } else {
+            let mut removed = 0u64;
+            for (i, head) in heads.iter_mut().enumerate() {
+                if !head.is_empty() {
+                    removed += u64::from(rmap::remove(head, SpteRef::new(table_id, i), pool));
+                }
+            }
+            removed
+        };
+        self.rmap_entries[0] -= removed;
         removed
     }
     /// Empty the reverse maps of `level` covering gfns `[lo, hi)` (which must lie in the

@@ -148,6 +148,25 @@ impl fmt::Debug for SpteRef {
 #[repr(transparent)]
 pub struct RmapHead(u32);
 
+/// Empty a run of heads at once when head `i` names, alone, entry `i` of table
+/// `table_id` (the 512 gfns of a full direct last-level table, in gfn order): returns
+/// whether it did; otherwise nothing changes. A branch-free compare over the run, which
+/// the compiler vectorizes, then a fill: no descriptor can be involved, since every head
+/// checked is a single entry.
+pub fn clear_table_run(heads: &mut [RmapHead], table_id: u32) -> bool {
+    debug_assert!(heads.len() <= TABLE_ENTRIES);
+    let base = RmapHead::single(SpteRef::new(table_id, 0)).0;
+    let differ = heads
+        .iter()
+        .enumerate()
+        .fold(0, |acc, (i, h)| acc | (h.0 ^ (base + ((i as u32) << 1))));
+    if differ != 0 {
+        return false;
+    }
+    heads.fill(RmapHead::EMPTY);
+    true
+}
+
 /// A head word split into its three cases.
 #[derive(Clone, Copy)]
 enum Decoded {

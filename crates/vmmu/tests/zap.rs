@@ -566,3 +566,68 @@ fn one_by_one_zapping_everything_leaves_only_the_root() {
     }
     zapping_everything_leaves_only_the_root_with(one_by_one());
 }
+
+/// The shadow MMU zaps a range mapping many more 4 KiB leaves than there are shadow pages
+/// by visiting the last-level pages instead of the reverse maps: tables wholly inside in
+/// one pass, tables across the range's edges leaf by leaf, and a table holding an MMIO
+/// entry leaf by leaf too (its MMIO entry stays, as in any zap). Every zap leaves exactly
+/// what `zap_and_check` expects of any zap; a small range still goes by reverse maps.
+#[test]
+fn large_ranges_are_zapped_by_visiting_pages() {
+    let (host, vm) = new_vm(VmConfig::default());
+    let tdp = is_tdp(&vm);
+    let mut vcpu = vm.create_vcpu().unwrap();
+    // An MMIO entry in what becomes the slot's third table: read while no slot covers it.
+    let mmio = G1 + 2 * M2 + 5 * K4;
+    access_mmio(&vm, &mut vcpu, mmio, AccessKind::Read);
+    let h = mmap(&host, 8 * M1, Backing::Page4K);
+    let spec = add_slot(
+        &vm,
+        SlotSpec {
+            id: 0,
+            gpa: G1,
+            size: 8 * M1,
+            hva: h,
+            flags: MemslotFlags::empty(),
+        },
+    );
+    let others: Vec<u64> = all_pages(&[spec])
+        .into_iter()
+        .filter(|&g| g / K4 != mmio / K4)
+        .collect();
+    reaccess(&vm, &host, &mut vcpu, &[spec], &others);
+    assert_eq!(audit(&vm).mmio, 1);
+    let by_pages = |vm: &TestVm| vm.stats().mmu.leaves_zapped_by_pages;
+    let b = spec.base_gfn().0;
+
+    // One leaf: through its reverse map.
+    let n0 = by_pages(&vm);
+    assert_eq!(zap_and_check(&vm, &host, b + 3, b + 4).len(), 1);
+    assert_eq!(by_pages(&vm), n0);
+
+    // Most of the slot: the first and last tables cut by the range, the second whole, the
+    // third whole but for its MMIO entry.
+    let gone = zap_and_check(&vm, &host, b + 100, b + 2000);
+    assert_eq!(
+        gone.len(),
+        1900 - 1,
+        "every leaf in range; the MMIO entry is none"
+    );
+    assert_eq!(audit(&vm).mmio, 1, "a zap leaves MMIO entries");
+    if !tdp {
+        assert_eq!(by_pages(&vm) - n0, gone.len() as u64);
+    }
+
+    // Everything mapped again (the old MMIO entry replaced by a leaf), then the whole slot:
+    // four whole tables, and every table up to the root freed.
+    reaccess(&vm, &host, &mut vcpu, &[spec], &all_pages(&[spec]));
+    assert_eq!(audit(&vm).mmio, 0);
+    let n1 = by_pages(&vm);
+    assert_eq!(zap_and_check(&vm, &host, b, b + 2048).len(), 2048);
+    if !tdp {
+        assert_eq!(by_pages(&vm) - n1, 2048);
+        assert_eq!(vm.stats().shadow_pages, 1, "only the root is left");
+        assert_eq!(vm.allocator().live(), 1);
+    }
+    reaccess(&vm, &host, &mut vcpu, &[spec], &all_pages(&[spec]));
+}

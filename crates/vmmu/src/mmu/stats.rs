@@ -13,6 +13,10 @@ pub struct MmuStats {
     pub leaves_installed: u64,
     /// Leaf SPTEs zapped.
     pub leaves_zapped: u64,
+    /// Of [`leaves_zapped`](Self::leaves_zapped), the 4 KiB leaves the shadow MMU zapped
+    /// by visiting last-level pages instead of reverse maps (direct mode, a range mapping
+    /// many more leaves than there are pages: see `shadow/zap.rs`).
+    pub leaves_zapped_by_pages: u64,
     /// Shadow pages freed after a flush.
     pub pages_freed: u64,
 }

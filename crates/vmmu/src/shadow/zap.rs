@@ -3,19 +3,29 @@
 //!
 //! A gfn range is zapped through the reverse maps of its memslots, one list at a time with
 //! destroy-all (seed 003): every SPTE of the list is cleared, then the descriptors are
-//! freed together. Tables left empty are unlinked from their parents (cascading up) and put
-//! on the invalid list; their frames are freed only after the caller's remote TLB flush.
+//! freed together. In direct mode, a range mapping many more 4 KiB leaves than there are
+//! shadow pages (a memslot delete, a large invalidation) is zapped instead by visiting
+//! the last-level pages that overlap it: a page wholly inside loses all its leaves in one
+//! pass over its table and the run of reverse-map heads of its 512 gfns, in address
+//! order, with none of the per-leaf lookups of its page. Tables left empty are unlinked
+//! from their parents (cascading up) and put on the invalid list; their frames are freed
+//! only after the caller's remote TLB flush.
 
 use alloc::vec::Vec;
 
 use crate::flush::Flush;
 use crate::host::HostMemory;
-use crate::memslot::Memslots;
+use crate::memslot::{Memslot, Memslots};
 use crate::rmap::{self, SpteRef};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 
 use super::{RmapDrop, ShadowMmu};
+
+/// How many leaves zapped through the reverse maps cost as much as visiting one shadow
+/// page in a zap by pages: a range whose 4 KiB leaves (at most its length, at most the
+/// slot's mapped pages) outnumber the VM's shadow pages by more is zapped by pages.
+const LEAVES_PER_PAGE_VISIT: u64 = 4;
 
 impl<A: TableAllocator> ShadowMmu<A> {
     /// Make huge mappings possible again over `[start, end)` after dirty logging stops
@@ -77,6 +87,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
         for (id, lo, hi) in ranges {
             for level in Level::LEAF_LEVELS.into_iter().filter(|&l| l >= min_level) {
                 match self.algos.rmap_drop {
+                    RmapDrop::Destroy if level == Level::L4K && self.zap_by_pages(slots, id, lo, hi) => {
+                        let slot = slots.by_id_mut(id).expect("slot listed above");
+                        let n = self.zap_4k_by_pages(slot, lo, hi, &mut emptied);
+                        self.stats.leaves_zapped_by_pages += n;
+                        zapped += n;
+                    }
                     RmapDrop::Destroy => {
                         let slot = slots.by_id_mut(id).expect("slot listed above");
                         let pages = &mut self.pages;
@@ -115,6 +131,70 @@ impl<A: TableAllocator> ShadowMmu<A> {
         self.stats.leaves_zapped += zapped;
         self.free_empty_pages(emptied);
         Flush::new(zapped != 0)
+    }
+
+    /// Whether the 4 KiB leaves of `[lo, hi)` in slot `id` are zapped by visiting pages
+    /// rather than reverse maps: in direct mode (an indirect page's leaves map gfns in no
+    /// order, so only the reverse maps find them), when they may outnumber the shadow
+    /// pages by [`LEAVES_PER_PAGE_VISIT`].
+    fn zap_by_pages(&self, slots: &Memslots, id: u32, lo: Gfn, hi: Gfn) -> bool {
+        let Some(slot) = slots.by_id(id) else {
+            return false;
+        };
+        let leaves = (hi.0 - lo.0).min(slot.rmap_entries(Level::L4K));
+        !self.is_paging() && (self.pages.len() as u64).saturating_mul(LEAVES_PER_PAGE_VISIT) < leaves
+    }
+
+    /// Zap the 4 KiB leaves mapping `[lo, hi)` (inside `slot`) by visiting every direct
+    /// last-level page that overlaps the range, in direct mode, where a page's entry `i`
+    /// maps gfn `page.gfn + i`. A page wholly inside the range with no MMIO entry is
+    /// cleared in one pass ([`ShadowPage::zap_all_leaves`](crate::page::ShadowPage)) and
+    /// its gfns' reverse-map heads in another; a page across an edge loses its leaves in
+    /// the range one by one. Pages left with no entry go to `emptied`. Returns the leaves
+    /// zapped.
+    fn zap_4k_by_pages(
+        &mut self,
+        slot: &mut Memslot,
+        lo: Gfn,
+        hi: Gfn,
+        emptied: &mut Vec<u32>,
+    ) -> u64 {
+        let mut zapped = 0u64;
+        for id in 1..self.pages.id_limit() {
+            let Some(sp) = self.pages.try_get_mut(id) else {
+                continue;
+            };
+            if sp.role.level() != Level::L4K || sp.has_translations() || sp.present == 0 {
+                continue;
+            }
+            let start = sp.gfn;
+            let end = Gfn(start.0 + SPTE_ENT_PER_PAGE as u64);
+            let (first, last) = (start.max(lo), end.min(hi));
+            if first >= last {
+                continue;
+            }
+            let sref = |i: usize| SpteRef::new(id, i);
+            if (first, last) == (start, end) && sp.mmio == 0 {
+                let removed = slot.rmap_remove_table(start, id, &mut self.pool);
+                let present = sp.zap_all_leaves();
+                debug_assert_eq!(removed, u64::from(present), "page {id}: rmaps and leaves");
+                zapped += removed;
+            } else {
+                for i in (first.0 - start.0) as usize..(last.0 - start.0) as usize {
+                    if sp.table().get(i).is_shadow_present() {
+                        sp.spte_zap_leaf(i);
+                        let gfn = Gfn(start.0 + i as u64);
+                        let removed = slot.rmap_remove(gfn, Level::L4K, sref(i), &mut self.pool);
+                        debug_assert!(removed, "page {id} entry {i}: leaf without rmap");
+                        zapped += 1;
+                    }
+                }
+            }
+            if sp.used() == 0 {
+                emptied.push(id);
+            }
+        }
+        zapped
     }
 
     /// Zap every mapping, keeping the root (KVM's `kvm_mmu_zap_all`). Under shadow
