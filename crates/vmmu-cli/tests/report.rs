@@ -48,9 +48,51 @@ fn scenario_names() -> Vec<String> {
         .collect()
 }
 
+/// The first section of a document: `heading`, the first of its headings (each starts
+/// with `h2`), must come before the seeds' claims. Returns its text, up to the seeds'
+/// heading.
+fn opening<'a>(doc: &'a str, h2: &str, heading: &str, seeds: &str, what: &str) -> &'a str {
+    let at = doc
+        .find(heading)
+        .unwrap_or_else(|| panic!("{what}: no section {heading:?}"));
+    let end = doc
+        .find(seeds)
+        .unwrap_or_else(|| panic!("{what}: no section {seeds:?}"));
+    assert!(
+        at < end,
+        "{what}: KVM's section must come before the seeds'"
+    );
+    assert_eq!(
+        doc.find(h2),
+        Some(at),
+        "{what}: KVM's section must be the first"
+    );
+    &doc[at..end]
+}
+
+/// The KVM section of both documents, as (report.md's, index.html's).
+fn openings<'a>(md: &'a str, html: &'a str) -> (&'a str, &'a str) {
+    (
+        opening(
+            md,
+            "## ",
+            "## vmmu against the host's KVM",
+            "## The seeds' claims",
+            "report.md",
+        ),
+        opening(
+            html,
+            "<h2",
+            "<h2 id=\"kvm\">vmmu against the host&#39;s KVM</h2>",
+            "<h2 id=\"seeds\">",
+            "index.html",
+        ),
+    )
+}
+
 /// Runs `vmmu report --quick --out DIR` and checks everything but KVM; returns the parsed
-/// results.json and the page.
-fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
+/// results.json, the page and the document.
+fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String, String) {
     let out = vmmu(
         &["report", "--quick", "--out", dir.to_str().unwrap()],
         device,
@@ -71,10 +113,20 @@ fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
         let mut keys: Vec<&str> = r.as_object().unwrap().keys().map(|k| k.as_str()).collect();
         keys.sort_unstable();
         if r["scenario"] == "kvm-compare" {
-            // Medians over interleaved rounds, not the harness's runs.
+            // Medians over interleaved rounds, not the harness's runs: no CPU ruler, and a
+            // minimum only on vmmu's harvests.
+            let vmmu_harvest = r["variant"] != "kvm" && r["metric"] == "harvest_us";
+            if vmmu_harvest {
+                assert!(
+                    r["min"].as_f64().unwrap() <= r["value"].as_f64().unwrap(),
+                    "{r}"
+                );
+                keys.retain(|k| *k != "min");
+            }
             assert_eq!(
                 keys,
-                ["metric", "params", "scenario", "unit", "value", "variant"]
+                ["metric", "params", "scenario", "unit", "value", "variant"],
+                "{r}"
             );
         } else {
             // The harness's: the minimum and the CPU ruler beside the median.
@@ -162,13 +214,13 @@ fn quick_report(dir: &Path, device: Option<&str>) -> (Value, String) {
     {
         assert!(line.starts_with(seed), "{stdout}");
     }
-    (json, html)
+    (json, html, md)
 }
 
 #[test]
 fn quick_report_writes_the_page_the_document_and_the_data() {
     let dir = TempDir::new("quick");
-    let (json, html) = quick_report(&dir.0, Some("/nonexistent/kvm"));
+    let (json, html, md) = quick_report(&dir.0, Some("/nonexistent/kvm"));
     let kvm = json["sources"]
         .as_array()
         .unwrap()
@@ -186,13 +238,23 @@ fn quick_report_writes_the_page_the_document_and_the_data() {
             "{reason}"
         );
     }
+    // The page still opens with KVM's section, one line saying why, and no table.
+    let why = format!("Not measured in this run: kvm-compare {reason}");
+    let (md_kvm, html_kvm) = openings(&md, &html);
+    assert!(md_kvm.contains(&why), "{md_kvm}");
+    assert!(!md_kvm.contains("| mode |"), "{md_kvm}");
+    assert!(
+        html_kvm.contains("<p class=\"note\">Not measured in this run"),
+        "{html_kvm}"
+    );
+    assert!(!html_kvm.contains("<table"), "{html_kvm}");
 }
 
 #[test]
 #[ignore = "runs the KVM comparison: most of a minute in a debug build, needs /dev/kvm"]
 fn quick_report_with_the_hosts_kvm() {
     let dir = TempDir::new("kvm");
-    let (json, html) = quick_report(&dir.0, None);
+    let (json, html, md) = quick_report(&dir.0, None);
     let records = json["records"].as_array().unwrap();
     let kvm_opens = std::fs::OpenOptions::new()
         .read(true)
@@ -203,10 +265,41 @@ fn quick_report_with_the_hosts_kvm() {
         .iter()
         .filter(|r| r["scenario"] == "kvm-compare")
         .collect();
+    let (md_kvm, html_kvm) = openings(&md, &html);
     if !kvm_opens {
         assert!(kvm.is_empty());
+        assert!(
+            md_kvm.contains("Not measured in this run: kvm-compare"),
+            "{md_kvm}"
+        );
+        assert!(html_kvm.contains("Not measured in this run: kvm-compare"));
         return;
     }
+    // The opening: both MMUs in every mode, first touch and delete, and how to read them.
+    assert!(
+        md_kvm.contains("| mode | ratio | KVM us | vmmu shadow us | KVM/shadow | vmmu TDP us | KVM/TDP | bitmaps identical |"),
+        "{md_kvm}"
+    );
+    for mode in ["get", "get-clear"] {
+        assert!(
+            md_kvm.contains(&format!("\n| {mode} | 0 | ")),
+            "{mode}: {md_kvm}"
+        );
+    }
+    assert!(
+        md_kvm.contains("| backing | KVM first touch ns/page |"),
+        "{md_kvm}"
+    );
+    assert!(
+        md_kvm.contains("\n| 4k | ") && md_kvm.contains("\n| 2m | "),
+        "{md_kvm}"
+    );
+    assert!(md_kvm.contains("`vmmu kvm compare`"), "{md_kvm}");
+    assert!(!md_kvm.contains("Not measured"), "{md_kvm}");
+    assert_eq!(html_kvm.matches("<table>").count(), 2, "{html_kvm}");
+    assert!(
+        html_kvm.contains("<th>KVM/TDP</th>") && html_kvm.contains("<code>vmmu kvm compare</code>")
+    );
     for (variant, metric) in [
         ("kvm", "harvest_us"),
         ("vmmu", "harvest_us"),

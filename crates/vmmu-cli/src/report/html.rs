@@ -5,6 +5,7 @@ use std::fmt::Write;
 use super::figures::Figure;
 use super::summary::{num, times, Verdict};
 use super::tables::{show_value, Table};
+use super::versus::{self, Versus};
 use super::{Report, SourceState};
 
 /// Escapes text for HTML content and attribute values.
@@ -46,7 +47,7 @@ caption span { font-weight: normal; color: #666; }
 ";
 
 /// Renders the page.
-pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
+pub fn page(report: &Report, versus: &Versus, figures: &[Figure], tables: &[Table]) -> String {
     let m = &report.meta;
     let mut h = String::new();
     let _ = write!(
@@ -87,6 +88,7 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
          faults per second. Every measurement is in <code>results.json</code>; the same tables \
          are in <code>report.md</code>.</p>\n",
     );
+    opening(&mut h, versus);
 
     h.push_str("<h2 id=\"seeds\">The seeds' claims</h2>\n");
     h.push_str(
@@ -180,6 +182,50 @@ pub fn page(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
     h
 }
 
+/// Escapes text and shows its `code` spans as code.
+fn esc_code(s: &str) -> String {
+    let mut out = String::new();
+    for (i, part) in s.split('`').enumerate() {
+        if i % 2 == 1 {
+            let _ = write!(out, "<code>{}</code>", esc(part));
+        } else {
+            out.push_str(&esc(part));
+        }
+    }
+    out
+}
+
+/// The first section: vmmu against the host's KVM (`versus.rs`).
+fn opening(h: &mut String, v: &Versus) {
+    let _ = writeln!(h, "<h2 id=\"kvm\">{}</h2>", esc(versus::HEADING));
+    if let Some(note) = &v.note {
+        let _ = writeln!(h, "<p class=\"note\">{}</p>", esc(note));
+    }
+    for g in v.grids() {
+        let _ = write!(h, "<table><caption>{}</caption><tr>", esc(&g.caption));
+        for c in &g.head {
+            let _ = write!(h, "<th>{}</th>", esc(c));
+        }
+        h.push_str("</tr>\n");
+        for r in &g.rows {
+            h.push_str("<tr>");
+            for c in r {
+                let class = match (c.number, c.alarm) {
+                    (_, true) => " class=\"not-held\"",
+                    (true, false) => " class=\"n\"",
+                    (false, false) => "",
+                };
+                let _ = write!(h, "<td{class}>{}</td>", esc(&c.text));
+            }
+            h.push_str("</tr>\n");
+        }
+        h.push_str("</table>\n");
+    }
+    if let Some(r) = &v.reading {
+        let _ = writeln!(h, "<p>{}</p>", esc_code(r));
+    }
+}
+
 fn table(h: &mut String, t: &Table) {
     let constant = if t.constant.is_empty() {
         String::new()
@@ -234,6 +280,14 @@ fn table(h: &mut String, t: &Table) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn code_spans_become_code() {
+        assert_eq!(
+            esc_code("run `a <b>` then `c`."),
+            "run <code>a &lt;b&gt;</code> then <code>c</code>."
+        );
+    }
 
     #[test]
     fn escapes_markup() {

@@ -9,6 +9,9 @@
 //!
 //! When the child fails after printing records (the bitmaps differed), the records are kept
 //! and the source is reported failed with the child's error.
+//!
+//! [`host_mmu`] says which of its MMUs the host's KVM runs the comparison on (its shadow MMU
+//! under PVM or with `tdp_mmu=N`), from the module parameters, for the report's opening.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -60,6 +63,85 @@ impl Availability {
             }
         }
     }
+}
+
+/// Which of its MMUs the host's KVM runs guests on, read from its module parameters
+/// (`/sys/module/...`, no device opened), as the report's KVM section states it; `None`
+/// where the parameters cannot be read (not Linux, KVM not loaded).
+pub fn host_mmu() -> Option<String> {
+    let param = |module: &str, name: &str| {
+        std::fs::read_to_string(format!("/sys/module/{module}/parameters/{name}"))
+            .ok()
+            .map(|s| s.trim().to_owned())
+    };
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    // With PVM beside a hardware vendor module, which one /dev/kvm serves is not said here:
+    // only the `tdp_mmu` parameter is read.
+    let vendor = match (pvm, param("kvm_intel", "ept"), param("kvm_amd", "npt")) {
+        (true, None, None) => Vendor::Pvm,
+        (false, Some(ept), _) => Vendor::TwoDimensional("kvm_intel", "ept", ept),
+        (false, None, Some(npt)) => Vendor::TwoDimensional("kvm_amd", "npt", npt),
+        _ => Vendor::Unknown,
+    };
+    describe_host_mmu(param("kvm", "tdp_mmu").as_deref(), &vendor)
+}
+
+/// The host's KVM vendor module, as [`host_mmu`] finds it.
+#[derive(Clone, Debug, PartialEq)]
+enum Vendor {
+    /// `kvm_pvm`: guests run on shadow page tables, never on EPT or NPT.
+    Pvm,
+    /// `kvm_intel` or `kvm_amd`, the name of its two-dimensional paging parameter and
+    /// that parameter's value (`Y`/`N` or `1`/`0`).
+    TwoDimensional(&'static str, &'static str, String),
+    /// None found, or PVM beside a hardware one.
+    Unknown,
+}
+
+/// `its shadow MMU (kvm_pvm, kvm.tdp_mmu=N: PVM has no EPT or NPT, ...)`: the MMU, then
+/// the parameters it is read from and why they mean it.
+fn describe_host_mmu(tdp_mmu: Option<&str>, vendor: &Vendor) -> Option<String> {
+    let on = |v: &str| matches!(v, "Y" | "y" | "1");
+    let tdp = tdp_mmu.map(|v| format!("kvm.tdp_mmu={v}"));
+    let shadowing = "KVM shadows the guest's page tables";
+    let (facts, mmu, why): (Vec<String>, &str, String) = match vendor {
+        Vendor::Pvm => (
+            ["kvm_pvm".to_owned()].into_iter().chain(tdp).collect(),
+            "its shadow MMU",
+            format!("PVM has no EPT or NPT, {shadowing}"),
+        ),
+        Vendor::TwoDimensional(module, name, v) => {
+            let facts = [format!("{module}.{name}={v}")]
+                .into_iter()
+                .chain(tdp)
+                .collect();
+            let (mmu, why) = if !on(v) {
+                (
+                    "its shadow MMU",
+                    format!("no two-dimensional paging, {shadowing}"),
+                )
+            } else if tdp_mmu.is_some_and(on) {
+                ("its TDP MMU", "tdp_mmu.c over EPT/NPT".to_owned())
+            } else if tdp_mmu.is_some() {
+                (
+                    "its shadow MMU in direct mode",
+                    "mmu.c over EPT/NPT, the TDP MMU off".to_owned(),
+                )
+            } else {
+                ("EPT/NPT", "which of its MMUs is not said".to_owned())
+            };
+            (facts, mmu, why)
+        }
+        Vendor::Unknown => {
+            let (mmu, why) = if tdp_mmu.is_some_and(on) {
+                ("its TDP MMU", "where the CPU has EPT or NPT")
+            } else {
+                ("its shadow MMU", "the TDP MMU off")
+            };
+            (vec![tdp?], mmu, why.to_owned())
+        }
+    };
+    Some(format!("{mmu} ({}: {why})", facts.join(", ")))
 }
 
 /// The command-line arguments after the binary: a quick run measures fewer ratios.
@@ -178,6 +260,31 @@ mod tests {
         assert_eq!(o.records[1].params["mode"], "get");
         let bad = parse("{\"scenario\": 1}\n");
         assert!(bad.error.is_some() && bad.records.is_empty());
+    }
+
+    #[test]
+    fn the_hosts_mmu_follows_its_module_parameters() {
+        let d = |t: Option<&str>, v: Vendor| describe_host_mmu(t, &v).unwrap();
+        assert_eq!(
+            d(Some("N"), Vendor::Pvm),
+            "its shadow MMU (kvm_pvm, kvm.tdp_mmu=N: PVM has no EPT or NPT, KVM shadows \
+             the guest's page tables)"
+        );
+        let ept = |v: &str| Vendor::TwoDimensional("kvm_intel", "ept", v.into());
+        assert!(d(Some("Y"), ept("Y")).starts_with("its TDP MMU (kvm_intel.ept=Y, kvm.tdp_mmu=Y:"));
+        assert!(d(Some("N"), ept("Y")).starts_with("its shadow MMU in direct mode"));
+        let no_ept = d(Some("Y"), ept("N"));
+        assert!(
+            no_ept.starts_with("its shadow MMU (kvm_intel.ept=N, kvm.tdp_mmu=Y: no two-"),
+            "{no_ept}"
+        );
+        let npt = Vendor::TwoDimensional("kvm_amd", "npt", "1".into());
+        assert!(d(Some("1"), npt).starts_with("its TDP MMU"));
+        assert_eq!(describe_host_mmu(None, &Vendor::Unknown), None);
+        assert_eq!(
+            d(Some("N"), Vendor::Unknown),
+            "its shadow MMU (kvm.tdp_mmu=N: the TDP MMU off)"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@ use std::fmt::Write;
 use super::figures::Figure;
 use super::summary::{num, times};
 use super::tables::{show_value, Table};
+use super::versus::{self, Versus};
 use super::{Report, SourceState};
 
 /// Escapes the characters that would break a table cell.
@@ -13,7 +14,7 @@ fn cell(s: &str) -> String {
 }
 
 /// Renders the document.
-pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String {
+pub fn document(report: &Report, versus: &Versus, figures: &[Figure], tables: &[Table]) -> String {
     let m = &report.meta;
     let mut d = String::new();
     let _ = writeln!(d, "# vmmu report\n");
@@ -36,6 +37,7 @@ pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String
          multiple of the floor (the least work of the same operations, in a tight loop over \
          memory laid out as the MMU's).\n\n",
     );
+    opening(&mut d, versus);
     d.push_str("## The seeds' claims\n\n| seed | claim | variants compared | measured | rule | held |\n|---|---|---|---|---|---|\n");
     for s in &report.seeds {
         let _ = writeln!(
@@ -95,6 +97,41 @@ pub fn document(report: &Report, figures: &[Figure], tables: &[Table]) -> String
         }
     }
     d
+}
+
+/// The first section: vmmu against the host's KVM (`versus.rs`).
+fn opening(d: &mut String, v: &Versus) {
+    let _ = writeln!(d, "## {}\n", versus::HEADING);
+    if let Some(note) = &v.note {
+        let _ = writeln!(d, "_{}_\n", note.trim_end_matches('.'));
+    }
+    for g in v.grids() {
+        let _ = writeln!(d, "**{}**\n", g.caption);
+        let _ = writeln!(d, "| {} |", g.head.join(" | "));
+        let align: Vec<&str> = g.rows.first().map_or(Vec::new(), |r| {
+            r.iter()
+                .map(|c| if c.number { "---:" } else { "---" })
+                .collect()
+        });
+        let _ = writeln!(d, "|{}|", align.join("|"));
+        for r in &g.rows {
+            let cells: Vec<String> = r
+                .iter()
+                .map(|c| {
+                    if c.alarm {
+                        format!("**{}**", cell(&c.text))
+                    } else {
+                        cell(&c.text)
+                    }
+                })
+                .collect();
+            let _ = writeln!(d, "| {} |", cells.join(" | "));
+        }
+        d.push('\n');
+    }
+    if let Some(r) = &v.reading {
+        let _ = writeln!(d, "{r}\n");
+    }
 }
 
 fn table(d: &mut String, t: &Table) {

@@ -18,8 +18,16 @@
 //! Output, in `DIR` (default `vmmu-report/`):
 //! - `results.json`: `{"meta", "sources", "seeds", "records"}`, where `records` holds every
 //!   measurement as the bench JSON contract's objects;
-//! - `report.md`: the seed summary and every table;
+//! - `report.md`: vmmu against the host's KVM first, then the seed summary and every table;
 //! - `index.html`: the same with inline SVG plots (`figures.rs`, `plots.rs`).
+//!
+//! Both documents open, right after their header, with vmmu against the host's KVM
+//! (`versus.rs`): kvm-compare's harvests as a row per mode and ratio (KVM, vmmu's shadow and
+//! TDP MMUs, KVM's time over each, whether the bitmaps were identical), first touch and
+//! memslot delete by host backing, and a paragraph on reading them, naming the MMU the
+//! host's KVM runs on (`kvm::host_mmu`, also `meta.host_kvm_mmu` in `results.json`). Where
+//! kvm-compare did not run the section is one line saying why. The seeds come next; the
+//! full kvm-compare tables stay under their figures.
 
 mod figures;
 mod html;
@@ -29,6 +37,7 @@ mod plots;
 mod query;
 mod summary;
 mod tables;
+mod versus;
 
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
@@ -167,6 +176,10 @@ pub struct Meta {
     pub cpus: usize,
     /// Wall-clock seconds of the whole run.
     pub seconds: f64,
+    /// Which of its MMUs the host's KVM runs guests on, from its module parameters
+    /// (`kvm::host_mmu`); absent where they cannot be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_kvm_mmu: Option<String>,
 }
 
 /// Everything the report says; `results.json` is this.
@@ -344,6 +357,7 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
             warm_up: matches!(plan, Runs::Adaptive),
             cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
             seconds: started.elapsed().as_secs_f64(),
+            host_kvm_mmu: kvm::host_mmu(),
         },
         sources,
         seeds: summary::seeds(&records),
@@ -358,6 +372,11 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
             SourceState::Failed(why) => format!("failed: {why}"),
             SourceState::Ok => "reported nothing".into(),
         });
+    let versus = versus::versus(
+        &report.sources,
+        &report.records,
+        report.meta.host_kvm_mmu.as_deref(),
+    );
     let figures = figures::figures(&report.records, kvm_note.as_deref(), args.quick);
     let tables = tables::tables(&report.records);
 
@@ -368,8 +387,14 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let json = serde_json::to_string_pretty(&report)?;
     let paths = [
-        write("index.html", &html::page(&report, &figures, &tables))?,
-        write("report.md", &markdown::document(&report, &figures, &tables))?,
+        write(
+            "index.html",
+            &html::page(&report, &versus, &figures, &tables),
+        )?,
+        write(
+            "report.md",
+            &markdown::document(&report, &versus, &figures, &tables),
+        )?,
         write("results.json", &json)?,
     ];
 
