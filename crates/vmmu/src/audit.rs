@@ -14,6 +14,8 @@
 //! - each page's possibly-writable bitmap and count (seed 001) match its table;
 //! - with bitmap logging, every writable leaf of a logging slot is marked dirty;
 //! - no page is waiting for a flush (the audit runs at quiescent points);
+//! - in direct mode, the leaf-table map names every linked 4K page by its region, and
+//!   nothing else;
 //! - the descriptor pool's in-use count equals the descriptors the heads hold.
 
 use alloc::format;
@@ -263,6 +265,26 @@ pub(crate) fn audit<A: TableAllocator, H: HostMemory + ?Sized>(
                 "page {id} is unreachable but not zapped"
             );
         }
+    }
+    if !mmu.is_paging() {
+        // Direct mode: the leaf-table map names exactly the linked 4K pages.
+        let mut linked = 0;
+        for (id, sp) in pages.iter() {
+            if sp.role.level() == Level::L4K && !sp.parent_ptes.is_empty() {
+                linked += 1;
+                ensure!(
+                    mmu.leaf_tables.get(sp.gfn) == Some(id),
+                    "linked 4K page {id} at gfn {:?} is not in the leaf-table map",
+                    sp.gfn
+                );
+            }
+        }
+        ensure!(
+            mmu.leaf_tables.len() == linked,
+            "the leaf-table map has {} regions, {linked} 4K pages are linked: {:?}",
+            mmu.leaf_tables.len(),
+            mmu.leaf_tables.iter().collect::<alloc::vec::Vec<_>>()
+        );
     }
 
     let mut descs = 0;

@@ -20,6 +20,7 @@
 
 mod algorithms;
 mod fault;
+mod leaf_tables;
 mod notifier;
 pub mod paging;
 mod wrprot;
@@ -56,6 +57,8 @@ pub struct ShadowMmu<A: TableAllocator> {
     pub(crate) algos: Algorithms,
     pub(crate) invalidation: Invalidation,
     pub(crate) stats: MmuStats,
+    /// Direct mode: the linked last-level page of each 2 MiB region (see `leaf_tables`).
+    pub(crate) leaf_tables: leaf_tables::LeafTables,
 }
 
 impl<A: TableAllocator> ShadowMmu<A> {
@@ -80,6 +83,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             algos,
             invalidation: Invalidation::default(),
             stats: MmuStats::default(),
+            leaf_tables: leaf_tables::LeafTables::default(),
         })
     }
 
@@ -99,6 +103,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             algos,
             invalidation: Invalidation::default(),
             stats: MmuStats::default(),
+            leaf_tables: leaf_tables::LeafTables::default(),
         }
     }
 
@@ -183,6 +188,17 @@ impl<A: TableAllocator> ShadowMmu<A> {
         parent.spte_set(i, nonleaf);
         let sp = self.pages.get_mut(child);
         rmap::add(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
+        if self.paging.is_none() && sp.role.level() == Level::L4K {
+            self.leaf_tables.linked(sp.gfn, child);
+        }
+    }
+
+    /// Page `id` lost its last parent: out of the leaf-table map if it is in it.
+    pub(crate) fn leaf_table_unlinked(&mut self, id: u32) {
+        let sp = self.pages.get(id);
+        if sp.role.level() == Level::L4K && sp.parent_ptes.is_empty() {
+            self.leaf_tables.unlinked(sp.gfn, id);
+        }
     }
 
     /// Unlink the child under entry `i` of page `id`: clear the parent SPTE and drop it
@@ -198,6 +214,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let sp = self.pages.get_mut(child);
         let removed = rmap::remove(&mut sp.parent_ptes, SpteRef::new(id, i), &mut self.pool);
         debug_assert!(removed, "child page does not name its parent");
+        self.leaf_table_unlinked(child);
         child
     }
 

@@ -169,7 +169,9 @@ impl<A: TableAllocator> ShadowMmu<A> {
     }
 
     /// Write-protect the 4K mappings of the gfns `base + i` for every bit `i` of `mask`
-    /// (KVM's `kvm_mmu_write_protect_pt_masked`).
+    /// (KVM's `kvm_mmu_write_protect_pt_masked`). In direct mode the 4K leaf of a gfn is
+    /// found from the gfn through the leaf-table map; under shadow paging through its
+    /// reverse map. Huge leaves are found through their reverse maps.
     pub fn write_protect_masked(&mut self, slots: &Memslots, base: Gfn, mut mask: u64) -> Flush {
         // One memslot lookup per mask: its 64 gfns lie in one slot.
         let Some(slot) = slots.lookup(Gfn(base.0 + mask.trailing_zeros() as u64)) else {
@@ -180,8 +182,12 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let mut flush = false;
         let (pages, pool, mode) = (&self.pages, &self.pool, self.algos.rmap_iteration);
         let heads = slot.rmaps(Level::L4K);
-        // The 4K heads of a mask's gfns are neighbours, and most name one SPTE each, in
-        // one table: keep that table's page from gfn to gfn.
+        // Direct mode finds a gfn's 4K leaf from the gfn: the region's page (hot, one
+        // lookup per 2 MiB) and the entry's index, with no reverse-map head to load.
+        let direct = self.paging.is_none();
+        let mut region: Option<(Gfn, Option<&ShadowPage>)> = None;
+        // Under shadow paging: the 4K heads of a mask's gfns are neighbours, and most
+        // name one SPTE each, in one table: keep that table's page from gfn to gfn.
         let mut last: Option<(u32, &ShadowPage)> = None;
         while mask != 0 {
             let gfn = Gfn(base.0 + mask.trailing_zeros() as u64);
@@ -189,7 +195,26 @@ impl<A: TableAllocator> ShadowMmu<A> {
             if !slot.contains(gfn) {
                 continue;
             }
-            if small {
+            if small && direct {
+                let start = gfn.align_down(Level::L2M);
+                let sp = match region {
+                    Some((r, sp)) if r == start => sp,
+                    _ => {
+                        let sp = self.leaf_tables.get(gfn).map(|id| pages.get(id));
+                        region = Some((start, sp));
+                        sp
+                    }
+                };
+                // No page: no 4K leaf maps the region.
+                if let Some(sp) = sp {
+                    let i = (gfn.0 - sp.gfn.0) as usize;
+                    let spte = sp.table().get(i);
+                    if spte.is_shadow_present() && spte.is_writable() {
+                        sp.spte_write_protect(i, spte);
+                        flush = true;
+                    }
+                }
+            } else if small {
                 let head = heads[(gfn.0 - slot.base_gfn.0) as usize];
                 match head.as_single() {
                     Some(s) => {

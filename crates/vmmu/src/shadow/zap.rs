@@ -233,6 +233,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
             &mut self.pool,
             |p| parents.push(p),
         );
+        self.leaf_table_unlinked(id);
         for p in parents {
             let parent = self.pages.get_mut(p.table_id());
             parent.spte_clear(p.index());
@@ -329,6 +330,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 &mut self.pool,
                 |p| parents.push(p),
             );
+            self.leaf_table_unlinked(id);
             for p in parents {
                 let parent = self.pages.get_mut(p.table_id());
                 parent.spte_clear(p.index());
