@@ -13,7 +13,9 @@
 //! # Locking
 //! GET, CLEAR and reset take the MMU lock exclusively and write-protect what they report
 //! through the MMU dispatch; logging a page (and taking or giving back room for it) takes
-//! only the ring's lock (or none, for a bitmap: its words are atomics).
+//! only the ring's lock (or none, for a bitmap: its words are atomics). A locked fault
+//! logs its page with the MMU lock held, and a reset takes the rings' locks with it held
+//! (the lockless fast path takes only the ring's): the MMU lock always comes first.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
@@ -234,8 +236,12 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     }
 
     /// `KVM_RESET_DIRTY_RINGS`: write-protect again every harvested entry of every vCPU's
-    /// ring, coalescing neighbouring pages into 64-page masks, flush, and free the entries.
-    /// Returns the number of entries reset.
+    /// ring, coalescing the pages of each slot into 64-page masks, flush, and free the
+    /// entries. Returns the number of entries reset.
+    ///
+    /// Under the MMU lock (taken before the rings', the order locked faults log in), the
+    /// entries go straight from the rings into the VM's zeroed scratch masks
+    /// ([`RingScatter`]), with no copy of them and no allocation per call.
     pub fn reset_dirty_rings(&self) -> Result<usize, Error> {
         if self.config().dirty_log.ring_size.is_none() {
             return Err(Error::WrongDirtyLogMode(
@@ -243,49 +249,104 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             ));
         }
         let vcpus: Vec<_> = self.vcpus.read().iter().cloned().collect();
-        let mut entries = Vec::new();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let mut scatter = RingScatter::new(core::mem::take(&mut st.clear_masks));
         let mut n = 0;
         for v in &vcpus {
             if let Some(r) = &v.dirty_ring {
-                n += r.lock().reset(|e| entries.push(e));
+                n += r.lock().reset(|e| scatter.add(st, e));
             }
         }
-        // Scatter the entries into 64-page masks per slot (KVM coalesces only neighbours
-        // in ring order; a random write order would then cost one walk per entry), and
-        // protect them as GET does.
-        entries.sort_unstable_by_key(|e| e.slot);
-        let mut guard = self.lock();
-        let st = &mut *guard;
-        let mut removed = Removed::default();
-        for group in entries.chunk_by(|a, b| a.slot == b.slot) {
-            let slot = group[0].slot;
-            // The slot may have gone away since the push; then nothing maps it.
-            let Some(s) = st.slots.by_id(slot) else {
-                continue;
-            };
-            let first = group
-                .iter()
-                .map(|e| e.offset)
-                .min()
-                .expect("non-empty group")
-                / 64;
-            let last = group
-                .iter()
-                .map(|e| e.offset)
-                .max()
-                .expect("non-empty group")
-                / 64;
-            let mut masks = alloc::vec![0u64; (last - first + 1) as usize];
-            for e in group.iter().filter(|e| e.offset < s.npages) {
-                let bit = e.offset - first * 64;
-                masks[(bit / 64) as usize] |= 1 << (bit % 64);
-            }
-            let base = Gfn(s.base_gfn.0 + first * 64);
-            let dm = DirtyMasks::dense(base, &masks);
-            let (r, _) = st.mmu.write_protect_dirty(&st.slots, slot, &dm);
-            removed.merge(r);
-        }
+        let (masks, removed) = scatter.finish(st);
+        st.clear_masks = masks;
         self.commit(st, removed);
         Ok(n)
+    }
+}
+
+/// The entries of a ring reset, scattered into one slot's 64-page masks at a time (KVM
+/// coalesces only neighbours in ring order; a random write order would then cost one
+/// walk per entry) and write-protected as GET does, each time the slot changes and at the
+/// end. `masks` is all zero between uses; `nonzero` says which of its words are not, so
+/// the protection and the zeroing visit only those.
+struct RingScatter {
+    masks: Vec<u64>,
+    nonzero: Vec<u64>,
+    /// The slot being gathered: id, first gfn, pages; `None` before the first entry.
+    slot: Option<(u32, Gfn, u64)>,
+    /// Whether that slot still exists (an entry may outlive its slot: nothing maps it).
+    present: bool,
+    count: u64,
+    removed: Removed,
+}
+
+impl RingScatter {
+    fn new(masks: Vec<u64>) -> Self {
+        RingScatter {
+            masks,
+            nonzero: Vec::new(),
+            slot: None,
+            present: false,
+            count: 0,
+            removed: Removed::default(),
+        }
+    }
+
+    fn add<A: TableAllocator>(&mut self, st: &mut super::VmState<A>, e: DirtyGfn) {
+        if self.slot.is_none_or(|(id, _, _)| id != e.slot) {
+            self.protect(st);
+            let s = st.slots.by_id(e.slot);
+            self.present = s.is_some();
+            let (base, npages) = s.map_or((Gfn(0), 0), |s| (s.base_gfn, s.npages));
+            self.slot = Some((e.slot, base, npages));
+            let words = npages.div_ceil(64) as usize;
+            if self.masks.len() < words {
+                self.masks.resize(words, 0);
+            }
+            self.nonzero.clear();
+            self.nonzero.resize(words.div_ceil(64), 0);
+        }
+        let Some((_, _, npages)) = self.slot else {
+            return;
+        };
+        if !self.present || e.offset >= npages {
+            return;
+        }
+        let k = (e.offset / 64) as usize;
+        let bit = 1u64 << (e.offset % 64);
+        if self.masks[k] & bit == 0 {
+            self.masks[k] |= bit;
+            self.nonzero[k / 64] |= 1 << (k % 64);
+            self.count += 1;
+        }
+    }
+
+    /// Write-protect what the current slot gathered, and zero the masks again.
+    fn protect<A: TableAllocator>(&mut self, st: &mut super::VmState<A>) {
+        let Some((id, base, npages)) = self.slot else {
+            return;
+        };
+        if self.count == 0 {
+            return;
+        }
+        let words = npages.div_ceil(64) as usize;
+        let dm = DirtyMasks::new(base, &self.masks[..words], &self.nonzero, self.count);
+        let (r, _) = st.mmu.write_protect_dirty(&st.slots, id, &dm);
+        self.removed.merge(r);
+        for (i, s) in self.nonzero.iter_mut().enumerate() {
+            let mut bits = core::mem::take(s);
+            while bits != 0 {
+                self.masks[i * 64 + bits.trailing_zeros() as usize] = 0;
+                bits &= bits - 1;
+            }
+        }
+        self.count = 0;
+    }
+
+    /// Protect the last slot's pages; the zeroed masks back, and what to commit.
+    fn finish<A: TableAllocator>(mut self, st: &mut super::VmState<A>) -> (Vec<u64>, Removed) {
+        self.protect(st);
+        (self.masks, self.removed)
     }
 }
