@@ -121,6 +121,7 @@ mod imp {
     use vmmu_kvm::{DirtyLog, HostBacking, Peer, Schedule, SlotConfig};
 
     use super::{CompareArgs, ConformanceArgs, KvmArgs, KvmCommand};
+    use crate::bench::floor::HarvestFloor;
     use crate::bench::median::median;
     use crate::bench::names::kvm_compare as names;
     use crate::bench::{output, Record};
@@ -193,6 +194,8 @@ mod imp {
         kvm_us: f64,
         /// KVM's fastest round.
         kvm_min_us: f64,
+        /// The floor of the same pages ([`HarvestFloor`]), timed in every round.
+        floor_us: f64,
         /// Per vmmu peer ([`vmmu_peers`]), its median and its minimum.
         vmmu_us: Vec<(f64, f64)>,
         /// Per vmmu peer, whether its bitmaps equalled KVM's in every round.
@@ -235,9 +238,12 @@ mod imp {
             }
         }
         let mut rows = Vec::new();
+        let mut floor = HarvestFloor::new(slot.pages());
         for &ratio in &a.ratios {
             progress(&format!("kvm compare: {} ratio {ratio}", mode.name()));
             let s = Schedule::for_ratio(slot.pages(), ratio);
+            let pages: Vec<u64> = s.pages().collect();
+            let mut f = Vec::new();
             // One untimed round first: every written page is then mapped and protected.
             let warm = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
             let mut diffs: Vec<Option<String>> = warm
@@ -249,6 +255,7 @@ mod imp {
             let mut v = vec![Vec::new(); vmmu.len()];
             for i in 0..a.rounds {
                 let r = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
+                f.push(floor.measure(&pages));
                 k.push(us(r.kvm));
                 for (j, t) in r.vmmu.iter().enumerate() {
                     v[j].push(us(*t));
@@ -270,6 +277,7 @@ mod imp {
                 writes: s.len(),
                 kvm_us: med(&k),
                 kvm_min_us: k.iter().copied().fold(f64::INFINITY, f64::min),
+                floor_us: med(&f),
                 vmmu_us: v
                     .iter()
                     .map(|x| (med(x), x.iter().copied().fold(f64::INFINITY, f64::min)))
@@ -522,6 +530,8 @@ mod imp {
                     row.push(num(t));
                     row.push(format!("{}x", num(r.kvm_us / t)));
                 }
+                row.push(num(r.floor_us));
+                row.push(format!("{}x", num(r.kvm_us / r.floor_us)));
                 let same = r.equal.iter().all(|&e| e);
                 row.push(if same { "identical" } else { "DIFFER" }.to_owned());
                 row
@@ -537,9 +547,17 @@ mod imp {
             header.push(format!("{name} us"));
             header.push(format!("kvm/{name}"));
         }
+        header.push("floor us".into());
+        header.push("kvm/floor".into());
         header.push("bitmaps".into());
         let header: Vec<&str> = header.iter().map(String::as_str).collect();
         table(out, &header, &body)?;
+        writeln!(
+            out,
+            "  floor: the least work of any harvest of the same pages (a copy of the bitmap, \
+             one RMW per dirty word, one store per dirty SPTE, a flush request; `vmmu bench \
+             floor`), timed in every round; kvm/floor is the most any MMU could lead KVM by"
+        )?;
         for r in rows {
             if let Some(d) = &r.diff {
                 writeln!(out, "  {} ratio {}: {d}", r.mode.name(), r.ratio)?;

@@ -136,6 +136,29 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     Ok(samples)
 }
 
+/// The harvest floor of any workload over a slot of 4 KiB pages, measured on demand:
+/// `vmmu kvm compare` times it in every round beside KVM and vmmu, on its own pages.
+pub struct HarvestFloor(Footprint);
+
+impl HarvestFloor {
+    /// The footprint of a logging slot of `npages` pages, nothing dirty.
+    pub fn new(npages: u64) -> Self {
+        HarvestFloor(Footprint::new(npages))
+    }
+
+    /// Write `pages` (each below the slot's size), in that order, then time the least
+    /// harvest of them; microseconds.
+    pub fn measure(&mut self, pages: &[u64]) -> f64 {
+        self.0.write(pages);
+        let start = Instant::now();
+        let protected = self.0.harvest();
+        let us = start.elapsed().as_nanos() as f64 / 1e3;
+        black_box(&self.0.out);
+        debug_assert!(protected as usize <= pages.len());
+        us
+    }
+}
+
 /// `dirty-log`'s and `wrprot-slot`'s pages at `ratio`: distinct, random, in random order.
 fn random_ratio(npages: u64, ratio: f64) -> Vec<u64> {
     random_pages(npages, dirty_count(npages, ratio))

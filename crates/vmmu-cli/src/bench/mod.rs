@@ -16,7 +16,7 @@
 mod dirty_log;
 pub mod dirty_ratio;
 mod fault_in;
-mod floor;
+pub mod floor;
 pub mod guest;
 pub mod median;
 mod memory;
