@@ -1168,6 +1168,13 @@ impl Interp {
             _ => Some(4u32 << (r.u8() % 19)),
         };
         let max_vcpus = r.u8() as u32 % 3;
+        let extra = r.u8();
+        let ring_limits = if extra & 1 != 0 {
+            vmmu::RingLimits::Kvm
+        } else {
+            vmmu::RingLimits::Vmmu
+        };
+        let ring_with_bitmap = extra & 2 != 0;
         let config = VmConfig {
             mmu,
             limits: MemslotLimits {
@@ -1177,6 +1184,8 @@ impl Interp {
             max_vcpus,
             dirty_log: vmmu::DirtyLogConfig {
                 ring_size,
+                ring_limits,
+                ring_with_bitmap,
                 ..vmmu::DirtyLogConfig::default()
             },
             ..VmConfig::default()
@@ -1184,14 +1193,21 @@ impl Interp {
         // The rules, in the order the VM checks them: shadow paging needs guest memory
         // (`Vm::with_guest_memory`); the tables have four levels (32 to 48 bits); a ring
         // is a power of two from 4 to 2^20 entries (KVM's KVM_DIRTY_RING_MAX_ENTRIES is
-        // 65536; vmmu allows more for large guests, and no fewer than a fault can use).
-        let ring_ok = |n: u32| n.is_power_of_two() && (4..=1 << 20).contains(&n);
+        // 65536; vmmu allows more for large guests, and no fewer than a fault can use),
+        // or, under KVM's limits, from 256 (one page of entries) to 65536; the backup
+        // bitmap needs a ring (KVM enables it only after the ring).
+        let ring_ok = |n: u32| match ring_limits {
+            vmmu::RingLimits::Vmmu => n.is_power_of_two() && (4..=1 << 20).contains(&n),
+            vmmu::RingLimits::Kvm => n.is_power_of_two() && (256..=65536).contains(&n),
+        };
         let want: Result<(), Error> = if mmu == MmuKind::ShadowPaging {
             Err(Error::WrongPagingMode(""))
         } else if !(32..=48).contains(&gpa_bits) {
             Err(Error::InvalidConfig(""))
         } else if let Some(n) = ring_size.filter(|&n| !ring_ok(n)) {
             Err(Error::InvalidRingSize { size: n })
+        } else if ring_with_bitmap && ring_size.is_none() {
+            Err(Error::InvalidConfig(""))
         } else {
             Ok(())
         };

@@ -52,6 +52,7 @@ impl DirtyMode {
                 DirtyMode::Ring(n) => Some(n),
                 _ => None,
             },
+            ..DirtyLogConfig::default()
         }
     }
     /// Whether dirty pages go to rings.

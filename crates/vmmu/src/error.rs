@@ -34,8 +34,12 @@
 //! | [`BitmapTooSmall`](Error::BitmapTooSmall) | `get_dirty_log`, `clear_dirty_log` |
 //! | [`ClearLogUnaligned`](Error::ClearLogUnaligned) | `clear_dirty_log` |
 //! | [`ClearLogRange`](Error::ClearLogRange) | `clear_dirty_log` |
-//! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log`, `harvest_dirty_ring`, `reset_dirty_rings` |
-//! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring` |
+//! | [`WrongDirtyLogMode`](Error::WrongDirtyLogMode) | `get_dirty_log`, `clear_dirty_log` (on a ring VM without the backup bitmap), `harvest_dirty_ring`, `dirty_ring`, `reset_dirty_rings`, `enable_dirty_ring_with_bitmap` |
+//! | [`NoSuchVcpu`](Error::NoSuchVcpu) | `harvest_dirty_ring`, `dirty_ring` |
+//! | [`RingEntryNotDirty`](Error::RingEntryNotDirty) | `DirtyRingView::mark_harvested` |
+//! | [`RingEntryNotRead`](Error::RingEntryNotRead) | `DirtyRingView::mark_harvested` |
+//! | [`DirtyWithoutVcpu`](Error::DirtyWithoutVcpu) | `mark_page_dirty` (a ring VM without the backup bitmap) |
+//! | [`MemslotsExist`](Error::MemslotsExist) | `enable_dirty_ring_with_bitmap` |
 //! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`; as `Exit::Error` for the accesses) given a vCPU another VM created |
 //! | [`DirtyRingFull`](Error::DirtyRingFull) | `page_fault` (an access exits with `Exit::DirtyRingFull` instead) |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
@@ -216,6 +220,35 @@ pub enum Error {
         /// The vCPU.
         vcpu: u32,
     },
+    /// `DirtyRingView::mark_harvested` of an entry that is not in the ring: never pushed,
+    /// already reset, or the index names its place a lap earlier or later. Nothing
+    /// changed.
+    RingEntryNotDirty {
+        /// The vCPU whose ring it is.
+        vcpu: u32,
+        /// The entry's index (entries pushed before it).
+        index: u64,
+    },
+    /// `DirtyRingView::mark_harvested` of an entry the VMM never read
+    /// (`DirtyRingView::read`): resetting it would write-protect a page nobody reported.
+    /// Nothing changed.
+    RingEntryNotRead {
+        /// The vCPU whose ring it is.
+        vcpu: u32,
+        /// The entry's index.
+        index: u64,
+    },
+    /// `mark_page_dirty` (a write outside any vCPU context) on a VM whose rings have no
+    /// backup bitmap: the page could be logged nowhere (KVM warns and drops it; enable
+    /// `DirtyLogConfig::ring_with_bitmap`, KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP). Nothing
+    /// changed.
+    DirtyWithoutVcpu {
+        /// The address written.
+        gpa: Gpa,
+    },
+    /// `enable_dirty_ring_with_bitmap` after a memslot was created: as KVM, the backup
+    /// bitmap must be chosen while there are no memslots (so every slot has one).
+    MemslotsExist,
     /// A host-virtual range is empty or reversed.
     InvalidHvaRange {
         /// Start.
@@ -390,6 +423,22 @@ impl fmt::Display for Error {
             Error::NoInvalidationInProgress => {
                 write!(f, "invalidate_range_end without a matching invalidate_range_start")
             }
+            Error::RingEntryNotDirty { vcpu, index } => write!(
+                f,
+                "vCPU {vcpu}'s dirty ring has no entry {index} to mark harvested (not pushed yet, or reset already)"
+            ),
+            Error::RingEntryNotRead { vcpu, index } => write!(
+                f,
+                "vCPU {vcpu}'s dirty ring entry {index} was never read: marking it would reset an unreported page"
+            ),
+            Error::DirtyWithoutVcpu { gpa } => write!(
+                f,
+                "write to gpa {gpa} outside any vCPU context on a ring VM without the backup bitmap (ring_with_bitmap): it cannot be logged"
+            ),
+            Error::MemslotsExist => write!(
+                f,
+                "the dirty ring's backup bitmap must be enabled before any memslot exists"
+            ),
         }
     }
 }

@@ -139,14 +139,15 @@ internal! { pub mod sync; }
 internal! { pub mod tdp; }
 
 pub use audit::{AuditError, AuditReport};
+pub use dirty::ring::{RingEntry, RingLimits};
 pub use error::Error;
 pub use memslot::{MemoryRegion, MemslotFlags, MemslotLimits};
 pub use mmu::{DirtyGfn, FaultOutcome, MmuStats};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
 pub use vm::{
-    DirtyLogConfig, Exit, HarvestReport, MmuKind, PagingConfig, PagingStats, Vcpu, Vm, VmConfig,
-    VmStats,
+    DirtyLogConfig, DirtyRingView, Exit, HarvestReport, MmuKind, PagingConfig, PagingStats, Vcpu,
+    Vm, VmConfig, VmStats,
 };
 internal! { pub use flush::Flush; }
 internal! { pub use vm::Mmu; }

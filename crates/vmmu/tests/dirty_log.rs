@@ -45,6 +45,7 @@ impl Mode {
             manual_protect: self != Mode::Get,
             initially_all_set: self == Mode::InitiallySet,
             ring_size: None,
+            ..DirtyLogConfig::default()
         }
     }
 }

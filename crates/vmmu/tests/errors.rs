@@ -61,6 +61,10 @@ fn name(e: &Error) -> &'static str {
         Error::WrongPagingMode(_) => "WrongPagingMode",
         Error::NonCanonical { .. } => "NonCanonical",
         Error::Unaligned { .. } => "Unaligned",
+        Error::RingEntryNotDirty { .. } => "RingEntryNotDirty",
+        Error::RingEntryNotRead { .. } => "RingEntryNotRead",
+        Error::DirtyWithoutVcpu { .. } => "DirtyWithoutVcpu",
+        Error::MemslotsExist => "MemslotsExist",
     }
 }
 
@@ -133,6 +137,10 @@ fn every_variant_has_a_message() {
         Error::Unaligned {
             gva: vmmu::types::Gva(4),
         },
+        Error::RingEntryNotDirty { vcpu: 1, index: 9 },
+        Error::RingEntryNotRead { vcpu: 1, index: 9 },
+        Error::DirtyWithoutVcpu { gpa: Gpa(0x1000) },
+        Error::MemslotsExist,
     ];
     let mut seen = std::collections::BTreeSet::new();
     for e in &all {

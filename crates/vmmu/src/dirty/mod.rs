@@ -17,13 +17,13 @@
 //! by fast-path faults and write-locked only while memslots change, never across a flush.
 
 pub mod bitmap;
-pub(crate) mod ring;
+pub mod ring;
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 pub use bitmap::{DirtyBitmap, DirtyMasks};
-pub use ring::DirtyRing;
+pub use ring::{DirtyRing, MarkError, RingEntry, RingLimits};
 
 use crate::memslot::Memslots;
 use crate::mmu::DirtyGfn;

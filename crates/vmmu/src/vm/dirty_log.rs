@@ -10,27 +10,34 @@
 //! ring has no room is refused (`Error::DirtyRingFull`, `Exit::DirtyRingFull`) and nothing
 //! is made writable; so no write is writable without its entry.
 //!
+//! With rings and the backup bitmap (`DirtyLogConfig::ring_with_bitmap`), a page dirtied
+//! outside any vCPU context ([`Vm::mark_page_dirty`]) goes into its slot's bitmap, which
+//! GET (and CLEAR) harvest as in bitmap mode; without the bitmap such a write is refused
+//! (`Error::DirtyWithoutVcpu`) rather than lost. Faults always log into their vCPU's ring.
+//!
 //! # Locking
 //! GET, CLEAR and reset take the MMU lock exclusively and write-protect what they report
 //! through the MMU dispatch; logging a page (and taking or giving back room for it) takes
-//! only the ring's lock (or none, for a bitmap: its words are atomics). A locked fault
-//! logs its page with the MMU lock held, and a reset takes the rings' locks with it held
-//! (the lockless fast path takes only the ring's): the MMU lock always comes first.
+//! only the ring's vCPU-side lock (or none, for a bitmap: its words are atomics). Reading
+//! and marking ring entries ([`Vm::harvest_dirty_ring`], [`DirtyRingView`]) take only the
+//! ring's VMM-side lock, never the vCPU's: the VMM harvests while the vCPU runs, ordered
+//! by the entries' release/acquire flags (see `dirty::ring`). A locked fault logs its page
+//! with the MMU lock held, and a reset takes the rings' VMM-side locks with it held: the
+//! MMU lock always comes first.
 
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::Vcpu;
-use crate::dirty::{DirtyMasks, DirtyRing};
+use crate::dirty::{DirtyMasks, DirtyRing, MarkError, RingEntry};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
 use crate::memslot::DirtyBitmap;
 use crate::mmu::DirtyGfn;
 use crate::shadow::DirtyWrprot;
-use crate::sync::Mutex;
 use crate::table::TableAllocator;
-use crate::types::Gfn;
+use crate::types::{Gfn, Gpa};
 
 use super::Vm;
 
@@ -49,7 +56,7 @@ pub struct HarvestReport {
 /// on drop if unused), nothing to hold for a bitmap. So a page is never writable without
 /// its entry, and a push never finds the ring full (see `dirty::ring`).
 pub(crate) struct DirtyRoom {
-    ring: Option<Arc<Mutex<DirtyRing>>>,
+    ring: Option<Arc<DirtyRing>>,
 }
 
 impl DirtyRoom {
@@ -59,7 +66,7 @@ impl DirtyRoom {
     pub(crate) fn take(vcpu: &Vcpu) -> Result<DirtyRoom, Error> {
         match &vcpu.dirty_ring {
             None => Ok(DirtyRoom { ring: None }),
-            Some(r) if r.lock().reserve() => Ok(DirtyRoom {
+            Some(r) if r.reserve() => Ok(DirtyRoom {
                 ring: Some(r.clone()),
             }),
             Some(_) => Err(Error::DirtyRingFull { vcpu: vcpu.id }),
@@ -70,7 +77,7 @@ impl DirtyRoom {
     #[inline]
     pub(crate) fn log(mut self, d: DirtyGfn, bitmap: Option<&DirtyBitmap>) {
         match self.ring.take() {
-            Some(ring) => ring.lock().push_reserved(d),
+            Some(ring) => ring.push_reserved(d),
             None => {
                 if let Some(b) = bitmap {
                     b.mark(d.offset);
@@ -84,19 +91,152 @@ impl Drop for DirtyRoom {
     #[inline]
     fn drop(&mut self) {
         if let Some(ring) = &self.ring {
-            ring.lock().unreserve();
+            ring.unreserve();
         }
     }
 }
 
+/// A vCPU's dirty ring as the VMM sees it ([`Vm::dirty_ring`]): KVM's mapped array of
+/// `kvm_dirty_gfn`, by entry index (how many entries the vCPU pushed before it; KVM's VMM
+/// keeps the same free-running fetch index). The KVM protocol, safely:
+///
+/// ```text
+/// let ring = vm.dirty_ring(v)?;
+/// let mut fetch = 0;
+/// while let RingEntry::Dirty(e) = ring.read(fetch) {   // load-acquire of the flags
+///     collect(e);
+///     ring.mark_harvested(fetch)?;                       // store-release of RESET
+///     fetch += 1;
+/// }
+/// vm.reset_dirty_rings()?;                               // KVM_RESET_DIRTY_RINGS
+/// ```
+///
+/// # Ordering
+/// An entry the view returns as [`RingEntry::Dirty`] is complete: the vCPU wrote its slot
+/// and offset before it published the DIRTY flag with a release store, and `read` loads
+/// the flag with acquire before it reads them (`tests/loom_ring.rs` checks this in every
+/// interleaving). A reset frees only entries marked harvested, so an entry never changes
+/// under a VMM that read it and has not marked it.
+///
+/// # Misuse
+/// The ring is not memory the VMM writes, so nothing the VMM does through the view can
+/// corrupt it: marking an entry that is not in the ring is [`Error::RingEntryNotDirty`],
+/// one it never read [`Error::RingEntryNotRead`], both changing nothing; marking twice is
+/// a no-op (`Ok(false)`).
+#[derive(Clone)]
+pub struct DirtyRingView {
+    vcpu: u32,
+    ring: Arc<DirtyRing>,
+}
+
+impl DirtyRingView {
+    /// The vCPU whose ring this is.
+    pub fn vcpu(&self) -> u32 {
+        self.vcpu
+    }
+    /// Entries in the ring.
+    pub fn size(&self) -> u64 {
+        self.ring.size()
+    }
+    /// Entries used at which the vCPU stops (KVM_EXIT_DIRTY_RING_FULL).
+    pub fn soft_limit(&self) -> u64 {
+        self.ring.soft_limit()
+    }
+    /// Entry `index`: [`RingEntry::Dirty`] if the vCPU published it and it is not
+    /// harvested (reading it lets [`mark_harvested`](Self::mark_harvested) accept it),
+    /// [`RingEntry::Harvested`] if it waits for a reset, else [`RingEntry::Empty`].
+    pub fn read(&self, index: u64) -> RingEntry {
+        self.ring.read(index)
+    }
+    /// Mark entry `index`, which [`read`](Self::read) returned, harvested: the next
+    /// [`Vm::reset_dirty_rings`] write-protects its page and frees its room. `Ok(false)`
+    /// if it was already marked.
+    pub fn mark_harvested(&self, index: u64) -> Result<bool, Error> {
+        self.ring.mark_harvested(index).map_err(|e| match e {
+            MarkError::NotDirty => Error::RingEntryNotDirty {
+                vcpu: self.vcpu,
+                index,
+            },
+            MarkError::NotRead => Error::RingEntryNotRead {
+                vcpu: self.vcpu,
+                index,
+            },
+        })
+    }
+    /// (pushed, harvested by [`Vm::harvest_dirty_ring`] or past reset, reset) so far.
+    pub fn counters(&self) -> (u64, u64, u64) {
+        self.ring.counters()
+    }
+}
+
 impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
+    /// GET and CLEAR: bitmap mode, or rings with the backup bitmap.
     fn bitmap_mode(&self) -> Result<(), Error> {
-        if self.config().dirty_log.ring_size.is_some() {
+        if self.config().dirty_log.ring_size.is_some() && !self.ring_bitmap() {
             return Err(Error::WrongDirtyLogMode(
                 "the VM logs dirty pages in per-vCPU rings",
             ));
         }
         Ok(())
+    }
+
+    /// Whether the rings have the backup bitmap (KVM's `dirty_ring_with_bitmap`).
+    pub(crate) fn ring_bitmap(&self) -> bool {
+        self.ring_bitmap.load(core::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP)`: keep each logging slot's dirty
+    /// bitmap beside the rings, for pages dirtied outside any vCPU context (see
+    /// [`DirtyLogConfig::ring_with_bitmap`](crate::DirtyLogConfig::ring_with_bitmap)). As
+    /// KVM: the VM must use rings ([`Error::WrongDirtyLogMode`]) and have no memslot yet
+    /// ([`Error::MemslotsExist`]); enabling it again is a no-op.
+    pub fn enable_dirty_ring_with_bitmap(&self) -> Result<(), Error> {
+        if self.config().dirty_log.ring_size.is_none() {
+            return Err(Error::WrongDirtyLogMode(
+                "the backup bitmap is for dirty rings: the VM logs in bitmaps",
+            ));
+        }
+        // Under the exclusive lock, so no memslot is created meanwhile.
+        let st = self.lock();
+        if self.ring_bitmap() {
+            return Ok(());
+        }
+        if st.slots.iter().next().is_some() {
+            return Err(Error::MemslotsExist);
+        }
+        self.ring_bitmap
+            .store(true, core::sync::atomic::Ordering::Release);
+        Ok(())
+    }
+
+    /// A write to guest page `gpa` made outside any vCPU context (KVM's
+    /// `mark_page_dirty_in_slot` with no running vCPU: the host or the VMM writing guest
+    /// memory, e.g. device state during migration): mark it in its slot's dirty bitmap if
+    /// the slot logs. Returns whether it was marked (`false` outside every memslot or in a
+    /// slot that does not log, as KVM ignores those).
+    ///
+    /// On a ring VM the page goes into the backup bitmap
+    /// ([`DirtyLogConfig::ring_with_bitmap`](crate::DirtyLogConfig::ring_with_bitmap)),
+    /// harvested by [`get_dirty_log`](Self::get_dirty_log); without it there is no vCPU
+    /// ring to push to and no bitmap, and the write is refused with
+    /// [`Error::DirtyWithoutVcpu`] (KVM warns and loses it). Nothing is write-protected:
+    /// the MMU maps nothing for such a write.
+    pub fn mark_page_dirty(&self, gpa: Gpa) -> Result<bool, Error> {
+        if self.config().dirty_log.ring_size.is_some() && !self.ring_bitmap() {
+            return Err(Error::DirtyWithoutVcpu { gpa });
+        }
+        let gfn = gpa.gfn();
+        let st = self.lock_shared();
+        let Some(slot) = st.slots.lookup(gfn) else {
+            return Ok(false);
+        };
+        Ok(match slot.dirty_bitmap() {
+            Some(b) => {
+                b.mark(gfn.0 - slot.base_gfn.0);
+                true
+            }
+            None => false,
+        })
     }
 
     /// `KVM_GET_DIRTY_LOG`: copy slot `slot`'s dirty bitmap into `out` (one bit per page,
@@ -219,20 +359,35 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         Ok(cleared)
     }
 
-    /// Read the entries vCPU `vcpu` pushed since its last harvest into `out` (the VMM
-    /// reading `kvm_dirty_gfn`s). Returns how many.
-    pub fn harvest_dirty_ring(&self, vcpu: u32, out: &mut Vec<DirtyGfn>) -> Result<usize, Error> {
+    fn ring_of(&self, vcpu: u32) -> Result<Arc<DirtyRing>, Error> {
         let shared = self
             .vcpus
             .read()
             .get(vcpu as usize)
             .cloned()
             .ok_or(Error::NoSuchVcpu(vcpu))?;
-        let ring = shared.dirty_ring.as_ref().ok_or(Error::WrongDirtyLogMode(
+        shared.dirty_ring.ok_or(Error::WrongDirtyLogMode(
             "the VM logs dirty pages in bitmaps, not rings",
-        ))?;
-        let n = ring.lock().harvest(out);
-        Ok(n)
+        ))
+    }
+
+    /// Read the entries vCPU `vcpu` pushed since its last harvest into `out` and mark them
+    /// harvested (the VMM reading `kvm_dirty_gfn`s and setting their RESET flags). Returns
+    /// how many. May run while the vCPU runs: entries it is still publishing are left for
+    /// the next harvest. Entries already marked through a [`DirtyRingView`] are not
+    /// reported again.
+    pub fn harvest_dirty_ring(&self, vcpu: u32, out: &mut Vec<DirtyGfn>) -> Result<usize, Error> {
+        Ok(self.ring_of(vcpu)?.harvest(out))
+    }
+
+    /// vCPU `vcpu`'s ring, as the VMM sees the ring it mapped: entries by index, read with
+    /// acquire and marked harvested with release, on any thread and concurrently with the
+    /// vCPU (KVM_CAP_DIRTY_LOG_RING_ACQ_REL). The view stays valid as long as it is held.
+    pub fn dirty_ring(&self, vcpu: u32) -> Result<DirtyRingView, Error> {
+        Ok(DirtyRingView {
+            vcpu,
+            ring: self.ring_of(vcpu)?,
+        })
     }
 
     /// `KVM_RESET_DIRTY_RINGS`: write-protect again every harvested entry of every vCPU's
@@ -255,7 +410,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let mut n = 0;
         for v in &vcpus {
             if let Some(r) = &v.dirty_ring {
-                n += r.lock().reset(|e| scatter.add(st, e));
+                n += r.reset(|e| scatter.add(st, e));
             }
         }
         let (masks, removed) = scatter.finish(st);

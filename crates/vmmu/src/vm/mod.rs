@@ -20,7 +20,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use crate::dirty::DirtyIndex;
+use crate::dirty::{DirtyIndex, RingLimits};
 use crate::error::Error;
 use crate::guest::GuestMemory;
 use crate::host::HostMemory;
@@ -43,7 +43,7 @@ mod track;
 mod vcpu;
 mod zap;
 
-pub use dirty_log::HarvestReport;
+pub use dirty_log::{DirtyRingView, HarvestReport};
 pub use fault::LOCKLESS_RETRIES;
 
 pub use mmu::MmuKind;
@@ -101,9 +101,24 @@ pub struct DirtyLogConfig {
     /// KVM_CAP_DIRTY_LOG_RING: each vCPU pushes its dirty pages into a ring of this many
     /// entries instead of the bitmap: a power of two from
     /// [`MIN_RING_ENTRIES`](Self::MIN_RING_ENTRIES) to
-    /// [`MAX_RING_ENTRIES`](Self::MAX_RING_ENTRIES), or the VM is refused with
-    /// [`Error::InvalidRingSize`].
+    /// [`MAX_RING_ENTRIES`](Self::MAX_RING_ENTRIES) (or within KVM's limits, with
+    /// [`ring_limits`](Self::ring_limits)), or the VM is refused with
+    /// [`Error::InvalidRingSize`] before anything is allocated. The VMM may harvest a
+    /// ring concurrently with its vCPU (KVM_CAP_DIRTY_LOG_RING_ACQ_REL: see
+    /// [`Vm::dirty_ring`]).
     pub ring_size: Option<u32>,
+    /// Which size rule `ring_size` follows: vmmu's (4 to 2^20 entries, soft-full one
+    /// entry before full) or KVM's (256 to 65536 entries, soft-full 64 before full, so
+    /// vCPUs exit where KVM's do). See `dirty::ring`'s "Sizes" for why they differ.
+    pub ring_limits: RingLimits,
+    /// KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP: with rings, every logging slot also keeps its
+    /// dirty bitmap, for pages dirtied outside any vCPU context ([`Vm::mark_page_dirty`]:
+    /// writes by the host or the VMM, e.g. device state saved into guest memory during
+    /// migration), harvested by [`Vm::get_dirty_log`] (and [`Vm::clear_dirty_log`] with
+    /// manual protect) as in bitmap mode. Needs `ring_size` ([`Error::InvalidConfig`]
+    /// otherwise), as KVM needs the ring enabled first; may also be enabled later with
+    /// [`Vm::enable_dirty_ring_with_bitmap`] while no memslot exists.
+    pub ring_with_bitmap: bool,
 }
 
 impl DirtyLogConfig {
@@ -227,6 +242,10 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     fault_gate: Option<crate::brlock::BrLock<()>>,
     pub(crate) vcpus: RwLock<Vec<vcpu::VcpuHandle>>,
     pub(crate) dirty_index: DirtyIndex,
+    /// Rings with the backup bitmap (`DirtyLogConfig::ring_with_bitmap`, or enabled by
+    /// `enable_dirty_ring_with_bitmap`): set under the exclusive MMU lock while no
+    /// memslot exists, never cleared, so once a slot exists it no longer changes.
+    pub(crate) ring_bitmap: core::sync::atomic::AtomicBool,
     config: VmConfig,
     remote_flushes: AtomicU64,
     fast_mmio: AtomicU64,
@@ -290,7 +309,12 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             ));
         }
         if let Some(size) = config.dirty_log.ring_size {
-            crate::dirty::ring::check_size(size)?;
+            crate::dirty::ring::check_size_with(size, config.dirty_log.ring_limits)?;
+        } else if config.dirty_log.ring_with_bitmap {
+            // KVM refuses KVM_CAP_DIRTY_LOG_RING_WITH_BITMAP before the ring is enabled.
+            return Err(Error::InvalidConfig(
+                "ring_with_bitmap needs ring_size: the backup bitmap is for dirty rings",
+            ));
         }
         let mmu = Mmu::new(&config, &alloc)?;
         let mut slots = Memslots::new(config.limits);
@@ -309,6 +333,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             fault_gate: matches!(config.mmu, MmuKind::Tdp(_)).then(lock::gate),
             vcpus: RwLock::new(Vec::new()),
             dirty_index: DirtyIndex::default(),
+            ring_bitmap: core::sync::atomic::AtomicBool::new(config.dirty_log.ring_with_bitmap),
             config,
             remote_flushes: AtomicU64::new(0),
             fast_mmio: AtomicU64::new(0),

@@ -27,7 +27,6 @@ use crate::dirty::DirtyRing;
 use crate::guest::PagingState;
 use crate::hw::{flush_vcpus, Cpu, CpuShared};
 use crate::shadow::RootRef;
-use crate::sync::Mutex;
 use crate::types::Pfn;
 use core::sync::atomic::{AtomicU64, Ordering};
 
@@ -40,7 +39,7 @@ use crate::table::TableAllocator;
 #[derive(Clone)]
 pub(crate) struct VcpuHandle {
     pub(crate) cpu: Arc<CpuShared>,
-    pub(crate) dirty_ring: Option<Arc<Mutex<DirtyRing>>>,
+    pub(crate) dirty_ring: Option<Arc<DirtyRing>>,
 }
 
 /// A VM's identity, unique among the VMs of this process (see the module's invariants).
@@ -77,9 +76,10 @@ pub struct Vcpu {
     /// switching back (most recent first). The vCPU holds a reference on each.
     pub(crate) proot: Option<RootRef>,
     pub(crate) prev_roots: Vec<RootRef>,
-    /// The dirty ring, when the VM uses rings: the vCPU pushes, the VMM harvests and
-    /// resets. Its lock is taken by the vCPU only when logging a page.
-    pub(crate) dirty_ring: Option<Arc<Mutex<DirtyRing>>>,
+    /// The dirty ring, when the VM uses rings: the vCPU pushes (taking the ring's vCPU-side
+    /// lock only when it reserves room or logs a page), the VMM reads, marks and resets
+    /// on its own side, concurrently (see `dirty::ring`).
+    pub(crate) dirty_ring: Option<Arc<DirtyRing>>,
 }
 
 impl Vcpu {
@@ -108,9 +108,7 @@ impl Vcpu {
     /// Whether this vCPU's dirty ring is too full to run (KVM_EXIT_DIRTY_RING_FULL).
     #[inline]
     pub fn dirty_ring_soft_full(&self) -> bool {
-        self.dirty_ring
-            .as_ref()
-            .is_some_and(|r| r.lock().is_soft_full())
+        self.dirty_ring.as_ref().is_some_and(|r| r.is_soft_full())
     }
 }
 
@@ -137,8 +135,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         let handle = VcpuHandle {
             cpu: Arc::new(CpuShared::new()),
             dirty_ring: self.config.dirty_log.ring_size.map(|n| {
-                let ring = DirtyRing::new(n).expect("the VM checked its ring size");
-                Arc::new(Mutex::new(ring))
+                let ring = DirtyRing::with_limits(n, self.config.dirty_log.ring_limits)
+                    .expect("the VM checked its ring size");
+                Arc::new(ring)
             }),
         };
         let id = {
