@@ -128,6 +128,10 @@ pub struct RunConfig {
     pub hugetlb: bool,
     /// Whether the model keeps a dirty bitmap across a move (KVM does).
     pub move_keeps_dirty: bool,
+    /// The compatibility option `VmConfig::change_pte` (Linux's `.change_pte`, removed in
+    /// 6.10). Off, [`Op::ChangePte`] checks that `change_pte` is refused, then moves the
+    /// page as a current kernel does (inside `invalidate_range_start`/`end`).
+    pub change_pte: bool,
 }
 
 impl RunConfig {
@@ -144,6 +148,7 @@ impl RunConfig {
             vcpus: 3,
             hugetlb: false,
             move_keeps_dirty: true,
+            change_pte: false,
         }
     }
 
@@ -160,7 +165,10 @@ impl RunConfig {
             _ => DirtyMode::Ring(4096),
         };
         c.max_level = [Level::L1G, Level::L2M, Level::L4K][r.u8() as usize % 3];
-        c.algorithms = algorithms(r.u8());
+        let b = r.u8();
+        c.algorithms = algorithms(b);
+        // A bit `algorithms` leaves alone.
+        c.change_pte = b & 0x80 != 0;
         let b = r.u8();
         c.gpa_bits = [48, 48, 40, 36, 33][b as usize % 5];
         c.max_slots = [32764, 32764, 3, 2][(b as usize >> 3) % 4];
@@ -379,6 +387,7 @@ impl Interp {
             max_vcpus: cfg.max_vcpus,
             algorithms: cfg.algorithms,
             dirty_log: cfg.dirty.config(),
+            change_pte: cfg.change_pte,
             ..VmConfig::default()
         };
         if cfg.mmu == MmuKind::ShadowPaging {
@@ -870,6 +879,21 @@ impl Interp {
             } => {
                 let (start, end) = self.hva_range(slot, page, pages);
                 self.age(start, end, test)
+            }
+            Op::ChangePte { slot, page } if !self.cfg.change_pte => {
+                // A current kernel has no change_pte: refused, nothing changed; the host
+                // then moves the page inside an invalidation instead.
+                let idx = slot as usize % nshapes;
+                let hva = self.shape_hva(idx) + (page % (SHAPES[idx].size / PAGE_SIZE)) * PAGE_SIZE;
+                let pfn = self
+                    .host
+                    .translate(Hva(hva))
+                    .map_or(vmmu::types::Pfn(1), |p| p.pfn);
+                self.call("change_pte", Err(Error::ChangePteRemoved), |it| {
+                    it.vm().change_pte(Hva(hva), pfn, false)
+                })?;
+                self.host_change(hva, hva + PAGE_SIZE, |h| h.remap_page(Hva(hva)).is_ok())?;
+                Ok(())
             }
             Op::ChangePte { slot, page } => {
                 let idx = slot as usize % nshapes;

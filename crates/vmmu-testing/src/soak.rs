@@ -264,6 +264,10 @@ fn run_vm(
     let config = VmConfig {
         mmu,
         dirty_log: mode.config(),
+        // The churn thread moves pages both ways: inside invalidate_range_start/end (a
+        // current kernel) and with change_pte after the move (the compatibility option,
+        // Linux before 6.10), so both stay under load.
+        change_pte: true,
         ..VmConfig::default()
     };
     let vm = Vm::with_allocator(config, host.clone(), alloc.clone()).map_err(|e| e.to_string())?;
@@ -580,7 +584,8 @@ fn notifier_round(sh: &Shared, rng: &mut Rng, local: &mut BTreeMap<&'static str,
                     })
             }
             _ => {
-                // KSM-style: the host remaps, then tells the MMU where the page went.
+                // KSM-style, as before Linux 6.10 (the compatibility option): the host
+                // remaps, then tells the MMU where the page went.
                 let page = rng.below(CHURN);
                 let h = sh.hva[1] + page * PAGE_SIZE;
                 bump(local, "change-pte");

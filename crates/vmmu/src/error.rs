@@ -40,6 +40,7 @@
 //! | [`RingEntryNotRead`](Error::RingEntryNotRead) | `DirtyRingView::mark_harvested` |
 //! | [`DirtyWithoutVcpu`](Error::DirtyWithoutVcpu) | `mark_page_dirty` (a ring VM without the backup bitmap) |
 //! | [`MemslotsExist`](Error::MemslotsExist) | `enable_dirty_ring_with_bitmap` |
+//! | [`ChangePteRemoved`](Error::ChangePteRemoved) | `change_pte` (without `VmConfig::change_pte`) |
 //! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`; as `Exit::Error` for the accesses) given a vCPU another VM created |
 //! | [`DirtyRingFull`](Error::DirtyRingFull) | `page_fault` (an access exits with `Exit::DirtyRingFull` instead) |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
@@ -249,6 +250,10 @@ pub enum Error {
     /// `enable_dirty_ring_with_bitmap` after a memslot was created: as KVM, the backup
     /// bitmap must be chosen while there are no memslots (so every slot has one).
     MemslotsExist,
+    /// `change_pte` on a VM without the compatibility option `VmConfig::change_pte`:
+    /// Linux removed the `.change_pte` MMU notifier in 2024; a current host announces the
+    /// change with `invalidate_range_start` / `invalidate_range_end` only. Nothing changed.
+    ChangePteRemoved,
     /// A host-virtual range is empty or reversed.
     InvalidHvaRange {
         /// Start.
@@ -438,6 +443,10 @@ impl fmt::Display for Error {
             Error::MemslotsExist => write!(
                 f,
                 "the dirty ring's backup bitmap must be enabled before any memslot exists"
+            ),
+            Error::ChangePteRemoved => write!(
+                f,
+                "change_pte was removed from Linux in 2024 (6.10): announce host changes with invalidate_range_start/end, or enable VmConfig::change_pte"
             ),
         }
     }

@@ -65,6 +65,7 @@ fn name(e: &Error) -> &'static str {
         Error::RingEntryNotRead { .. } => "RingEntryNotRead",
         Error::DirtyWithoutVcpu { .. } => "DirtyWithoutVcpu",
         Error::MemslotsExist => "MemslotsExist",
+        Error::ChangePteRemoved => "ChangePteRemoved",
     }
 }
 
@@ -141,6 +142,7 @@ fn every_variant_has_a_message() {
         Error::RingEntryNotRead { vcpu: 1, index: 9 },
         Error::DirtyWithoutVcpu { gpa: Gpa(0x1000) },
         Error::MemslotsExist,
+        Error::ChangePteRemoved,
     ];
     let mut seen = std::collections::BTreeSet::new();
     for e in &all {
@@ -427,14 +429,19 @@ fn bitmap_mode_paths(mmu: vmmu::MmuKind, manual: bool) {
         Error::InvalidHvaRange { start: 9, end: 1 },
         |e| e.vm.test_age_hva_range(Hva(9), Hva(1)),
     );
+    // change_pte is a compatibility option, off here (its own errors are checked with
+    // it on in tests/notifier.rs): refused before its arguments are looked at.
     rejects(
         &mut e,
-        "change_pte at the last hva",
-        Error::InvalidHvaRange {
-            start: u64::MAX,
-            end: u64::MAX,
-        },
+        "change_pte without the compatibility option",
+        Error::ChangePteRemoved,
         |e| e.vm.change_pte(Hva(u64::MAX), vmmu::types::Pfn(1), true),
+    );
+    rejects(
+        &mut e,
+        "change_pte of a mapped page without the compatibility option",
+        Error::ChangePteRemoved,
+        |e| e.vm.change_pte(Hva(hva), vmmu::types::Pfn(1), false),
     );
     rejects(
         &mut e,

@@ -94,6 +94,8 @@ fn change_pte_to_a_frame_too_wide_is_refused() {
         let vm = Vm::new(
             VmConfig {
                 mmu,
+                // The compatibility option (Linux's `.change_pte`, gone since 6.10).
+                change_pte: true,
                 ..VmConfig::default()
             },
             host.clone(),

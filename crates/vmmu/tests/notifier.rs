@@ -35,7 +35,20 @@ struct Env {
 }
 
 fn env(algos: Algorithms) -> Env {
-    let (host, vm) = new_vm(config(DirtyLogConfig::default(), algos));
+    env_with(algos, false)
+}
+
+/// [`env`] with the compatibility option `change_pte` (Linux's `.change_pte`, removed in
+/// 6.10) on: every test that calls `change_pte` opts in.
+fn env_compat(algos: Algorithms) -> Env {
+    env_with(algos, true)
+}
+
+fn env_with(algos: Algorithms, change_pte: bool) -> Env {
+    let (host, vm) = new_vm(VmConfig {
+        change_pte,
+        ..config(DirtyLogConfig::default(), algos)
+    });
     let h0 = mmap(&host, 2 * M1, Backing::Page4K);
     let h1 = mmap(&host, 4 * M1, Backing::Thp);
     let s4k = add_slot(
@@ -531,6 +544,83 @@ fn age_and_test_age() {
     }
 }
 
+/// The default notifier set is a current kernel's: `change_pte` (removed from Linux in
+/// 6.10) is refused with `ChangePteRemoved` and changes nothing, whatever its arguments;
+/// the host moves a page (KSM, migration) inside `invalidate_range_start`/`end`, and every
+/// vCPU faults onto the new frame.
+#[test]
+fn default_notifiers_are_a_current_kernels() {
+    for algos in [Algorithms::default(), rmap_algorithms()[0]] {
+        let e = env(algos);
+        assert!(!e.vm.config().change_pte, "off by default");
+        let mut vcpus: Vec<_> = (0..2).map(|_| e.vm.create_vcpu().unwrap()).collect();
+        warm(&e, &mut vcpus);
+        let s = e.s4k;
+        let before = snapshot(&e.vm);
+        let old = Pfn(host_pfn(&e.host, &s, 30));
+        for (hva, writable) in [(hva_of(&s, 30), false), (Hva(u64::MAX), true)] {
+            assert_eq!(
+                e.vm.change_pte(hva, Pfn(1), writable),
+                Err(Error::ChangePteRemoved)
+            );
+        }
+        assert_eq!(
+            snapshot(&e.vm),
+            before,
+            "a refused change_pte changed the VM"
+        );
+        // A current host: the window, the move inside it, the end.
+        e.vm.invalidate_range_start(hva_of(&s, 30), hva_of(&s, 31))
+            .unwrap();
+        assert!(leaf_of(&e.vm, gfn_of(&s, 30)).is_none(), "zapped at start");
+        let pfn = e.host.remap_page(hva_of(&s, 30)).unwrap();
+        assert_ne!(pfn, old);
+        e.vm.invalidate_range_end().unwrap();
+        for v in vcpus.iter_mut() {
+            let hpa = access_ok(&e.vm, v, &e.host, &s, s.page_gpa(30), AccessKind::Read);
+            assert_eq!(Pfn(hpa.0 >> 12), pfn, "vCPU {} reached the old frame", v.id);
+        }
+        no_fault(&e, &mut vcpus, &s, (0..30).chain(31..512));
+        check_leaves_against_host(&e.vm, &e.host);
+        audit(&e.vm);
+    }
+}
+
+/// With the compatibility option, `change_pte` checks its arguments as before, and called
+/// where Linux called it since 2012 (inside the invalidation of the page) it finds no SPTE
+/// to change: `invalidate_range_start` zapped it, which is why Linux removed it.
+#[test]
+fn change_pte_compat_inside_the_window_changes_nothing() {
+    let e = env_compat(Algorithms::default());
+    let mut vcpus: Vec<_> = (0..2).map(|_| e.vm.create_vcpu().unwrap()).collect();
+    warm(&e, &mut vcpus);
+    assert_eq!(
+        e.vm.change_pte(Hva(u64::MAX), Pfn(1), true),
+        Err(Error::InvalidHvaRange {
+            start: u64::MAX,
+            end: u64::MAX
+        })
+    );
+    let s = e.s4k;
+    e.vm.invalidate_range_start(hva_of(&s, 40), hva_of(&s, 41))
+        .unwrap();
+    let pfn = e.host.remap_page(hva_of(&s, 40)).unwrap();
+    let before = snapshot(&e.vm);
+    e.vm.change_pte(hva_of(&s, 40), pfn, false).unwrap();
+    let after = snapshot(&e.vm);
+    assert_eq!(
+        after.leaves, before.leaves,
+        "change_pte found an SPTE in the window"
+    );
+    assert!(leaf_of(&e.vm, gfn_of(&s, 40)).is_none());
+    e.vm.invalidate_range_end().unwrap();
+    for v in vcpus.iter_mut() {
+        let hpa = access_ok(&e.vm, v, &e.host, &s, s.page_gpa(40), AccessKind::Write);
+        assert_eq!(Pfn(hpa.0 >> 12), pfn);
+    }
+    audit(&e.vm);
+}
+
 /// change_pte with a read-only new mapping: the SPTEs point at the new frame without
 /// write permission and the flush reaches every vCPU: each reads the new frame without a
 /// fault, each vCPU's first write to its own changed page exits (none kept a writable TLB
@@ -538,7 +628,7 @@ fn age_and_test_age() {
 #[test]
 fn change_pte_read_only_points_every_vcpu_at_the_new_page() {
     for algos in rmap_algorithms() {
-        let e = env(algos);
+        let e = env_compat(algos);
         let mut vcpus: Vec<_> = (0..3).map(|_| e.vm.create_vcpu().unwrap()).collect();
         warm(&e, &mut vcpus);
         let s = e.s4k;
@@ -582,7 +672,7 @@ fn change_pte_read_only_points_every_vcpu_at_the_new_page() {
 /// (the host would break the COW first) and leave the SPTE as it was.
 #[test]
 fn change_pte_to_a_read_only_host_page_refuses_writes() {
-    let e = env(Algorithms::default());
+    let e = env_compat(Algorithms::default());
     let mut vcpus: Vec<_> = (0..2).map(|_| e.vm.create_vcpu().unwrap()).collect();
     warm(&e, &mut vcpus);
     let s = e.s4k;
@@ -630,7 +720,7 @@ fn change_pte_to_a_read_only_host_page_refuses_writes() {
 #[test]
 fn change_pte_writable_drops_the_sptes() {
     for algos in rmap_algorithms() {
-        let e = env(algos);
+        let e = env_compat(algos);
         let mut vcpus: Vec<_> = (0..3).map(|_| e.vm.create_vcpu().unwrap()).collect();
         warm(&e, &mut vcpus);
         let s = e.s4k;
@@ -675,7 +765,7 @@ fn change_pte_writable_drops_the_sptes() {
 fn change_pte_inside_a_huge_page() {
     for algos in rmap_algorithms() {
         for writable in [false, true] {
-            let e = env(algos);
+            let e = env_compat(algos);
             let mut vcpus: Vec<_> = (0..2).map(|_| e.vm.create_vcpu().unwrap()).collect();
             warm(&e, &mut vcpus);
             let thp = e.thp;
@@ -708,7 +798,10 @@ fn change_pte_inside_a_huge_page() {
 #[test]
 fn notifiers_reach_every_alias() {
     for algos in rmap_algorithms() {
-        let (host, vm) = new_vm(config(DirtyLogConfig::default(), algos));
+        let (host, vm) = new_vm(VmConfig {
+            change_pte: true,
+            ..config(DirtyLogConfig::default(), algos)
+        });
         let h = mmap(&host, 16 * K4, Backing::Page4K);
         let a = add_slot(
             &vm,
@@ -784,7 +877,10 @@ fn notifiers_reach_every_alias() {
 /// still logged (the write faults), and the audit's "writable implies dirty" holds.
 #[test]
 fn notifiers_on_a_logging_slot_lose_no_write() {
-    let (host, vm) = new_vm(VmConfig::default());
+    let (host, vm) = new_vm(VmConfig {
+        change_pte: true,
+        ..VmConfig::default()
+    });
     let h = mmap(&host, 64 * K4, Backing::Page4K);
     let s = add_slot(
         &vm,
@@ -831,8 +927,14 @@ fn notifiers_on_a_logging_slot_lose_no_write() {
 fn concurrent_vcpus_never_see_a_moved_page() {
     const HOT: u64 = 8;
     const ROUNDS: u64 = 150;
-    for algos in [Algorithms::default(), rmap_algorithms()[0]] {
-        let e = env(algos);
+    // A current kernel's flow (the move inside invalidate_range_start/end), then the
+    // compatibility option's (change_pte after the move, as before Linux 6.10).
+    for (algos, compat) in [
+        (Algorithms::default(), false),
+        (Algorithms::default(), true),
+        (rmap_algorithms()[0], true),
+    ] {
+        let e = env_with(algos, compat);
         let s = e.s4k;
         // Per hot page: (round, pfn) in order; round 0 is the initial frame.
         let history: Mutex<Vec<Vec<(u64, u64)>>> = Mutex::new(
@@ -897,6 +999,11 @@ fn concurrent_vcpus_never_see_a_moved_page() {
             for n in 1..=ROUNDS {
                 let p = n % HOT;
                 let hva = hva_of(&s, p);
+                let end = Hva(hva.0 + PAGE_SIZE);
+                let window = !compat && n % 3 != 0;
+                if window {
+                    e.vm.invalidate_range_start(hva, end).unwrap();
+                }
                 let pfn = {
                     // Hold the history while the host moves the page, so a vCPU that
                     // reaches the new frame finds it listed.
@@ -906,7 +1013,8 @@ fn concurrent_vcpus_never_see_a_moved_page() {
                     pfn
                 };
                 match n % 3 {
-                    0 => e.vm.unmap_hva_range(hva, Hva(hva.0 + PAGE_SIZE)).unwrap(),
+                    0 => e.vm.unmap_hva_range(hva, end).unwrap(),
+                    _ if window => e.vm.invalidate_range_end().unwrap(),
                     1 => e.vm.change_pte(hva, pfn, false).unwrap(),
                     _ => e.vm.change_pte(hva, pfn, true).unwrap(),
                 }

@@ -147,6 +147,9 @@ fn run_config(mmu: MmuKind) -> impl Strategy<Value = RunConfig> {
                     dirty,
                     max_level,
                     algorithms: algorithms(algos),
+                    // A bit `algorithms` leaves alone, as `RunConfig::decode`: half the
+                    // runs with the change_pte compatibility option (Linux before 6.10).
+                    change_pte: algos & 0x80 != 0,
                     gpa_bits,
                     max_slots,
                     max_vcpus,

@@ -60,7 +60,9 @@ pub struct HostPage {
 ///   then tells the MMU through the notifier. Before it changes the frame, the
 ///   writability or the presence of any page, it calls `Vm::invalidate_range_start` on a
 ///   range containing at least that page, and `Vm::invalidate_range_end` once the change
-///   is done (or `Vm::unmap_hva_range` after it, or `Vm::change_pte` for a page it moved).
+///   is done (or `Vm::unmap_hva_range` after it; or, with the compatibility option
+///   `VmConfig::change_pte` that models Linux before 6.10, `Vm::change_pte` after it moved
+///   a page).
 ///
 /// The host need not invalidate the whole huge page around a page it changes (Linux does
 /// when it splits a THP, but vmmu does not rely on it): no fault installs a leaf whose

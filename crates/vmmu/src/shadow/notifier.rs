@@ -1,5 +1,6 @@
 //! MMU-notifier operations on gfn ranges (KVM's `kvm_unmap_gfn_range`, `kvm_age_gfn`,
-//! `kvm_test_age_gfn`, `kvm_set_spte_gfn`). The invalidation bookkeeping that stops a
+//! `kvm_test_age_gfn`; `kvm_set_spte_gfn`, gone from Linux since 6.10, for the
+//! compatibility option `VmConfig::change_pte`). The invalidation bookkeeping that stops a
 //! fault from installing a page the host is taking away is shared by both MMUs
 //! ([`crate::mmu::Invalidation`]).
 //!
@@ -48,6 +49,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
     /// The host now maps the page behind `gfn` at `new_pfn` (KVM's `kvm_set_spte_gfn`):
     /// if the new host mapping is writable, drop the SPTEs (the next fault maps it);
     /// otherwise point them read-only at `new_pfn`. Huge leaves over `gfn` are dropped.
+    /// Linux removed `kvm_set_spte_gfn` with the `.change_pte` notifier in 2024 (6.10):
+    /// reached only through the compatibility option `VmConfig::change_pte`.
     pub fn change_pte(
         &mut self,
         slots: &mut Memslots,

@@ -184,7 +184,9 @@ impl<A: TableAllocator + 'static> TdpMmu<A> {
 
     /// The host now maps `gfn` at `new_pfn` (exclusive lock): point 4K leaves there
     /// read-only, or zap them when the new host mapping is writable; huge leaves over
-    /// `gfn` are zapped.
+    /// `gfn` are zapped. KVM's `kvm_tdp_mmu_set_spte_gfn`, removed from Linux in 2024
+    /// (6.10) with the `.change_pte` notifier: reached only through the compatibility
+    /// option `VmConfig::change_pte`.
     pub fn change_pte(
         &mut self,
         gfn: Gfn,

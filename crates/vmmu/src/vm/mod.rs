@@ -69,6 +69,16 @@ pub struct VmConfig {
     pub dirty_log: DirtyLogConfig,
     /// Shadow paging's choices (used with [`MmuKind::ShadowPaging`]).
     pub paging: PagingConfig,
+    /// Compatibility: accept [`Vm::change_pte`], the `.change_pte` MMU notifier (KVM's
+    /// `kvm_set_spte_gfn`: repoint the SPTEs of a page the host moved, for KSM, without
+    /// zapping them). Off by default, as in a current kernel: Linux removed `.change_pte`
+    /// in 2024 (Linux 6.10) because, called inside `invalidate_range_start`/`end` since
+    /// 2012, it never found an SPTE to change. A current host announces a moved page with
+    /// [`Vm::invalidate_range_start`] and [`Vm::invalidate_range_end`] only (the page
+    /// faults back in at its new frame); without this option `change_pte` returns
+    /// [`Error::ChangePteRemoved`] and changes nothing. With it, `change_pte` keeps its
+    /// pre-2012 meaning: called on its own, after the host changed the page.
+    pub change_pte: bool,
     /// A monotonic clock in nanoseconds. When given, the VM adds up the time its MMU
     /// spends handling exits and operations ([`VmStats::mmu_ns`]); `None` costs nothing.
     pub clock: Option<fn() -> u64>,
@@ -84,6 +94,7 @@ impl Default for VmConfig {
             algorithms: Algorithms::default(),
             dirty_log: DirtyLogConfig::default(),
             paging: PagingConfig::default(),
+            change_pte: false,
             clock: None,
         }
     }

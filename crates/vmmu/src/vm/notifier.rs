@@ -11,6 +11,16 @@
 //! a fault can never install a pfn the host is taking away. When `start` returns, no SPTE
 //! maps the range and the flush has completed. [`Vm::unmap_hva_range`] is the pair for a
 //! host change that already happened.
+//!
+//! # The notifier set
+//! By default the set a current Linux calls: `invalidate_range_start` / `end` (every
+//! change of a page's frame, writability or presence, KSM merges and page migration
+//! included), `clear_young` / `test_young` ([`Vm::age_hva_range`],
+//! [`Vm::test_age_hva_range`]). `.change_pte` was removed from Linux in 2024 (6.10): since
+//! 2012 the host called it only inside an invalidation, after `invalidate_range_start`
+//! had zapped the SPTEs it would have changed, so it never did anything. vmmu keeps it as
+//! a compatibility option ([`VmConfig::change_pte`](crate::VmConfig::change_pte)), with
+//! its original meaning (a host change announced on its own, after the fact).
 
 use alloc::vec::Vec;
 
@@ -110,11 +120,20 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         }))
     }
 
+    /// Compatibility only ([`VmConfig::change_pte`](crate::VmConfig::change_pte); without
+    /// it, [`Error::ChangePteRemoved`] and nothing changes): Linux's `.change_pte`
+    /// notifier, removed in 2024 (Linux 6.10). A current host announces the same change
+    /// with [`invalidate_range_start`](Self::invalidate_range_start) and
+    /// [`invalidate_range_end`](Self::invalidate_range_end), and the page faults back in.
+    ///
     /// The host now maps the page at `hva` to `new_pfn` (KSM merge, migration):
     /// point the guest's SPTEs there read-only, or drop them if the new host mapping is
-    /// writable (`change_pte`). Flushes before returning. A frame too wide for an SPTE
-    /// (40 bits) is refused ([`Error::HostPfnTooLarge`]) before anything changes.
+    /// writable. Flushes before returning. A frame too wide for an SPTE (40 bits) is
+    /// refused ([`Error::HostPfnTooLarge`]) before anything changes.
     pub fn change_pte(&self, hva: Hva, new_pfn: Pfn, writable: bool) -> Result<(), Error> {
+        if !self.config().change_pte {
+            return Err(Error::ChangePteRemoved);
+        }
         let (start, end) = check(hva, Hva(hva.0.saturating_add(1)))?;
         if new_pfn.0 > crate::spte::bits::MAX_PFN {
             return Err(Error::HostPfnTooLarge { hva, pfn: new_pfn });
