@@ -43,7 +43,7 @@ use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
 use vmmu::Vcpu;
 use vmmu::{
     Algorithms, DirtyWrprot, Error, Exit, MemoryRegion, MemslotFlags, MmuKind, PageWrprot,
-    RmapDrop, RmapIteration, Vm, VmConfig,
+    RingEntry, RmapDrop, RmapIteration, Vm, VmConfig,
 };
 
 use crate::model::{DirtyMode, Expect, Model};
@@ -655,6 +655,61 @@ impl Interp {
         Ok(changed)
     }
 
+    /// [`Op::RingView`]: KVM's VMM loop on vCPU `idx`'s ring, through its view.
+    fn ring_view(&mut self, idx: u32, count: u8) -> Result<(), Failure> {
+        let want = match self.model.harvest_error(idx) {
+            Some(e) => Err(e),
+            None => Ok(()),
+        };
+        let got = self.call("dirty_ring", want, |it| it.vm().dirty_ring(idx).map(|_| ()))?;
+        if got.is_none() {
+            return Ok(());
+        }
+        let view = self.vm().dirty_ring(idx).expect("just returned");
+        let (pushed, mut k, _) = view.counters();
+        let mut taken = Vec::new();
+        loop {
+            if taken.len() == count as usize || k >= pushed {
+                // The next entry is unread (or not pushed): marking it is refused.
+                let want = Err(if k < pushed {
+                    Error::RingEntryNotRead {
+                        vcpu: idx,
+                        index: k,
+                    }
+                } else {
+                    Error::RingEntryNotDirty {
+                        vcpu: idx,
+                        index: k,
+                    }
+                });
+                self.call("mark_harvested (refused)", want, |_| {
+                    view.mark_harvested(k).map(|_| ())
+                })?;
+                break;
+            }
+            match view.read(k) {
+                // Marked by an earlier view: the harvest cursor passes over it.
+                RingEntry::Harvested(_) => {}
+                RingEntry::Dirty(e) => {
+                    if view.mark_harvested(k) != Ok(true) {
+                        return self.fail(format!("mark_harvested({k}) of a dirty entry refused"));
+                    }
+                    taken.push((e.slot, e.offset));
+                }
+                RingEntry::Empty => {
+                    return self.fail(format!(
+                        "vCPU {idx}'s ring entry {k} is empty, but {pushed} were pushed"
+                    ))
+                }
+            }
+            k += 1;
+        }
+        if let Err(e) = self.model.harvested_ring_view(idx as usize, &taken) {
+            return self.fail(e);
+        }
+        Ok(())
+    }
+
     /// Apply one operation, check its result, then check everything.
     ///
     /// While a [`Op::FailAlloc`] is armed the operation runs with the allocator failing
@@ -859,6 +914,7 @@ impl Interp {
                 }
                 Ok(())
             }
+            Op::RingView { vcpu, count } => self.ring_view(vcpu as u32, count),
             Op::Reset => {
                 let want = self.model.clone().reset_rings();
                 let got = self.call("reset_dirty_rings", want, |it| it.vm().reset_dirty_rings())?;

@@ -565,8 +565,28 @@ impl Model {
     /// Check what `harvest_dirty_ring(vcpu)` returned (`Ok` with the entries) against the
     /// model, and apply it. `Err` describes a broken property.
     pub fn harvested_ring(&mut self, vcpu: usize, entries: &[(u32, u64)]) -> Result<(), String> {
+        self.harvested_ring_entries(vcpu, entries, true)
+    }
+
+    /// Check entries the VMM took from `vcpu`'s ring through its view (`Vm::dirty_ring`),
+    /// some of what the ring owes, and apply them: each must be a page the vCPU wrote
+    /// while logging (a view may take fewer than the ring owes).
+    pub fn harvested_ring_view(
+        &mut self,
+        vcpu: usize,
+        entries: &[(u32, u64)],
+    ) -> Result<(), String> {
+        self.harvested_ring_entries(vcpu, entries, false)
+    }
+
+    fn harvested_ring_entries(
+        &mut self,
+        vcpu: usize,
+        entries: &[(u32, u64)],
+        all: bool,
+    ) -> Result<(), String> {
         let got: BTreeSet<(u32, u64)> = entries.iter().copied().collect();
-        for (&p, &owner) in &self.required {
+        for (&p, &owner) in self.required.iter().filter(|_| all) {
             if owner == vcpu && !got.contains(&p) {
                 return Err(format!(
                     "vCPU {vcpu}'s ring harvest misses page {} of slot {} (written, never reported): a lost dirty page",

@@ -110,6 +110,16 @@ pub enum Op {
         /// vCPU index.
         vcpu: u8,
     },
+    /// The VMM harvesting vCPU `vcpu`'s ring entry by entry through `Vm::dirty_ring` (KVM's
+    /// protocol: read with acquire, mark harvested), from the first entry not harvested,
+    /// at most `count` entries; then one mark the view must refuse (the next entry, unread
+    /// or not pushed) with its typed error and no change.
+    RingView {
+        /// vCPU index (not reduced: it may not exist).
+        vcpu: u8,
+        /// Entries to take.
+        count: u8,
+    },
     /// `reset_dirty_rings()`.
     Reset,
     /// `unmap_hva_range` over pages `[page, page + pages)` of slot `slot`'s host memory.
@@ -301,6 +311,7 @@ impl Op {
             Op::GetLog { .. } => "get-dirty-log",
             Op::ClearLog { .. } => "clear-dirty-log",
             Op::Harvest { .. } => "ring-harvest",
+            Op::RingView { .. } => "ring-view",
             Op::Reset => "ring-reset",
             Op::Unmap { .. } => "unmap",
             Op::Age { test: false, .. } => "age",
@@ -517,7 +528,11 @@ impl Op {
                     page: r.u16(),
                 },
                 5 => Op::BadConfig { bits: r.u64() },
-                _ => Op::ZapAll,
+                6 => Op::ZapAll,
+                _ => Op::RingView {
+                    vcpu: r.u8() % 5,
+                    count: r.u8() % 8,
+                },
             },
             38 => Op::Track {
                 slot: r.u8(),

@@ -91,6 +91,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..5u32, clear_range(), 0..4u64, prop_oneof![6 => Just(0u8), 1 => 1..3u8])
             .prop_map(|(slot, (first, num), pattern, short)| Op::ClearLog { slot, first, num, pattern, short }),
         2 => (0..5u8).prop_map(|vcpu| Op::Harvest { vcpu }),
+        1 => (0..5u8, 0..8u8).prop_map(|(vcpu, count)| Op::RingView { vcpu, count }),
         2 => Just(Op::Reset),
         1 => (slot(), page(), prop_oneof![Just(0u64), 1..8u64, 1..1200u64])
             .prop_map(|(slot, page, pages)| Op::Unmap { slot, page, pages }),
@@ -453,4 +454,62 @@ fn a_write_that_fills_the_ring_is_logged() {
             Op::Reset,
         ],
     );
+}
+
+/// The VMM's entry-by-entry harvest (`Vm::dirty_ring`, KVM's protocol) mixed with the
+/// whole-ring harvest and resets, on each MMU: what the view takes is not reported again,
+/// what it leaves the next harvest returns, its refused marks change nothing, and a
+/// reset frees exactly what either harvested.
+#[test]
+fn the_ring_view_beside_harvest_and_reset() {
+    if vmmu_testing::skip_rerun("the_ring_view_beside_harvest_and_reset") {
+        return;
+    }
+    let write = |vcpu, page| Op::Access {
+        vcpu,
+        slot: 1,
+        page,
+        off: 0,
+        kind: AccessKind::Write,
+    };
+    let cfg = |mmu| RunConfig {
+        dirty: DirtyMode::Ring(16),
+        vcpus: 2,
+        ..RunConfig::new(mmu)
+    };
+    let ops = [
+        Op::Flags {
+            slot: 1,
+            log: true,
+            readonly: false,
+        },
+        Op::RingView { vcpu: 0, count: 3 },
+        write(0, 0),
+        write(0, 1),
+        write(0, 2),
+        write(1, 3),
+        Op::RingView { vcpu: 0, count: 2 },
+        Op::RingView { vcpu: 1, count: 0 },
+        write(0, 4),
+        Op::Reset,
+        Op::Harvest { vcpu: 0 },
+        Op::RingView { vcpu: 1, count: 5 },
+        Op::Reset,
+        write(0, 0),
+        write(0, 2),
+        Op::RingView { vcpu: 0, count: 7 },
+        Op::RingView { vcpu: 4, count: 1 },
+        Op::Harvest { vcpu: 0 },
+        Op::Reset,
+        Op::Reset,
+    ];
+    for &(name, mmu) in MMUS {
+        let cfg = cfg(mmu);
+        let ops = with_slots(&cfg, &ops);
+        let stats = Interp::run(cfg, &ops).unwrap_or_else(|f| panic!("{name}: {f}"));
+        assert_eq!(stats.ops.get("ring-view"), Some(&6), "{name}: {stats:?}");
+        // Each view's closing mark is refused and checked to change nothing (and the
+        // view of vCPU 4, which does not exist, is refused too).
+        assert!(stats.rejected >= 6, "{name}: {stats:?}");
+    }
 }
