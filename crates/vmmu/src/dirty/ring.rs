@@ -168,7 +168,7 @@ struct Producer {
     reserved: u64,
 }
 
-/// What the VMM sees at an index of the ring ([`DirtyRing::read`]).
+/// What the VMM sees at an index of the ring ([`DirtyRingView::read`](crate::DirtyRingView::read)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RingEntry {
     /// Nothing there: not pushed yet, or already reset (KVM: flags without DIRTY).
