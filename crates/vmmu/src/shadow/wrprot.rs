@@ -18,6 +18,7 @@ use crate::rmap::{self, DescPool, RmapHead, SpteRef};
 use crate::table::TableAllocator;
 use crate::types::{Gfn, Level, SPTE_ENT_PER_PAGE};
 
+use super::leaf_tables::Chunk;
 use super::{DirtyWrprot, PageWrprot, RmapIteration, ShadowMmu};
 
 /// Cost model of [`DirtyWrprot::Adaptive`], in tenths of a nanosecond, fitted to
@@ -186,6 +187,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         // lookup per 2 MiB) and the entry's index, with no reverse-map head to load.
         let direct = self.paging.is_none();
         let mut region: Option<(Gfn, Option<&ShadowPage>)> = None;
+        let mut chunk: Option<(Gfn, Option<&Chunk>)> = None;
         // Under shadow paging: the 4K heads of a mask's gfns are neighbours, and most
         // name one SPTE each, in one table: keep that table's page from gfn to gfn.
         let mut last: Option<(u32, &ShadowPage)> = None;
@@ -200,7 +202,16 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 let sp = match region {
                     Some((r, sp)) if r == start => sp,
                     _ => {
-                        let sp = self.leaf_tables.get(gfn).map(|id| pages.get(id));
+                        let g = gfn.align_down(Level::L1G);
+                        let c = match chunk {
+                            Some((k, c)) if k == g => c,
+                            _ => {
+                                let c = self.leaf_tables.chunk(gfn);
+                                chunk = Some((g, c));
+                                c
+                            }
+                        };
+                        let sp = c.and_then(|c| c.get(gfn)).map(|id| pages.get(id));
                         region = Some((start, sp));
                         sp
                     }
