@@ -255,7 +255,7 @@ mod imp {
             let mut v = vec![Vec::new(); vmmu.len()];
             for i in 0..a.rounds {
                 let r = compare::harvest_round(&mut *kvm, &mut vmmu, &s, &mut bufs)?;
-                f.push(floor.measure(&pages));
+                f.push(floor.measure(&pages)?);
                 k.push(us(r.kvm));
                 for (j, t) in r.vmmu.iter().enumerate() {
                     v[j].push(us(*t));

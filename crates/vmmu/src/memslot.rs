@@ -262,7 +262,8 @@ impl Memslot {
     /// does not name the table's entry (it was not present). Returns the entries removed.
     pub fn rmap_remove_table(&mut self, first: Gfn, table_id: u32, pool: &mut DescPool) -> u64 {
         let start = level_index(first, self.base_gfn, Level::L4K);
-        let heads = &mut self.rmap[0][start..start + SPTE_ENT_PER_PAGE];
+        let l = Level::L4K.leaf_index();
+        let heads = &mut self.rmap[l][start..start + SPTE_ENT_PER_PAGE];
         let removed = if rmap::clear_table_run(heads, table_id) {
             SPTE_ENT_PER_PAGE as u64
         } else {
@@ -274,7 +275,7 @@ impl Memslot {
             }
             removed
         };
-        self.rmap_entries[0] -= removed;
+        self.rmap_entries[l] -= removed;
         removed
     }
     /// Empty the reverse maps of `level` covering gfns `[lo, hi)` (which must lie in the

@@ -27,9 +27,15 @@ fn ring_vm(dirty_log: DirtyLogConfig) -> (Arc<SimHostMemory>, TestVm, SlotSpec) 
         dirty_log,
         ..VmConfig::default()
     });
-    let h = mmap(&host, PAGES * PAGE_SIZE, Backing::Page4K);
-    let s = add_slot(
-        &vm,
+    let s = logging_slot(&host, &vm);
+    (host, vm, s)
+}
+
+/// Slot 0: `PAGES` 4K host pages at gpa 1 GiB, logging dirty pages.
+fn logging_slot(host: &SimHostMemory, vm: &TestVm) -> SlotSpec {
+    let h = mmap(host, PAGES * PAGE_SIZE, Backing::Page4K);
+    add_slot(
+        vm,
         SlotSpec {
             id: 0,
             gpa: G1,
@@ -37,8 +43,7 @@ fn ring_vm(dirty_log: DirtyLogConfig) -> (Arc<SimHostMemory>, TestVm, SlotSpec) 
             hva: h,
             flags: MemslotFlags::LOG_DIRTY_PAGES,
         },
-    );
-    (host, vm, s)
+    )
 }
 
 fn ring(size: u32) -> DirtyLogConfig {
@@ -339,17 +344,7 @@ fn ring_with_bitmap_logs_writes_without_a_vcpu() {
         if enable_later {
             vm.enable_dirty_ring_with_bitmap().unwrap();
         }
-        let h = mmap(&host, PAGES * PAGE_SIZE, Backing::Page4K);
-        let s = add_slot(
-            &vm,
-            SlotSpec {
-                id: 0,
-                gpa: G1,
-                size: PAGES * PAGE_SIZE,
-                hva: h,
-                flags: MemslotFlags::LOG_DIRTY_PAGES,
-            },
-        );
+        let s = logging_slot(&host, &vm);
         let h2 = mmap(&host, 16 * PAGE_SIZE, Backing::Page4K);
         add_slot(
             &vm,

@@ -280,6 +280,21 @@ fn random_zaps_then_reaccess_with(config: VmConfig) {
     check_leaves_against_host(&vm, &host);
 }
 
+/// Slot 0: 8 MiB of 4K host pages at gpa 1 GiB (four last-level tables).
+fn slot_8m_4k(host: &SimHostMemory, vm: &TestVm) -> SlotSpec {
+    let h = mmap(host, 8 * M1, Backing::Page4K);
+    add_slot(
+        vm,
+        SlotSpec {
+            id: 0,
+            gpa: G1,
+            size: 8 * M1,
+            hva: h,
+            flags: MemslotFlags::empty(),
+        },
+    )
+}
+
 /// A 4K-backed 8 MiB slot at a 1 GiB-aligned gpa uses root + 1G table + 2M table + four
 /// 4K tables. Zapping exactly one table's 512 pages frees that table; zapping a part of a
 /// table frees nothing; zapping the rest frees everything up to the root.
@@ -290,17 +305,7 @@ fn emptied_tables_are_freed_up_to_the_root() {
 
 fn emptied_tables_are_freed_up_to_the_root_with(config: VmConfig) {
     let (host, vm) = new_vm(config);
-    let h = mmap(&host, 8 * M1, Backing::Page4K);
-    let spec = add_slot(
-        &vm,
-        SlotSpec {
-            id: 0,
-            gpa: G1,
-            size: 8 * M1,
-            hva: h,
-            flags: MemslotFlags::empty(),
-        },
-    );
+    let spec = slot_8m_4k(&host, &vm);
     let mut vcpu = vm.create_vcpu().unwrap();
     reaccess(&vm, &host, &mut vcpu, &[spec], &all_pages(&[spec]));
     assert_eq!(table_count(&vm), 7);
@@ -580,17 +585,7 @@ fn large_ranges_are_zapped_by_visiting_pages() {
     // An MMIO entry in what becomes the slot's third table: read while no slot covers it.
     let mmio = G1 + 2 * M2 + 5 * K4;
     access_mmio(&vm, &mut vcpu, mmio, AccessKind::Read);
-    let h = mmap(&host, 8 * M1, Backing::Page4K);
-    let spec = add_slot(
-        &vm,
-        SlotSpec {
-            id: 0,
-            gpa: G1,
-            size: 8 * M1,
-            hva: h,
-            flags: MemslotFlags::empty(),
-        },
-    );
+    let spec = slot_8m_4k(&host, &vm);
     let others: Vec<u64> = all_pages(&[spec])
         .into_iter()
         .filter(|&g| g / K4 != mmio / K4)

@@ -66,24 +66,13 @@ fn run(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     let pages = config.mem_bytes() / PAGE_SIZE;
     let mut samples = Vec::new();
 
-    let mut slot = Footprint::new(pages);
+    let mut slot = HarvestFloor::new(pages);
     for (pattern, dirty) in [
         (names::RANDOM, random_ratio as fn(u64, f64) -> Vec<u64>),
         (names::STRIDE, stride_pages),
     ] {
         for ratio in RATIOS {
-            let written = dirty(pages, ratio);
-            slot.write(&written);
-            let start = Instant::now();
-            let protected = slot.harvest();
-            let us = start.elapsed().as_nanos() as f64 / 1e3;
-            black_box(&slot.out);
-            if protected != written.len() as u64 {
-                return Err(BenchError::new(format!(
-                    "floor: the harvest protected {protected} pages, {} were written",
-                    written.len()
-                )));
-            }
+            let us = slot.measure(&dirty(pages, ratio))?;
             let mut p = ratio_params(config, ratio);
             p.insert("pattern".into(), Value::from(pattern));
             samples.push(Sample::new(names::HARVEST, names::US, p, us, "us"));
@@ -146,16 +135,22 @@ impl HarvestFloor {
         HarvestFloor(Footprint::new(npages))
     }
 
-    /// Write `pages` (each below the slot's size), in that order, then time the least
-    /// harvest of them; microseconds.
-    pub fn measure(&mut self, pages: &[u64]) -> f64 {
+    /// Write `pages` (distinct, each below the slot's size), in that order, then time the
+    /// least harvest of them; microseconds. An error if the harvest did not protect
+    /// exactly those pages.
+    pub fn measure(&mut self, pages: &[u64]) -> Result<f64, BenchError> {
         self.0.write(pages);
         let start = Instant::now();
         let protected = self.0.harvest();
         let us = start.elapsed().as_nanos() as f64 / 1e3;
         black_box(&self.0.out);
-        debug_assert!(protected as usize <= pages.len());
-        us
+        if protected != pages.len() as u64 {
+            return Err(BenchError::new(format!(
+                "floor: the harvest protected {protected} pages, {} were written",
+                pages.len()
+            )));
+        }
+        Ok(us)
     }
 }
 

@@ -185,7 +185,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
         let heads = slot.rmaps(Level::L4K);
         // Direct mode finds a gfn's 4K leaf from the gfn: the region's page (hot, one
         // lookup per 2 MiB) and the entry's index, with no reverse-map head to load.
-        let direct = self.paging.is_none();
+        let direct = !self.is_paging();
         let mut region: Option<(Gfn, Option<&ShadowPage>)> = None;
         let mut chunk: Option<(Gfn, Option<&Chunk>)> = None;
         // Under shadow paging: the 4K heads of a mask's gfns are neighbours, and most

@@ -347,14 +347,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let dm = DirtyMasks::new(base, &masks[..nwords], &nonzero, cleared);
         let (removed, _) = st.mmu.write_protect_dirty(&st.slots, slot, &dm);
         self.commit(st, removed);
-        // Back to zero, word by word.
-        for (i, &s) in nonzero.iter().enumerate() {
-            let mut bits = s;
-            while bits != 0 {
-                masks[i * 64 + bits.trailing_zeros() as usize] = 0;
-                bits &= bits - 1;
-            }
-        }
+        zero_by_summary(&mut masks, &mut nonzero);
         st.clear_masks = masks;
         Ok(cleared)
     }
@@ -420,6 +413,18 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     }
 }
 
+/// Zero the words of `masks` that `nonzero` flags (bit `k % 64` of word `k / 64` for word
+/// `k`), and the flags: the scratch masks back to all zero, visiting only what was set.
+fn zero_by_summary(masks: &mut [u64], nonzero: &mut [u64]) {
+    for (i, s) in nonzero.iter_mut().enumerate() {
+        let mut bits = core::mem::take(s);
+        while bits != 0 {
+            masks[i * 64 + bits.trailing_zeros() as usize] = 0;
+            bits &= bits - 1;
+        }
+    }
+}
+
 /// The entries of a ring reset, scattered into one slot's 64-page masks at a time (KVM
 /// coalesces only neighbours in ring order; a random write order would then cost one
 /// walk per entry) and write-protected as GET does, each time the slot changes and at the
@@ -428,10 +433,9 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
 struct RingScatter {
     masks: Vec<u64>,
     nonzero: Vec<u64>,
-    /// The slot being gathered: id, first gfn, pages; `None` before the first entry.
+    /// The slot being gathered: id, first gfn, pages (0 for a slot gone since the push:
+    /// nothing maps it, so its entries are dropped); `None` before the first entry.
     slot: Option<(u32, Gfn, u64)>,
-    /// Whether that slot still exists (an entry may outlive its slot: nothing maps it).
-    present: bool,
     count: u64,
     removed: Removed,
 }
@@ -442,30 +446,31 @@ impl RingScatter {
             masks,
             nonzero: Vec::new(),
             slot: None,
-            present: false,
             count: 0,
             removed: Removed::default(),
         }
     }
 
     fn add<A: TableAllocator>(&mut self, st: &mut super::VmState<A>, e: DirtyGfn) {
-        if self.slot.is_none_or(|(id, _, _)| id != e.slot) {
-            self.protect(st);
-            let s = st.slots.by_id(e.slot);
-            self.present = s.is_some();
-            let (base, npages) = s.map_or((Gfn(0), 0), |s| (s.base_gfn, s.npages));
-            self.slot = Some((e.slot, base, npages));
-            let words = npages.div_ceil(64) as usize;
-            if self.masks.len() < words {
-                self.masks.resize(words, 0);
+        let npages = match self.slot {
+            Some((id, _, npages)) if id == e.slot => npages,
+            _ => {
+                self.protect(st);
+                let (base, npages) = st
+                    .slots
+                    .by_id(e.slot)
+                    .map_or((Gfn(0), 0), |s| (s.base_gfn, s.npages));
+                self.slot = Some((e.slot, base, npages));
+                let words = npages.div_ceil(64) as usize;
+                if self.masks.len() < words {
+                    self.masks.resize(words, 0);
+                }
+                self.nonzero.clear();
+                self.nonzero.resize(words.div_ceil(64), 0);
+                npages
             }
-            self.nonzero.clear();
-            self.nonzero.resize(words.div_ceil(64), 0);
-        }
-        let Some((_, _, npages)) = self.slot else {
-            return;
         };
-        if !self.present || e.offset >= npages {
+        if e.offset >= npages {
             return;
         }
         let k = (e.offset / 64) as usize;
@@ -489,13 +494,7 @@ impl RingScatter {
         let dm = DirtyMasks::new(base, &self.masks[..words], &self.nonzero, self.count);
         let (r, _) = st.mmu.write_protect_dirty(&st.slots, id, &dm);
         self.removed.merge(r);
-        for (i, s) in self.nonzero.iter_mut().enumerate() {
-            let mut bits = core::mem::take(s);
-            while bits != 0 {
-                self.masks[i * 64 + bits.trailing_zeros() as usize] = 0;
-                bits &= bits - 1;
-            }
-        }
+        zero_by_summary(&mut self.masks, &mut self.nonzero);
         self.count = 0;
     }
 
