@@ -290,14 +290,22 @@ pub(crate) fn audit<A: TableAllocator, H: HostMemory + ?Sized>(
     let mut descs = 0;
     for slot in slots.iter() {
         for level in Level::LEAF_LEVELS {
-            let shift = level.gfn_shift();
             let mut level_entries = 0u64;
-            for (k, &head) in slot.rmaps(level).iter().enumerate() {
+            for (gfn, head) in slot.rmaps(level).iter() {
+                ensure!(
+                    gfn < slot.end_gfn() && gfn.0 + level.pages() > slot.base_gfn.0,
+                    "slot {} rmap {} for gfn {gfn:?} outside the slot",
+                    slot.id,
+                    level.name()
+                );
                 let n = rmap::check(head, pool).map_err(|e| {
-                    AuditError(format!("slot {} rmap {} #{k}: {e}", slot.id, level.name()))
+                    AuditError(format!(
+                        "slot {} rmap {} of gfn {gfn:?}: {e}",
+                        slot.id,
+                        level.name()
+                    ))
                 })?;
                 descs += rmap::desc_count(head, pool);
-                let gfn = crate::types::Gfn(((slot.base_gfn.0 >> shift) + k as u64) << shift);
                 for sref in rmap::iter(head, pool) {
                     let sp = pages.try_get(sref.table_id());
                     ensure!(sp.is_some(), "rmap entry {sref:?} names a missing page");

@@ -42,15 +42,7 @@ struct Bytes {
 fn shadow_bytes(guest: &Guest) -> Bytes {
     let tables = guest.vm.allocator().live() as usize * 4096;
     guest.vm.with_mmu(|slots, m| {
-        let heads: usize = slots
-            .iter()
-            .map(|s| {
-                Level::LEAF_LEVELS
-                    .iter()
-                    .map(|&l| s.rmaps(l).len() * 4)
-                    .sum::<usize>()
-            })
-            .sum();
+        let heads: usize = slots.iter().map(|s| s.rmap_head_bytes()).sum();
         let slot: usize = slots.iter().map(|s| s.metadata_bytes()).sum();
         Bytes {
             tables,
@@ -83,15 +75,7 @@ fn tdp_bytes(guest: &Guest) -> Bytes {
                 }
             }
         }
-        let heads: usize = slots
-            .iter()
-            .map(|s| {
-                Level::LEAF_LEVELS
-                    .iter()
-                    .map(|&l| s.rmaps(l).len() * 4)
-                    .sum::<usize>()
-            })
-            .sum();
+        let heads: usize = slots.iter().map(|s| s.rmap_head_bytes()).sum();
         let slot: usize = slots.iter().map(|s| s.metadata_bytes()).sum();
         Bytes {
             tables: tables * 4096,

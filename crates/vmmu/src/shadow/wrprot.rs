@@ -226,7 +226,7 @@ impl<A: TableAllocator> ShadowMmu<A> {
                     }
                 }
             } else if small {
-                let head = heads[(gfn.0 - slot.base_gfn.0) as usize];
+                let head = heads.get(gfn);
                 match head.as_single() {
                     Some(s) => {
                         let sp = match last {

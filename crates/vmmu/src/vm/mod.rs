@@ -329,6 +329,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
         let mmu = Mmu::new(&config, &alloc)?;
         let mut slots = Memslots::new(config.limits);
+        slots.set_reverse_maps(!matches!(config.mmu, MmuKind::Tdp(_)));
         slots.set_dirty_initially_set(
             config.dirty_log.manual_protect && config.dirty_log.initially_all_set,
         );

@@ -451,9 +451,8 @@ pub fn leaves(vm: &TestVm) -> BTreeMap<(u64, Level), Spte> {
         let mut out = BTreeMap::new();
         for slot in slots.iter() {
             for level in Level::LEAF_LEVELS {
-                let shift = level.gfn_shift();
-                for (k, &head) in slot.rmaps(level).iter().enumerate() {
-                    let gfn = ((slot.base_gfn.0 >> shift) + k as u64) << shift;
+                for (gfn, head) in slot.rmaps(level).iter() {
+                    let gfn = gfn.0;
                     for sref in rmap::iter(head, mmu.pool()) {
                         let old = out.insert((gfn, level), mmu.spte(sref));
                         assert!(old.is_none(), "two leaves for gfn {gfn:#x} at {level:?}");

@@ -285,10 +285,8 @@ impl<A: TableAllocator> ShadowMmu<A> {
                 if slot.rmap_entries(level) == 0 {
                     continue;
                 }
-                for &head in slot.rmaps(level) {
-                    if !head.is_empty() {
-                        max = max.max(rmap::count(head, &self.pool));
-                    }
+                for (_, head) in slot.rmaps(level).iter() {
+                    max = max.max(rmap::count(head, &self.pool));
                 }
             }
         }

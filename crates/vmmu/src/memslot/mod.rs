@@ -1,9 +1,12 @@
 //! Memslots, shaped like `KVM_SET_USER_MEMORY_REGION`: a guest-physical range backed by a
 //! host-virtual range, with the MMU's per-slot metadata.
 //!
-//! Per slot: a reverse map per leaf level (4K, 2M, 1G), large-page disallow counts for
-//! the huge pages that cross the slot's edges (or all of them when guest and host
-//! addresses are not congruent), and a dirty bitmap while LOG_DIRTY_PAGES is set.
+//! Per slot: a reverse map per leaf level (4K, 2M, 1G; in chunks allocated as pages are
+//! mapped, `heads`, and none at all for the TDP MMU), large-page disallow counts for the
+//! huge pages that cross the slot's edges (or all of them when guest and host addresses
+//! are not congruent; one count per huge page), a dirty bitmap while LOG_DIRTY_PAGES is
+//! set, and write-tracking counts once a page of the slot is tracked. Nothing per 4 KiB
+//! page is allocated for a feature the VM does not use.
 //!
 //! # Invariants
 //! - Slots never overlap; `slots` is sorted by `base_gfn`.
@@ -22,7 +25,10 @@ use core::sync::atomic::{AtomicUsize, Ordering};
 pub use crate::dirty::DirtyBitmap;
 use crate::error::Error;
 use crate::rmap::{self, DescPool, RmapHead, SpteRef};
-use crate::types::{Gfn, Hva, Level, PAGE_SIZE, SPTE_ENT_PER_PAGE};
+use crate::types::{Gfn, Hva, Level, PAGE_SIZE};
+
+mod heads;
+pub use heads::RmapHeads;
 
 /// Memslot flags, as KVM's `KVM_MEM_*`.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default)]
@@ -116,7 +122,7 @@ pub struct Memslot {
     pub userspace_addr: Hva,
     /// Flags.
     pub flags: MemslotFlags,
-    rmap: [Box<[RmapHead]>; 3],
+    rmap: [RmapHeads; 3],
     /// Entries in each level's reverse maps, so walks skip levels with nothing mapped.
     rmap_entries: [u64; 3],
     disallow_lpage: [Box<[u32]>; 2],
@@ -132,14 +138,16 @@ fn level_index(gfn: Gfn, base: Gfn, level: Level) -> usize {
 }
 
 impl Memslot {
-    fn new(region: &MemoryRegion, all_set: bool) -> Self {
+    fn new(region: &MemoryRegion, all_set: bool, rmaps: bool) -> Self {
         let base_gfn = Gfn(region.guest_phys_addr / PAGE_SIZE);
         let npages = region.memory_size / PAGE_SIZE;
         let last = Gfn(base_gfn.0 + npages - 1);
         let hva_page = region.userspace_addr / PAGE_SIZE;
         let count = |l: Level| level_index(last, base_gfn, l) + 1;
-        let rmap = Level::LEAF_LEVELS
-            .map(|l| alloc::vec![RmapHead::default(); count(l)].into_boxed_slice());
+        let rmap = Level::LEAF_LEVELS.map(|l| match rmaps {
+            true => RmapHeads::new(base_gfn, npages, l),
+            false => RmapHeads::none(l),
+        });
         let disallow_lpage = [Level::L2M, Level::L1G].map(|l| {
             let n = count(l);
             let mut d = alloc::vec![0u32; n].into_boxed_slice();
@@ -210,12 +218,11 @@ impl Memslot {
     /// The reverse-map head for `gfn` at `level`.
     #[inline]
     pub fn rmap_head(&self, gfn: Gfn, level: Level) -> RmapHead {
-        self.rmap[level.leaf_index()][level_index(gfn, self.base_gfn, level)]
+        self.rmap[level.leaf_index()].get(gfn)
     }
-    /// Every reverse-map head at `level`, the first being the level-page containing
-    /// `base_gfn`.
+    /// The reverse-map heads at `level` (see [`RmapHeads`]: allocated in chunks).
     #[inline]
-    pub fn rmaps(&self, level: Level) -> &[RmapHead] {
+    pub fn rmaps(&self, level: Level) -> &RmapHeads {
         &self.rmap[level.leaf_index()]
     }
     /// Entries in the reverse maps of `level`.
@@ -227,11 +234,7 @@ impl Memslot {
     #[inline]
     pub fn rmap_add(&mut self, gfn: Gfn, level: Level, sref: SpteRef, pool: &mut DescPool) {
         let l = level.leaf_index();
-        rmap::add(
-            &mut self.rmap[l][level_index(gfn, self.base_gfn, level)],
-            sref,
-            pool,
-        );
+        rmap::add(self.rmap[l].get_mut(gfn), sref, pool);
         self.rmap_entries[l] += 1;
     }
     /// Remove `sref` from the reverse map of `gfn` at `level` (KVM's `rmap_remove`);
@@ -245,15 +248,13 @@ impl Memslot {
         pool: &mut DescPool,
     ) -> bool {
         let l = level.leaf_index();
-        let removed = rmap::remove(
-            &mut self.rmap[l][level_index(gfn, self.base_gfn, level)],
-            sref,
-            pool,
-        );
+        let removed = self.rmap[l]
+            .get_existing_mut(gfn)
+            .is_some_and(|head| rmap::remove(head, sref, pool));
         self.rmap_entries[l] -= removed as u64;
         removed
     }
-    /// Remove from the 4 KiB reverse maps of the 512 gfns from `first` (which must lie in
+    /// Remove from the 4 KiB reverse maps of the 512 gfns from `first` (512-aligned, in
     /// the slot) the leaves of the direct last-level table `table_id` mapping them, entry
     /// `i` for gfn `first + i`: a whole table's leaves at once, for a zap that visits
     /// tables instead of reverse maps. When every head names its leaf alone (the table is
@@ -261,11 +262,12 @@ impl Memslot {
     /// ([`rmap::clear_table_run`]); otherwise head by head, leaving alone a gfn whose head
     /// does not name the table's entry (it was not present). Returns the entries removed.
     pub fn rmap_remove_table(&mut self, first: Gfn, table_id: u32, pool: &mut DescPool) -> u64 {
-        let start = level_index(first, self.base_gfn, Level::L4K);
         let l = Level::L4K.leaf_index();
-        let heads = &mut self.rmap[l][start..start + SPTE_ENT_PER_PAGE];
+        let Some(heads) = self.rmap[l].table_run_mut(first) else {
+            return 0;
+        };
         let removed = if rmap::clear_table_run(heads, table_id) {
-            SPTE_ENT_PER_PAGE as u64
+            heads::CHUNK as u64
         } else {
             let mut removed = 0u64;
             for (i, head) in heads.iter_mut().enumerate() {
@@ -294,14 +296,10 @@ impl Memslot {
         if self.rmap_entries[l] == 0 || lo >= hi {
             return 0;
         }
-        let first = level_index(lo, self.base_gfn, level);
-        let last = level_index(Gfn(hi.0 - 1), self.base_gfn, level);
         let mut n = 0u64;
-        for head in &mut self.rmap[l][first..=last] {
-            if !head.is_empty() {
-                n += rmap::for_each_destroy(head, pool, &mut f) as u64;
-            }
-        }
+        self.rmap[l].for_each_mut(lo, hi, true, |_, head| {
+            n += rmap::for_each_destroy(head, pool, &mut f) as u64;
+        });
         self.rmap_entries[l] -= n;
         n
     }
@@ -379,9 +377,15 @@ impl Memslot {
         }
         level
     }
-    /// Bytes of metadata (reverse-map heads, disallow counts, dirty bitmap).
+    /// Bytes of reverse-map heads (chunks and their arrays).
+    pub fn rmap_head_bytes(&self) -> usize {
+        self.rmap.iter().map(|r| r.bytes()).sum()
+    }
+    /// Bytes of metadata (reverse-map heads, disallow counts, write tracking, dirty
+    /// bitmap).
     pub fn metadata_bytes(&self) -> usize {
-        self.rmap.iter().map(|r| r.len() * 4).sum::<usize>()
+        self.rmap_head_bytes()
+            + self.write_track.as_ref().map_or(0, |t| t.len() * 2)
             + self
                 .disallow_lpage
                 .iter()
@@ -426,6 +430,8 @@ impl Default for MemslotLimits {
 pub struct Memslots {
     slots: Vec<Memslot>,
     dirty_initially_set: bool,
+    /// Slots carry reverse maps (the shadow MMU's); the TDP MMU's slots have none.
+    rmaps: bool,
     generation: u64,
     limits: MemslotLimits,
     last_hit: AtomicUsize,
@@ -437,10 +443,19 @@ impl Memslots {
         Memslots {
             slots: Vec::new(),
             dirty_initially_set: false,
+            rmaps: true,
             generation: 0,
             limits,
             last_hit: AtomicUsize::new(0),
         }
+    }
+
+    /// Give slots made from now on reverse maps (`true`, the default: the shadow MMU's)
+    /// or none (the TDP MMU, which finds SPTEs by walking its tables). Set before the
+    /// first slot is made.
+    pub fn set_reverse_maps(&mut self, on: bool) {
+        debug_assert!(self.slots.is_empty(), "reverse maps chosen after slots exist");
+        self.rmaps = on;
     }
 
     /// Start dirty bitmaps with every bit set (KVM_DIRTY_LOG_INITIALLY_SET).
@@ -631,7 +646,7 @@ impl Memslots {
         match change {
             SlotChange::None => return,
             SlotChange::Create => {
-                let slot = Memslot::new(region, self.dirty_initially_set);
+                let slot = Memslot::new(region, self.dirty_initially_set, self.rmaps);
                 let i = self.slots.partition_point(|s| s.base_gfn < slot.base_gfn);
                 self.slots.insert(i, slot);
             }
@@ -814,7 +829,7 @@ mod tests {
         assert_eq!(slot.max_mapping_level(gfn(2), Level::L1G), Level::L2M);
         assert_eq!(slot.max_mapping_level(gfn(4), Level::L1G), Level::L2M);
         assert_eq!(slot.max_mapping_level(gfn(6), Level::L1G), Level::L4K);
-        assert_eq!(slot.rmaps(Level::L2M).len(), 4);
+        assert_eq!(slot.rmaps(Level::L2M).bytes(), 8, "one chunk slot, none allocated");
         // Guest and host not congruent modulo 2 MiB: nothing huge.
         let mut s = Memslots::new(MemslotLimits::default());
         set(
