@@ -42,8 +42,8 @@ use vmmu::spte::SpteFormat;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hva, Level, PAGE_SIZE};
 use vmmu::Vcpu;
 use vmmu::{
-    Algorithms, DirtyWrprot, Error, Exit, MemoryRegion, MemslotFlags, MmuKind, PageWrprot,
-    RingEntry, RmapDrop, RmapIteration, Vm, VmConfig,
+    Algorithms, DirtyRange, DirtyWrprot, Error, Exit, MemoryRegion, MemslotFlags, MmuKind,
+    PageWrprot, RingEntry, RmapDrop, RmapIteration, Vm, VmConfig,
 };
 
 use crate::model::{DirtyMode, Expect, Model};
@@ -880,6 +880,8 @@ impl Interp {
                 self.access(v, gpa, kind)
             }
             Op::GetLog { slot, short } => self.get_log(slot, short),
+            Op::GetRanges { slot } => self.get_ranges(slot),
+            Op::ClearRanges { slot, pattern } => self.clear_ranges(slot, pattern),
             Op::ClearLog {
                 slot,
                 first,
@@ -1490,6 +1492,65 @@ impl Interp {
         Ok(())
     }
 
+    fn get_ranges(&mut self, slot: u32) -> Result<(), Failure> {
+        let needed = self
+            .model
+            .slots
+            .get(&slot)
+            .map_or(1, |s| s.npages.div_ceil(64) as usize);
+        let want = self.model.get_dirty_log(slot, needed);
+        let want_count = want
+            .as_ref()
+            .map(|w| w.iter().map(|x| x.count_ones() as u64).sum::<u64>())
+            .map_err(Clone::clone);
+        let mut out = Vec::new();
+        let got = self.call("get_dirty_ranges", want_count, |it| {
+            it.vm()
+                .get_dirty_ranges(slot, &mut out)
+                .map(|r| r.dirty_pages)
+        })?;
+        if let (Some(_), Ok(words)) = (got, want) {
+            let want_runs = runs(
+                (0..words.len() as u64 * 64)
+                    .filter(|&p| words[(p / 64) as usize] & (1 << (p % 64)) != 0),
+            );
+            let got_runs: Vec<(u64, u64)> = out.iter().map(|r| (r.first_page, r.npages)).collect();
+            if got_runs != want_runs {
+                return self.fail(format!(
+                    "get_dirty_ranges reported {got_runs:x?}, the model says {want_runs:x?}"
+                ));
+            }
+            self.model.got_dirty_log(slot);
+        }
+        Ok(())
+    }
+
+    fn clear_ranges(&mut self, slot: u32, pattern: u64) -> Result<(), Failure> {
+        let npages = self.model.slots.get(&slot).map_or(64, |s| s.npages);
+        let ranges: Vec<(u64, u64)> = match pattern {
+            0 => runs(self.model.dirty.get(&slot).into_iter().flatten().copied()),
+            _ => {
+                let mut rng = Rng::new(pattern ^ npages);
+                (0..1 + rng.below(6))
+                    .map(|_| (rng.below(npages + 2), rng.below(npages / 4 + 3)))
+                    .collect()
+            }
+        };
+        let arg: Vec<DirtyRange> = ranges
+            .iter()
+            .map(|&(first_page, npages)| DirtyRange { first_page, npages })
+            .collect();
+        let mut model = self.model.clone();
+        let want = model.clear_dirty_ranges(slot, &ranges);
+        let got = self.call("clear_dirty_ranges", want, |it| {
+            it.vm().clear_dirty_ranges(slot, &arg)
+        })?;
+        if got.is_some() {
+            self.model = model;
+        }
+        Ok(())
+    }
+
     fn clear_log(
         &mut self,
         slot: u32,
@@ -1771,4 +1832,16 @@ pub fn diff(a: &Snapshot, b: &Snapshot) -> String {
         return format!("entry {e:?} appeared");
     }
     "something changed".into()
+}
+
+/// Runs of consecutive pages, as (first page, pages), from pages in increasing order.
+fn runs(pages: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some((f, n)) if *f + *n == p => *n += 1,
+            _ => out.push((p, 1)),
+        }
+    }
+    out
 }

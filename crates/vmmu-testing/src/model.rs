@@ -184,6 +184,7 @@ pub struct Model {
 const RING_MODE: &str = "the VM logs dirty pages in per-vCPU rings";
 const NOT_RING: &str = "the VM logs dirty pages in bitmaps, not rings";
 const NOT_MANUAL: &str = "clear_dirty_log needs manual protect";
+const NOT_MANUAL_RANGES: &str = "clear_dirty_ranges needs manual protect";
 
 impl Model {
     /// An empty model.
@@ -557,6 +558,41 @@ impl Model {
         for i in 0..num_pages {
             if bitmap[(i / 64) as usize] & (1 << (i % 64)) != 0 && d.remove(&(first_page + i)) {
                 cleared += 1;
+            }
+        }
+        Ok(cleared)
+    }
+
+    /// What `clear_dirty_ranges(slot, ranges)` must return (pages cleared; ranges as
+    /// (first page, pages)), applying it if it succeeds.
+    pub fn clear_dirty_ranges(&mut self, slot: u32, ranges: &[(u64, u64)]) -> Result<u64, Error> {
+        if self.mode.is_ring() {
+            return Err(Error::WrongDirtyLogMode(RING_MODE));
+        }
+        if !self.mode.manual() {
+            return Err(Error::WrongDirtyLogMode(NOT_MANUAL_RANGES));
+        }
+        let s = *self.slots.get(&slot).ok_or(Error::NoSuchSlot(slot))?;
+        if !self.dirty.contains_key(&slot) {
+            return Err(Error::NotLogging(slot));
+        }
+        let npages = s.npages;
+        if let Some(&(first_page, num_pages)) =
+            ranges.iter().find(|&&(f, n)| f > npages || n > npages - f)
+        {
+            return Err(Error::ClearLogRange {
+                first_page,
+                num_pages,
+                npages,
+            });
+        }
+        let d = self.dirty.get_mut(&slot).expect("checked");
+        let mut cleared = 0;
+        for &(f, n) in ranges {
+            let pages: Vec<u64> = d.range(f..f + n).copied().collect();
+            cleared += pages.len() as u64;
+            for p in pages {
+                d.remove(&p);
             }
         }
         Ok(cleared)

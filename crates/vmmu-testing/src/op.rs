@@ -105,6 +105,20 @@ pub enum Op {
         /// Words missing.
         short: u8,
     },
+    /// `get_dirty_ranges(slot)`: the dirty pages as runs, checked against the model's
+    /// bits.
+    GetRanges {
+        /// Slot id.
+        slot: u32,
+    },
+    /// `clear_dirty_ranges(slot, ranges)`: `pattern` 0 clears the model's dirty runs of
+    /// the slot, else random ranges seeded by it (some reaching past the slot).
+    ClearRanges {
+        /// Slot id.
+        slot: u32,
+        /// Which ranges.
+        pattern: u64,
+    },
     /// `harvest_dirty_ring(vcpu)` (the index is not reduced: it may not exist).
     Harvest {
         /// vCPU index.
@@ -310,6 +324,8 @@ impl Op {
             },
             Op::GetLog { .. } => "get-dirty-log",
             Op::ClearLog { .. } => "clear-dirty-log",
+            Op::GetRanges { .. } => "get-dirty-ranges",
+            Op::ClearRanges { .. } => "clear-dirty-ranges",
             Op::Harvest { .. } => "ring-harvest",
             Op::RingView { .. } => "ring-view",
             Op::Reset => "ring-reset",
@@ -419,7 +435,14 @@ impl Op {
                     hva_off,
                 }
             }
-            20 | 21 => Op::GetLog {
+            21 => Op::GetRanges {
+                slot: r.u8() as u32 % 8,
+            },
+            23 => Op::ClearRanges {
+                slot: r.u8() as u32 % 8,
+                pattern: r.u64() % 8,
+            },
+            20 => Op::GetLog {
                 slot: r.u8() as u32 % 8,
                 short: if r.u8().is_multiple_of(4) {
                     r.u8() % 4
@@ -427,7 +450,7 @@ impl Op {
                     0
                 },
             },
-            22 | 23 => Op::ClearLog {
+            22 => Op::ClearLog {
                 slot: r.u8() as u32 % 8,
                 first: match r.u8() % 4 {
                     0 => r.u64(),

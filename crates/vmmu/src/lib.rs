@@ -146,8 +146,8 @@ pub use mmu::{DirtyGfn, FaultOutcome, MmuStats};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
 pub use vm::{
-    DirtyLogConfig, DirtyRingView, Exit, HarvestReport, MmuKind, PagingConfig, PagingStats, Vcpu,
-    Vm, VmConfig, VmStats,
+    DirtyLogConfig, DirtyRange, DirtyRingView, Exit, HarvestReport, MmuKind, PagingConfig,
+    PagingStats, Vcpu, Vm, VmConfig, VmStats,
 };
 internal! { pub use flush::Flush; }
 internal! { pub use vm::Mmu; }

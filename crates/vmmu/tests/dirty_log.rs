@@ -846,3 +846,105 @@ fn get_dirty_log_rejects_bad_input_and_changes_nothing() {
         audit(&vm);
     }
 }
+
+#[test]
+fn dirty_ranges_are_the_bitmaps_runs_and_clear_by_ranges_reprotects() {
+    use vmmu::DirtyRange;
+    let run = |first_page, npages| DirtyRange { first_page, npages };
+    for manual_protect in [false, true] {
+        let vm = bad_input_vm(DirtyLogConfig {
+            manual_protect,
+            ..DirtyLogConfig::default()
+        });
+        // bad_input_vm wrote every third page of slot 0's 200: runs of one page.
+        let mut ranges = Vec::new();
+        let rep = vm.get_dirty_ranges(0, &mut ranges).unwrap();
+        assert_eq!(rep.dirty_pages, 67);
+        assert_eq!(
+            ranges,
+            (0..200).step_by(3).map(|p| run(p, 1)).collect::<Vec<_>>()
+        );
+        audit(&vm);
+        let mut again = Vec::new();
+        vm.get_dirty_ranges(0, &mut again).unwrap();
+        if !manual_protect {
+            // Taken and re-protected, as GET does: the next write faults and is logged.
+            assert!(again.is_empty());
+        } else {
+            assert_eq!(again, ranges, "manual protect only copies");
+            // Bad ranges: a typed error before anything changes.
+            let range = |first_page, num_pages| Error::ClearLogRange {
+                first_page,
+                num_pages,
+                npages: 200,
+            };
+            rejects(&vm, "range past the end", range(190, 11), || {
+                vm.clear_dirty_ranges(0, &[run(0, 3), run(190, 11)])
+            });
+            rejects(&vm, "first page past the end", range(201, 0), || {
+                vm.clear_dirty_ranges(0, &[run(201, 0)])
+            });
+            rejects(&vm, "huge length", range(3, u64::MAX), || {
+                vm.clear_dirty_ranges(0, &[run(3, u64::MAX)])
+            });
+            rejects(&vm, "slot not logging", Error::NotLogging(1), || {
+                vm.clear_dirty_ranges(1, &[run(0, 1)])
+            });
+            // Unordered, overlapping, across words: pages 60..=70 hold 60, 63, 66, 69.
+            assert_eq!(
+                vm.clear_dirty_ranges(0, &[run(64, 7), run(60, 8)]).unwrap(),
+                4
+            );
+            assert_eq!(vm.clear_dirty_ranges(0, &[run(60, 11)]).unwrap(), 0);
+            audit(&vm);
+            let mut left = Vec::new();
+            vm.get_dirty_ranges(0, &mut left).unwrap();
+            assert_eq!(left.len(), 63);
+            assert!(left.iter().all(|r| !(60..=70).contains(&r.first_page)));
+        }
+    }
+    // A write to a re-protected page is logged again; neighbours coalesce into one run.
+    let (host, vm) = new_vm(VmConfig {
+        dirty_log: DirtyLogConfig {
+            manual_protect: true,
+            ..DirtyLogConfig::default()
+        },
+        ..VmConfig::default()
+    });
+    let h = mmap(&host, 512 * K4, Backing::Page4K);
+    let s = add_slot(
+        &vm,
+        SlotSpec {
+            id: 0,
+            gpa: G1,
+            size: 512 * K4,
+            hva: h,
+            flags: MemslotFlags::LOG_DIRTY_PAGES,
+        },
+    );
+    let mut v = vm.create_vcpu().unwrap();
+    for p in (60..140).chain(300..301) {
+        access_ok(&vm, &mut v, &host, &s, s.page_gpa(p), AccessKind::Write);
+    }
+    let mut got = Vec::new();
+    vm.get_dirty_ranges(0, &mut got).unwrap();
+    assert_eq!(got, [run(60, 80), run(300, 1)]);
+    assert_eq!(vm.clear_dirty_ranges(0, &got).unwrap(), 81);
+    audit(&vm);
+    let exits = v.exits;
+    access_ok(&vm, &mut v, &host, &s, s.page_gpa(100), AccessKind::Write);
+    assert_eq!(
+        v.exits,
+        exits + 1,
+        "the cleared page was write-protected again"
+    );
+    got.clear();
+    vm.get_dirty_ranges(0, &mut got).unwrap();
+    assert_eq!(got, [run(100, 1)]);
+    // Not manual protect: CLEAR by ranges is a mode error.
+    let (_, get_vm) = new_vm(VmConfig::default());
+    assert!(matches!(
+        get_vm.clear_dirty_ranges(0, &[]),
+        Err(Error::WrongDirtyLogMode(_))
+    ));
+}

@@ -90,6 +90,9 @@ fn op() -> impl Strategy<Value = Op> {
         3 => (0..5u32, prop_oneof![6 => Just(0u8), 1 => 1..3u8]).prop_map(|(slot, short)| Op::GetLog { slot, short }),
         3 => (0..5u32, clear_range(), 0..4u64, prop_oneof![6 => Just(0u8), 1 => 1..3u8])
             .prop_map(|(slot, (first, num), pattern, short)| Op::ClearLog { slot, first, num, pattern, short }),
+        2 => (0..5u32).prop_map(|slot| Op::GetRanges { slot }),
+        2 => (0..5u32, prop_oneof![2 => Just(0u64), 1 => 1..8u64])
+            .prop_map(|(slot, pattern)| Op::ClearRanges { slot, pattern }),
         2 => (0..5u8).prop_map(|vcpu| Op::Harvest { vcpu }),
         1 => (0..5u8, 0..8u8).prop_map(|(vcpu, count)| Op::RingView { vcpu, count }),
         2 => Just(Op::Reset),

@@ -1,30 +1,35 @@
-//! A slot's dirty bitmap, with a summary of its non-zero words, and the masks a harvest
-//! hands to the MMUs ([`DirtyMasks`]).
+//! A slot's dirty bitmap, with two levels of summary of its non-zero words, and the masks
+//! a harvest hands to the MMUs ([`DirtyMasks`]).
 //!
-//! One bit per 4 KiB page, 64 pages a word; one summary bit per word, 4096 pages a summary
-//! bit. A harvest visits only the words the summary names, so what it costs grows with
-//! the dirty words, not with the slot (a 1 GiB slot has 4096 words and 64 summary words).
+//! One bit per 4 KiB page, 64 pages a word; one summary bit per word (4096 pages), one
+//! top bit per summary word (256 Ki pages, 1 GiB). A harvest visits only the summary
+//! words the top names and the words they name, so what it costs grows with the dirty
+//! words, not with the slot: a 1 TiB slot has 4 Mi words, 64 Ki summary words and 1024
+//! top words.
 //!
 //! # Invariants
-//! - At rest (no marker between its two steps) every non-zero word has its summary bit
-//!   set. A summary bit may be set over a zero word (a harvest clears it when it looks).
-//! - A marker sets the word's bit first, then, if the word was zero, the summary bit; a
-//!   harvester exchanges the summary word first, then the words it names. Either the
-//!   harvester sees the marker's bit, or the marker's summary bit lands after the
+//! - At rest (no marker between its steps) every non-zero word has its summary bit set,
+//!   and every non-zero summary word its top bit. A summary (top) bit may be set over a
+//!   zero word (summary word): a harvest clears it when it looks.
+//! - A marker sets the word's bit first, then, if the word was zero, the summary bit,
+//!   then, if the summary word was zero, the top bit; a harvester exchanges the top word
+//!   first, then the summary words it names, then the words they name. At each level,
+//!   either the harvester sees the marker's bit, or the marker's bit lands after the
 //!   harvester's exchange and the next harvest sees it. A bit set into a word that another
 //!   marker has just made non-zero, before that marker sets the summary bit, is reported
 //!   by the harvest after that marker finishes: late, never lost (and the page stays
 //!   writable only because its bit is set).
-//! - CLEAR only and-s bits out of words; a summary bit it leaves over a zero word is
-//!   dropped by the next harvest that only copies (manual protect's GET): one atomic per
-//!   summary word, then a second look at those words, setting back the bit of any a
-//!   marker filled in between.
+//! - CLEAR only and-s bits out of words; a summary (top) bit it leaves over a zero word
+//!   (summary word) is dropped by the next harvest that only copies (manual protect's
+//!   GET): one atomic per summary (top) word, then a second look at those words, setting
+//!   back the bit of any a marker filled in between.
 //!
 //! # Locking
 //! None: markers (faults, lockless ones included) and harvesters (under the MMU lock)
 //! meet only in these atomics.
 
 use alloc::boxed::Box;
+use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::types::Gfn;
@@ -33,6 +38,50 @@ use crate::types::Gfn;
 pub struct DirtyBitmap {
     words: Box<[AtomicU64]>,
     summary: Box<[AtomicU64]>,
+    top: Box<[AtomicU64]>,
+}
+
+/// `n` atomic words for `nbits` bits, every bit clear or, with `all_set`, every bit set.
+fn level(nbits: u64, all_set: bool) -> Box<[AtomicU64]> {
+    (0..nbits.div_ceil(64))
+        .map(|w| {
+            let bits = (nbits - w * 64).min(64);
+            AtomicU64::new(match (all_set, bits) {
+                (false, _) => 0,
+                (true, 64) => u64::MAX,
+                (true, b) => (1u64 << b) - 1,
+            })
+        })
+        .collect()
+}
+
+/// Drop the bits of `zero` from `word` (they named words or summary words seen zero),
+/// then look at those again (`is_set(j)`) and put back the bit of any a marker filled in
+/// between (module docs).
+#[inline]
+fn drop_zero_bits(word: &AtomicU64, mut zero: u64, is_set: impl Fn(usize) -> bool) {
+    word.fetch_and(!zero, Ordering::AcqRel);
+    let mut back = 0;
+    while zero != 0 {
+        let j = zero.trailing_zeros() as usize;
+        zero &= zero - 1;
+        if is_set(j) {
+            back |= 1 << j;
+        }
+    }
+    if back != 0 {
+        word.fetch_or(back, Ordering::AcqRel);
+    }
+}
+
+/// Take (`swap`) or read the bits of a summary or top word.
+#[inline]
+fn read_level(word: &AtomicU64, take: bool) -> u64 {
+    if take {
+        word.swap(0, Ordering::AcqRel)
+    } else {
+        word.load(Ordering::Acquire)
+    }
 }
 
 impl DirtyBitmap {
@@ -40,27 +89,11 @@ impl DirtyBitmap {
     /// page set (KVM_DIRTY_LOG_INITIALLY_SET).
     pub fn new(npages: u64, all_set: bool) -> Self {
         let nwords = npages.div_ceil(64);
-        let words = (0..nwords)
-            .map(|w| {
-                let bits = (npages - w * 64).min(64);
-                AtomicU64::new(match (all_set, bits) {
-                    (false, _) => 0,
-                    (true, 64) => u64::MAX,
-                    (true, b) => (1u64 << b) - 1,
-                })
-            })
-            .collect();
-        let summary = (0..nwords.div_ceil(64))
-            .map(|s| {
-                let bits = (nwords - s * 64).min(64);
-                AtomicU64::new(match (all_set, bits) {
-                    (false, _) => 0,
-                    (true, 64) => u64::MAX,
-                    (true, b) => (1u64 << b) - 1,
-                })
-            })
-            .collect();
-        DirtyBitmap { words, summary }
+        DirtyBitmap {
+            words: level(npages, all_set),
+            summary: level(nwords, all_set),
+            top: level(nwords.div_ceil(64), all_set),
+        }
     }
 
     /// Mark page `offset` dirty; returns whether it was clean.
@@ -71,7 +104,10 @@ impl DirtyBitmap {
         // Release: a harvester that reads the summary bit below sees this word's bit.
         let old = self.words[w].fetch_or(bit, Ordering::AcqRel);
         if old == 0 {
-            self.summary[w / 64].fetch_or(1 << (w % 64), Ordering::AcqRel);
+            let s = w / 64;
+            if self.summary[s].fetch_or(1 << (w % 64), Ordering::AcqRel) == 0 {
+                self.top[s / 64].fetch_or(1 << (s % 64), Ordering::AcqRel);
+            }
         }
         old & bit == 0
     }
@@ -92,64 +128,74 @@ impl DirtyBitmap {
         self.summary.len()
     }
 
-    /// Bytes held (words and summary).
+    /// Bytes held (words and both summaries).
     pub fn bytes(&self) -> usize {
-        (self.words.len() + self.summary.len()) * 8
+        (self.words.len() + self.summary.len() + self.top.len()) * 8
     }
 
     /// Copy the bitmap into `out` (at least as many words as the bitmap's; the rest is
     /// left alone), taking the bits out of it when `take` (GET without manual protect),
     /// and record in `nonzero` (one bit per word, at least `words().len() / 64` rounded up
     /// words, overwritten) which words of `out` are not zero. Returns the number of pages
-    /// reported. Only the words the summary names are read.
+    /// reported. Only the words the summaries name are read.
     pub fn harvest(&self, out: &mut [u64], nonzero: &mut [u64], take: bool) -> u64 {
-        let n = self.words.len();
-        out[..n].fill(0);
+        out[..self.words.len()].fill(0);
+        nonzero[..self.summary.len()].fill(0);
+        self.harvest_each(take, |w, v| {
+            out[w] = v;
+            nonzero[w / 64] |= 1 << (w % 64);
+        })
+    }
+
+    /// Call `f(word index, bits)` on every non-zero word, in increasing order, taking the
+    /// bits out of the bitmap when `take`. Returns the number of pages reported. Visits
+    /// the top words, the summary words they name and the words those name: the cost
+    /// grows with the dirty words (and the slot's GiBs, one top bit each), and nothing is
+    /// written but the bitmap itself.
+    pub fn harvest_each(&self, take: bool, mut f: impl FnMut(usize, u64)) -> u64 {
         let mut nr = 0;
-        for (i, (s, nz)) in self.summary.iter().zip(nonzero.iter_mut()).enumerate() {
-            *nz = 0;
-            if s.load(Ordering::Relaxed) == 0 {
+        for (t, top) in self.top.iter().enumerate() {
+            if top.load(Ordering::Relaxed) == 0 {
                 continue;
             }
-            let bits = if take {
-                s.swap(0, Ordering::AcqRel)
-            } else {
-                s.load(Ordering::Acquire)
-            };
-            let (mut rest, mut zero) = (bits, 0u64);
+            let mut rest = read_level(top, take);
+            let mut top_zero = 0u64;
             while rest != 0 {
-                let j = rest.trailing_zeros() as usize;
+                let k = rest.trailing_zeros() as usize;
                 rest &= rest - 1;
-                let w = i * 64 + j;
-                let v = if take {
-                    self.words[w].swap(0, Ordering::AcqRel)
-                } else {
-                    self.words[w].load(Ordering::Acquire)
-                };
-                if v != 0 {
-                    out[w] = v;
-                    *nz |= 1 << j;
-                    nr += v.count_ones() as u64;
-                } else {
-                    zero |= 1 << j;
+                let i = t * 64 + k;
+                let s = &self.summary[i];
+                let (mut bits, mut zero) = (read_level(s, take), 0u64);
+                if bits == 0 {
+                    top_zero |= 1 << k;
                 }
-            }
-            if !take && zero != 0 {
-                // Summary bits over words CLEAR emptied: drop them with one atomic, then
-                // look at those words again and put back the bit of any a marker filled
-                // meanwhile (module docs).
-                s.fetch_and(!zero, Ordering::AcqRel);
-                let mut back = 0;
-                while zero != 0 {
-                    let j = zero.trailing_zeros() as usize;
-                    zero &= zero - 1;
-                    if self.words[i * 64 + j].load(Ordering::Acquire) != 0 {
-                        back |= 1 << j;
+                while bits != 0 {
+                    let j = bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    let w = i * 64 + j;
+                    let v = read_level(&self.words[w], take);
+                    if v != 0 {
+                        f(w, v);
+                        nr += v.count_ones() as u64;
+                    } else {
+                        zero |= 1 << j;
                     }
                 }
-                if back != 0 {
-                    s.fetch_or(back, Ordering::AcqRel);
+                if !take && zero != 0 {
+                    // Summary bits over words CLEAR emptied.
+                    drop_zero_bits(s, zero, |j| {
+                        self.words[i * 64 + j].load(Ordering::Acquire) != 0
+                    });
+                    if s.load(Ordering::Relaxed) == 0 {
+                        top_zero |= 1 << k;
+                    }
                 }
+            }
+            if !take && top_zero != 0 {
+                // Top bits over summary words now empty.
+                drop_zero_bits(top, top_zero, |k| {
+                    self.summary[t * 64 + k].load(Ordering::Acquire) != 0
+                });
             }
         }
         nr
@@ -175,9 +221,20 @@ pub struct DirtyMasks<'a> {
     /// The gfn of bit 0 of `masks[0]`.
     pub base: Gfn,
     masks: &'a [u64],
-    nonzero: Option<&'a [u64]>,
+    index: Index<'a>,
     /// Bits set in all.
     pub nr: u64,
+}
+
+/// How a [`DirtyMasks`] finds its non-zero words.
+#[derive(Clone, Copy)]
+enum Index<'a> {
+    /// One bit per word (bit `k % 64` of `nonzero[k / 64]` for word `k`).
+    Summary(&'a [u64]),
+    /// The non-zero words' indices, increasing.
+    Listed(&'a [u32]),
+    /// None: every word is looked at.
+    Dense,
 }
 
 impl<'a> DirtyMasks<'a> {
@@ -190,7 +247,24 @@ impl<'a> DirtyMasks<'a> {
         DirtyMasks {
             base,
             masks,
-            nonzero: Some(nonzero),
+            index: Index::Summary(nonzero),
+            nr,
+        }
+    }
+
+    /// Masks whose non-zero words are `words` (increasing, every non-zero word named):
+    /// for a sparse set gathered into a large scratch array ([`MaskScratch`]), so nothing
+    /// visits the slot's clean words.
+    pub fn listed(base: Gfn, masks: &'a [u64], words: &'a [u32], nr: u64) -> Self {
+        debug_assert!(words.windows(2).all(|w| w[0] < w[1]));
+        debug_assert_eq!(
+            masks.iter().filter(|&&m| m != 0).count(),
+            words.iter().filter(|&&w| masks[w as usize] != 0).count()
+        );
+        DirtyMasks {
+            base,
+            masks,
+            index: Index::Listed(words),
             nr,
         }
     }
@@ -201,7 +275,7 @@ impl<'a> DirtyMasks<'a> {
         DirtyMasks {
             base,
             masks,
-            nonzero: None,
+            index: Index::Dense,
             nr,
         }
     }
@@ -240,8 +314,8 @@ impl<'a> DirtyMasks<'a> {
         }
     }
 
-    /// Whether any of the 512 gfns from `gfn` (a last-level table's) may be set: false only if none is. With a summary it
-    /// reads summary bits, not the masks.
+    /// Whether any of the 512 gfns from `gfn` (a last-level table's) may be set: false
+    /// only if none is. With a summary it reads summary bits, not the masks.
     #[inline]
     pub fn any_in_table(&self, gfn: Gfn) -> bool {
         let off = gfn.0.wrapping_sub(self.base.0) as i64;
@@ -250,9 +324,9 @@ impl<'a> DirtyMasks<'a> {
         let last = (off + 511).div_euclid(64);
         (first.max(0)..=last.min(self.masks.len() as i64 - 1)).any(|k| {
             let k = k as usize;
-            match self.nonzero {
-                Some(nz) => nz[k / 64] & (1 << (k % 64)) != 0,
-                None => self.masks[k] != 0,
+            match self.index {
+                Index::Summary(nz) => nz[k / 64] & (1 << (k % 64)) != 0,
+                Index::Listed(_) | Index::Dense => self.masks[k] != 0,
             }
         })
     }
@@ -261,18 +335,92 @@ impl<'a> DirtyMasks<'a> {
     pub fn iter(&self) -> impl DoubleEndedIterator<Item = (Gfn, u64)> + 'a {
         let (base, masks) = (self.base, self.masks);
         let at = move |k: usize| (Gfn(base.0 + 64 * k as u64), masks[k]);
-        let summary = self.nonzero.unwrap_or(&[]);
+        let (summary, listed, all): (&[u64], &[u32], usize) = match self.index {
+            Index::Summary(nz) => (nz, &[], 0),
+            Index::Listed(words) => (&[], words, 0),
+            // Without an index, every word is looked at.
+            Index::Dense => (&[], &[], masks.len()),
+        };
         let sparse = summary.iter().enumerate().flat_map(move |(i, &s)| {
             BitIter(s).map(move |j| at(i * 64 + j))
         });
-        // Without a summary, every word is looked at.
-        let all = if self.nonzero.is_some() { 0 } else { masks.len() };
+        let listed = listed.iter().map(move |&k| at(k as usize));
         let dense = masks[..all]
             .iter()
             .enumerate()
             .filter(|(_, &m)| m != 0)
             .map(move |(k, _)| at(k));
-        sparse.chain(dense)
+        sparse.chain(listed).chain(dense)
+    }
+}
+
+/// Zeroed 64-page masks of one slot at a time and the list of the words set in them: a
+/// VM keeps one, so a sparse harvest (CLEAR, a ring reset, dirty ranges) gathers its
+/// pages into a slot-sized array without clearing or scanning it: everything it costs
+/// follows the words it set. All zero between uses ([`reset`](Self::reset)).
+#[derive(Default)]
+pub struct MaskScratch {
+    masks: Vec<u64>,
+    words: Vec<u32>,
+    nr: u64,
+    sorted: bool,
+}
+
+impl MaskScratch {
+    /// An empty scratch.
+    pub const fn new() -> Self {
+        MaskScratch {
+            masks: Vec::new(),
+            words: Vec::new(),
+            nr: 0,
+            sorted: true,
+        }
+    }
+
+    /// Make room for a slot of `nwords` words (the scratch must be reset).
+    pub fn begin(&mut self, nwords: usize) {
+        debug_assert!(self.words.is_empty() && self.nr == 0);
+        if self.masks.len() < nwords {
+            self.masks.resize(nwords, 0);
+        }
+    }
+
+    /// Set `bits` in word `w` (inside the room [`begin`](Self::begin) made).
+    #[inline]
+    pub fn or(&mut self, w: usize, bits: u64) {
+        let m = &mut self.masks[w];
+        if *m == 0 && bits != 0 {
+            if self.words.last().is_some_and(|&l| l as usize > w) {
+                self.sorted = false;
+            }
+            self.words.push(w as u32);
+        }
+        self.nr += (bits & !*m).count_ones() as u64;
+        *m |= bits;
+    }
+
+    /// Pages set.
+    #[inline]
+    pub fn nr(&self) -> u64 {
+        self.nr
+    }
+
+    /// The gathered pages as masks of `nwords` words from `base`.
+    pub fn masks(&mut self, base: Gfn, nwords: usize) -> DirtyMasks<'_> {
+        if !self.sorted {
+            self.words.sort_unstable();
+            self.sorted = true;
+        }
+        DirtyMasks::listed(base, &self.masks[..nwords], &self.words, self.nr)
+    }
+
+    /// Zero the words set, visiting only those.
+    pub fn reset(&mut self) {
+        for w in self.words.drain(..) {
+            self.masks[w as usize] = 0;
+        }
+        self.nr = 0;
+        self.sorted = true;
     }
 }
 
@@ -353,10 +501,59 @@ mod tests {
         assert_eq!(nz[1], !0b10);
         assert_eq!(out[66], !1);
         assert_eq!(b.summary[1].load(Ordering::Relaxed), !0b10);
+        assert_eq!(b.top[0].load(Ordering::Relaxed), 0b11);
         b.mark(64 * 65);
         b.harvest(&mut out, &mut nz, true);
         assert_eq!((nz[1], out[65]), (u64::MAX, 1));
         b.harvest(&mut out, &mut nz, true);
         assert_eq!((nz[0], nz[1]), (0, 0));
+    }
+
+    #[test]
+    fn the_top_level_names_the_dirty_summary_words() {
+        // 4 GiB and 64 pages: 16385 words, 257 summary words, 5 top words.
+        let npages = 64 * 64 * 64 * 4 + 64;
+        let b = DirtyBitmap::new(npages, false);
+        assert_eq!(b.top.len(), 5);
+        let pages = [5u64, 64 * 64 * 70 + 3, npages - 1];
+        for p in pages {
+            b.mark(p);
+        }
+        let tops: vec::Vec<u64> = b.top.iter().map(|t| t.load(Ordering::Relaxed)).collect();
+        assert_eq!(tops, [1, 1 << 6, 0, 0, 1]);
+        let mut seen = vec::Vec::new();
+        assert_eq!(b.harvest_each(false, |w, v| seen.push((w, v))), 3);
+        assert_eq!(
+            seen,
+            [
+                (0, 1 << 5),
+                (64 * 70, 1 << 3),
+                ((npages / 64 - 1) as usize, 1 << 63)
+            ]
+        );
+        // CLEAR empties a word: the next copying harvest drops its summary and top bits.
+        assert_eq!(b.clear_word(64 * 70, u64::MAX), 1 << 3);
+        assert_eq!(b.harvest_each(false, |_, _| {}), 2);
+        assert_eq!(b.top[1].load(Ordering::Relaxed), 0);
+        assert_eq!(b.summary[70].load(Ordering::Relaxed), 0);
+        assert_eq!(b.harvest_each(true, |_, _| {}), 2);
+        assert!(b.top.iter().all(|t| t.load(Ordering::Relaxed) == 0));
+        assert_eq!(b.harvest_each(true, |_, _| panic!("taken")), 0);
+    }
+
+    #[test]
+    fn scratch_lists_the_words_it_set_and_resets_them() {
+        let mut s = MaskScratch::new();
+        s.begin(100);
+        s.or(70, 0b11);
+        s.or(3, 1);
+        s.or(70, 0b110);
+        assert_eq!(s.nr(), 4);
+        let m = s.masks(Gfn(1000), 100);
+        let v: vec::Vec<_> = m.iter().collect();
+        assert_eq!(v, [(Gfn(1000 + 3 * 64), 1), (Gfn(1000 + 70 * 64), 0b111)]);
+        assert!(m.any_in_table(Gfn(1000)) && !m.any_in_table(Gfn(1000 + 512)));
+        s.reset();
+        assert!(s.masks.iter().all(|&w| w == 0) && s.nr() == 0);
     }
 }

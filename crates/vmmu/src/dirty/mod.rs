@@ -22,7 +22,7 @@ pub mod ring;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
-pub use bitmap::{DirtyBitmap, DirtyMasks};
+pub use bitmap::{DirtyBitmap, DirtyMasks, MaskScratch};
 pub use ring::{DirtyRing, MarkError, RingEntry, RingLimits};
 
 use crate::memslot::Memslots;

@@ -29,7 +29,7 @@ use alloc::sync::Arc;
 use alloc::vec::Vec;
 
 use super::Vcpu;
-use crate::dirty::{DirtyMasks, DirtyRing, MarkError, RingEntry};
+use crate::dirty::{DirtyMasks, DirtyRing, MarkError, MaskScratch, RingEntry};
 use crate::error::Error;
 use crate::flush::Removed;
 use crate::host::HostMemory;
@@ -317,16 +317,11 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 got: bitmap.len(),
             });
         }
-        let base = Gfn(s.base_gfn.0 + first_page);
         let first_word = first_page as usize / 64;
-        // The cleared bits go into the VM's zeroed scratch masks, and which words got
-        // some into `nonzero`: the work follows the words the caller set, not the range.
-        let mut masks = core::mem::take(&mut st.clear_masks);
-        if masks.len() < nwords {
-            masks.resize(nwords, 0);
-        }
-        let mut nonzero = alloc::vec![0u64; nwords.div_ceil(64)];
-        let mut cleared = 0u64;
+        // The cleared bits go into the VM's zeroed scratch masks, which list the words
+        // they set: the work follows the words the caller set, not the range.
+        let scratch = &mut st.scratch;
+        scratch.begin(nwords);
         for (k, &user) in bitmap[..nwords].iter().enumerate() {
             if user == 0 {
                 continue;
@@ -337,19 +332,138 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             } else {
                 user
             };
-            let m = dirty.clear_word(first_word + k, user);
-            if m != 0 {
-                cleared += m.count_ones() as u64;
-                masks[k] = m;
-                nonzero[k / 64] |= 1 << (k % 64);
+            scratch.or(k, dirty.clear_word(first_word + k, user));
+        }
+        let base = Gfn(s.base_gfn.0 + first_page);
+        Ok(self.protect_scratch(st, slot, base, nwords))
+    }
+
+    /// `KVM_GET_DIRTY_LOG` in the form a VMM uses it: the dirty pages of slot `slot` as
+    /// runs of consecutive pages, appended to `out` in increasing order, instead of a
+    /// bitmap the VMM converts bit by bit. Semantics as [`get_dirty_log`](Self::get_dirty_log):
+    /// by default the pages are taken out of the bitmap and write-protected again, with
+    /// the flush, before this returns; in manual-protect mode this only copies (then
+    /// [`clear_dirty_ranges`](Self::clear_dirty_ranges)).
+    ///
+    /// What it costs grows with the dirty words, not with the slot: it visits the bitmap's
+    /// two summaries (one bit per 256 Ki pages, then one per 4096 pages where those are
+    /// set) and the words they name; nothing slot-sized is copied, scanned or zeroed.
+    pub fn get_dirty_ranges(
+        &self,
+        slot: u32,
+        out: &mut Vec<DirtyRange>,
+    ) -> Result<HarvestReport, Error> {
+        self.bitmap_mode()?;
+        let manual = self.config().dirty_log.manual_protect;
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let bitmap = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        let (base, nwords) = (s.base_gfn, bitmap.words().len());
+        let scratch = &mut st.scratch;
+        if !manual {
+            scratch.begin(nwords);
+        }
+        let mut run: Option<DirtyRange> = None;
+        bitmap.harvest_each(!manual, |w, mut v| {
+            if !manual {
+                scratch.or(w, v);
+            }
+            while v != 0 {
+                let lo = v.trailing_zeros() as u64;
+                let len = (!(v >> lo)).trailing_zeros().min(64 - lo as u32) as u64;
+                let first = w as u64 * 64 + lo;
+                match &mut run {
+                    Some(r) if r.first_page + r.npages == first => r.npages += len,
+                    _ => out.extend(run.replace(DirtyRange {
+                        first_page: first,
+                        npages: len,
+                    })),
+                }
+                v &= !(((1u128 << (lo + len)) - 1) as u64);
+            }
+        });
+        out.extend(run);
+        if manual {
+            let nr = out.iter().map(|r| r.npages).sum();
+            return Ok(HarvestReport {
+                dirty_pages: nr,
+                wrprot: None,
+            });
+        }
+        let nr = st.scratch.nr();
+        let (removed, how) = {
+            let masks = st.scratch.masks(base, nwords);
+            st.mmu.write_protect_dirty(&st.slots, slot, &masks)
+        };
+        st.scratch.reset();
+        self.commit(st, removed);
+        Ok(HarvestReport {
+            dirty_pages: nr,
+            wrprot: how,
+        })
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` by page ranges (manual-protect mode): clear the pages of every
+    /// range in slot `slot`'s dirty bitmap and write-protect those whose bits were really
+    /// set, with one flush for them all. Ranges may come in any order and overlap; each
+    /// must lie inside the slot ([`Error::ClearLogRange`] otherwise, checked for every
+    /// range before anything changes). Returns the number of pages cleared. What it costs
+    /// grows with the pages of the ranges, not with the slot.
+    pub fn clear_dirty_ranges(&self, slot: u32, ranges: &[DirtyRange]) -> Result<u64, Error> {
+        self.bitmap_mode()?;
+        if !self.config().dirty_log.manual_protect {
+            return Err(Error::WrongDirtyLogMode(
+                "clear_dirty_ranges needs manual protect",
+            ));
+        }
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        let s = st.slots.by_id(slot).ok_or(Error::NoSuchSlot(slot))?;
+        let dirty = s.dirty_bitmap().ok_or(Error::NotLogging(slot))?;
+        let npages = s.npages;
+        if let Some(r) = ranges
+            .iter()
+            .find(|r| r.first_page > npages || r.npages > npages - r.first_page)
+        {
+            return Err(Error::ClearLogRange {
+                first_page: r.first_page,
+                num_pages: r.npages,
+                npages,
+            });
+        }
+        let (base, nwords) = (s.base_gfn, npages.div_ceil(64) as usize);
+        let scratch = &mut st.scratch;
+        scratch.begin(nwords);
+        for r in ranges.iter().filter(|r| r.npages != 0) {
+            let (first, end) = (r.first_page, r.first_page + r.npages);
+            for w in first / 64..end.div_ceil(64) {
+                let lo = first.max(w * 64) - w * 64;
+                let hi = end.min(w * 64 + 64) - w * 64;
+                let user = (u64::MAX >> (64 - (hi - lo))) << lo;
+                scratch.or(w as usize, dirty.clear_word(w as usize, user));
             }
         }
-        let dm = DirtyMasks::new(base, &masks[..nwords], &nonzero, cleared);
-        let (removed, _) = st.mmu.write_protect_dirty(&st.slots, slot, &dm);
+        Ok(self.protect_scratch(st, slot, base, nwords))
+    }
+
+    /// Write-protect the pages gathered in the VM's scratch masks (slot `slot`, `nwords`
+    /// words from `base`), commit the flush and reset the scratch. Returns the pages.
+    fn protect_scratch(
+        &self,
+        st: &mut super::VmState<A>,
+        slot: u32,
+        base: Gfn,
+        nwords: usize,
+    ) -> u64 {
+        let nr = st.scratch.nr();
+        let (removed, _) = {
+            let masks = st.scratch.masks(base, nwords);
+            st.mmu.write_protect_dirty(&st.slots, slot, &masks)
+        };
+        st.scratch.reset();
         self.commit(st, removed);
-        zero_by_summary(&mut masks, &mut nonzero);
-        st.clear_masks = masks;
-        Ok(cleared)
+        nr
     }
 
     fn ring_of(&self, vcpu: u32) -> Result<Arc<DirtyRing>, Error> {
@@ -399,54 +513,38 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
         let vcpus: Vec<_> = self.vcpus.read().iter().cloned().collect();
         let mut guard = self.lock();
         let st = &mut *guard;
-        let mut scatter = RingScatter::new(core::mem::take(&mut st.clear_masks));
+        let mut scatter = RingScatter::new(core::mem::take(&mut st.scratch));
         let mut n = 0;
         for v in &vcpus {
             if let Some(r) = &v.dirty_ring {
                 n += r.reset(|e| scatter.add(st, e));
             }
         }
-        let (masks, removed) = scatter.finish(st);
-        st.clear_masks = masks;
+        let (scratch, removed) = scatter.finish(st);
+        st.scratch = scratch;
         self.commit(st, removed);
         Ok(n)
-    }
-}
-
-/// Zero the words of `masks` that `nonzero` flags (bit `k % 64` of word `k / 64` for word
-/// `k`), and the flags: the scratch masks back to all zero, visiting only what was set.
-fn zero_by_summary(masks: &mut [u64], nonzero: &mut [u64]) {
-    for (i, s) in nonzero.iter_mut().enumerate() {
-        let mut bits = core::mem::take(s);
-        while bits != 0 {
-            masks[i * 64 + bits.trailing_zeros() as usize] = 0;
-            bits &= bits - 1;
-        }
     }
 }
 
 /// The entries of a ring reset, scattered into one slot's 64-page masks at a time (KVM
 /// coalesces only neighbours in ring order; a random write order would then cost one
 /// walk per entry) and write-protected as GET does, each time the slot changes and at the
-/// end. `masks` is all zero between uses; `nonzero` says which of its words are not, so
-/// the protection and the zeroing visit only those.
+/// end. The VM's scratch masks list the words they set, so the protection and the
+/// zeroing visit only those: a reset costs what its entries are, whatever the slot's size.
 struct RingScatter {
-    masks: Vec<u64>,
-    nonzero: Vec<u64>,
+    scratch: MaskScratch,
     /// The slot being gathered: id, first gfn, pages (0 for a slot gone since the push:
     /// nothing maps it, so its entries are dropped); `None` before the first entry.
     slot: Option<(u32, Gfn, u64)>,
-    count: u64,
     removed: Removed,
 }
 
 impl RingScatter {
-    fn new(masks: Vec<u64>) -> Self {
+    fn new(scratch: MaskScratch) -> Self {
         RingScatter {
-            masks,
-            nonzero: Vec::new(),
+            scratch,
             slot: None,
-            count: 0,
             removed: Removed::default(),
         }
     }
@@ -461,25 +559,15 @@ impl RingScatter {
                     .by_id(e.slot)
                     .map_or((Gfn(0), 0), |s| (s.base_gfn, s.npages));
                 self.slot = Some((e.slot, base, npages));
-                let words = npages.div_ceil(64) as usize;
-                if self.masks.len() < words {
-                    self.masks.resize(words, 0);
-                }
-                self.nonzero.clear();
-                self.nonzero.resize(words.div_ceil(64), 0);
+                self.scratch.begin(npages.div_ceil(64) as usize);
                 npages
             }
         };
         if e.offset >= npages {
             return;
         }
-        let k = (e.offset / 64) as usize;
-        let bit = 1u64 << (e.offset % 64);
-        if self.masks[k] & bit == 0 {
-            self.masks[k] |= bit;
-            self.nonzero[k / 64] |= 1 << (k % 64);
-            self.count += 1;
-        }
+        self.scratch
+            .or((e.offset / 64) as usize, 1u64 << (e.offset % 64));
     }
 
     /// Write-protect what the current slot gathered, and zero the masks again.
@@ -487,20 +575,27 @@ impl RingScatter {
         let Some((id, base, npages)) = self.slot else {
             return;
         };
-        if self.count == 0 {
-            return;
+        if self.scratch.nr() != 0 {
+            let masks = self.scratch.masks(base, npages.div_ceil(64) as usize);
+            let (r, _) = st.mmu.write_protect_dirty(&st.slots, id, &masks);
+            self.removed.merge(r);
         }
-        let words = npages.div_ceil(64) as usize;
-        let dm = DirtyMasks::new(base, &self.masks[..words], &self.nonzero, self.count);
-        let (r, _) = st.mmu.write_protect_dirty(&st.slots, id, &dm);
-        self.removed.merge(r);
-        zero_by_summary(&mut self.masks, &mut self.nonzero);
-        self.count = 0;
+        self.scratch.reset();
     }
 
-    /// Protect the last slot's pages; the zeroed masks back, and what to commit.
-    fn finish<A: TableAllocator>(mut self, st: &mut super::VmState<A>) -> (Vec<u64>, Removed) {
+    /// Protect the last slot's pages; the zeroed scratch back, and what to commit.
+    fn finish<A: TableAllocator>(mut self, st: &mut super::VmState<A>) -> (MaskScratch, Removed) {
         self.protect(st);
-        (self.masks, self.removed)
+        (self.scratch, self.removed)
     }
+}
+
+/// A run of pages of a slot, `[first_page, first_page + npages)` by page offset in the
+/// slot: what [`Vm::get_dirty_ranges`] reports and [`Vm::clear_dirty_ranges`] clears.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct DirtyRange {
+    /// Offset of the first page in the slot.
+    pub first_page: u64,
+    /// Number of pages.
+    pub npages: u64,
 }

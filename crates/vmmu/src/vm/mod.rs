@@ -43,7 +43,7 @@ mod track;
 mod vcpu;
 mod zap;
 
-pub use dirty_log::{DirtyRingView, HarvestReport};
+pub use dirty_log::{DirtyRange, DirtyRingView, HarvestReport};
 pub use fault::LOCKLESS_RETRIES;
 
 pub use mmu::MmuKind;
@@ -237,9 +237,10 @@ pub struct VmStats {
 pub(crate) struct VmState<A: TableAllocator + 'static> {
     pub(crate) slots: Memslots,
     pub(crate) mmu: Mmu<A>,
-    /// CLEAR's masks, all zero between calls (so a CLEAR of a few pages neither
-    /// allocates nor zeroes a slot-sized buffer; see `vm/dirty_log.rs`).
-    pub(crate) clear_masks: Vec<u64>,
+    /// The masks sparse harvests gather into (CLEAR, ring resets, dirty ranges), all
+    /// zero between calls: a harvest of a few pages neither allocates nor zeroes a
+    /// slot-sized buffer (see `vm/dirty_log.rs`).
+    pub(crate) scratch: crate::dirty::MaskScratch,
 }
 
 /// A virtual machine's memory virtualization.
@@ -340,7 +341,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             state: RwLock::new(VmState {
                 slots,
                 mmu,
-                clear_masks: Vec::new(),
+                scratch: crate::dirty::MaskScratch::new(),
             }),
             fault_gate: matches!(config.mmu, MmuKind::Tdp(_)).then(lock::gate),
             vcpus: RwLock::new(Vec::new()),
