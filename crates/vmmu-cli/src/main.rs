@@ -66,6 +66,63 @@ struct BenchArgs {
     /// smaller; the records carry `"quick": true`.
     #[arg(long)]
     quick: bool,
+
+    #[command(flatten)]
+    scale: ScaleArgs,
+}
+
+/// The flags of `vmmu bench scale` (a usage error with any other scenario).
+#[derive(Args, Debug, Default)]
+#[command(next_help_heading = "scale")]
+struct ScaleArgs {
+    /// scale: guest memory in GiB (up to 1024 at 4k backing, 12288 at 2m) [default: 16]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=12288))]
+    guest_gib: Option<u32>,
+    /// scale: host backing [default: 4k, then 2m]
+    #[arg(long, value_parser = ["4k", "2m"])]
+    backing: Option<String>,
+    /// scale: vCPU threads (1..=256) [default: 2]
+    #[arg(short = 'v', long, value_parser = clap::value_parser!(u32).range(1..=256))]
+    vcpus: Option<u32>,
+    /// scale: memslots the guest is cut into (each at most KVM's 2^31 - 1 pages) [default: 4]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=512))]
+    slots: Option<u32>,
+    /// scale: the MMU [default: tdp]
+    #[arg(long, value_parser = ["tdp", "shadow"])]
+    mmu: Option<String>,
+    /// scale: zap huge pages when logging starts instead of splitting them (KVM's
+    /// eager_page_split=N)
+    #[arg(long)]
+    no_eager_split: bool,
+}
+
+impl ScaleArgs {
+    fn given(&self) -> bool {
+        self.guest_gib.is_some()
+            || self.backing.is_some()
+            || self.vcpus.is_some()
+            || self.slots.is_some()
+            || self.mmu.is_some()
+            || self.no_eager_split
+    }
+
+    fn config(&self) -> bench::scale::ScaleConfig {
+        let d = bench::scale::ScaleConfig::default();
+        bench::scale::ScaleConfig {
+            guest_gib: self.guest_gib.unwrap_or(d.guest_gib),
+            backing: self.backing.as_deref().map(|b| match b {
+                "4k" => bench::guest::HostBacking::Page4K,
+                _ => bench::guest::HostBacking::Thp,
+            }),
+            vcpus: self.vcpus.unwrap_or(d.vcpus),
+            slots: self.slots.unwrap_or(d.slots),
+            mmu: match self.mmu.as_deref() {
+                Some("shadow") => bench::scale::ScaleMmu::Shadow,
+                _ => bench::scale::ScaleMmu::Tdp,
+            },
+            no_eager_split: self.no_eager_split,
+        }
+    }
 }
 
 /// What may follow `vmmu bench`.
@@ -111,10 +168,24 @@ fn bench_command(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         Some(ScenarioArg::Run(scenario)) if !args.list => scenario,
         _ => return Ok(bench::output::write_list(&mut stdout, bench::SCENARIOS)?),
     };
+    let is_scale = scenario.name == bench::names::scale::NAME;
+    if args.scale.given() && !is_scale {
+        usage_error(format!(
+            "--guest-gib, --backing, --vcpus, --slots, --mmu and --no-eager-split are flags \
+             of `vmmu bench scale`, not of `{}`",
+            scenario.name
+        ));
+    }
     let config = BenchConfig {
         quick: args.quick,
+        scale: args.scale.config(),
         ..BenchConfig::new(args.mem_gib)
     };
+    if is_scale {
+        if let Err(e) = bench::scale::check(&config.scale, config.quick) {
+            usage_error(e);
+        }
+    }
     let progress = Progress::new(scenario.name);
     let records = bench::run(scenario, &config, args.runs, |i, n| progress.run(i, n))?;
     progress.done();
@@ -124,6 +195,14 @@ fn bench_command(args: &BenchArgs) -> Result<(), Box<dyn std::error::Error>> {
         bench::output::write_table(&mut stdout, &records)?;
     }
     Ok(stdout.flush()?)
+}
+
+/// Exit with clap's usage-error status (2) and `message`.
+fn usage_error(message: String) -> ! {
+    use clap::CommandFactory;
+    Cli::command()
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
 }
 
 /// Run-by-run progress on stderr: one line rewritten in place on a terminal, nothing when

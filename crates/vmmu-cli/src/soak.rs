@@ -22,7 +22,7 @@ pub struct SoakArgs {
     #[arg(long, value_enum)]
     mmu: Option<SoakMmu>,
     /// vCPU threads.
-    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=16))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=256))]
     vcpus: u32,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
@@ -78,6 +78,12 @@ pub fn run(args: &SoakArgs) -> Result<(), Box<dyn std::error::Error>> {
             "checks": r.checks,
             "failures": usize::from(r.failure.is_some()),
             "failure": r.failure,
+            "vcpus": cfg.vcpus,
+            "faults": r.faults,
+            "faults_per_s": r.faults as f64 / r.seconds,
+            "lock_acquisitions": r.lock_acquisitions,
+            "lock_wait_ns": r.lock_wait_ns,
+            "lock_wait_ns_per_acquisition": r.lock_wait_ns as f64 / r.lock_acquisitions.max(1) as f64,
         });
         writeln!(out, "{v}")?;
     } else {
@@ -90,6 +96,16 @@ pub fn run(args: &SoakArgs) -> Result<(), Box<dyn std::error::Error>> {
             r.total_ops(),
             r.total_checks(),
             usize::from(r.failure.is_some())
+        )?;
+        writeln!(
+            out,
+            "faults: {} ({:.0}/s); MMU lock: {} acquisitions, waited {:.1} ms in all, {:.0} ns each on average, {:.1} ms per vCPU thread",
+            r.faults,
+            r.faults as f64 / r.seconds,
+            r.lock_acquisitions,
+            r.lock_wait_ns as f64 / 1e6,
+            r.lock_wait_ns as f64 / r.lock_acquisitions.max(1) as f64,
+            r.lock_wait_ns as f64 / 1e6 / cfg.vcpus as f64,
         )?;
         writeln!(out, "VMs (MMU, dirty-log mode):")?;
         for (k, v) in &r.vms {

@@ -43,7 +43,8 @@ fn list_prints_the_public_scenarios() {
                 "shadow-fork",
                 "shadow-ctxsw",
                 "shadow-pt-churn",
-                "floor"
+                "floor",
+                "scale"
             ]
         );
     }
@@ -78,8 +79,33 @@ fn out_of_range_options_are_usage_errors() {
         &["bench", "zap", "--mem-gib", "0"][..],
         &["bench", "zap", "--mem-gib", "65"],
         &["bench", "zap", "--runs", "0"],
+        // `scale`'s own flags: out of range, too big for a backing, past KVM's slot cap,
+        // or given to another scenario.
+        &["bench", "scale", "-v", "0"],
+        &["bench", "scale", "--vcpus", "257"],
+        &["bench", "scale", "--guest-gib", "0"],
+        &["bench", "scale", "--guest-gib", "12289"],
+        &["bench", "scale", "--guest-gib", "2048", "--backing", "4k"],
+        &[
+            "bench",
+            "scale",
+            "--guest-gib",
+            "12288",
+            "--backing",
+            "2m",
+            "--slots",
+            "1",
+        ],
+        &["bench", "scale", "--backing", "1g"],
+        &["bench", "scale", "--mmu", "ept"],
+        &["bench", "zap", "--guest-gib", "4"],
+        &["bench", "zap", "--no-eager-split"],
+        &["soak", "--vcpus", "257"],
     ] {
-        assert_eq!(vmmu(args).status.code(), Some(2), "{args:?}");
+        let out = vmmu(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(out.stdout.is_empty(), "{args:?}");
+        assert!(!out.stderr.is_empty(), "{args:?}: no message");
     }
 }
 

@@ -56,6 +56,12 @@ const C_SIZE: u64 = 2 * MIB;
 /// Pages of B the host remaps.
 const CHURN: u64 = 64;
 
+/// Nanoseconds since the first call: the VMs' clock.
+fn now_ns() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
 /// What to run.
 #[derive(Clone, Copy, Debug)]
 pub struct SoakConfig {
@@ -103,6 +109,12 @@ pub struct SoakReport {
     pub checks: BTreeMap<&'static str, u64>,
     /// What broke, if anything (the soak stops at the first failure).
     pub failure: Option<String>,
+    /// Exits to the MMU (EPT violations and misconfigurations handled), over every VM.
+    pub faults: u64,
+    /// Acquisitions of the MMU lock (or the TDP fault gate), over every VM.
+    pub lock_acquisitions: u64,
+    /// Nanoseconds spent waiting for them, over every VM and thread.
+    pub lock_wait_ns: u64,
 }
 
 impl SoakReport {
@@ -268,6 +280,8 @@ fn run_vm(
         // current kernel) and with change_pte after the move (the compatibility option,
         // Linux before 6.10), so both stay under load.
         change_pte: true,
+        // Lock waits and MMU time are counted (VmStats::lock_wait_ns).
+        clock: Some(now_ns),
         ..VmConfig::default()
     };
     let vm = Vm::with_allocator(config, host.clone(), alloc.clone()).map_err(|e| e.to_string())?;
@@ -362,7 +376,17 @@ fn run_vm(
     }
     // Accesses that lost every lockless race and completed under the exclusive lock (a
     // `FaultLoop` exit is a failure: check_access sees it).
-    *report.ops.entry("locked access").or_default() += sh.vm.stats().locked_accesses;
+    let stats = sh.vm.stats();
+    *report.ops.entry("locked access").or_default() += stats.locked_accesses;
+    // Exits to the MMU (EPT violations and misconfigurations), counted by the vCPUs:
+    // both MMUs' faults, the lockless ones included.
+    report.faults += sh
+        .vcpus
+        .iter()
+        .map(|v| v.lock().unwrap().exits)
+        .sum::<u64>();
+    report.lock_acquisitions += stats.lock_acquisitions;
+    report.lock_wait_ns += stats.lock_wait_ns;
     result?;
     // Teardown: after zap_all the MMU holds only its roots; once dropped, nothing.
     sh.vm.zap_all().map_err(|e| e.to_string())?;

@@ -44,6 +44,39 @@ fn short_soak_on_every_mmu() {
     }
 }
 
+/// Many more vCPU threads than cores (64 and 256 on CI's 2): faults, harvests and
+/// notifier operations oversubscribed, on the shadow MMU and the TDP MMU, with the audit,
+/// the model's checks and exact accounting as in the short soak; the VMs count their lock
+/// waits (`VmStats::lock_wait_ns`), which must be there.
+#[test]
+fn oversubscribed_soak_with_64_and_256_vcpus() {
+    if vmmu_testing::skip_rerun("oversubscribed_soak_with_64_and_256_vcpus") {
+        return;
+    }
+    for vcpus in [64, 256] {
+        for mmu in [&MMUS[0..1], &MMUS[MMUS.len() - 1..]] {
+            let mut cfg = SoakConfig::new(mmu, 1.0);
+            cfg.vcpus = vcpus;
+            cfg.phase = std::time::Duration::from_millis(500);
+            cfg.round = std::time::Duration::from_millis(100);
+            let r = run(&cfg);
+            if let Some(f) = &r.failure {
+                panic!("soak with {vcpus} vCPUs on {:?} failed: {f}", mmu[0].0);
+            }
+            assert!(r.rounds > 0 && r.ops.get("write").copied().unwrap_or(0) > 0);
+            assert!(r.faults > 0 && r.lock_acquisitions > 0, "{vcpus}: {r:?}");
+            eprintln!(
+                "{vcpus} vCPUs on {}: {} faults, {} rounds, lock waited {:.1} ms over {} acquisitions",
+                mmu[0].0,
+                r.faults,
+                r.rounds,
+                r.lock_wait_ns as f64 / 1e6,
+                r.lock_acquisitions
+            );
+        }
+    }
+}
+
 /// Found by the soak: the TDP MMU's eager split (logging turned on, shared lock) lost a
 /// race to a fault linking a table over the same huge leaf and then cleared the *fault's*
 /// child pointer (`split_huge_pages` called `clear_child` although its own

@@ -137,8 +137,8 @@ mod tests {
     #[test]
     fn reports_every_mmu_and_backing_below_kvm() {
         let config = BenchConfig {
-            mem_gib: 1,
             quick: true,
+            ..BenchConfig::new(1)
         };
         let samples = run(&config).unwrap();
         assert_eq!(samples.len(), 2 * 2 * 5);

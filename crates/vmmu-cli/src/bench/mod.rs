@@ -25,6 +25,7 @@ pub mod output;
 mod pte_list_destroy;
 mod rmap_iter;
 pub mod ruler;
+pub mod scale;
 mod shadow_ctxsw;
 pub mod shadow_fork;
 mod shadow_guest;
@@ -60,6 +61,7 @@ pub const SCENARIOS: &[Scenario] = &[
     shadow_ctxsw::SCENARIO,
     shadow_pt_churn::SCENARIO,
     floor::SCENARIO,
+    scale::SCENARIO,
 ];
 
 /// Looks a scenario up by its public name.
@@ -82,6 +84,8 @@ pub struct Scenario {
 /// What the command line tells a scenario about the workload.
 #[derive(Clone, Copy, Debug)]
 pub struct BenchConfig {
+    /// What `scale` runs (its own flags; the other scenarios ignore it).
+    pub scale: scale::ScaleConfig,
     /// Size of the guest memory slot, in GiB.
     pub mem_gib: u32,
     /// A smaller workload (`vmmu report --quick`): every slot is [`QUICK_SCALE`] times
@@ -100,6 +104,7 @@ impl BenchConfig {
         BenchConfig {
             mem_gib,
             quick: false,
+            scale: scale::ScaleConfig::default(),
         }
     }
 
@@ -320,8 +325,8 @@ mod tests {
     #[test]
     fn quick_shrinks_the_workload_and_marks_the_records() {
         let quick = BenchConfig {
-            mem_gib: 1,
             quick: true,
+            ..BenchConfig::new(1)
         };
         assert_eq!(
             quick.mem_bytes() * QUICK_SCALE,
@@ -374,8 +379,8 @@ mod tests {
         let records = run(
             &SCENARIOS[0],
             &BenchConfig {
-                mem_gib: 1,
                 quick: true,
+                ..BenchConfig::new(1)
             },
             2,
             |_, _| {},

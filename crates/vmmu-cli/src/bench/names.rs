@@ -237,6 +237,62 @@ pub mod shadow_pt_churn {
     pub const WALL_US: &str = "wall_us";
 }
 
+/// `scale`: a guest of up to 1 TiB (4 KiB) or 12 TiB (2 MiB) through the life of a live
+/// migration; the phase is the `phase` param, the harvest VM the `harvest` param.
+pub mod scale {
+    /// The scenario.
+    pub const NAME: &str = "scale";
+    /// KVM's TDP MMU (used-entries iteration).
+    pub const TDP: &str = "tdp";
+    /// The shadow MMU in direct mode.
+    pub const SHADOW_DIRECT: &str = "shadow-direct";
+    /// `harvest`: a manual-protect VM harvested by GET, CLEAR and dirty ranges.
+    pub const BITMAP: &str = "bitmap";
+    /// `harvest` (and `phase`): a dirty-ring VM; the harvest of every ring and the reset.
+    pub const RING: &str = "ring";
+    /// `phase`: the VM and its slots made.
+    pub const SETUP: &str = "setup";
+    /// `phase`: every page faulted in through the CPU model.
+    pub const FAULT_IN: &str = "fault-in";
+    /// `phase`: LOG_DIRTY_PAGES set on every slot.
+    pub const ENABLE_LOGGING: &str = "enable-logging";
+    /// `phase`: one page in 1000 written.
+    pub const DIRTY: &str = "dirty";
+    /// `phase`: KVM_GET_DIRTY_LOG of every slot (manual protect: a copy).
+    pub const GET: &str = "get";
+    /// `phase`: KVM_CLEAR_DIRTY_LOG of every slot with GET's bitmap.
+    pub const CLEAR: &str = "clear";
+    /// `phase`: `Vm::get_dirty_ranges` of every slot.
+    pub const GET_RANGES: &str = "get-ranges";
+    /// `phase`: `Vm::clear_dirty_ranges` of exactly the ranges reported.
+    pub const CLEAR_RANGES: &str = "clear-ranges";
+    /// `phase`: 1000 dirty pages harvested by the ring (best of five).
+    pub const RING_1000: &str = "ring-1000";
+    /// `phase`: 1000 dirty pages reported by `get_dirty_ranges` (best of five).
+    pub const GET_RANGES_1000: &str = "get-ranges-1000";
+    /// `phase`: 1000 dirty pages cleared by `clear_dirty_ranges` (best of five).
+    pub const CLEAR_RANGES_1000: &str = "clear-ranges-1000";
+    /// `phase`: LOG_DIRTY_PAGES cleared on every slot (huge pages recovered).
+    pub const DISABLE_LOGGING: &str = "disable-logging";
+    /// `phase`: every slot deleted, the VM dropped.
+    pub const TEARDOWN: &str = "teardown";
+    /// `phase`: the teardown of the guest's slots with only their first GiB mapped.
+    pub const TEARDOWN_SPARSE: &str = "teardown-sparse";
+    /// `phase`: the teardown of one fully mapped 1 GiB slot.
+    pub const TEARDOWN_1G: &str = "teardown-1g";
+    /// `phase`: the least work of harvesting 1000 pages spread over tables of the guest's
+    /// size (bitmap RMW and SPTE store per page, one flush; best of five).
+    pub const FLOOR_1000: &str = "floor-1000";
+    /// Seconds of the phase.
+    pub const S: &str = "s";
+    /// Time per 4 KiB page of the guest (per page written or harvested for those phases).
+    pub const NS_PER_PAGE: &str = "ns_per_page";
+    /// The OS's peak resident memory over the phase.
+    pub const PEAK_RSS_GIB: &str = "peak_rss_gib";
+    /// That peak less the resident memory before the VM, per 4 KiB page of the guest.
+    pub const RSS_BYTES_PER_PAGE: &str = "rss_bytes_per_page";
+}
+
 /// The floor (`report/floor.rs`): run through the bench harness, not registered.
 pub mod floor {
     /// The source.

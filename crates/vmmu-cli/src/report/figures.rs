@@ -8,9 +8,9 @@ use serde_json::{json, Value};
 use super::plots::{self, BarChart, Bars, Line, LineChart, Look};
 use super::query;
 use crate::bench::names::{
-    dirty_log, fault_in, floor as fl, kvm_compare as kc, pte_list_destroy, rmap_iter, shadow_fork,
-    tdp, tdp_fault_in, tdp_fault_parallel, tdp_zap, tdp_zap_hello, writable_bitmap, wrprot_slot,
-    zap as zp,
+    dirty_log, fault_in, floor as fl, kvm_compare as kc, pte_list_destroy, rmap_iter, scale as sc,
+    shadow_fork, tdp, tdp_fault_in, tdp_fault_parallel, tdp_zap, tdp_zap_hello, writable_bitmap,
+    wrprot_slot, zap as zp,
 };
 use crate::bench::Record;
 
@@ -57,6 +57,7 @@ pub fn figures(records: &[Record], kvm_note: Option<&str>, quick: bool) -> Vec<F
         kvm_missing(zap(records)),
         kvm_missing(fault(records)),
         fork(records),
+        scale(records),
     ]
 }
 
@@ -597,6 +598,74 @@ fn fault(rs: &[Record]) -> Figure {
     }
 }
 
+fn scale(rs: &[Record]) -> Figure {
+    let phases: [(&str, &str); 11] = [
+        (sc::FAULT_IN, sc::BITMAP),
+        (sc::ENABLE_LOGGING, sc::BITMAP),
+        (sc::DIRTY, sc::BITMAP),
+        (sc::GET, sc::BITMAP),
+        (sc::CLEAR, sc::BITMAP),
+        (sc::GET_RANGES, sc::BITMAP),
+        (sc::CLEAR_RANGES, sc::BITMAP),
+        (sc::RING, sc::RING),
+        (sc::DISABLE_LOGGING, sc::BITMAP),
+        (sc::TEARDOWN, sc::BITMAP),
+        (sc::TEARDOWN_SPARSE, sc::BITMAP),
+    ];
+    let gib = query::of(rs, sc::NAME, sc::NS_PER_PAGE)
+        .filter_map(|r| r.params.get("guest_gib")?.as_u64())
+        .max();
+    let series = ["4k", "2m"]
+        .iter()
+        .enumerate()
+        .map(|(i, backing)| Bars {
+            label: format!("{backing} host backing"),
+            values: phases
+                .iter()
+                .map(|(phase, harvest)| {
+                    query::value(
+                        rs,
+                        sc::NAME,
+                        sc::TDP,
+                        sc::NS_PER_PAGE,
+                        &[
+                            ("backing", json!(backing)),
+                            ("phase", json!(phase)),
+                            ("harvest", json!(harvest)),
+                        ],
+                    )
+                })
+                .collect(),
+            look: Look::Solid(i),
+        })
+        .collect();
+    Figure {
+        id: "scale",
+        tables: vec![(sc::NAME, None)],
+        heading: "Scale — a guest through the phases of a live migration".into(),
+        svg: draw_bars(BarChart {
+            title: format!(
+                "scale: TDP MMU, {} GiB guest in 4 slots, 2 vCPU threads",
+                gib.map_or("?".into(), |g| g.to_string())
+            ),
+            x_desc: "phase".into(),
+            y_desc: "ns per 4 KiB page of the guest (per page written or harvested, log)".into(),
+            groups: phases.iter().map(|(p, _)| (*p).into()).collect(),
+            y_log: true,
+            series,
+        }),
+        reading: "One VM per harvest mode goes through a migration's phases: fault in every \
+                  page, start logging (eager split at 2 MiB), write 1 page in 1000, harvest \
+                  them (GET and CLEAR of whole bitmaps, dirty ranges, or the ring), stop \
+                  logging, tear down; then a VM of the same slots with one GiB mapped is torn \
+                  down (teardown-sparse, per mapped page). The table gives each phase's time, \
+                  the OS's peak resident memory and the bytes per guest page; `vmmu bench \
+                  scale --guest-gib 1024 --backing 4k` and `--guest-gib 12288 --backing 2m \
+                  --no-eager-split` run the largest guests this machine holds."
+            .into(),
+    }
+}
+
 fn fork(rs: &[Record]) -> Figure {
     let (s, m) = (shadow_fork::NAME, shadow_fork::UNMAP_US);
     let names = [
@@ -689,8 +758,10 @@ mod tests {
             ),
         ];
         let figs = figures(&rs, Some("skipped: cannot open /dev/kvm"), false);
-        assert_eq!(figs.len(), 9);
+        assert_eq!(figs.len(), 10);
         assert!(figs[0].svg.as_ref().unwrap().contains("restart-scan"));
+        let scale = figs.iter().find(|f| f.id == "scale").unwrap();
+        assert!(scale.svg.as_ref().unwrap_err().contains("no records"));
         assert!(figs[1].svg.is_err());
         let fork = figs.iter().find(|f| f.id == "fork").unwrap();
         assert!(fork.svg.as_ref().unwrap_err().contains("no records"));

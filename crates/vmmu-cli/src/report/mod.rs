@@ -237,6 +237,9 @@ fn registered(name: &str) -> bool {
 /// size, under 1 s quick). Quick keeps every published key, 500 children included.
 const QUICK_IN_REPORT: [&str; 1] = [names::shadow_fork::NAME];
 
+/// The guest `scale` runs in the report, in GiB (`--quick`: 16 times less, 1 GiB).
+const REPORT_SCALE_GIB: u32 = 16;
+
 /// Run `vmmu report`.
 pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
@@ -251,6 +254,11 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = BenchConfig {
         mem_gib: args.mem_gib,
         quick: args.quick,
+        // `scale` at a size the report's time allows (its default is 16 GiB).
+        scale: bench::scale::ScaleConfig {
+            guest_gib: REPORT_SCALE_GIB,
+            ..bench::scale::ScaleConfig::default()
+        },
     };
     let kvm_state = kvm::Availability::probe();
 

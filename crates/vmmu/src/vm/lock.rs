@@ -76,6 +76,24 @@ pub(crate) fn gate() -> BrLock<()> {
     BrLock::new((), GATE_SLOTS)
 }
 
+/// Time spent waiting for the MMU lock and the number of acquisitions, when the VM has a
+/// clock (`VmStats::lock_wait_ns`, `lock_acquisitions`).
+#[derive(Default)]
+pub(crate) struct WaitCounters {
+    pub(crate) ns: AtomicU64,
+    pub(crate) count: AtomicU64,
+}
+
+impl WaitCounters {
+    /// Count an acquisition asked for at `asked` (a clock reading) and granted at `now`.
+    #[inline]
+    fn add(&self, asked: u64, now: u64) {
+        self.ns
+            .fetch_add(now.saturating_sub(asked), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// A lock guard that adds the time it was held to a counter, when the VM has a clock.
 pub(crate) struct Timed<'a, G> {
     guard: G,
@@ -85,9 +103,20 @@ pub(crate) struct Timed<'a, G> {
 }
 
 impl<'a, G> Timed<'a, G> {
+    /// `guard`, asked for at `asked` (the clock's reading before the lock was taken):
+    /// the wait is counted in `wait`, the hold will be in `ns`.
     #[inline]
-    fn new(guard: G, clock: Option<fn() -> u64>, ns: &'a AtomicU64) -> Self {
+    fn new(
+        guard: G,
+        clock: Option<fn() -> u64>,
+        asked: u64,
+        wait: &WaitCounters,
+        ns: &'a AtomicU64,
+    ) -> Self {
         let t0 = clock.map_or(0, |c| c());
+        if clock.is_some() {
+            wait.add(asked, t0);
+        }
         Timed {
             guard,
             clock,
@@ -126,6 +155,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// The MMU lock, exclusive. The time it is held counts as MMU time
     /// ([`VmStats::mmu_ns`], with a clock).
     pub(crate) fn lock(&self) -> Timed<'_, Exclusive<'_, VmState<A>>> {
+        let asked = self.clock_now();
         let rw = self.state.write();
         let gate = self.fault_gate.as_ref();
         if let Some(g) = gate {
@@ -133,7 +163,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             // serialized; the guard's drop unlocks.
             unsafe { g.write_raw() };
         }
-        Timed::new(Exclusive { rw, gate }, self.config.clock, &self.mmu_ns)
+        Timed::new(
+            Exclusive { rw, gate },
+            self.config.clock,
+            asked,
+            &self.lock_wait,
+            &self.mmu_ns,
+        )
     }
 
     /// Shared access to a TDP VM's state through the fault gate, not the MMU lock: for a
@@ -142,6 +178,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// keeps memslots and roots from changing, as KVM's SRCU and RCU do). Timed as
     /// [`lock`](Self::lock).
     pub(crate) fn lock_gated(&self, vcpu: Option<u32>) -> Timed<'_, Gated<'_, VmState<A>>> {
+        let asked = self.clock_now();
         let gate = self
             .fault_gate
             .as_ref()
@@ -151,13 +188,32 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         // `lock`), so while the gate is held shared the state is only read, or changed
         // through atomics as the TDP MMU's shared-lock rules allow.
         let data = unsafe { &*crate::sync::rwlock_data_ptr(&self.state) };
-        Timed::new(Gated { data, _gate: gate }, self.config.clock, &self.mmu_ns)
+        Timed::new(
+            Gated { data, _gate: gate },
+            self.config.clock,
+            asked,
+            &self.lock_wait,
+            &self.mmu_ns,
+        )
     }
 
     /// The MMU lock, shared (TDP faults and range operations), timed as [`lock`](Self::lock).
     pub(crate) fn lock_shared(&self) -> Timed<'_, RwLockReadGuard<'_, VmState<A>>> {
+        let asked = self.clock_now();
         let guard = self.state.read();
-        Timed::new(guard, self.config.clock, &self.mmu_ns)
+        Timed::new(
+            guard,
+            self.config.clock,
+            asked,
+            &self.lock_wait,
+            &self.mmu_ns,
+        )
+    }
+
+    /// The VM's clock now, 0 without one.
+    #[inline]
+    fn clock_now(&self) -> u64 {
+        self.config.clock.map_or(0, |c| c())
     }
 
     /// The MMU lock, shared, not timed: the CPU model's walks under shadow paging, which

@@ -239,6 +239,11 @@ pub struct VmStats {
     /// Nanoseconds the MMU spent handling exits and operations (with
     /// [`VmConfig::clock`]; 0 without).
     pub mmu_ns: u64,
+    /// Nanoseconds spent waiting for the MMU lock (or, for TDP faults, the fault gate)
+    /// before holding it, summed over every acquisition (with [`VmConfig::clock`]).
+    pub lock_wait_ns: u64,
+    /// Acquisitions of the MMU lock or the fault gate (with [`VmConfig::clock`]).
+    pub lock_acquisitions: u64,
 }
 
 pub(crate) struct VmState<A: TableAllocator + 'static> {
@@ -272,6 +277,8 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     locked_accesses: AtomicU64,
     mmio_generation: AtomicU64,
     mmu_ns: AtomicU64,
+    /// See [`VmStats::lock_wait_ns`] and [`VmStats::lock_acquisitions`].
+    lock_wait: lock::WaitCounters,
     /// Guest memory (shadow paging reads the guest's page tables there).
     pub(crate) guest: Option<Arc<dyn GuestMemory>>,
     /// Tests: run after every lost race of an access (see `Vm::set_lost_race_hook`).
@@ -361,6 +368,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             locked_accesses: AtomicU64::new(0),
             mmio_generation: AtomicU64::new(0),
             mmu_ns: AtomicU64::new(0),
+            lock_wait: lock::WaitCounters::default(),
             guest,
             #[cfg(feature = "internals")]
             lost_race_hook: None,
@@ -394,6 +402,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             rmap_descs: descs,
             paging: st.mmu.paging_stats(),
             mmu_ns: self.mmu_ns.load(Ordering::Relaxed),
+            lock_wait_ns: self.lock_wait.ns.load(Ordering::Relaxed),
+            lock_acquisitions: self.lock_wait.count.load(Ordering::Relaxed),
         }
     }
 
