@@ -655,48 +655,6 @@ fn logging_drops_huge_pages_and_stopping_brings_them_back() {
     }
 }
 
-#[test]
-fn without_eager_split_logging_maps_only_what_is_touched() {
-    for no_eager_split in [false, true] {
-        let dirty_log = DirtyLogConfig {
-            no_eager_split,
-            ..DirtyLogConfig::default()
-        };
-        let (host, vm) = new_vm(config(dirty_log, Algorithms::default()));
-        let thp = mmap(&host, 16 * M1, Backing::Thp);
-        let mut s = add_slot(
-            &vm,
-            SlotSpec {
-                id: 0,
-                gpa: G1,
-                size: 16 * M1,
-                hva: thp,
-                flags: MemslotFlags::empty(),
-            },
-        );
-        let mut v = vm.create_vcpu().unwrap();
-        for i in (0..s.pages()).step_by(512) {
-            access_ok(&vm, &mut v, &host, &s, s.page_gpa(i), AccessKind::Write);
-        }
-        assert_eq!(huge_leaves_in(&vm, &s), 8);
-        set_logging(&vm, &mut s, true);
-        assert_eq!(huge_leaves_in(&vm, &s), 0);
-        // Eager split (TDP) leaves 8 * 512 write-protected 4K leaves; without it (and on
-        // the shadow MMU, which always zaps) nothing is mapped until the guest touches it.
-        let eager = is_tdp(&vm) && !no_eager_split;
-        assert_eq!(leaves_in(&vm, &s), if eager { 8 * 512 } else { 0 });
-        audit(&vm);
-        for i in [3, 700, 4000] {
-            access_ok(&vm, &mut v, &host, &s, s.page_gpa(i), AccessKind::Write);
-        }
-        let mut words = vec![0u64; 64];
-        assert_eq!(vm.get_dirty_log(0, &mut words).unwrap().dirty_pages, 3);
-        assert_eq!(leaves_in(&vm, &s), if eager { 8 * 512 } else { 3 });
-        check_leaves_against_host(&vm, &host);
-        audit(&vm);
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // Bad input.
 // ---------------------------------------------------------------------------------------

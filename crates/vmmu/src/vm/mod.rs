@@ -130,13 +130,6 @@ pub struct DirtyLogConfig {
     /// otherwise), as KVM needs the ring enabled first; may also be enabled later with
     /// [`Vm::enable_dirty_ring_with_bitmap`] while no memslot exists.
     pub ring_with_bitmap: bool,
-    /// KVM's `eager_page_split=N`: when a slot starts logging, the TDP MMU zaps its huge
-    /// leaves instead of splitting them into 4K leaves up front, so only the pages the
-    /// guest touches while logging get 4K tables (8 bytes per 4 KiB page of every huge
-    /// page touched, instead of of every huge page). The default (`false`) splits
-    /// eagerly, as KVM does by default: the guest's first writes then cost no fault.
-    /// The shadow MMU always zaps.
-    pub no_eager_split: bool,
 }
 
 impl DirtyLogConfig {
