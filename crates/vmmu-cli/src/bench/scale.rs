@@ -110,7 +110,7 @@ pub struct ScaleConfig {
     pub slots: u32,
     /// The MMU.
     pub mmu: ScaleMmu,
-    /// KVM's `eager_page_split=N` (`DirtyLogConfig::no_eager_split`).
+    /// KVM's `eager_page_split=N` (`VmConfig::eager_split` off).
     pub no_eager_split: bool,
 }
 
@@ -250,6 +250,7 @@ impl ScaleGuest {
             VmConfig {
                 mmu: sc.mmu.kind(),
                 dirty_log,
+                eager_split: !sc.no_eager_split,
                 max_vcpus: sc.vcpus.max(1),
                 ..VmConfig::default()
             },
@@ -579,7 +580,6 @@ fn one_vm(
                 .next_power_of_two()
                 .clamp(1024, u64::from(DirtyLogConfig::MAX_RING_ENTRIES)) as u32
         }),
-        no_eager_split: sc.no_eager_split,
         ..DirtyLogConfig::default()
     };
     rss::trim();
@@ -694,10 +694,7 @@ fn teardown_sparse(
     samples: &mut Vec<Sample>,
 ) -> Result<(), BenchError> {
     let one = ScaleConfig { vcpus: 1, ..*sc };
-    let dirty_log = DirtyLogConfig {
-        no_eager_split: sc.no_eager_split,
-        ..DirtyLogConfig::default()
-    };
+    let dirty_log = DirtyLogConfig::default();
     for (phase, size, slots) in [
         (names::TEARDOWN_SPARSE, gib, sc.slots),
         (names::TEARDOWN_1G, 1, 1),

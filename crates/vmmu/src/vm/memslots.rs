@@ -81,12 +81,14 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     }
 
     /// Logging starts on a slot: only 4K mappings may stay (the shadow MMU zaps huge
-    /// leaves; the TDP MMU splits them eagerly, allocating tables outside the lock, and
+    /// leaves; the TDP MMU splits them eagerly with `VmConfig::eager_split`, allocating tables outside the lock, and
     /// zaps those it could not get tables for), then every leaf is write-protected unless
     /// every bit starts set. It cannot fail: a lack of table memory costs faults, not
     /// logged writes.
     fn start_logging(&self, slot: u32, start: Gfn, end: Gfn, initially_set: bool) {
-        self.split_huge_for_logging(start, end);
+        if self.config.eager_split {
+            self.split_huge_for_logging(start, end);
+        }
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut removed = st.mmu.zap_huge(&mut st.slots, start, end);

@@ -79,6 +79,13 @@ pub struct VmConfig {
     /// [`Error::ChangePteRemoved`] and changes nothing. With it, `change_pte` keeps its
     /// pre-2012 meaning: called on its own, after the host changed the page.
     pub change_pte: bool,
+    /// TDP MMU: split huge leaves eagerly when dirty logging starts (KVM's
+    /// `eager_page_split`, on by default), allocating the tables outside the MMU lock, so
+    /// the first write to each page under logging takes only the fast path. Off, the
+    /// huge leaves are zapped instead and the first writes fault the pages back at 4 KiB
+    /// (KVM with `eager_page_split=N` splits on those faults instead). The shadow MMU
+    /// always zaps.
+    pub eager_split: bool,
     /// A monotonic clock in nanoseconds. When given, the VM adds up the time its MMU
     /// spends handling exits and operations ([`VmStats::mmu_ns`]); `None` costs nothing.
     pub clock: Option<fn() -> u64>,
@@ -95,6 +102,7 @@ impl Default for VmConfig {
             dirty_log: DirtyLogConfig::default(),
             paging: PagingConfig::default(),
             change_pte: false,
+            eager_split: true,
             clock: None,
         }
     }
