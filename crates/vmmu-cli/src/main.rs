@@ -7,6 +7,7 @@
 
 mod bench;
 mod kvm;
+mod perf;
 mod report;
 mod soak;
 
@@ -32,6 +33,9 @@ enum Command {
     Bench(BenchArgs),
     /// Side by side with the host's KVM (/dev/kvm): dirty bitmaps and costs.
     Kvm(kvm::KvmArgs),
+    /// The KVM selftests' MMU performance tests (dirty_log_perf_test, ...), with their
+    /// flags and printed lines, on vmmu and on the host's KVM side by side.
+    Perf(perf::PerfArgs),
     /// Every scenario, the floor and KVM in one run: writes index.html, report.md and
     /// results.json, and prints the seeds' claims against the measurements.
     Report(report::ReportArgs),
@@ -150,6 +154,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Bench(args) => bench_command(&args),
         Command::Kvm(args) => kvm::run(&args),
+        Command::Perf(args) => perf::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Soak(args) => soak::run(&args),
     };
@@ -282,5 +287,58 @@ mod tests {
         }
         let msg = parse(&["no-such"]).unwrap_err().to_string();
         assert!(msg.contains("fault-in") && msg.contains("zap"), "{msg}");
+    }
+
+    #[test]
+    fn perf_flags_parse_as_the_selftests_and_bad_ones_exit_2() {
+        let ok = Cli::try_parse_from([
+            "vmmu",
+            "perf",
+            "dirty-log",
+            "-v",
+            "2",
+            "-b",
+            "64M",
+            "-i",
+            "3",
+            "-g",
+            "-s",
+            "anonymous_thp",
+            "-x",
+            "2",
+            "-w",
+            "50",
+            "-a",
+            "-o",
+            "-e",
+            "-r",
+            "7",
+            "--target",
+            "vmmu",
+            "--mmu",
+            "shadow",
+            "--json",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        for args in [
+            &["dirty-log", "-v", "0"][..],
+            &["dirty-log", "-i", "1"],
+            &["dirty-log", "-w", "101"],
+            &["dirty-log", "-b", "1X"],
+            &["dirty-log", "-s", "shm"],
+            &["dirty-log", "-x", "0"],
+            &["dirty-log", "-q"],
+            &["dirty-log", "--mmu", "ept"],
+            &["pre-fault", "-v", "0"],
+            &["page-table", "-b", "lots"],
+            &["no-such-test"],
+        ] {
+            let err = Cli::try_parse_from(["vmmu", "perf"].iter().chain(args)).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{args:?}");
+        }
+        let msg = Cli::try_parse_from(["vmmu", "perf", "dirty-log", "-v", "0"])
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("between 1 and"), "{msg}");
     }
 }

@@ -55,7 +55,7 @@ const MIB2: usize = 2 << 20;
 /// `MADV_POPULATE_WRITE` (Linux 5.14), spelled out for older libc crates.
 const MADV_POPULATE_WRITE: libc::c_int = 23;
 
-fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
+pub(crate) fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Error {
     move |e| Error::Kvm {
         what,
         err: io::Error::from_raw_os_error(e.errno()),
@@ -69,7 +69,7 @@ pub fn device_path() -> String {
 }
 
 /// Open the KVM device.
-fn open() -> Result<Kvm, Error> {
+pub(crate) fn open() -> Result<Kvm, Error> {
     let path = device_path();
     let cpath = std::ffi::CString::new(path.as_str())
         .map_err(|_| Error::KvmUnavailable(format!("{path:?}: not a path")))?;
@@ -449,7 +449,7 @@ impl KvmGuest {
 /// 64-bit mode at CPL 3: CS and SS with DPL 3 and RPL 3, paging on with the image's PML4,
 /// EFER.LME/LMA. The descriptor tables are never read (no segment load, no interrupt), so
 /// GDTR and IDTR stay empty.
-fn set_user_long_mode(sregs: &mut kvm_bindings::kvm_sregs) {
+pub(crate) fn set_user_long_mode(sregs: &mut kvm_bindings::kvm_sregs) {
     let code = kvm_segment {
         base: 0,
         limit: 0xffff_ffff,

@@ -21,6 +21,9 @@
 //! - [`model`]: the vmmu peer
 //! - [`compare`]: one harvest on both peers, timed and compared
 //! - [`conformance`]: random rounds on both peers, every bitmap compared
+//! - [`perf`] (x86-64 Linux only): `vmmu perf`'s KVM side, several vCPUs of the CPL-3
+//!   guest on their own threads, laid out as the KVM selftests' `memstress`
+//! - [`stats`] (x86-64 Linux only): KVM's binary statistics (`KVM_GET_STATS_FD`)
 #![warn(missing_docs)]
 
 pub mod compare;
@@ -29,7 +32,11 @@ pub mod image;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
 pub mod model;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod perf;
 pub mod schedule;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+pub mod stats;
 
 use std::fmt;
 use std::time::Duration;

@@ -24,6 +24,9 @@
 //! | [`ReadonlyFlagChange`](Error::ReadonlyFlagChange) | `set_user_memory_region` |
 //! | [`NoSuchSlot`](Error::NoSuchSlot) | `zap_memslot`, `get_dirty_log`, `clear_dirty_log` |
 //! | [`InvalidRange`](Error::InvalidRange) | `zap_gfn_range`, `track_write`, `untrack_write`, `page_fault`, `access` (as `Exit::Error`) |
+//! | [`InvalidPreFaultRange`](Error::InvalidPreFaultRange) | `pre_fault_memory` |
+//! | [`PreFaultNoMemslot`](Error::PreFaultNoMemslot) | `pre_fault_memory` |
+//! | [`PreFaultRetry`](Error::PreFaultRetry) | `pre_fault_memory` |
 //! | [`NoHostMapping`](Error::NoHostMapping) | `access` (as `Exit::Error`), `page_fault` |
 //! | [`HostReadOnly`](Error::HostReadOnly) | `access` (as `Exit::Error`), `page_fault` |
 //! | [`HostPfnTooLarge`](Error::HostPfnTooLarge) | `access`, `gva_*` (as `Exit::Error`), `page_fault`, `change_pte` |
@@ -139,6 +142,27 @@ pub enum Error {
         start: u64,
         /// One past the last gfn.
         end: u64,
+    },
+    /// `pre_fault_memory` was given a range it cannot take (KVM's `-EINVAL`): nothing done.
+    InvalidPreFaultRange {
+        /// Start of the range.
+        gpa: Gpa,
+        /// Its size in bytes.
+        size: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// `pre_fault_memory` reached a page outside every memslot before doing anything
+    /// (KVM's `-ENOENT`).
+    PreFaultNoMemslot {
+        /// The page.
+        gpa: Gpa,
+    },
+    /// The memslots changed while `pre_fault_memory` ran, before it did anything (KVM's
+    /// `-EAGAIN` for a slot deleted or moved under it): call it again.
+    PreFaultRetry {
+        /// Where it stopped.
+        gpa: Gpa,
     },
     /// The host has nothing mapped at the address backing this guest page.
     NoHostMapping {
@@ -355,6 +379,17 @@ impl fmt::Display for Error {
             Error::InvalidRange { start, end } => write!(
                 f,
                 "gfn range [{start:#x}, {end:#x}) is empty, reversed or beyond the guest-physical width"
+            ),
+            Error::InvalidPreFaultRange { gpa, size, why } => write!(
+                f,
+                "pre-fault range of {size:#x} bytes at gpa {gpa}: {why}"
+            ),
+            Error::PreFaultNoMemslot { gpa } => {
+                write!(f, "pre-fault: gpa {gpa} is outside every memslot")
+            }
+            Error::PreFaultRetry { gpa } => write!(
+                f,
+                "pre-fault stopped at gpa {gpa}: the memslots changed meanwhile; call it again"
             ),
             Error::NoHostMapping { gpa, hva } => {
                 write!(f, "no host memory at hva {hva} backing gpa {gpa}")

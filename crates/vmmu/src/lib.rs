@@ -68,7 +68,8 @@
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`), for both MMUs ([`Vm::audit`] runs
 //!   them; the report types are public, the checks crate-private)
 //! - [`vm`]: the public API: the VM and its vCPUs, one file per mechanism (memslots,
-//!   faults, zaps, write tracking, dirty log, MMU notifier, shadow paging, the lock), and
+//!   faults, pre-faulting, zaps, write tracking, dirty log, MMU notifier, shadow paging,
+//!   the lock), and
 //!   in `vm/mmu.rs` the one place that dispatches between the MMUs
 //!
 //! ```
@@ -145,6 +146,7 @@ pub use memslot::{MemoryRegion, MemslotFlags, MemslotLimits};
 pub use mmu::{DirtyGfn, FaultOutcome, MmuStats};
 pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
+pub use vm::PreFault;
 pub use vm::{
     DirtyLogConfig, DirtyRange, DirtyRingView, Exit, HarvestReport, MmuKind, PagingConfig,
     PagingStats, Vcpu, Vm, VmConfig, VmStats,

@@ -37,6 +37,9 @@ fn name(e: &Error) -> &'static str {
         Error::SlotHvaChange { .. } => "SlotHvaChange",
         Error::ReadonlyFlagChange { .. } => "ReadonlyFlagChange",
         Error::InvalidRange { .. } => "InvalidRange",
+        Error::InvalidPreFaultRange { .. } => "InvalidPreFaultRange",
+        Error::PreFaultNoMemslot { .. } => "PreFaultNoMemslot",
+        Error::PreFaultRetry { .. } => "PreFaultRetry",
         Error::NoHostMapping { .. } => "NoHostMapping",
         Error::HostReadOnly { .. } => "HostReadOnly",
         Error::HostPfnTooLarge { .. } => "HostPfnTooLarge",
@@ -95,6 +98,13 @@ fn every_variant_has_a_message() {
         Error::SlotHvaChange { slot: 1 },
         Error::ReadonlyFlagChange { slot: 1 },
         Error::InvalidRange { start: 5, end: 5 },
+        Error::InvalidPreFaultRange {
+            gpa: Gpa(0x1001),
+            size: 0x1000,
+            why: "gpa and size must be multiples of 4 KiB",
+        },
+        Error::PreFaultNoMemslot { gpa: Gpa(0x1000) },
+        Error::PreFaultRetry { gpa: Gpa(0x1000) },
         Error::NoHostMapping {
             gpa: Gpa(0x1000),
             hva: Hva(0x2000),

@@ -39,6 +39,9 @@ mod summary;
 mod tables;
 mod versus;
 
+/// Which MMU the host's KVM runs guests on (for `vmmu perf`'s KVM lines).
+pub use kvm::host_mmu as host_kvm_mmu;
+
 use std::fmt::Write as _;
 use std::io::{self, IsTerminal, Write};
 use std::path::PathBuf;

@@ -3,7 +3,8 @@
 //! One file per mechanism, each calling the MMU through the one dispatch in `mmu.rs`:
 //! `memslots.rs` (KVM_SET_USER_MEMORY_REGION, logging on and off), `fault.rs` (guest
 //! accesses and their faults), `zap.rs`, `track.rs` (write tracking), `dirty_log.rs`
-//! (GET/CLEAR, rings), `notifier.rs` (MMU-notifier operations), `paging.rs` (the
+//! (GET/CLEAR, rings), `notifier.rs` (MMU-notifier operations), `prefault.rs`
+//! (KVM_PRE_FAULT_MEMORY), `paging.rs` (the
 //! shadow-paging API), `vcpu.rs` (vCPUs, the remote flush, root reload) and `lock.rs`
 //! (the MMU lock, the TDP fault gate, their timing).
 //!
@@ -39,12 +40,14 @@ mod memslots;
 mod mmu;
 mod notifier;
 mod paging;
+mod prefault;
 mod track;
 mod vcpu;
 mod zap;
 
 pub use dirty_log::{DirtyRange, DirtyRingView, HarvestReport};
 pub use fault::LOCKLESS_RETRIES;
+pub use prefault::PreFault;
 
 pub use mmu::MmuKind;
 internal! { pub use mmu::Mmu; }

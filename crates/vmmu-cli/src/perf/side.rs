@@ -1,0 +1,503 @@
+//! The two sides a `vmmu perf` test runs on, behind one trait: vmmu ([`VmmuSide`]: a
+//! [`Vm`] on simulated host memory, its CPU model driven from one thread per vCPU) and
+//! the host's KVM ([`KvmSide`]: `vmmu_kvm::perf::KvmPerfVm`, the CPL-3 guest on one
+//! thread per vCPU). Both lay the test memory out as the selftests' `memstress` does:
+//! `vcpus * bytes` at 4 GiB, split into `slots` equal memslots (ids 1..=slots), vCPU `i`
+//! owning bytes `[i * bytes, (i + 1) * bytes)`.
+//!
+//! A vCPU's run is a list of accesses, `gpa | WRITE` or `gpa` (see [`super::access`]),
+//! the same lists on both sides.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use vmmu::host::{Backing, SimHostMemory};
+use vmmu::types::{AccessKind, Gpa};
+use vmmu::{DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vcpu, Vm, VmConfig};
+
+use super::{BackingArg, MmuArg, PerfError};
+
+/// Guest-physical address of the test memory on both sides.
+pub const DATA_GPA: u64 = 4 << 30;
+/// A list entry's write flag.
+pub const WRITE: u64 = 1;
+
+/// What a side is built with.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    /// vCPUs, one thread each.
+    pub vcpus: u32,
+    /// Bytes per vCPU.
+    pub bytes_per_vcpu: u64,
+    /// Memslots the test memory is split into.
+    pub slots: u32,
+    /// Host backing.
+    pub backing: BackingArg,
+    /// Manual protect (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+    pub manual_protect: bool,
+    /// With it, `KVM_DIRTY_LOG_INITIALLY_SET`.
+    pub initially_set: bool,
+}
+
+impl Layout {
+    /// All test memory, bytes.
+    pub fn data_bytes(&self) -> u64 {
+        u64::from(self.vcpus) * self.bytes_per_vcpu
+    }
+    /// Bytes per memslot.
+    pub fn slot_bytes(&self) -> u64 {
+        self.data_bytes() / u64::from(self.slots)
+    }
+    /// 4 KiB pages per memslot.
+    pub fn slot_pages(&self) -> u64 {
+        self.slot_bytes() / 4096
+    }
+    /// 4 KiB pages per vCPU.
+    pub fn vcpu_pages(&self) -> u64 {
+        self.bytes_per_vcpu / 4096
+    }
+}
+
+/// MMU counters, each `None` where the side cannot tell.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Faults the MMU took (vmmu: the vCPUs' EPT-violation exits, fast ones included;
+    /// KVM: `pf_taken` over the vCPUs).
+    pub faults: Option<u64>,
+    /// Of them, fixed by the lockless fast path (`pf_fast`).
+    pub fast: Option<u64>,
+    /// Remote TLB flushes requested (`remote_tlb_flush_requests`).
+    pub flushes: Option<u64>,
+    /// Huge pages split (vmmu: TDP eager split count).
+    pub split: Option<u64>,
+    /// Huge pages rebuilt in place (vmmu: TDP recovery count).
+    pub rebuilt: Option<u64>,
+    /// Huge SPTEs mapped now (KVM: `pages_2m + pages_1g`, a gauge).
+    pub huge_now: Option<u64>,
+}
+
+impl Counters {
+    /// `self - before`, field by field (gauges: the difference, signed, in `huge_delta`).
+    pub fn delta(&self, before: &Counters) -> Delta {
+        let d = |a: Option<u64>, b: Option<u64>| Some(a?.wrapping_sub(b?));
+        Delta {
+            faults: d(self.faults, before.faults),
+            fast: d(self.fast, before.fast),
+            flushes: d(self.flushes, before.flushes),
+            split: d(self.split, before.split),
+            rebuilt: d(self.rebuilt, before.rebuilt),
+            huge_delta: match (self.huge_now, before.huge_now) {
+                (Some(a), Some(b)) => Some(a as i64 - b as i64),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// What changed over a phase.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// See [`Counters::faults`].
+    pub faults: Option<u64>,
+    /// See [`Counters::fast`].
+    pub fast: Option<u64>,
+    /// See [`Counters::flushes`].
+    pub flushes: Option<u64>,
+    /// See [`Counters::split`].
+    pub split: Option<u64>,
+    /// See [`Counters::rebuilt`].
+    pub rebuilt: Option<u64>,
+    /// Change of the huge-SPTE gauge.
+    pub huge_delta: Option<i64>,
+}
+
+/// One side of a test.
+pub trait Side {
+    /// `vmmu tdp-used`, `kvm`, ...: the JSON variant and the label of its lines.
+    fn label(&self) -> String;
+    /// Every vCPU runs its list once, in parallel; the wall time.
+    fn run(&mut self, lists: &[Vec<u64>]) -> Result<Duration, PerfError>;
+    /// LOG_DIRTY_PAGES on or off on every data slot; with `running`, the vCPUs keep
+    /// running their last lists meanwhile (the selftest's `-e`). The time of the toggle.
+    fn set_logging(&mut self, on: bool, running: bool) -> Result<Duration, PerfError>;
+    /// GET_DIRTY_LOG of data slot `i` into `out`.
+    fn get_dirty_log(&mut self, i: usize, out: &mut [u64]) -> Result<(), PerfError>;
+    /// CLEAR_DIRTY_LOG of all of data slot `i` with `bitmap`.
+    fn clear_dirty_log(&mut self, i: usize, bitmap: &[u64]) -> Result<(), PerfError>;
+    /// The counters now.
+    fn counters(&self) -> Counters;
+    /// `KVM_PRE_FAULT_MEMORY` of each vCPU's range, all vCPUs in parallel; the wall time.
+    fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError>;
+}
+
+/// The vmmu VM type of `vmmu perf`.
+type SimVm = Vm<Arc<SimHostMemory>>;
+
+/// vmmu's side.
+pub struct VmmuSide {
+    vm: SimVm,
+    vcpus: Vec<Vcpu>,
+    regions: Vec<MemoryRegion>,
+    lists: Vec<Vec<u64>>,
+    layout: Layout,
+    mmu: MmuArg,
+}
+
+impl VmmuSide {
+    /// Build the VM, its memslots and vCPUs.
+    pub fn new(layout: &Layout, mmu: MmuArg) -> Result<Self, PerfError> {
+        let kind = match mmu {
+            MmuArg::Shadow => MmuKind::ShadowDirect,
+            MmuArg::TdpScan => MmuKind::Tdp(TdpIteration::ScanAll),
+            MmuArg::TdpSkip => MmuKind::Tdp(TdpIteration::SkipNonPresent),
+            MmuArg::TdpUsed => MmuKind::Tdp(TdpIteration::UsedEntries),
+        };
+        let config = VmConfig {
+            mmu: kind,
+            max_vcpus: layout.vcpus.max(1),
+            dirty_log: DirtyLogConfig {
+                manual_protect: layout.manual_protect,
+                initially_all_set: layout.manual_protect && layout.initially_set,
+                ..DirtyLogConfig::default()
+            },
+            ..VmConfig::default()
+        };
+        let host = Arc::new(SimHostMemory::new());
+        let backing = match layout.backing {
+            BackingArg::Anonymous => Backing::Page4K,
+            BackingArg::AnonymousThp | BackingArg::AnonymousHugetlb => Backing::Thp,
+            BackingArg::AnonymousHugetlb1gb => Backing::HugeTlb1G,
+        };
+        let vm = Vm::new(config, host.clone());
+        let mut regions = Vec::new();
+        for i in 0..layout.slots {
+            let hva = host
+                .mmap(layout.slot_bytes(), backing, true)
+                .map_err(|e| PerfError::side("vmmu", format!("host mmap: {e}")))?;
+            let region = MemoryRegion {
+                slot: 1 + i,
+                flags: MemslotFlags::empty(),
+                guest_phys_addr: DATA_GPA + u64::from(i) * layout.slot_bytes(),
+                memory_size: layout.slot_bytes(),
+                userspace_addr: hva.0,
+            };
+            vm.set_user_memory_region(region)
+                .map_err(|e| PerfError::side("vmmu", format!("set_user_memory_region: {e}")))?;
+            regions.push(region);
+        }
+        let mut vcpus = Vec::new();
+        for _ in 0..layout.vcpus {
+            vcpus.push(
+                vm.create_vcpu()
+                    .map_err(|e| PerfError::side("vmmu", format!("create_vcpu: {e}")))?,
+            );
+        }
+        Ok(VmmuSide {
+            vm,
+            vcpus,
+            regions,
+            lists: vec![Vec::new(); layout.vcpus as usize],
+            layout: *layout,
+            mmu,
+        })
+    }
+
+    /// Run every vCPU's list once (then again and again while `f` runs, if `repeat`),
+    /// each on its own thread. Returns the time to the end of every first run and `f`'s
+    /// value.
+    fn run_during<R>(
+        &mut self,
+        repeat: bool,
+        f: impl FnOnce(&SimVm, &mut Vec<MemoryRegion>) -> R,
+    ) -> Result<(Duration, R), PerfError> {
+        let n = self.vcpus.len();
+        let start_line = Barrier::new(n + 1);
+        let first_done = Barrier::new(n + 1);
+        let stop = AtomicBool::new(false);
+        let vm = &self.vm;
+        let regions = &mut self.regions;
+        std::thread::scope(|s| {
+            let workers: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .zip(&self.lists)
+                .map(|(vcpu, list)| {
+                    let (start_line, first_done, stop) = (&start_line, &first_done, &stop);
+                    s.spawn(move || -> Result<(), String> {
+                        start_line.wait();
+                        start_line.wait();
+                        let first = run_list(vm, vcpu, list);
+                        first_done.wait();
+                        first?;
+                        while repeat && !stop.load(Ordering::Relaxed) {
+                            run_list(vm, vcpu, list)?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            // Every vCPU thread is up; the clock starts as they are released.
+            start_line.wait();
+            let start = Instant::now();
+            start_line.wait();
+            first_done.wait();
+            let elapsed = start.elapsed();
+            let r = f(vm, regions);
+            stop.store(true, Ordering::Relaxed);
+            let mut result = Ok(());
+            for w in workers {
+                let r = w
+                    .join()
+                    .unwrap_or_else(|_| Err("a vCPU thread panicked".into()));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+                .map(|()| (elapsed, r))
+                .map_err(|e| PerfError::side("vmmu", e))
+        })
+    }
+}
+
+/// One vCPU's run through vmmu's CPU model.
+fn run_list(vm: &SimVm, vcpu: &mut Vcpu, list: &[u64]) -> Result<(), String> {
+    for &e in list {
+        let kind = if e & WRITE != 0 {
+            AccessKind::Write
+        } else {
+            AccessKind::Read
+        };
+        vm.access(vcpu, Gpa(e & !WRITE), kind)
+            .map_err(|exit| format!("guest access at {:#x}: {exit}", e & !WRITE))?;
+    }
+    Ok(())
+}
+
+fn set_flags(vm: &SimVm, regions: &mut [MemoryRegion], on: bool) -> Result<(), String> {
+    for r in regions {
+        r.flags = if on {
+            MemslotFlags::LOG_DIRTY_PAGES
+        } else {
+            MemslotFlags::empty()
+        };
+        vm.set_user_memory_region(*r)
+            .map_err(|e| format!("set_user_memory_region (LOG_DIRTY_PAGES): {e}"))?;
+    }
+    Ok(())
+}
+
+impl Side for VmmuSide {
+    fn label(&self) -> String {
+        format!("vmmu-{}", self.mmu.name())
+    }
+
+    fn run(&mut self, lists: &[Vec<u64>]) -> Result<Duration, PerfError> {
+        self.lists = lists.to_vec();
+        self.run_during(false, |_, _| ()).map(|(d, ())| d)
+    }
+
+    fn set_logging(&mut self, on: bool, running: bool) -> Result<Duration, PerfError> {
+        let toggle = |vm: &SimVm, regions: &mut Vec<MemoryRegion>| {
+            let start = Instant::now();
+            set_flags(vm, regions, on).map(|()| start.elapsed())
+        };
+        let r = if running {
+            self.run_during(true, toggle)?.1
+        } else {
+            toggle(&self.vm, &mut self.regions)
+        };
+        r.map_err(|e| PerfError::side("vmmu", e))
+    }
+
+    fn get_dirty_log(&mut self, i: usize, out: &mut [u64]) -> Result<(), PerfError> {
+        self.vm
+            .get_dirty_log(self.regions[i].slot, out)
+            .map(drop)
+            .map_err(|e| PerfError::side("vmmu", format!("get_dirty_log: {e}")))
+    }
+
+    fn clear_dirty_log(&mut self, i: usize, bitmap: &[u64]) -> Result<(), PerfError> {
+        self.vm
+            .clear_dirty_log(self.regions[i].slot, 0, self.layout.slot_pages(), bitmap)
+            .map(drop)
+            .map_err(|e| PerfError::side("vmmu", format!("clear_dirty_log: {e}")))
+    }
+
+    fn counters(&self) -> Counters {
+        let s = self.vm.stats();
+        let (split, rebuilt) = match self.mmu {
+            MmuArg::Shadow => (None, None),
+            _ => self.vm.with_tdp(|_, m| {
+                let st = m.stats();
+                (
+                    Some(st.huge_split.load(Ordering::Relaxed)),
+                    Some(st.huge_recovered.load(Ordering::Relaxed)),
+                )
+            }),
+        };
+        Counters {
+            // Every EPT-violation exit (the TDP MMU counts its faults per vCPU).
+            faults: Some(self.vcpus.iter().map(|v| v.exits).sum()),
+            fast: Some(s.fast_page_faults),
+            flushes: Some(s.remote_tlb_flushes),
+            split,
+            rebuilt,
+            huge_now: None,
+        }
+    }
+
+    fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
+        let barrier = Barrier::new(self.vcpus.len() + 1);
+        let vm = &self.vm;
+        std::thread::scope(|s| {
+            let workers: Vec<_> = self
+                .vcpus
+                .iter_mut()
+                .zip(ranges.iter().chain(std::iter::repeat(&None)))
+                .map(|(vcpu, range)| {
+                    let barrier = &barrier;
+                    let range = *range;
+                    s.spawn(move || -> Result<(), String> {
+                        barrier.wait();
+                        barrier.wait();
+                        let Some((gpa, size)) = range else {
+                            return Ok(());
+                        };
+                        vm.pre_fault_memory(vcpu, Gpa(gpa), size)
+                            .map(drop)
+                            .map_err(|e| format!("pre_fault_memory: {e}"))
+                    })
+                })
+                .collect();
+            // Every vCPU thread is up; the clock starts as they are released.
+            barrier.wait();
+            let start = Instant::now();
+            barrier.wait();
+            let mut result = Ok(());
+            for w in workers {
+                let r = w
+                    .join()
+                    .unwrap_or_else(|_| Err("a vCPU thread panicked".into()));
+                if result.is_ok() {
+                    result = r;
+                }
+            }
+            result
+                .map(|()| start.elapsed())
+                .map_err(|e| PerfError::side("vmmu", e))
+        })
+    }
+}
+
+/// The host's KVM side.
+#[cfg(feature = "kvm")]
+pub struct KvmSide {
+    vm: vmmu_kvm::perf::KvmPerfVm,
+    stats_error: Option<String>,
+}
+
+#[cfg(feature = "kvm")]
+impl KvmSide {
+    /// Open `/dev/kvm` and build the VM.
+    pub fn new(layout: &Layout, list_entries: u64) -> Result<Self, PerfError> {
+        use vmmu_kvm::perf::{KvmPerfVm, PerfBacking, PerfConfig};
+        let backing = match layout.backing {
+            BackingArg::Anonymous => PerfBacking::Anonymous,
+            BackingArg::AnonymousThp => PerfBacking::Thp,
+            BackingArg::AnonymousHugetlb => PerfBacking::HugeTlb,
+            BackingArg::AnonymousHugetlb1gb => {
+                return Err(PerfError::Unsupported(
+                    "anonymous_hugetlb_1gb: 1 GiB hugetlb pages are not set up on the KVM side"
+                        .into(),
+                ))
+            }
+        };
+        let config = PerfConfig {
+            vcpus: layout.vcpus,
+            bytes_per_vcpu: layout.bytes_per_vcpu,
+            slots: layout.slots,
+            backing,
+            manual_protect: layout.manual_protect,
+            initially_set: layout.initially_set,
+            list_entries,
+        };
+        let vm = KvmPerfVm::new(&config).map_err(PerfError::kvm)?;
+        let stats_error = vm.stats().err();
+        Ok(KvmSide { vm, stats_error })
+    }
+
+    /// Why there are no KVM counters, if there are none.
+    pub fn stats_error(&self) -> Option<&str> {
+        self.stats_error.as_deref()
+    }
+
+    /// Bytes of test memory the host backs with huge pages, if known.
+    pub fn host_huge_bytes(&self) -> Option<u64> {
+        self.vm.host_huge_bytes()
+    }
+}
+
+#[cfg(feature = "kvm")]
+impl Side for KvmSide {
+    fn label(&self) -> String {
+        "kvm".into()
+    }
+
+    fn run(&mut self, lists: &[Vec<u64>]) -> Result<Duration, PerfError> {
+        for (i, l) in lists.iter().enumerate() {
+            self.vm.set_list(i, l);
+        }
+        self.vm.run_all().map_err(PerfError::kvm)
+    }
+
+    fn set_logging(&mut self, on: bool, running: bool) -> Result<Duration, PerfError> {
+        let toggle = |ops: &mut vmmu_kvm::perf::KvmOps| {
+            let start = Instant::now();
+            ops.set_logging(on).map(|()| start.elapsed())
+        };
+        let r = if running {
+            self.vm.run_all_during(toggle).map_err(PerfError::kvm)?.1
+        } else {
+            toggle(self.vm.ops())
+        };
+        r.map_err(PerfError::kvm)
+    }
+
+    fn get_dirty_log(&mut self, i: usize, out: &mut [u64]) -> Result<(), PerfError> {
+        self.vm.ops().get_dirty_log(i, out).map_err(PerfError::kvm)
+    }
+
+    fn clear_dirty_log(&mut self, i: usize, bitmap: &[u64]) -> Result<(), PerfError> {
+        self.vm
+            .ops()
+            .clear_dirty_log(i, bitmap)
+            .map_err(PerfError::kvm)
+    }
+
+    fn counters(&self) -> Counters {
+        let Ok(s) = self.vm.stats() else {
+            return Counters::default();
+        };
+        let fast = s.vcpus("pf_fast");
+        let huge = match (s.vm("pages_2m"), s.vm("pages_1g")) {
+            (Some(a), Some(b)) => Some(a + b),
+            (a, b) => a.or(b),
+        };
+        Counters {
+            faults: s.vcpus("pf_taken"),
+            fast,
+            // Requests, as vmmu counts them (`remote_tlb_flush` counts only those that
+            // found a vCPU to kick).
+            flushes: s.vm("remote_tlb_flush_requests"),
+            split: None,
+            rebuilt: None,
+            huge_now: huge,
+        }
+    }
+
+    fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
+        self.vm.pre_fault_all(ranges).map_err(PerfError::kvm)
+    }
+}
