@@ -43,6 +43,9 @@ fn list_prints_the_public_scenarios() {
                 "shadow-fork",
                 "shadow-ctxsw",
                 "shadow-pt-churn",
+                "perf-dirty-log",
+                "perf-pre-fault",
+                "perf-page-table",
                 "floor",
                 "scale"
             ]
@@ -348,4 +351,37 @@ fn soak_prints_what_it_ran_as_json() {
     assert!(v["checks"]["audit"].as_u64().unwrap() > 0, "{v}");
     let bad = vmmu(&["soak", "--seconds", "1", "--mmu", "nested"]);
     assert_eq!(bad.status.code(), Some(2));
+}
+
+/// `vmmu perf`: the selftest's lines on vmmu's side, and usage errors (parsed or found
+/// after parsing, as too much memory) exit 2 with a message naming the problem.
+#[test]
+fn perf_prints_the_selftest_lines_and_usage_errors_exit_2() {
+    let out = vmmu(&["perf", "dirty-log", "--target", "vmmu", "-b", "8M", "-v", "2"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    for line in [
+        "Test iterations: 2",
+        "[vmmu-tdp-used] Populate memory time: ",
+        "[vmmu-tdp-used] Enabling dirty logging time: ",
+        "[vmmu-tdp-used] Iteration 2 dirty memory time: ",
+        "[vmmu-tdp-used] Iteration 1 clear dirty log time: ",
+        "[vmmu-tdp-used] Disabling dirty logging time: ",
+        "[vmmu-tdp-used] Get dirty log over 2 iterations took ",
+        "faults 4096 (fast 0)",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    for args in [
+        &["perf", "dirty-log", "-v", "0"][..],
+        &["perf", "dirty-log", "-b", "1000"],
+        &["perf", "dirty-log", "-v", "512", "-b", "1T"],
+        &["perf", "dirty-log", "-v", "64", "-b", "1G", "--target", "kvm"],
+        &["perf", "page-table", "-b", "3M", "-s", "anonymous_thp"],
+    ] {
+        let out = vmmu(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("error:") && err.len() > 30, "{args:?}: {err}");
+    }
 }

@@ -22,6 +22,7 @@ pub mod median;
 mod memory;
 pub mod names;
 pub mod output;
+mod perf_tests;
 mod pte_list_destroy;
 mod rmap_iter;
 pub mod ruler;
@@ -60,6 +61,9 @@ pub const SCENARIOS: &[Scenario] = &[
     shadow_fork::SCENARIO,
     shadow_ctxsw::SCENARIO,
     shadow_pt_churn::SCENARIO,
+    perf_tests::DIRTY_LOG,
+    perf_tests::PRE_FAULT,
+    perf_tests::PAGE_TABLE,
     floor::SCENARIO,
     scale::SCENARIO,
 ];

@@ -337,3 +337,56 @@ pub mod kvm_compare {
     /// Time of the memslot delete.
     pub const DELETE_US: &str = "delete_us";
 }
+
+/// `perf-dirty-log`, `perf-pre-fault`, `perf-page-table`: `vmmu perf`'s tests as
+/// scenarios (vmmu's side; `vmmu perf <test>` runs KVM's too). Variants are the side
+/// (`vmmu-<mmu>`, `kvm`); metrics are the phases, in seconds, and the counters over each
+/// phase, `<phase>_faults`, `_fast_faults`, `_tlb_flushes`, `_huge_split`,
+/// `_huge_rebuilt`, `_huge_spte_delta` (counts); `params` carry the test's flags.
+pub mod perf {
+    /// `vmmu perf dirty-log`'s phases.
+    pub mod dirty_log {
+        /// The scenario.
+        pub const NAME: &str = "perf-dirty-log";
+        /// Phase `populate_memory`.
+        pub const POPULATE_MEMORY: &str = "populate_memory";
+        /// Phase `enabling_dirty_logging`.
+        pub const ENABLING_DIRTY_LOGGING: &str = "enabling_dirty_logging";
+        /// Phase `dirty_memory`.
+        pub const DIRTY_MEMORY: &str = "dirty_memory";
+        /// Phase `get_dirty_log`.
+        pub const GET_DIRTY_LOG: &str = "get_dirty_log";
+        /// Phase `clear_dirty_log`.
+        pub const CLEAR_DIRTY_LOG: &str = "clear_dirty_log";
+        /// Phase `disabling_dirty_logging`.
+        pub const DISABLING_DIRTY_LOGGING: &str = "disabling_dirty_logging";
+        /// Phase `get_dirty_log_total`.
+        pub const GET_DIRTY_LOG_TOTAL: &str = "get_dirty_log_total";
+        /// Phase `clear_dirty_log_total`.
+        pub const CLEAR_DIRTY_LOG_TOTAL: &str = "clear_dirty_log_total";
+    }
+    /// `vmmu perf pre-fault`'s phases.
+    pub mod pre_fault {
+        /// The scenario.
+        pub const NAME: &str = "perf-pre-fault";
+        /// Phase `pre_fault_memory`.
+        pub const PRE_FAULT_MEMORY: &str = "pre_fault_memory";
+        /// Phase `read_memory`.
+        pub const READ_MEMORY: &str = "read_memory";
+    }
+    /// `vmmu perf page-table`'s phases.
+    pub mod page_table {
+        /// The scenario.
+        pub const NAME: &str = "perf-page-table";
+        /// Phase `create_mappings`.
+        pub const CREATE_MAPPINGS: &str = "create_mappings";
+        /// Phase `enable_dirty_logging`.
+        pub const ENABLE_DIRTY_LOGGING: &str = "enable_dirty_logging";
+        /// Phase `update_mappings`.
+        pub const UPDATE_MAPPINGS: &str = "update_mappings";
+        /// Phase `disable_dirty_logging`.
+        pub const DISABLE_DIRTY_LOGGING: &str = "disable_dirty_logging";
+        /// Phase `adjust_mappings`.
+        pub const ADJUST_MAPPINGS: &str = "adjust_mappings";
+    }
+}

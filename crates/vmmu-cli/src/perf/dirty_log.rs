@@ -21,6 +21,8 @@
 use std::time::Duration;
 
 use clap::Args;
+
+use crate::bench::names::perf::dirty_log as names;
 use serde_json::json;
 
 use super::access::{Accesses, Pattern};
@@ -128,7 +130,7 @@ pub fn run(args: &DirtyLogArgs) -> Result<(), PerfError> {
     args.check()?;
     let layout = args.layout();
     check_memory(&layout, args.common.target, super::mem_available())?;
-    let mut out = Out::new("dirty-log", args.common.json, args.params());
+    let mut out = Out::new(names::NAME, args.common.json, args.params());
     run_with(args, &layout, &mut out)?;
     out.finish()
         .map_err(|e| PerfError::side("output", e.to_string()))
@@ -155,11 +157,16 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
 
     let populate = Accesses::new(args.seed, layout.vcpus).lists(layout, Pattern::POPULATE);
     let r = each(&mut sides, |s| s.run(&populate))?;
-    out.phase("Populate memory", "populate_memory", None, &r);
+    out.phase("Populate memory", names::POPULATE_MEMORY, None, &r);
     drop(populate);
 
     let r = each(&mut sides, |s| s.set_logging(true, false))?;
-    out.phase("Enabling dirty logging", "enabling_dirty_logging", None, &r);
+    out.phase(
+        "Enabling dirty logging",
+        names::ENABLING_DIRTY_LOGGING,
+        None,
+        &r,
+    );
     out.line("");
 
     let words = layout.slot_pages().div_ceil(64) as usize;
@@ -173,7 +180,7 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
         let r = each(&mut sides, |s| s.run(&lists))?;
         out.phase(
             &format!("Iteration {it} dirty memory"),
-            "dirty_memory",
+            names::DIRTY_MEMORY,
             Some(it),
             &r,
         );
@@ -190,7 +197,7 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
         }
         out.phase(
             &format!("Iteration {it} get dirty log"),
-            "get_dirty_log",
+            names::GET_DIRTY_LOG,
             Some(it),
             &r,
         );
@@ -208,7 +215,7 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
             }
             out.phase(
                 &format!("Iteration {it} clear dirty log"),
-                "clear_dirty_log",
+                names::CLEAR_DIRTY_LOG,
                 Some(it),
                 &r,
             );
@@ -236,7 +243,7 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
     let r = each(&mut sides, |s| s.set_logging(false, e))?;
     out.phase(
         "Disabling dirty logging",
-        "disabling_dirty_logging",
+        names::DISABLING_DIRTY_LOGGING,
         None,
         &r,
     );
@@ -247,14 +254,14 @@ pub fn run_with(args: &DirtyLogArgs, layout: &Layout, out: &mut Out) -> Result<(
     };
     out.total(
         "Get dirty log",
-        "get_dirty_log_total",
+        names::GET_DIRTY_LOG_TOTAL,
         args.iterations,
         &totals(&get_total),
     );
     if layout.manual_protect {
         out.total(
             "Clear dirty log",
-            "clear_dirty_log_total",
+            names::CLEAR_DIRTY_LOG_TOTAL,
             args.iterations,
             &totals(&clear_total),
         );

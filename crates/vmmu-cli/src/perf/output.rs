@@ -36,6 +36,8 @@ struct Row {
 /// The printer of one test run.
 pub struct Out {
     json: bool,
+    /// Collect the records only (a bench scenario): print nothing.
+    quiet: bool,
     scenario: String,
     params: Map<String, Value>,
     rows: Vec<Row>,
@@ -43,15 +45,34 @@ pub struct Out {
 }
 
 impl Out {
-    /// For test `test` (`dirty-log`, ...) with its flags as `params`.
-    pub fn new(test: &str, json: bool, params: Map<String, Value>) -> Self {
+    /// For scenario `scenario` (`perf-dirty-log`, ...) with its flags as `params`.
+    pub fn new(scenario: &str, json: bool, params: Map<String, Value>) -> Self {
         Out {
             json,
-            scenario: format!("perf-{test}"),
+            quiet: false,
+            scenario: scenario.to_owned(),
             params,
             rows: Vec::new(),
             records: Vec::new(),
         }
+    }
+
+    /// A bench scenario's printer: collects the records, prints nothing.
+    pub fn quiet(scenario: &str, params: Map<String, Value>) -> Self {
+        Out {
+            quiet: true,
+            ..Out::new(scenario, true, params)
+        }
+    }
+
+    /// The records as the bench harness's samples (one run's values).
+    pub fn samples(&self) -> Vec<crate::bench::Sample> {
+        self.records
+            .iter()
+            .map(|r| {
+                crate::bench::Sample::new(&r.variant, &r.metric, r.params.clone(), r.value, &r.unit)
+            })
+            .collect()
     }
 
     /// A line of its own (the selftest's banners; notes): text mode only.
@@ -175,6 +196,9 @@ impl Out {
 
     /// Print the table (text) or the records (JSON).
     pub fn finish(&self) -> io::Result<()> {
+        if self.quiet {
+            return Ok(());
+        }
         let mut out = io::stdout().lock();
         if self.json {
             crate::bench::output::write_json(&mut out, &self.records)?;

@@ -21,6 +21,8 @@
 //! logging)`, so what they did to the mappings shows.
 
 use clap::Args;
+
+use crate::bench::names::perf::page_table as names;
 use serde_json::json;
 
 use super::access::{Accesses, Pattern};
@@ -58,7 +60,20 @@ impl PageTableArgs {
         }
     }
 
-    fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+    /// The layout both sides build (the memory split evenly between the vCPUs).
+    pub fn layout(&self) -> Layout {
+        Layout {
+            vcpus: self.vcpus,
+            bytes_per_vcpu: self.bytes / u64::from(self.vcpus),
+            slots: 1,
+            backing: self.backing,
+            manual_protect: false,
+            initially_set: false,
+        }
+    }
+
+    /// The flags, as the records' `params`.
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
         crate::bench::params([
             ("b", json!(self.bytes)),
             ("v", json!(self.vcpus)),
@@ -92,16 +107,9 @@ pub fn run(args: &PageTableArgs) -> Result<(), PerfError> {
             args.host_page() >> 10
         )));
     }
-    let layout = Layout {
-        vcpus: args.vcpus,
-        bytes_per_vcpu: args.bytes / u64::from(args.vcpus),
-        slots: 1,
-        backing: args.backing,
-        manual_protect: false,
-        initially_set: false,
-    };
+    let layout = args.layout();
     check_memory(&layout, args.common.target, super::mem_available())?;
-    let mut out = Out::new("page-table", args.common.json, args.params());
+    let mut out = Out::new(names::NAME, args.common.json, args.params());
     run_with(args, &layout, &mut out)?;
     out.finish()
         .map_err(|e| PerfError::side("output", e.to_string()))
@@ -132,30 +140,40 @@ pub fn run_with(args: &PageTableArgs, layout: &Layout, out: &mut Out) -> Result<
     let r = each(&mut sides, |s| s.run(&writes))?;
     out.phase(
         "KVM_CREATE_MAPPINGS: total execution",
-        "create_mappings",
+        names::CREATE_MAPPINGS,
         None,
         &r,
     );
     out.line("");
     // Untimed in the selftest; its line here shows what enabling did to the mappings.
     let r = each(&mut sides, |s| s.set_logging(true, false))?;
-    out.phase("(enable dirty logging)", "enable_dirty_logging", None, &r);
+    out.phase(
+        "(enable dirty logging)",
+        names::ENABLE_DIRTY_LOGGING,
+        None,
+        &r,
+    );
     let r = each(&mut sides, |s| s.run(&writes))?;
     out.phase(
         "KVM_UPDATE_MAPPINGS: total execution",
-        "update_mappings",
+        names::UPDATE_MAPPINGS,
         None,
         &r,
     );
     out.line("");
     // What disabling logging did to the mappings is in this line's counters.
     let r = each(&mut sides, |s| s.set_logging(false, false))?;
-    out.phase("(disable dirty logging)", "disable_dirty_logging", None, &r);
+    out.phase(
+        "(disable dirty logging)",
+        names::DISABLE_DIRTY_LOGGING,
+        None,
+        &r,
+    );
     let reads = lists(layout, stride, false);
     let r = each(&mut sides, |s| s.run(&reads))?;
     out.phase(
         "KVM_ADJUST_MAPPINGS: total execution",
-        "adjust_mappings",
+        names::ADJUST_MAPPINGS,
         None,
         &r,
     );

@@ -11,6 +11,8 @@
 //! selftest's error cases and the memslot race are `crates/vmmu/tests/pre_fault.rs`.
 
 use clap::Args;
+
+use crate::bench::names::perf::pre_fault as names;
 use serde_json::json;
 
 use super::access::{Accesses, Pattern};
@@ -40,7 +42,8 @@ pub struct PreFaultArgs {
 }
 
 impl PreFaultArgs {
-    fn layout(&self) -> Layout {
+    /// The layout both sides build.
+    pub fn layout(&self) -> Layout {
         Layout {
             vcpus: self.vcpus,
             bytes_per_vcpu: self.bytes,
@@ -51,7 +54,8 @@ impl PreFaultArgs {
         }
     }
 
-    fn params(&self) -> serde_json::Map<String, serde_json::Value> {
+    /// The flags, as the records' `params`.
+    pub fn params(&self) -> serde_json::Map<String, serde_json::Value> {
         crate::bench::params([
             ("v", json!(self.vcpus)),
             ("b", json!(self.bytes)),
@@ -71,7 +75,7 @@ pub fn run(args: &PreFaultArgs) -> Result<(), PerfError> {
     }
     let layout = args.layout();
     check_memory(&layout, args.common.target, super::mem_available())?;
-    let mut out = Out::new("pre-fault", args.common.json, args.params());
+    let mut out = Out::new(names::NAME, args.common.json, args.params());
     run_with(args, &layout, &mut out)?;
     out.finish()
         .map_err(|e| PerfError::side("output", e.to_string()))
@@ -96,7 +100,7 @@ pub fn run_with(args: &PreFaultArgs, layout: &Layout, out: &mut Out) -> Result<(
             Err(e) => return Err(e),
         }
     }
-    out.phase("Pre-fault memory", "pre_fault_memory", None, &results);
+    out.phase("Pre-fault memory", names::PRE_FAULT_MEMORY, None, &results);
     let reads = Pattern {
         write_percent: 0,
         random: false,
@@ -104,6 +108,6 @@ pub fn run_with(args: &PreFaultArgs, layout: &Layout, out: &mut Out) -> Result<(
     };
     let lists = Accesses::new(1, layout.vcpus).lists(layout, reads);
     let r = each(&mut sides, |s| s.run(&lists))?;
-    out.phase("Read pre-faulted memory", "read_memory", None, &r);
+    out.phase("Read pre-faulted memory", names::READ_MEMORY, None, &r);
     Ok(())
 }

@@ -58,6 +58,7 @@ pub fn figures(records: &[Record], kvm_note: Option<&str>, quick: bool) -> Vec<F
         kvm_missing(fault(records)),
         fork(records),
         scale(records),
+        super::perf_figure::perf(records),
     ]
 }
 
@@ -758,7 +759,9 @@ mod tests {
             ),
         ];
         let figs = figures(&rs, Some("skipped: cannot open /dev/kvm"), false);
-        assert_eq!(figs.len(), 10);
+        assert_eq!(figs.len(), 11);
+        let perf = figs.iter().find(|f| f.id == "perf").unwrap();
+        assert!(perf.svg.as_ref().unwrap_err().contains("no records"));
         assert!(figs[0].svg.as_ref().unwrap().contains("restart-scan"));
         let scale = figs.iter().find(|f| f.id == "scale").unwrap();
         assert!(scale.svg.as_ref().unwrap_err().contains("no records"));

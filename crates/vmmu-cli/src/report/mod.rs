@@ -33,6 +33,7 @@ mod figures;
 mod html;
 mod kvm;
 mod markdown;
+mod perf_figure;
 mod plots;
 mod query;
 mod summary;
