@@ -357,8 +357,21 @@ fn soak_prints_what_it_ran_as_json() {
 /// after parsing, as too much memory) exit 2 with a message naming the problem.
 #[test]
 fn perf_prints_the_selftest_lines_and_usage_errors_exit_2() {
-    let out = vmmu(&["perf", "dirty-log", "--target", "vmmu", "-b", "8M", "-v", "2"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = vmmu(&[
+        "perf",
+        "dirty-log",
+        "--target",
+        "vmmu",
+        "-b",
+        "8M",
+        "-v",
+        "2",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = stdout(&out);
     for line in [
         "Test iterations: 2",
@@ -376,7 +389,16 @@ fn perf_prints_the_selftest_lines_and_usage_errors_exit_2() {
         &["perf", "dirty-log", "-v", "0"][..],
         &["perf", "dirty-log", "-b", "1000"],
         &["perf", "dirty-log", "-v", "512", "-b", "1T"],
-        &["perf", "dirty-log", "-v", "64", "-b", "1G", "--target", "kvm"],
+        &[
+            "perf",
+            "dirty-log",
+            "-v",
+            "64",
+            "-b",
+            "1G",
+            "--target",
+            "kvm",
+        ],
         &["perf", "page-table", "-b", "3M", "-s", "anonymous_thp"],
     ] {
         let out = vmmu(args);

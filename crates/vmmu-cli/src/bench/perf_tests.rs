@@ -40,6 +40,7 @@ pub const PAGE_TABLE: Scenario = Scenario {
 const COMMON: CommonArgs = CommonArgs {
     target: Target::Vmmu,
     mmu: MmuArg::TdpUsed,
+    no_eager_split: false,
     json: true,
 };
 

@@ -136,6 +136,12 @@ pub struct CommonArgs {
     #[arg(long, value_enum, default_value_t = MmuArg::TdpUsed)]
     pub mmu: MmuArg,
 
+    /// vmmu's TDP MMU: do not split huge pages eagerly when dirty logging starts (KVM's
+    /// `eager_page_split=N`; vmmu zaps them instead). vmmu's variant then ends in
+    /// `-no-eager-split`.
+    #[arg(long)]
+    pub no_eager_split: bool,
+
     /// Print one JSON object per record on stdout (the bench contract), and nothing else.
     #[arg(long)]
     pub json: bool,
@@ -312,7 +318,11 @@ pub fn open_sides(
 ) -> Result<Vec<Box<dyn side::Side>>, PerfError> {
     let mut sides: Vec<Box<dyn side::Side>> = Vec::new();
     if common.target != Target::Kvm {
-        sides.push(Box::new(side::VmmuSide::new(layout, common.mmu)?));
+        sides.push(Box::new(side::VmmuSide::new(
+            layout,
+            common.mmu,
+            !common.no_eager_split,
+        )?));
     }
     if common.target != Target::Vmmu {
         match open_kvm(layout, list_entries, out) {

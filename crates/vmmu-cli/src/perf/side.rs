@@ -142,11 +142,12 @@ pub struct VmmuSide {
     lists: Vec<Vec<u64>>,
     layout: Layout,
     mmu: MmuArg,
+    eager_split: bool,
 }
 
 impl VmmuSide {
     /// Build the VM, its memslots and vCPUs.
-    pub fn new(layout: &Layout, mmu: MmuArg) -> Result<Self, PerfError> {
+    pub fn new(layout: &Layout, mmu: MmuArg, eager_split: bool) -> Result<Self, PerfError> {
         let kind = match mmu {
             MmuArg::Shadow => MmuKind::ShadowDirect,
             MmuArg::TdpScan => MmuKind::Tdp(TdpIteration::ScanAll),
@@ -156,6 +157,7 @@ impl VmmuSide {
         let config = VmConfig {
             mmu: kind,
             max_vcpus: layout.vcpus.max(1),
+            eager_split,
             dirty_log: DirtyLogConfig {
                 manual_protect: layout.manual_protect,
                 initially_all_set: layout.manual_protect && layout.initially_set,
@@ -200,6 +202,7 @@ impl VmmuSide {
             lists: vec![Vec::new(); layout.vcpus as usize],
             layout: *layout,
             mmu,
+            eager_split,
         })
     }
 
@@ -290,7 +293,12 @@ fn set_flags(vm: &SimVm, regions: &mut [MemoryRegion], on: bool) -> Result<(), S
 
 impl Side for VmmuSide {
     fn label(&self) -> String {
-        format!("vmmu-{}", self.mmu.name())
+        let eager = if self.eager_split || self.mmu == MmuArg::Shadow {
+            ""
+        } else {
+            "-no-eager-split"
+        };
+        format!("vmmu-{}{eager}", self.mmu.name())
     }
 
     fn run(&mut self, lists: &[Vec<u64>]) -> Result<Duration, PerfError> {
