@@ -46,6 +46,7 @@ fn list_prints_the_public_scenarios() {
                 "perf-dirty-log",
                 "perf-pre-fault",
                 "perf-page-table",
+                "perf-access-tracking",
                 "floor",
                 "scale"
             ]

@@ -64,6 +64,7 @@ pub const SCENARIOS: &[Scenario] = &[
     perf_tests::DIRTY_LOG,
     perf_tests::PRE_FAULT,
     perf_tests::PAGE_TABLE,
+    perf_tests::ACCESS_TRACKING,
     floor::SCENARIO,
     scale::SCENARIO,
 ];

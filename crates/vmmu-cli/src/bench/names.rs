@@ -389,4 +389,21 @@ pub mod perf {
         /// Phase `adjust_mappings`.
         pub const ADJUST_MAPPINGS: &str = "adjust_mappings";
     }
+    /// `vmmu perf access-tracking`'s phases.
+    pub mod access_tracking {
+        /// The scenario.
+        pub const NAME: &str = "perf-access-tracking";
+        /// Phase `populating_memory`.
+        pub const POPULATING_MEMORY: &str = "populating_memory";
+        /// Phase `writing_populated`.
+        pub const WRITING_POPULATED: &str = "writing_populated";
+        /// Phase `reading_populated`.
+        pub const READING_POPULATED: &str = "reading_populated";
+        /// Phase `mark_idle`.
+        pub const MARK_IDLE: &str = "mark_idle";
+        /// Phase `writing_idle`.
+        pub const WRITING_IDLE: &str = "writing_idle";
+        /// Phase `reading_idle`.
+        pub const READING_IDLE: &str = "reading_idle";
+    }
 }

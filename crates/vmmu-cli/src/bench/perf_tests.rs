@@ -1,6 +1,7 @@
-//! `perf-dirty-log`, `perf-pre-fault`, `perf-page-table`: `vmmu perf`'s tests as bench
+//! `perf-dirty-log`, `perf-pre-fault`, `perf-page-table`, `perf-access-tracking`: `vmmu perf`'s tests as bench
 //! scenarios, on vmmu's side only (the TDP MMU in used-entries mode), at sizes the
-//! report's time allows: with 1 and 2 vCPUs (one thread each), dirty-log and pre-fault
+//! report's time allows: with 1 and 2 vCPUs (one thread each), dirty-log, pre-fault and
+//! access-tracking
 //! with `-b` a quarter of the `--mem-gib` slot per vCPU, page-table with half of it in all
 //! on THP (so huge pages are split and rebuilt). `params` carry the test's flags; the
 //! metrics are its phases (seconds) and the MMU counters over each (counts). `vmmu perf
@@ -8,6 +9,7 @@
 
 use super::names::perf as names;
 use super::{BenchConfig, BenchError, Sample, Scenario};
+use crate::perf::access_tracking::AccessTrackingArgs;
 use crate::perf::dirty_log::DirtyLogArgs;
 use crate::perf::output::Out;
 use crate::perf::page_table::PageTableArgs;
@@ -27,6 +29,13 @@ pub const PRE_FAULT: Scenario = Scenario {
     about:
         "KVM_PRE_FAULT_MEMORY from 1 and 2 vCPU threads in parallel, then reads, on vmmu's TDP MMU",
     run: pre_fault,
+};
+
+/// Registry entry: `perf-access-tracking`.
+pub const ACCESS_TRACKING: Scenario = Scenario {
+    name: names::access_tracking::NAME,
+    about: "access_tracking_perf_test's phases (aging through age_hva_range), 1 and 2 vCPU threads, vmmu's TDP MMU",
+    run: access_tracking,
 };
 
 /// Registry entry: `perf-page-table`.
@@ -104,6 +113,22 @@ fn page_table(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     Ok(samples)
 }
 
+fn access_tracking(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+    let mut samples = Vec::new();
+    for vcpus in [1, 2] {
+        let args = AccessTrackingArgs {
+            vcpus,
+            bytes: config.mem_bytes() / 4,
+            backing: BackingArg::Anonymous,
+            common: COMMON,
+        };
+        let mut out = Out::quiet(names::access_tracking::NAME, args.params());
+        crate::perf::access_tracking::run_with(&args, &args.layout(), &mut out).map_err(err)?;
+        samples.extend(out.samples());
+    }
+    Ok(samples)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +157,12 @@ mod tests {
         for v in [1, 2] {
             // Pre-faulted completely: the reads take no fault.
             assert_eq!(find(&s, "read_memory_faults", v), 0.0);
+        }
+        let s = access_tracking(&config).unwrap();
+        for v in [1, 2] {
+            assert!(find(&s, "mark_idle", v) > 0.0);
+            // Aging unmaps nothing: the idle writes take no fault.
+            assert_eq!(find(&s, "writing_idle_faults", v), 0.0);
         }
         let s = page_table(&config).unwrap();
         for v in [1, 2] {

@@ -4,6 +4,7 @@
 //! - `dirty-log` ([`dirty_log`]): `dirty_log_perf_test`
 //! - `pre-fault` ([`pre_fault`]): `pre_fault_memory_test`'s workload
 //! - `page-table` ([`page_table`]): `kvm_page_table_test`
+//! - `access-tracking` ([`access_tracking`]): `access_tracking_perf_test`
 //!
 //! Each test builds both sides ([`side`]: vmmu on simulated host memory, the host's KVM
 //! through `vmmu_kvm::perf`), lays the test memory out as the selftests' `memstress`
@@ -20,6 +21,7 @@
 //! `--target kvm` fails with that message.
 
 pub mod access;
+pub mod access_tracking;
 pub mod dirty_log;
 pub mod output;
 pub mod page_table;
@@ -48,6 +50,9 @@ enum PerfTest {
     /// kvm_page_table_test: create mappings (first touch), update them under dirty
     /// logging, adjust them after logging stops (huge pages rebuilt).
     PageTable(page_table::PageTableArgs),
+    /// access_tracking_perf_test: populate, write/read populated memory, mark memory
+    /// idle (aging through the MMU-notifier ops), write/read idle memory.
+    AccessTracking(access_tracking::AccessTrackingArgs),
 }
 
 /// Which sides a test runs on.
@@ -203,6 +208,7 @@ pub fn run(args: &PerfArgs) -> Result<(), Box<dyn std::error::Error>> {
         PerfTest::DirtyLog(a) => dirty_log::run(a),
         PerfTest::PreFault(a) => pre_fault::run(a),
         PerfTest::PageTable(a) => page_table::run(a),
+        PerfTest::AccessTracking(a) => access_tracking::run(a),
     };
     match r {
         Err(PerfError::Usage(msg)) => {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use vmmu::host::{Backing, SimHostMemory};
-use vmmu::types::{AccessKind, Gpa};
+use vmmu::types::{AccessKind, Gpa, Hva};
 use vmmu::{DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vcpu, Vm, VmConfig};
 
 use super::{BackingArg, MmuArg, PerfError};
@@ -129,6 +129,12 @@ pub trait Side {
     fn counters(&self) -> Counters;
     /// `KVM_PRE_FAULT_MEMORY` of each vCPU's range, all vCPUs in parallel; the wall time.
     fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError>;
+    /// Mark the guest memory `[gpa, gpa + size)` of each range idle through the host's
+    /// aging (vmmu: `age_hva_range`, the MMU notifier's `clear_young`), one range after
+    /// the other from the host thread; the time of them all.
+    fn mark_idle(&mut self, ranges: &[(u64, u64)]) -> Result<Duration, PerfError>;
+    /// Pages of `[gpa, gpa + size)` still idle (no young SPTE: `test_age_hva_range`).
+    fn idle_pages(&self, gpa: u64, size: u64) -> Result<u64, PerfError>;
 }
 
 /// The vmmu VM type of `vmmu perf`.
@@ -146,6 +152,18 @@ pub struct VmmuSide {
 }
 
 impl VmmuSide {
+    /// The host-virtual ranges `(hva, len)` backing `[gpa, gpa + size)`, slot by slot.
+    fn hva_ranges(&self, gpa: u64, size: u64) -> Vec<(u64, u64)> {
+        self.regions
+            .iter()
+            .filter_map(|r| {
+                let lo = gpa.max(r.guest_phys_addr);
+                let hi = (gpa + size).min(r.guest_phys_addr + r.memory_size);
+                (lo < hi).then(|| (r.userspace_addr + (lo - r.guest_phys_addr), hi - lo))
+            })
+            .collect()
+    }
+
     /// Build the VM, its memslots and vCPUs.
     pub fn new(layout: &Layout, mmu: MmuArg, eager_split: bool) -> Result<Self, PerfError> {
         let kind = match mmu {
@@ -356,6 +374,35 @@ impl Side for VmmuSide {
         }
     }
 
+    fn mark_idle(&mut self, ranges: &[(u64, u64)]) -> Result<Duration, PerfError> {
+        let hvas: Vec<(u64, u64)> = ranges
+            .iter()
+            .map(|&(gpa, size)| self.hva_ranges(gpa, size))
+            .collect::<Vec<_>>()
+            .concat();
+        let start = Instant::now();
+        for (hva, len) in hvas {
+            self.vm
+                .age_hva_range(Hva(hva), Hva(hva + len))
+                .map_err(|e| PerfError::side("vmmu", format!("age_hva_range: {e}")))?;
+        }
+        Ok(start.elapsed())
+    }
+
+    fn idle_pages(&self, gpa: u64, size: u64) -> Result<u64, PerfError> {
+        let mut idle = 0;
+        for (hva, len) in self.hva_ranges(gpa, size) {
+            for p in (hva..hva + len).step_by(4096) {
+                let young = self
+                    .vm
+                    .test_age_hva_range(Hva(p), Hva(p + 4096))
+                    .map_err(|e| PerfError::side("vmmu", format!("test_age_hva_range: {e}")))?;
+                idle += u64::from(!young);
+            }
+        }
+        Ok(idle)
+    }
+
     fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
         let barrier = Barrier::new(self.vcpus.len() + 1);
         let vm = &self.vm;
@@ -505,7 +552,31 @@ impl Side for KvmSide {
         }
     }
 
+    fn mark_idle(&mut self, _: &[(u64, u64)]) -> Result<Duration, PerfError> {
+        Err(PerfError::Unsupported(idle_tracking_why()))
+    }
+
+    fn idle_pages(&self, _: u64, _: u64) -> Result<u64, PerfError> {
+        Err(PerfError::Unsupported(idle_tracking_why()))
+    }
+
     fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
         self.vm.pre_fault_all(ranges).map_err(PerfError::kvm)
+    }
+}
+
+/// Why the KVM side does not mark memory idle: the selftest does it through the host's
+/// idle page tracking (`/sys/kernel/mm/page_idle/bitmap`, whose writes reach KVM's
+/// `clear_young` through the MMU notifier).
+#[cfg(feature = "kvm")]
+fn idle_tracking_why() -> String {
+    if std::path::Path::new("/sys/kernel/mm/page_idle/bitmap").exists() {
+        "marking memory idle through /sys/kernel/mm/page_idle is not implemented on the KVM \
+         side"
+            .into()
+    } else {
+        "the host has no idle page tracking (/sys/kernel/mm/page_idle/bitmap is absent: \
+         CONFIG_IDLE_PAGE_TRACKING is off), through which the selftest ages KVM's SPTEs"
+            .into()
     }
 }

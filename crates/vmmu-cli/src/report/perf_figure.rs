@@ -7,7 +7,9 @@ use serde_json::Value;
 use super::figures::Figure;
 use super::plots::{self, BarChart, Bars, Look};
 use super::query;
-use crate::bench::names::perf::{dirty_log as dl, page_table as pt, pre_fault as pf};
+use crate::bench::names::perf::{
+    access_tracking as at, dirty_log as dl, page_table as pt, pre_fault as pf,
+};
 use crate::bench::Record;
 
 /// The variant the scenarios measure.
@@ -58,9 +60,14 @@ pub fn perf(rs: &[Record]) -> Figure {
     };
     Figure {
         id: "perf",
-        tables: vec![(dl::NAME, None), (pf::NAME, None), (pt::NAME, None)],
+        tables: vec![
+            (dl::NAME, None),
+            (pf::NAME, None),
+            (pt::NAME, None),
+            (at::NAME, None),
+        ],
         heading: "The KVM selftests' MMU workloads — dirty_log_perf_test, pre_fault_memory_test, \
-                  kvm_page_table_test"
+                  kvm_page_table_test, access_tracking_perf_test"
             .into(),
         svg,
         reading: "vmmu perf runs the selftests' workloads with their flags and lines; these \
@@ -103,6 +110,6 @@ mod tests {
             svg.contains("2 vCPU threads") && svg.contains("dirty memory 2"),
             "{svg}"
         );
-        assert_eq!(fig.tables.len(), 3);
+        assert_eq!(fig.tables.len(), 4);
     }
 }
