@@ -3,7 +3,10 @@
 //! report's time allows: with 1 and 2 vCPUs (one thread each), dirty-log, pre-fault and
 //! access-tracking
 //! with `-b` a quarter of the `--mem-gib` slot per vCPU, page-table with half of it in all
-//! on THP (so huge pages are split and rebuilt). `params` carry the test's flags; the
+//! on THP (so huge pages are split and rebuilt). `perf-dirty-log` also runs seed 000's
+//! workload: GET_DIRTY_LOG of the whole slot dirty (`-g`, 1 GB at the default size) on the
+//! shadow MMU with each reverse-map iteration (variants `vmmu-shadow`,
+//! `vmmu-shadow-restart-scan`), which the report's seed table compares. `params` carry the test's flags; the
 //! metrics are its phases (seconds) and the MMU counters over each (counts). `vmmu perf
 //! <test>` runs the same workloads with KVM beside them.
 
@@ -14,7 +17,7 @@ use crate::perf::dirty_log::DirtyLogArgs;
 use crate::perf::output::Out;
 use crate::perf::page_table::PageTableArgs;
 use crate::perf::pre_fault::PreFaultArgs;
-use crate::perf::{BackingArg, CommonArgs, MmuArg, Target};
+use crate::perf::{BackingArg, CommonArgs, MmuArg, RmapIterArg, Target};
 
 /// Registry entry: `perf-dirty-log`.
 pub const DIRTY_LOG: Scenario = Scenario {
@@ -50,6 +53,7 @@ const COMMON: CommonArgs = CommonArgs {
     target: Target::Vmmu,
     mmu: MmuArg::TdpUsed,
     no_eager_split: false,
+    rmap_iteration: None,
     json: true,
 };
 
@@ -73,6 +77,31 @@ fn dirty_log(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
             run_while_disabling: false,
             seed: 1,
             common: COMMON,
+        };
+        let mut out = Out::quiet(names::dirty_log::NAME, args.params());
+        crate::perf::dirty_log::run_with(&args, &args.layout(), &mut out).map_err(err)?;
+        samples.extend(out.samples());
+    }
+    // Seed 000's own workload: GET_DIRTY_LOG of all of the slot dirty (1 GB at the
+    // default size), default GET (`-g`), on the shadow MMU with each rmap iteration.
+    for rmap in [RmapIterArg::Iterator, RmapIterArg::RestartScan] {
+        let args = DirtyLogArgs {
+            vcpus: 1,
+            bytes: config.mem_bytes(),
+            iterations: 2,
+            no_manual_protect: true,
+            backing: BackingArg::Anonymous,
+            slots: 1,
+            write_percent: 100,
+            random: false,
+            overlap: false,
+            run_while_disabling: false,
+            seed: 1,
+            common: CommonArgs {
+                mmu: MmuArg::Shadow,
+                rmap_iteration: Some(rmap),
+                ..COMMON
+            },
         };
         let mut out = Out::quiet(names::dirty_log::NAME, args.params());
         crate::perf::dirty_log::run_with(&args, &args.layout(), &mut out).map_err(err)?;

@@ -91,6 +91,15 @@ impl MmuArg {
     }
 }
 
+/// Reverse-map iteration of vmmu's shadow MMU (seed 000).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum RmapIterArg {
+    /// The iterator that keeps its place (seed 000).
+    Iterator,
+    /// Restart from the head at every step (before seed 000).
+    RestartScan,
+}
+
 /// The selftests' `-s` backing types this tool offers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackingArg {
@@ -146,6 +155,11 @@ pub struct CommonArgs {
     /// `-no-eager-split`.
     #[arg(long)]
     pub no_eager_split: bool,
+
+    /// vmmu's shadow MMU: how reverse maps are iterated (seed 000: `iterator`, the
+    /// default; `restart-scan`, before it). vmmu's variant then ends in `-restart-scan`.
+    #[arg(long, value_enum)]
+    pub rmap_iteration: Option<RmapIterArg>,
 
     /// Print one JSON object per record on stdout (the bench contract), and nothing else.
     #[arg(long)]
@@ -324,11 +338,7 @@ pub fn open_sides(
 ) -> Result<Vec<Box<dyn side::Side>>, PerfError> {
     let mut sides: Vec<Box<dyn side::Side>> = Vec::new();
     if common.target != Target::Kvm {
-        sides.push(Box::new(side::VmmuSide::new(
-            layout,
-            common.mmu,
-            !common.no_eager_split,
-        )?));
+        sides.push(Box::new(side::VmmuSide::new(layout, common)?));
     }
     if common.target != Target::Vmmu {
         match open_kvm(layout, list_entries, out) {

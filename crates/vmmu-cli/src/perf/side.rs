@@ -14,9 +14,12 @@ use std::time::{Duration, Instant};
 
 use vmmu::host::{Backing, SimHostMemory};
 use vmmu::types::{AccessKind, Gpa, Hva};
-use vmmu::{DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, TdpIteration, Vcpu, Vm, VmConfig};
+use vmmu::{
+    Algorithms, DirtyLogConfig, MemoryRegion, MemslotFlags, MmuKind, RmapIteration, TdpIteration,
+    Vcpu, Vm, VmConfig,
+};
 
-use super::{BackingArg, MmuArg, PerfError};
+use super::{BackingArg, CommonArgs, MmuArg, PerfError, RmapIterArg};
 
 /// Guest-physical address of the test memory on both sides.
 pub const DATA_GPA: u64 = 4 << 30;
@@ -149,6 +152,8 @@ pub struct VmmuSide {
     layout: Layout,
     mmu: MmuArg,
     eager_split: bool,
+    /// Seed 000's predecessor: reverse maps scanned from the head at every step.
+    restart_scan: bool,
 }
 
 impl VmmuSide {
@@ -165,7 +170,9 @@ impl VmmuSide {
     }
 
     /// Build the VM, its memslots and vCPUs.
-    pub fn new(layout: &Layout, mmu: MmuArg, eager_split: bool) -> Result<Self, PerfError> {
+    pub fn new(layout: &Layout, common: &CommonArgs) -> Result<Self, PerfError> {
+        let (mmu, eager_split) = (common.mmu, !common.no_eager_split);
+        let restart_scan = common.rmap_iteration == Some(RmapIterArg::RestartScan);
         let kind = match mmu {
             MmuArg::Shadow => MmuKind::ShadowDirect,
             MmuArg::TdpScan => MmuKind::Tdp(TdpIteration::ScanAll),
@@ -176,6 +183,14 @@ impl VmmuSide {
             mmu: kind,
             max_vcpus: layout.vcpus.max(1),
             eager_split,
+            algorithms: Algorithms {
+                rmap_iteration: if restart_scan {
+                    RmapIteration::RestartScan
+                } else {
+                    RmapIteration::Iterator
+                },
+                ..Algorithms::default()
+            },
             dirty_log: DirtyLogConfig {
                 manual_protect: layout.manual_protect,
                 initially_all_set: layout.manual_protect && layout.initially_set,
@@ -221,6 +236,7 @@ impl VmmuSide {
             layout: *layout,
             mmu,
             eager_split,
+            restart_scan,
         })
     }
 
@@ -316,7 +332,12 @@ impl Side for VmmuSide {
         } else {
             "-no-eager-split"
         };
-        format!("vmmu-{}{eager}", self.mmu.name())
+        let rmap = if self.restart_scan && self.mmu == MmuArg::Shadow {
+            "-restart-scan"
+        } else {
+            ""
+        };
+        format!("vmmu-{}{eager}{rmap}", self.mmu.name())
     }
 
     fn run(&mut self, lists: &[Vec<u64>]) -> Result<Duration, PerfError> {
