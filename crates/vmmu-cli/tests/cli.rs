@@ -408,3 +408,37 @@ fn perf_prints_the_selftest_lines_and_usage_errors_exit_2() {
         assert!(err.contains("error:") && err.len() > 30, "{args:?}: {err}");
     }
 }
+
+/// `vmmu perf memslot` on vmmu: the selftest's lines for a move and the RW test (one
+/// second each), and its usage errors exit 2.
+#[test]
+fn perf_memslot_prints_the_selftest_lines() {
+    let out = vmmu(&[
+        "perf", "memslot", "--target", "vmmu", "-l", "1", "-f", "4", "-e", "5", "-s", "8",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = stdout(&out);
+    for line in [
+        "Testing move inactive area performance with 1 runs, 1 seconds each",
+        "Testing RW performance with 1 runs, 1 seconds each",
+        "[vmmu-tdp-used] Test took ",
+        " for slot setup + ",
+        "[vmmu-tdp-used] Done ",
+        "[vmmu-tdp-used] Best runtime result was ",
+        "Best slot setup time for the whole test area",
+    ] {
+        assert!(text.contains(line), "{line:?} missing:\n{text}");
+    }
+    for args in [
+        &["perf", "memslot", "-s", "3"][..],
+        &["perf", "memslot", "-s", "1024"],
+        &["perf", "memslot", "-f", "5", "-e", "1"],
+        &["perf", "memslot", "-l", "0"],
+    ] {
+        assert_eq!(vmmu(args).status.code(), Some(2), "{args:?}");
+    }
+}

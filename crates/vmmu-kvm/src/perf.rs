@@ -382,6 +382,44 @@ impl KvmOps {
         Ok(())
     }
 
+    /// Guest-physical address of data slot `i` now.
+    pub fn slot_gpa(&self, i: usize) -> u64 {
+        self.data[i].1
+    }
+
+    /// Drop the host memory behind `[gpa, gpa + size)` of the data slots, `chunk` bytes a
+    /// call, with `madvise(MADV_DONTNEED)`: the host's MMU notifier makes KVM zap the
+    /// SPTEs, and the next guest access faults a fresh zeroed page in (host and KVM).
+    pub fn discard(&self, gpa: u64, size: u64, chunk: u64) -> Result<(), Error> {
+        let chunk = chunk.max(PAGE);
+        for &(addr, base) in &self.data {
+            let lo = gpa.max(base);
+            let hi = (gpa + size).min(base + self.slot_bytes);
+            let mut at = lo;
+            while at < hi {
+                let len = chunk.min(hi - at);
+                // SAFETY: inside one of this VM's own anonymous mappings (the slot at
+                // `base`, `slot_bytes` long, mapped at `addr`); no Rust reference into the
+                // test memory exists, and discarding anonymous memory only zeroes it.
+                let ret = unsafe {
+                    libc::madvise(
+                        (addr + (at - base)) as *mut libc::c_void,
+                        len as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if ret != 0 {
+                    return Err(Error::Kvm {
+                        what: "madvise(MADV_DONTNEED)",
+                        err: io::Error::last_os_error(),
+                    });
+                }
+                at += len;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the host offers `KVM_PRE_FAULT_MEMORY` on this VM.
     pub fn has_pre_fault(&self) -> bool {
         self.pre_fault

@@ -406,4 +406,20 @@ pub mod perf {
         /// Phase `reading_idle`.
         pub const READING_IDLE: &str = "reading_idle";
     }
+    /// `vmmu perf memslot`'s tests (best time per iteration) and its slot setup.
+    pub mod memslot {
+        /// The scenario.
+        pub const NAME: &str = "perf-memslot";
+        /// Each test's metric, in the selftest's order.
+        pub const METRICS: [&str; 6] = [
+            "map",
+            "unmap",
+            "unmap_chunked",
+            "move_active_area",
+            "move_inactive_area",
+            "rw",
+        ];
+        /// The best slot setup time over the tests.
+        pub const SLOT_SETUP: &str = "slot_setup";
+    }
 }

@@ -5,6 +5,7 @@
 //! - `pre-fault` ([`pre_fault`]): `pre_fault_memory_test`'s workload
 //! - `page-table` ([`page_table`]): `kvm_page_table_test`
 //! - `access-tracking` ([`access_tracking`]): `access_tracking_perf_test`
+//! - `memslot` ([`memslot`]): `memslot_perf_test`
 //!
 //! Each test builds both sides ([`side`]: vmmu on simulated host memory, the host's KVM
 //! through `vmmu_kvm::perf`), lays the test memory out as the selftests' `memstress`
@@ -23,6 +24,7 @@
 pub mod access;
 pub mod access_tracking;
 pub mod dirty_log;
+pub mod memslot;
 pub mod output;
 pub mod page_table;
 pub mod pre_fault;
@@ -53,6 +55,9 @@ enum PerfTest {
     /// access_tracking_perf_test: populate, write/read populated memory, mark memory
     /// idle (aging through the MMU-notifier ops), write/read idle memory.
     AccessTracking(access_tracking::AccessTrackingArgs),
+    /// memslot_perf_test: map, unmap, unmap chunked, move active area, move inactive
+    /// area, RW, each for `-l` seconds, the best of `-r` runs.
+    Memslot(memslot::MemslotArgs),
 }
 
 /// Which sides a test runs on.
@@ -223,6 +228,7 @@ pub fn run(args: &PerfArgs) -> Result<(), Box<dyn std::error::Error>> {
         PerfTest::PreFault(a) => pre_fault::run(a),
         PerfTest::PageTable(a) => page_table::run(a),
         PerfTest::AccessTracking(a) => access_tracking::run(a),
+        PerfTest::Memslot(a) => memslot::run(a),
     };
     match r {
         Err(PerfError::Usage(msg)) => {

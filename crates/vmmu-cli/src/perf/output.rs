@@ -99,7 +99,9 @@ impl Out {
         for (side, d, delta) in results {
             if !self.json {
                 println!("[{side}] {text} time: {}", timespec(*d));
-                println!("{}", counters_line(side.len() + 3, delta));
+                if *delta != Delta::default() {
+                    println!("{}", counters_line(side.len() + 3, delta));
+                }
             }
             self.record(side, metric, &params, d.as_secs_f64(), "s");
             for (name, v) in [

@@ -138,6 +138,21 @@ pub trait Side {
     fn mark_idle(&mut self, ranges: &[(u64, u64)]) -> Result<Duration, PerfError>;
     /// Pages of `[gpa, gpa + size)` still idle (no young SPTE: `test_age_hva_range`).
     fn idle_pages(&self, gpa: u64, size: u64) -> Result<u64, PerfError>;
+    /// The host drops the guest memory `[gpa, gpa + size)`, `chunk` bytes a call (KVM:
+    /// `madvise(MADV_DONTNEED)`, which reaches KVM through the MMU notifier; vmmu: the
+    /// notifier's `unmap_hva_range`); the time of all the calls.
+    fn discard(&mut self, gpa: u64, size: u64, chunk: u64) -> Result<Duration, PerfError>;
+    /// While the vCPUs rerun their last lists, move data slot `i` to `to` and back (a
+    /// delete and a create each way) until `budget` has passed; `(moves there and back,
+    /// their time)`. With `active`, the lists touch the slot: its accesses exit to MMIO
+    /// while it is away, and the vCPUs go on.
+    fn move_slot_while_running(
+        &mut self,
+        i: usize,
+        to: u64,
+        budget: Duration,
+        active: bool,
+    ) -> Result<(u64, Duration), PerfError>;
 }
 
 /// The vmmu VM type of `vmmu perf`.
@@ -154,6 +169,8 @@ pub struct VmmuSide {
     eager_split: bool,
     /// Seed 000's predecessor: reverse maps scanned from the head at every step.
     restart_scan: bool,
+    /// The vCPUs go on past MMIO exits (a slot they access is being moved).
+    tolerate_mmio: bool,
 }
 
 impl VmmuSide {
@@ -237,6 +254,7 @@ impl VmmuSide {
             mmu,
             eager_split,
             restart_scan,
+            tolerate_mmio: false,
         })
     }
 
@@ -254,6 +272,7 @@ impl VmmuSide {
         let stop = AtomicBool::new(false);
         let vm = &self.vm;
         let regions = &mut self.regions;
+        let tolerate = self.tolerate_mmio;
         std::thread::scope(|s| {
             let workers: Vec<_> = self
                 .vcpus
@@ -264,11 +283,11 @@ impl VmmuSide {
                     s.spawn(move || -> Result<(), String> {
                         start_line.wait();
                         start_line.wait();
-                        let first = run_list(vm, vcpu, list);
+                        let first = run_list(vm, vcpu, list, tolerate);
                         first_done.wait();
                         first?;
                         while repeat && !stop.load(Ordering::Relaxed) {
-                            run_list(vm, vcpu, list)?;
+                            run_list(vm, vcpu, list, tolerate)?;
                         }
                         Ok(())
                     })
@@ -299,15 +318,20 @@ impl VmmuSide {
 }
 
 /// One vCPU's run through vmmu's CPU model.
-fn run_list(vm: &SimVm, vcpu: &mut Vcpu, list: &[u64]) -> Result<(), String> {
+/// With `tolerate_mmio`, an access that exits to MMIO (its slot is away) is skipped, as
+/// a VMM would complete it and resume the guest.
+fn run_list(vm: &SimVm, vcpu: &mut Vcpu, list: &[u64], tolerate_mmio: bool) -> Result<(), String> {
     for &e in list {
         let kind = if e & WRITE != 0 {
             AccessKind::Write
         } else {
             AccessKind::Read
         };
-        vm.access(vcpu, Gpa(e & !WRITE), kind)
-            .map_err(|exit| format!("guest access at {:#x}: {exit}", e & !WRITE))?;
+        match vm.access(vcpu, Gpa(e & !WRITE), kind) {
+            Ok(_) => {}
+            Err(vmmu::Exit::Mmio { .. }) if tolerate_mmio => {}
+            Err(exit) => return Err(format!("guest access at {:#x}: {exit}", e & !WRITE)),
+        }
     }
     Ok(())
 }
@@ -422,6 +446,54 @@ impl Side for VmmuSide {
             }
         }
         Ok(idle)
+    }
+
+    fn discard(&mut self, gpa: u64, size: u64, chunk: u64) -> Result<Duration, PerfError> {
+        let ranges = self.hva_ranges(gpa, size);
+        let start = Instant::now();
+        for (hva, len) in ranges {
+            for at in (hva..hva + len).step_by(chunk as usize) {
+                let end = (at + chunk).min(hva + len);
+                self.vm
+                    .unmap_hva_range(Hva(at), Hva(end))
+                    .map_err(|e| PerfError::side("vmmu", format!("unmap_hva_range: {e}")))?;
+            }
+        }
+        Ok(start.elapsed())
+    }
+
+    fn move_slot_while_running(
+        &mut self,
+        i: usize,
+        to: u64,
+        budget: Duration,
+        active: bool,
+    ) -> Result<(u64, Duration), PerfError> {
+        self.tolerate_mmio = active;
+        let r = self.run_during(true, |vm, regions| -> Result<(u64, Duration), String> {
+            let home = regions[i];
+            let away = MemoryRegion {
+                guest_phys_addr: to,
+                ..home
+            };
+            let deleted = |r: MemoryRegion| MemoryRegion {
+                memory_size: 0,
+                ..r
+            };
+            let start = Instant::now();
+            let mut n = 0;
+            while start.elapsed() < budget {
+                for (from, dest) in [(home, away), (away, home)] {
+                    vm.set_user_memory_region(deleted(from))
+                        .and_then(|()| vm.set_user_memory_region(dest))
+                        .map_err(|e| format!("set_user_memory_region (move): {e}"))?;
+                }
+                n += 1;
+            }
+            Ok((n, start.elapsed()))
+        });
+        self.tolerate_mmio = false;
+        r?.1.map_err(|e| PerfError::side("vmmu", e))
     }
 
     fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
@@ -579,6 +651,46 @@ impl Side for KvmSide {
 
     fn idle_pages(&self, _: u64, _: u64) -> Result<u64, PerfError> {
         Err(PerfError::Unsupported(idle_tracking_why()))
+    }
+
+    fn discard(&mut self, gpa: u64, size: u64, chunk: u64) -> Result<Duration, PerfError> {
+        let start = Instant::now();
+        self.vm
+            .ops()
+            .discard(gpa, size, chunk)
+            .map_err(PerfError::kvm)?;
+        Ok(start.elapsed())
+    }
+
+    fn move_slot_while_running(
+        &mut self,
+        i: usize,
+        to: u64,
+        budget: Duration,
+        active: bool,
+    ) -> Result<(u64, Duration), PerfError> {
+        if active {
+            return Err(PerfError::Unsupported(
+                "moving the slot the guest accesses makes its accesses exit to MMIO, which \
+                 this guest's loop does not handle"
+                    .into(),
+            ));
+        }
+        let (_, r) = self
+            .vm
+            .run_all_during(|ops| -> Result<(u64, Duration), vmmu_kvm::Error> {
+                let home = ops.slot_gpa(i);
+                let start = Instant::now();
+                let mut n = 0;
+                while start.elapsed() < budget {
+                    ops.move_slot(i, to)?;
+                    ops.move_slot(i, home)?;
+                    n += 1;
+                }
+                Ok((n, start.elapsed()))
+            })
+            .map_err(PerfError::kvm)?;
+        r.map_err(PerfError::kvm)
     }
 
     fn pre_fault(&mut self, ranges: &[Option<(u64, u64)>]) -> Result<Duration, PerfError> {
