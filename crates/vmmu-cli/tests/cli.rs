@@ -47,6 +47,7 @@ fn list_prints_the_public_scenarios() {
                 "perf-pre-fault",
                 "perf-page-table",
                 "perf-access-tracking",
+                "perf-memslot",
                 "floor",
                 "scale"
             ]

@@ -65,6 +65,7 @@ pub const SCENARIOS: &[Scenario] = &[
     perf_tests::PRE_FAULT,
     perf_tests::PAGE_TABLE,
     perf_tests::ACCESS_TRACKING,
+    perf_tests::MEMSLOT,
     floor::SCENARIO,
     scale::SCENARIO,
 ];

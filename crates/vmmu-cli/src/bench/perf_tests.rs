@@ -14,6 +14,7 @@ use super::names::perf as names;
 use super::{BenchConfig, BenchError, Sample, Scenario};
 use crate::perf::access_tracking::AccessTrackingArgs;
 use crate::perf::dirty_log::DirtyLogArgs;
+use crate::perf::memslot::MemslotArgs;
 use crate::perf::output::Out;
 use crate::perf::page_table::PageTableArgs;
 use crate::perf::pre_fault::PreFaultArgs;
@@ -39,6 +40,14 @@ pub const ACCESS_TRACKING: Scenario = Scenario {
     name: names::access_tracking::NAME,
     about: "access_tracking_perf_test's phases (aging through age_hva_range), 1 and 2 vCPU threads, vmmu's TDP MMU",
     run: access_tracking,
+};
+
+/// Registry entry: `perf-memslot`.
+pub const MEMSLOT: Scenario = Scenario {
+    name: names::memslot::NAME,
+    about:
+        "memslot_perf_test's six tests on vmmu's TDP MMU, 32 slots over half the slot, 100 ms each",
+    run: memslot,
 };
 
 /// Registry entry: `perf-page-table`.
@@ -158,6 +167,25 @@ fn access_tracking(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
     Ok(samples)
 }
 
+fn memslot(config: &BenchConfig) -> Result<Vec<Sample>, BenchError> {
+    let args = MemslotArgs {
+        slots: 32,
+        seconds: 1,
+        runs: 1,
+        first: 0,
+        last: 5,
+        common: COMMON,
+    };
+    let mut params = args.params();
+    params.remove("l");
+    params.insert("budget_ms".into(), serde_json::json!(100));
+    let mut out = Out::quiet(names::memslot::NAME, params);
+    let layout = args.layout_of(config.mem_bytes() / 2);
+    let budget = std::time::Duration::from_millis(100);
+    crate::perf::memslot::run_with(&args, &layout, budget, &mut out).map_err(err)?;
+    Ok(out.samples())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -192,6 +220,10 @@ mod tests {
             assert!(find(&s, "mark_idle", v) > 0.0);
             // Aging unmaps nothing: the idle writes take no fault.
             assert_eq!(find(&s, "writing_idle_faults", v), 0.0);
+        }
+        let s = memslot(&config).unwrap();
+        for m in names::memslot::METRICS {
+            assert!(s.iter().any(|x| x.metric == m && x.value > 0.0), "{m}");
         }
         let s = page_table(&config).unwrap();
         for v in [1, 2] {

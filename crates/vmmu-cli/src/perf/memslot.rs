@@ -91,9 +91,14 @@ fn parse_slots(s: &str) -> Result<u32, String> {
 impl MemslotArgs {
     /// The layout both sides build.
     pub fn layout(&self) -> Layout {
+        self.layout_of(MEM_BYTES)
+    }
+
+    /// The layout with `bytes` of test memory instead of the selftest's 512 MiB.
+    pub fn layout_of(&self, bytes: u64) -> Layout {
         Layout {
             vcpus: 1,
-            bytes_per_vcpu: MEM_BYTES,
+            bytes_per_vcpu: bytes,
             slots: self.slots,
             backing: BackingArg::Anonymous,
             manual_protect: false,
@@ -123,7 +128,8 @@ pub fn run(args: &MemslotArgs) -> Result<(), PerfError> {
     let layout = args.layout();
     check_memory(&layout, args.common.target, super::mem_available())?;
     let mut out = Out::new(names::NAME, args.common.json, args.params());
-    run_with(args, &layout, &mut out)?;
+    let budget = Duration::from_secs(u64::from(args.seconds));
+    run_with(args, &layout, budget, &mut out)?;
     out.finish()
         .map_err(|e| PerfError::side("output", e.to_string()))
 }
@@ -173,9 +179,14 @@ fn iterate(
     }
 }
 
-/// The test on the sides `args` asks for, printed into `out`.
-pub fn run_with(args: &MemslotArgs, layout: &Layout, out: &mut Out) -> Result<(), PerfError> {
-    let budget = Duration::from_secs(u64::from(args.seconds));
+/// The test on the sides `args` asks for, each test running for `budget` (`-l`, or less
+/// for a bench scenario), printed into `out`.
+pub fn run_with(
+    args: &MemslotArgs,
+    layout: &Layout,
+    budget: Duration,
+    out: &mut Out,
+) -> Result<(), PerfError> {
     let targets: Vec<Target> = match args.common.target {
         Target::Both => vec![Target::Vmmu, Target::Kvm],
         t => vec![t],

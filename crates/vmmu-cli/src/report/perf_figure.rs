@@ -8,7 +8,7 @@ use super::figures::Figure;
 use super::plots::{self, BarChart, Bars, Look};
 use super::query;
 use crate::bench::names::perf::{
-    access_tracking as at, dirty_log as dl, page_table as pt, pre_fault as pf,
+    access_tracking as at, dirty_log as dl, memslot as ms, page_table as pt, pre_fault as pf,
 };
 use crate::bench::Record;
 
@@ -65,9 +65,10 @@ pub fn perf(rs: &[Record]) -> Figure {
             (pf::NAME, None),
             (pt::NAME, None),
             (at::NAME, None),
+            (ms::NAME, None),
         ],
         heading: "The KVM selftests' MMU workloads — dirty_log_perf_test, pre_fault_memory_test, \
-                  kvm_page_table_test, access_tracking_perf_test"
+                  kvm_page_table_test, access_tracking_perf_test, memslot_perf_test"
             .into(),
         svg,
         reading: "vmmu perf runs the selftests' workloads with their flags and lines; these \
@@ -110,6 +111,6 @@ mod tests {
             svg.contains("2 vCPU threads") && svg.contains("dirty memory 2"),
             "{svg}"
         );
-        assert_eq!(fig.tables.len(), 4);
+        assert_eq!(fig.tables.len(), 5);
     }
 }
