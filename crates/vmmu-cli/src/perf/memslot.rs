@@ -9,7 +9,8 @@
 //!
 //! - 0 `map`: the host drops all the test memory (`MADV_DONTNEED` on KVM, the notifier's
 //!   `unmap_hva_range` on vmmu), then the guest writes every page, faulting it back;
-//! - 1 `unmap`: the guest writes every page, then the host drops it all in one call;
+//! - 1 `unmap`: the guest writes every page, then the host drops it all in one call (an
+//!   iteration is both);
 //! - 2 `unmap chunked`: the same, dropped 2 MiB a call;
 //! - 3 `move active area`: the host moves the last slot away and back while the guest
 //!   keeps writing all of the memory (its writes to the slot exit to MMIO while it is
@@ -160,9 +161,9 @@ fn iterate(
             Ok((1, d + side.run(&writes(layout, false))?))
         }
         1 | 2 => {
-            side.run(&writes(layout, false))?;
+            let w = side.run(&writes(layout, false))?;
             let chunk = if t == 1 { all.1 } else { 2 << 20 };
-            Ok((1, side.discard(all.0, all.1, chunk)?))
+            Ok((1, w + side.discard(all.0, all.1, chunk)?))
         }
         3 | 4 => {
             side.run(&writes(layout, t == 4))?;
