@@ -195,8 +195,8 @@ mod tests {
     #[test]
     fn every_perf_scenario_reports_its_phases() {
         let config = BenchConfig {
-            mem_gib: 1,
             quick: true,
+            ..BenchConfig::new(1)
         };
         let s = dirty_log(&config).unwrap();
         let find = |s: &[Sample], m: &str, v: u32| {
