@@ -8,6 +8,10 @@
 //! transparent huge pages (THP) and 1 GiB hugetlb pages, and the host events the MMU must
 //! follow: munmap, page migration (a fresh pfn), THP splits and mprotect.
 //!
+//! With `std` on Linux, [`RealHostMemory`] (in `real.rs`) backs guest RAM with real
+//! anonymous memory of this process, whose bytes guest accesses move
+//! (`Vm::write_bytes`, in `vm/data.rs`).
+//!
 //! This file holds what every backend shares: the trait and its answer, [`HostPage`].
 //!
 //! # Invariants
@@ -25,7 +29,11 @@
 
 use crate::types::{Hva, Level, Pfn};
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod real;
 mod sim;
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use real::{RealBacking, RealHostError, RealHostMemory};
 pub use sim::{
     Backing, HostError, SimHostMemory, SIM_HVA_BASE, SIM_HVA_LIMIT, SIM_PFN_BASE, SIM_PFN_LIMIT,
 };

@@ -6,7 +6,8 @@
 //! (GET/CLEAR, rings), `notifier.rs` (MMU-notifier operations), `prefault.rs`
 //! (KVM_PRE_FAULT_MEMORY), `paging.rs` (the
 //! shadow-paging API), `vcpu.rs` (vCPUs, the remote flush, root reload) and `lock.rs`
-//! (the MMU lock, the TDP fault gate, their timing).
+//! (the MMU lock, the TDP fault gate, their timing); with `std` on Linux, `data.rs` (guest
+//! accesses that move real bytes through `RealHostMemory`).
 //!
 //! # Locking
 //! `state` is KVM's `mmu_lock` (with `slots_lock` folded in): memslot updates, faults and
@@ -33,6 +34,8 @@ use crate::sync::RwLock;
 use crate::table::{HeapTableAllocator, TableAllocator};
 use crate::types::{ErrorCode, Gpa, Gva, Level};
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+mod data;
 mod dirty_log;
 mod fault;
 mod lock;
@@ -45,6 +48,8 @@ mod track;
 mod vcpu;
 mod zap;
 
+#[cfg(all(feature = "std", target_os = "linux"))]
+pub use data::DataError;
 pub use dirty_log::{DirtyRange, DirtyRingView, HarvestReport};
 pub use fault::LOCKLESS_RETRIES;
 pub use prefault::PreFault;
