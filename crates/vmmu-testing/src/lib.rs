@@ -24,6 +24,9 @@
 //!   oracle of the shadow-paging tests (translation, #PF error code, A/D updates).
 //! - [`failing_alloc`]: a table allocator told to fail from its Nth allocation on, for
 //!   the allocation-failure atomicity tests.
+//! - `migrate` (Linux): live migration end to end on real memory (`RealHostMemory`):
+//!   vCPU threads writing a workload, pre-copy rounds by dirty-log mode, stop-and-copy,
+//!   the destination compared byte for byte; workloads and replayable traces.
 //! - [`soak`]: vCPU threads, a harvester, a notifier thread and a memslot thread on one VM
 //!   for a bounded time, with the audit and the model's checks at quiescent points.
 //!
@@ -36,6 +39,8 @@
 pub mod failing_alloc;
 pub mod guest_os;
 pub mod interp;
+#[cfg(target_os = "linux")]
+pub mod migrate;
 pub mod model;
 pub mod op;
 pub mod reference_walk;

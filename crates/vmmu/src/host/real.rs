@@ -539,15 +539,18 @@ impl RealHostMemory {
         unsafe { &*(self.base.as_ptr().add(off as usize) as *const AtomicU8) }
     }
 
-    /// The atomic word at offset `off` (8-aligned).
-    fn word(&self, off: u64) -> &AtomicU64 {
+    /// The atomic words `[off, off + 8 * n)` (8-aligned, inside the mapping: checked).
+    fn words(&self, off: u64, n: usize) -> &[AtomicU64] {
         assert!(
-            off.is_multiple_of(8) && off + 8 <= self.len,
-            "word offset {off:#x} unaligned or outside the mapping"
+            off.is_multiple_of(8) && off.checked_add(8 * n as u64).is_some_and(|e| e <= self.len),
+            "words at {off:#x} unaligned or outside the mapping"
         );
-        // SAFETY: as `byte`; the mapping is page-aligned, so an 8-aligned offset gives an
-        // 8-aligned address, AtomicU64's alignment.
-        unsafe { &*(self.base.as_ptr().add(off as usize) as *const AtomicU64) }
+        // SAFETY: the range is inside the mapping, which lives as long as `self`; every
+        // Rust access to these bytes is atomic (module invariants); the mapping is
+        // page-aligned, so an 8-aligned offset is AtomicU64-aligned.
+        unsafe {
+            core::slice::from_raw_parts(self.base.as_ptr().add(off as usize) as *const AtomicU64, n)
+        }
     }
 
     /// Write `data` at byte offset `off` of the mapping (bounds-checked: panics outside).
@@ -555,9 +558,14 @@ impl RealHostMemory {
         assert!(off
             .checked_add(data.len() as u64)
             .is_some_and(|e| e <= self.len));
-        if off.is_multiple_of(8) && data.len() == 8 {
-            let v = u64::from_ne_bytes(data.try_into().expect("8 bytes"));
-            self.word(off).store(v, Ordering::Relaxed);
+        if off.is_multiple_of(8) && data.len().is_multiple_of(8) {
+            let words = self.words(off, data.len() / 8);
+            for (w, c) in words.iter().zip(data.chunks_exact(8)) {
+                w.store(
+                    u64::from_ne_bytes(c.try_into().expect("8 bytes")),
+                    Ordering::Relaxed,
+                );
+            }
             return;
         }
         for (k, &b) in data.iter().enumerate() {
@@ -571,9 +579,9 @@ impl RealHostMemory {
             .checked_add(buf.len() as u64)
             .is_some_and(|e| e <= self.len));
         if off.is_multiple_of(8) && buf.len().is_multiple_of(8) {
-            for (k, c) in buf.chunks_exact_mut(8).enumerate() {
-                let v = self.word(off + 8 * k as u64).load(Ordering::Relaxed);
-                c.copy_from_slice(&v.to_ne_bytes());
+            let words = self.words(off, buf.len() / 8);
+            for (w, c) in words.iter().zip(buf.chunks_exact_mut(8)) {
+                c.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
             }
             return;
         }
