@@ -7,6 +7,8 @@
 
 mod bench;
 mod kvm;
+#[cfg(target_os = "linux")]
+mod migrate;
 mod perf;
 mod report;
 mod soak;
@@ -39,6 +41,10 @@ enum Command {
     /// Every scenario, the floor and KVM in one run: writes index.html, report.md and
     /// results.json, and prints the seeds' claims against the measurements.
     Report(report::ReportArgs),
+    /// Live migration end to end on real memory: pre-copy rounds by dirty-log mode over
+    /// a modelled link, stop-and-copy, the destination compared byte for byte.
+    #[cfg(target_os = "linux")]
+    Migrate(migrate::MigrateArgs),
     /// Concurrent soak: vCPU, harvester, notifier and memslot threads for a bounded time,
     /// with the audit and the reference model's checks at quiescent points.
     Soak(soak::SoakArgs),
@@ -157,6 +163,8 @@ fn main() -> ExitCode {
         Command::Perf(args) => perf::run(&args),
         Command::Report(args) => report::run(&args),
         Command::Soak(args) => soak::run(&args),
+        #[cfg(target_os = "linux")]
+        Command::Migrate(args) => migrate::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

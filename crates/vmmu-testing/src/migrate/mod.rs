@@ -548,6 +548,10 @@ fn run_rounds(
 ) -> Result<MigrateReport, String> {
     let npages = src.npages;
     let mut dest = vec![0u8; (npages * PAGE) as usize];
+    // Fault the destination in before the clock (every page is written in round 0).
+    for b in dest.iter_mut().step_by(PAGE as usize) {
+        *b = 0xff;
+    }
     let mut report = MigrateReport::default();
     let mut rng = Rng::new(cfg.seed ^ 0x5eed);
     let stop_and_join = |threads: Vec<std::thread::JoinHandle<Result<(), String>>>| {
