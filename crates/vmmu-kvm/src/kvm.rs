@@ -316,6 +316,8 @@ pub struct KvmGuest {
     data: Option<HostMapping>,
     layout: Layout,
     config: SlotConfig,
+    /// The byte the guest's loops store (`al`).
+    store_value: u8,
 }
 
 impl KvmGuest {
@@ -410,6 +412,7 @@ impl KvmGuest {
             data: Some(data),
             layout,
             config: *config,
+            store_value: 0x5a,
         })
     }
 
@@ -420,7 +423,7 @@ impl KvmGuest {
             rdi,
             rsi,
             rdx,
-            rax: 0x5a,
+            rax: self.store_value as u64,
             // Bit 1 is always set; IOPL = 3 so `out` is allowed at CPL 3; IF = 0.
             rflags: 0x2 | 3 << 12,
             ..Default::default()
@@ -638,6 +641,14 @@ impl Peer for KvmGuest {
     /// Bytes of the data slot's host memory backed by THP (see [`HostMapping::huge_bytes`]).
     fn host_huge_bytes(&self) -> Option<u64> {
         self.data.as_ref().and_then(HostMapping::huge_bytes)
+    }
+
+    fn set_store_value(&mut self, value: u8) {
+        self.store_value = value;
+    }
+
+    fn data_bytes(&mut self) -> Option<&mut [u8]> {
+        self.data.as_mut().map(HostMapping::as_mut_slice)
     }
 
     fn set_dirty_logging(&mut self, on: bool) -> Result<Duration, Error> {

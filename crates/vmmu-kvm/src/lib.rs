@@ -24,6 +24,8 @@
 //! - [`perf`] (x86-64 Linux only): `vmmu perf`'s KVM side, several vCPUs of the CPL-3
 //!   guest on their own threads, laid out as the KVM selftests' `memstress`
 //! - [`stats`] (x86-64 Linux only): KVM's binary statistics (`KVM_GET_STATS_FD`)
+//! - [`migrate`]: pre-copy migration rounds on a peer, the KVM peer's guest memory copied
+//!   and compared byte for byte
 #![warn(missing_docs)]
 
 pub mod compare;
@@ -31,6 +33,7 @@ pub mod conformance;
 pub mod image;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod kvm;
+pub mod migrate;
 pub mod model;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 pub mod perf;
@@ -186,6 +189,14 @@ pub trait Peer {
     /// Bytes of the data slot's host memory really backed by huge pages, where the peer
     /// can tell (a real host may not give THP when asked).
     fn host_huge_bytes(&self) -> Option<u64> {
+        None
+    }
+    /// The byte value the guest's stores write from now on (so a migration's rounds
+    /// change contents). A peer without guest bytes ignores it.
+    fn set_store_value(&mut self, _value: u8) {}
+    /// The data slot's guest memory as bytes, where the peer has real ones (the KVM
+    /// peer); `None` for a peer whose host memory is simulated.
+    fn data_bytes(&mut self) -> Option<&mut [u8]> {
         None
     }
 }
