@@ -91,9 +91,25 @@ pub struct MigrateArgs {
     /// First seed.
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Where to migrate: `vmmu` (vCPU threads on real memory, concurrent rounds), `kvm`
+    /// (the host's KVM guest on real memory, and the same rounds on vmmu's peer for the
+    /// MMU time ratio; rounds alternate with the single vCPU), or `both`.
+    #[arg(long, value_enum, default_value_t = TargetArg::Vmmu)]
+    target: TargetArg,
     /// Print bench records (JSON lines) on stdout, and nothing else.
     #[arg(long)]
     json: bool,
+}
+
+/// Where the migration runs.
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum TargetArg {
+    /// vmmu on real memory.
+    Vmmu,
+    /// The host's KVM (and vmmu's peer, same rounds).
+    Kvm,
+    /// Both.
+    Both,
 }
 
 /// The MMU(s) to run.
@@ -244,7 +260,28 @@ pub fn run(args: &MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut records = Vec::new();
     let mut failures = 0u32;
     let mut total = 0u32;
-    for &(mmu_name, mmu) in &mmus {
+    if args.target != TargetArg::Vmmu {
+        #[cfg(feature = "kvm")]
+        kvm_target(
+            args,
+            &template,
+            &mmus,
+            &modes,
+            &varied,
+            &mut out,
+            &mut records,
+            &mut failures,
+            &mut total,
+        )?;
+        #[cfg(not(feature = "kvm"))]
+        return Err("--target kvm: vmmu was built without the `kvm` feature".into());
+    }
+    let vmmu_mmus = if args.target == TargetArg::Kvm {
+        &[][..]
+    } else {
+        &mmus[..]
+    };
+    for &(mmu_name, mmu) in vmmu_mmus {
         for &mode in &modes {
             let mut reports = Vec::new();
             for r in 0..args.runs {
@@ -434,4 +471,212 @@ fn summarize(
         out.push(rec("round_pages", "pages", vals, Some(("round", json!(k)))));
     }
     out
+}
+
+/// `--target kvm`: the rounds on the host's KVM (real memory, compared byte for byte)
+/// and on vmmu's peer with the same stores, for the MMU time ratio.
+#[cfg(feature = "kvm")]
+#[allow(clippy::too_many_arguments)]
+fn kvm_target(
+    args: &MigrateArgs,
+    t: &MigrateConfig,
+    mmus: &[(&str, MmuKind)],
+    modes: &[HarvestMode],
+    varied: &[Workload],
+    out: &mut impl Write,
+    records: &mut Vec<Record>,
+    failures: &mut u32,
+    total: &mut u32,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use std::time::Duration;
+    use vmmu_kvm::migrate::{migrate as peer_migrate, PeerMigration, Plan};
+    use vmmu_kvm::{DirtyLog, HostBacking, SlotConfig};
+    use vmmu_testing::migrate::Stream;
+
+    let backing = match t.backing {
+        RealBacking::Page4K => HostBacking::Page4K,
+        RealBacking::Thp => HostBacking::Thp,
+        RealBacking::HugeTlb2M => {
+            usage("--target kvm: the KVM guest has no hugetlb backing".into())
+        }
+    };
+    if t.bandwidth == 0 {
+        usage("--target kvm: --bandwidth must be > 0 (the rounds are modelled on it)".into());
+    }
+    vmmu_kvm::kvm_available()?;
+    let plan = Plan {
+        dirty_rate: t.dirty_rate,
+        bandwidth: t.bandwidth,
+        downtime: Duration::from_secs_f64(t.downtime_ms / 1e3),
+        max_rounds: t.max_rounds,
+    };
+    let npages = t.guest_bytes / 4096;
+    for &mode in modes {
+        let log = match mode {
+            HarvestMode::Get => DirtyLog::Get,
+            HarvestMode::GetClear => DirtyLog::GetClear,
+            HarvestMode::Ring => DirtyLog::Ring,
+        };
+        let slot = SlotConfig::new(t.guest_bytes, backing, log);
+        let mut kvm_runs: Vec<(MigrateConfig, PeerMigration)> = Vec::new();
+        let mut peer_runs: Vec<Vec<PeerMigration>> = vec![Vec::new(); mmus.len()];
+        for r in 0..args.runs {
+            let mut cfg = MigrateConfig {
+                mode,
+                seed: args.seed + r as u64,
+                vcpus: 1,
+                ..t.clone()
+            };
+            if args.vary {
+                cfg.workload = varied[r as usize % varied.len()].clone();
+            }
+            // The same stores on every peer: the stream's writes, round after round.
+            let pages = |cfg: &MigrateConfig| {
+                let mut stream = Stream::new(&cfg.workload, npages, 0, 1, cfg.seed);
+                move |_round: u32, n: u64| {
+                    let mut v = Vec::with_capacity(n as usize);
+                    let mut tries = 0;
+                    while (v.len() as u64) < n && tries < 4 * n + 16 {
+                        tries += 1;
+                        let (p, write) = stream.next_access();
+                        if write {
+                            v.push(p);
+                        }
+                    }
+                    v
+                }
+            };
+            let mut kvm = vmmu_kvm::open_kvm(&slot)?;
+            let k = peer_migrate(&mut *kvm, &plan, pages(&cfg))?;
+            drop(kvm);
+            *total += 1;
+            if k.differing_pages > 0 {
+                *failures += 1;
+            }
+            for (i, &(_, mmu)) in mmus.iter().enumerate() {
+                let vm_config = vmmu::VmConfig {
+                    mmu,
+                    ..vmmu::VmConfig::default()
+                };
+                let mut peer = vmmu_kvm::model::VmmuGuest::with_vm_config(&slot, vm_config)?;
+                let m = peer_migrate(&mut peer, &plan, pages(&cfg))?;
+                peer.vm()
+                    .audit()
+                    .map_err(|e| format!("vmmu peer audit: {e}"))?;
+                peer_runs[i].push(m);
+            }
+            if !args.json {
+                let verdict = match k.first_difference {
+                    None => "identical".to_string(),
+                    Some(p) => format!("DIFFERS: {} pages, first page {p}", k.differing_pages),
+                };
+                write!(
+                    out,
+                    "kvm {} {} {} MiB seed {}: {} rounds{}, pages per round {:?}, link {:.1} ms, \
+                     downtime {:.2} ms, KVM MMU {:.2} ms",
+                    mode.name(),
+                    cfg.workload.name(),
+                    t.guest_bytes >> 20,
+                    cfg.seed,
+                    k.pages_sent.len(),
+                    if k.converged { "" } else { " (round limit)" },
+                    k.pages_sent,
+                    k.link.as_secs_f64() * 1e3,
+                    k.downtime.as_secs_f64() * 1e3,
+                    k.mmu_time().as_secs_f64() * 1e3,
+                )?;
+                for (i, &(name, _)) in mmus.iter().enumerate() {
+                    let m = peer_runs[i].last().expect("pushed");
+                    write!(
+                        out,
+                        ", vmmu {name} {:.2} ms ({:.2}x){}",
+                        m.mmu_time().as_secs_f64() * 1e3,
+                        m.mmu_time().as_secs_f64() / k.mmu_time().as_secs_f64().max(1e-9),
+                        if m.pages_sent == k.pages_sent {
+                            ""
+                        } else {
+                            " PAGES DIFFER FROM KVM"
+                        }
+                    )?;
+                }
+                writeln!(out, ": {verdict}")?;
+            }
+            kvm_runs.push((cfg, k));
+        }
+        let mut params = Map::new();
+        params.insert("guest_mib".into(), json!(t.guest_bytes >> 20));
+        params.insert("backing".into(), json!(backing.name()));
+        params.insert("dirty_rate".into(), json!(t.dirty_rate));
+        params.insert("bandwidth_mibps".into(), json!(t.bandwidth >> 20));
+        params.insert("downtime_budget_ms".into(), json!(t.downtime_ms));
+        params.insert("max_rounds".into(), json!(t.max_rounds));
+        params.insert("runs".into(), json!(args.runs));
+        params.insert("protocol".into(), json!("alternating"));
+        let rec = |variant: String, metric: &str, unit: &str, vals: Vec<f64>| {
+            let (value, min) = median_min(vals);
+            Record {
+                scenario: "migrate".into(),
+                variant,
+                metric: metric.into(),
+                value,
+                min: Some(min),
+                unit: unit.into(),
+                params: params.clone(),
+                ruler: None,
+            }
+        };
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let of = |runs: &[PeerMigration], f: &dyn Fn(&PeerMigration) -> f64| -> Vec<f64> {
+            runs.iter().map(f).collect()
+        };
+        let ks: Vec<PeerMigration> = kvm_runs.iter().map(|(_, k)| k.clone()).collect();
+        let kv = format!("kvm/{}", mode.name());
+        records.push(rec(
+            kv.clone(),
+            "rounds",
+            "rounds",
+            of(&ks, &|k| k.pages_sent.len() as f64),
+        ));
+        records.push(rec(
+            kv.clone(),
+            "pages_sent",
+            "pages",
+            of(&ks, &|k| k.pages_sent.iter().sum::<u64>() as f64),
+        ));
+        records.push(rec(kv.clone(), "total", "ms", of(&ks, &|k| ms(k.link))));
+        records.push(rec(
+            kv.clone(),
+            "downtime",
+            "ms",
+            of(&ks, &|k| ms(k.downtime)),
+        ));
+        records.push(rec(
+            kv.clone(),
+            "mmu_time",
+            "ms",
+            of(&ks, &|k| ms(k.mmu_time())),
+        ));
+        records.push(rec(
+            kv,
+            "identical",
+            "fraction",
+            of(&ks, &|k| (k.differing_pages == 0) as u8 as f64),
+        ));
+        for (i, &(name, _)) in mmus.iter().enumerate() {
+            let v = format!("vmmu-peer/{name}/{}", mode.name());
+            records.push(rec(
+                v.clone(),
+                "mmu_time",
+                "ms",
+                of(&peer_runs[i], &|m| ms(m.mmu_time())),
+            ));
+            let ratios = peer_runs[i]
+                .iter()
+                .zip(&ks)
+                .map(|(m, k)| m.mmu_time().as_secs_f64() / k.mmu_time().as_secs_f64().max(1e-9))
+                .collect();
+            records.push(rec(v, "mmu_time_over_kvm", "ratio", ratios));
+        }
+    }
+    Ok(())
 }
