@@ -54,6 +54,10 @@ pub struct MigrateArgs {
     /// Trace workload: `valgrind --tool=lackey --trace-mem=yes` output to convert.
     #[arg(long, conflicts_with = "trace")]
     lackey: Option<std::path::PathBuf>,
+    /// Write the trace (`--trace`/`--lackey`) in the trace format to this file, thinned
+    /// to at most 30000 records (`Trace::thinned`), and migrate with that.
+    #[arg(long)]
+    save_trace: Option<std::path::PathBuf>,
     /// Guest accesses per second over all vCPUs (0: as fast as they run).
     #[arg(long, default_value_t = 1_000_000)]
     dirty_rate: u64,
@@ -183,7 +187,23 @@ pub fn run(args: &MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.workload == WorkloadArg::Trace && args.trace.is_none() && args.lackey.is_none() {
         usage("--workload trace needs --trace FILE or --lackey FILE".into());
     }
-    let trace = load_trace(args)?;
+    let mut trace = load_trace(args)?;
+    if let Some(path) = &args.save_trace {
+        let Some(t) = &trace else {
+            usage("--save-trace needs --trace FILE or --lackey FILE".into());
+        };
+        let thin = t.thinned(30_000);
+        let f = std::fs::File::create(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        thin.write_to(std::io::BufWriter::new(f))?;
+        eprintln!(
+            "vmmu migrate: {} records of {} saved to {} ({} pages written)",
+            thin.records.len(),
+            t.records.len(),
+            path.display(),
+            thin.pages_written()
+        );
+        trace = Some(Arc::new(thin));
+    }
     let modes: Vec<HarvestMode> = if args.mode.iter().any(|m| m == "all") {
         HarvestMode::ALL.to_vec()
     } else {

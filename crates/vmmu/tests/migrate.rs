@@ -95,6 +95,9 @@ fn check(cfg: &MigrateConfig, r: &MigrateReport) {
 
 #[test]
 fn destination_is_identical_in_every_mode_on_both_mmus() {
+    if vmmu_testing::skip_rerun("destination_is_identical_in_every_mode_on_both_mmus") {
+        return;
+    }
     let mut writes = 0;
     let mut rounds = 0;
     for mmu in mmus() {
@@ -117,6 +120,9 @@ fn destination_is_identical_in_every_mode_on_both_mmus() {
 
 #[test]
 fn host_discards_moves_and_splits_during_rounds_keep_it_identical() {
+    if vmmu_testing::skip_rerun("host_discards_moves_and_splits_during_rounds_keep_it_identical") {
+        return;
+    }
     for mmu in mmus() {
         for mode in HarvestMode::ALL {
             for backing in [RealBacking::Page4K, RealBacking::Thp] {
@@ -139,6 +145,9 @@ fn host_discards_moves_and_splits_during_rounds_keep_it_identical() {
 
 #[test]
 fn logging_toggled_mid_migration_keeps_it_identical() {
+    if vmmu_testing::skip_rerun("logging_toggled_mid_migration_keeps_it_identical") {
+        return;
+    }
     for mmu in mmus() {
         for mode in HarvestMode::ALL {
             let cfg = MigrateConfig {
@@ -153,6 +162,9 @@ fn logging_toggled_mid_migration_keeps_it_identical() {
 
 #[test]
 fn many_short_migrations_of_varied_workloads() {
+    if vmmu_testing::skip_rerun("many_short_migrations_of_varied_workloads") {
+        return;
+    }
     // Many migrations in little time: a tiny guest, a fast link, one or two rounds.
     let mut n = 0;
     for seed in 0..6u64 {
@@ -204,5 +216,44 @@ fn bad_configurations_are_refused() {
         },
     ] {
         assert!(migrate(&bad).is_err(), "{bad:?}");
+    }
+}
+
+/// The traces recorded from real programs (`crates/vmmu-testing/traces/`, made with
+/// `valgrind --tool=lackey --trace-mem=yes` and `vmmu migrate --lackey ... --save-trace`).
+fn recorded_traces() -> Vec<Arc<Trace>> {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../vmmu-testing/traces");
+    ["sort", "sqlite", "xz"]
+        .iter()
+        .map(|name| {
+            let path = format!("{dir}/{name}.trace");
+            let f = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            Arc::new(Trace::parse(name, std::io::BufReader::new(f)).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn recorded_program_traces_migrate_identically() {
+    if vmmu_testing::skip_rerun("recorded_program_traces_migrate_identically") {
+        return;
+    }
+    for t in recorded_traces() {
+        assert!(
+            t.pages_written() > 50,
+            "{}: {} pages",
+            t.name,
+            t.pages_written()
+        );
+        for mmu in mmus() {
+            for mode in HarvestMode::ALL {
+                let cfg = MigrateConfig {
+                    guest_bytes: 2 << 20,
+                    ..small(mmu, mode, Workload::Trace(t.clone()), 5)
+                };
+                let r = migrate(&cfg).unwrap();
+                check(&cfg, &r);
+            }
+        }
     }
 }

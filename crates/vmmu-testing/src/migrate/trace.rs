@@ -114,6 +114,16 @@ impl Trace {
         Ok(())
     }
 
+    /// At most `max` records, evenly spread: every `k`-th record, `k` the smallest that
+    /// fits (keeps the trace's phases, loses detail within them).
+    pub fn thinned(&self, max: usize) -> Trace {
+        let k = self.records.len().div_ceil(max.max(1)).max(1);
+        Trace {
+            name: self.name.clone(),
+            records: self.records.iter().step_by(k).copied().collect(),
+        }
+    }
+
     /// Convert `valgrind --tool=lackey --trace-mem=yes` output (see the module docs),
     /// keeping at most `max_records` data accesses; consecutive accesses to the same page
     /// of the same kind collapse into one (the trace stays small; the dirty pattern is
