@@ -45,7 +45,8 @@
 //!   `flush` (*internals*: the `#[must_use]` TLB flush token, and `flush::Removed`, what
 //!   every MMU operation returns), [`error`], `sync` (*internals*: locks, the asymmetric
 //!   fence pair), `brlock` (*internals*: the big-reader lock TDP faults enter through)
-//! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it),
+//! - what the MMU reads: [`host`] (the `HostMemory` trait; a simulated host beside it;
+//!   with `std` on Linux, real anonymous memory, `RealHostMemory`),
 //!   [`guest`] (shadow paging's guest side: guest memory, guest PTEs, paging registers,
 //!   and, *internals*, the walk of the guest's tables)
 //! - formats and memory: `spte` (*internals*: the 64-bit SPTE: the bits every format
@@ -69,7 +70,7 @@
 //!   them; the report types are public, the checks crate-private)
 //! - [`vm`]: the public API: the VM and its vCPUs, one file per mechanism (memslots,
 //!   faults, pre-faulting, zaps, write tracking, dirty log, MMU notifier, shadow paging,
-//!   the lock), and
+//!   the lock; with `std` on Linux, guest accesses that move real bytes, `vm/data.rs`), and
 //!   in `vm/mmu.rs` the one place that dispatches between the MMUs
 //!
 //! ```
