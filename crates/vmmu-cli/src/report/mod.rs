@@ -8,7 +8,9 @@
 //!    at the quick size even without `--quick`); the last of them is the floor
 //!    (`bench/floor.rs`), the least work of the operations the others measure;
 //! 2. `kvm-compare` (`kvm.rs`): `vmmu kvm compare --json` as a child process, or a line
-//!    saying why it was skipped.
+//!    saying why it was skipped;
+//! 3. `migrate` (`migrate.rs`, Linux): `vmmu migrate --json` as a child process, on the
+//!    host's KVM too where it opens.
 //!
 //! A source that fails is reported failed and the others still run; the report is written
 //! either way, and the command then exits 1. Progress goes to stderr (indicatif bars on a
@@ -34,6 +36,8 @@ mod html;
 mod kvm;
 mod markdown;
 mod perf_figure;
+#[cfg(target_os = "linux")]
+mod migrate;
 mod plots;
 mod query;
 mod summary;
@@ -267,7 +271,7 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
     let kvm_state = kvm::Availability::probe();
 
     let scenarios: Vec<&Scenario> = bench::SCENARIOS.iter().collect();
-    let progress = Progress::new(scenarios.len() as u64 + 1);
+    let progress = Progress::new(scenarios.len() as u64 + 2);
     let mut records: Vec<Record> = Vec::new();
     let mut sources: Vec<Source> = Vec::new();
 
@@ -341,6 +345,29 @@ pub fn run(args: &ReportArgs) -> Result<(), Box<dyn std::error::Error>> {
         ruler: None,
     });
     records.extend(got);
+    #[cfg(target_os = "linux")]
+    {
+        let t = Instant::now();
+        progress.at(
+            base + 1,
+            "migrate: vmmu migrate (live migration on real memory)",
+        );
+        let exe = std::env::current_exe()?;
+        let with_kvm = kvm_state.skip_reason().is_none();
+        let out = migrate::run(&exe, &migrate::args(args.quick, with_kvm));
+        let state = out.error.map_or(SourceState::Ok, SourceState::Failed);
+        let seconds = t.elapsed().as_secs_f64();
+        progress.done(migrate::NAME, &state, seconds);
+        sources.push(Source {
+            name: migrate::NAME.into(),
+            state,
+            runs: if args.quick { 1 } else { 3 },
+            records: out.records.len(),
+            seconds,
+            ruler: None,
+        });
+        records.extend(out.records);
+    }
     for (name, why) in PENDING {
         if !registered(name) {
             sources.push(Source {

@@ -1,0 +1,90 @@
+//! The report's `migrate` source: `vmmu migrate --json` as a child process of this same
+//! binary (live migration on real memory, every harvest mode on both MMUs; with the host's
+//! KVM where it opens, `--target both`), so the report shows what that command measures.
+//! Its records go into the report's tables like any scenario's (scenario `migrate`).
+//! Where it cannot run (not Linux), the report says why.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+use super::kvm::{parse, Outcome};
+
+/// The scenario name of the records `vmmu migrate --json` prints.
+pub const NAME: &str = "migrate";
+
+/// The command line: a 32 MiB guest once with `quick`, else 256 MiB three times; a
+/// uniform workload at a million accesses a second over a 1 GiB/s link with a 30 ms
+/// budget; on KVM too when `kvm`.
+pub fn args(quick: bool, kvm: bool) -> Vec<String> {
+    let (mib, runs) = if quick { ("32", "1") } else { ("256", "3") };
+    let mut a: Vec<String> = [
+        "migrate",
+        "--json",
+        "--mmu",
+        "both",
+        "--mode",
+        "all",
+        "--mem-mib",
+        mib,
+        "--runs",
+        runs,
+        "--dirty-rate",
+        "1000000",
+        "--bandwidth",
+        "1024",
+        "--downtime-ms",
+        "30",
+        "--max-rounds",
+        "10",
+        "--target",
+        if kvm { "both" } else { "vmmu" },
+    ]
+    .map(String::from)
+    .to_vec();
+    if quick {
+        a.push("--quick".into());
+    }
+    a
+}
+
+/// Runs `exe migrate --json ...` and collects its records.
+pub fn run(exe: &Path, args: &[String]) -> Outcome {
+    let out = match Command::new(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+    {
+        Ok(out) => out,
+        Err(e) => {
+            return Outcome {
+                records: Vec::new(),
+                error: Some(format!("cannot run {}: {e}", exe.display())),
+            }
+        }
+    };
+    let mut outcome = parse(&String::from_utf8_lossy(&out.stdout));
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
+        let why = last.unwrap_or("no message").trim();
+        let why = why.strip_prefix("vmmu: error: ").unwrap_or(why);
+        outcome.error = Some(format!("`vmmu migrate` failed ({}): {why}", out.status));
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn args_follow_the_migrate_command_line() {
+        let a = args(true, false);
+        assert_eq!(&a[..2], ["migrate", "--json"]);
+        assert_eq!(a.last().map(String::as_str), Some("--quick"));
+        assert!(a.contains(&"vmmu".to_string()));
+        assert_eq!(args(false, true).last().map(String::as_str), Some("both"));
+    }
+}
