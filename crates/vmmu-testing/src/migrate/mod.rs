@@ -185,6 +185,9 @@ pub struct MigrateReport {
     pub host_changes: u64,
     /// Time the source's MMU spent handling exits and operations (`VmStats::mmu_ns`).
     pub mmu_ns: u64,
+    /// Write faults the lockless fast path fixed (`VmStats::fast_page_faults`): writes to
+    /// pages a harvest had write-protected, made writable again without the MMU lock.
+    pub fast_page_faults: u64,
     /// Pages that differ between destination and source (0: identical).
     pub differing_pages: u64,
     /// The first differing page.
@@ -205,6 +208,7 @@ impl Default for MigrateReport {
             reads: 0,
             host_changes: 0,
             mmu_ns: 0,
+            fast_page_faults: 0,
             differing_pages: 0,
             first_difference: None,
             audit: Ok(()),
@@ -535,7 +539,9 @@ pub fn migrate(cfg: &MigrateConfig) -> Result<MigrateReport, String> {
         .collect();
     let result = run_rounds(cfg, &mut src, &shared, threads);
     result.map(|mut r| {
-        r.mmu_ns = vm.stats().mmu_ns;
+        let stats = vm.stats();
+        r.mmu_ns = stats.mmu_ns;
+        r.fast_page_faults = stats.fast_page_faults;
         r
     })
 }
