@@ -85,6 +85,9 @@ pub struct MigrateArgs {
     /// Turn logging off and on again at the start of this round.
     #[arg(long)]
     toggle_logging_at: Option<u32>,
+    /// Move the memslot to another guest-physical address at the start of this round.
+    #[arg(long)]
+    move_slot_at: Option<u32>,
     /// Migrations per MMU and mode (seeds `seed`, `seed + 1`, ...).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     runs: u32,
@@ -268,6 +271,7 @@ pub fn run(args: &MigrateArgs) -> Result<(), Box<dyn std::error::Error>> {
             splits: args.splits,
         },
         toggle_logging_at: args.toggle_logging_at,
+        move_slot_at: args.move_slot_at,
         seed: args.seed,
         ..MigrateConfig::default()
     };

@@ -166,6 +166,24 @@ fn logging_toggled_mid_migration_keeps_it_identical() {
 }
 
 #[test]
+fn memslot_moved_mid_migration_keeps_it_identical() {
+    if vmmu_testing::skip_rerun("memslot_moved_mid_migration_keeps_it_identical") {
+        return;
+    }
+    for mmu in mmus() {
+        for mode in HarvestMode::ALL {
+            let cfg = MigrateConfig {
+                move_slot_at: Some(2),
+                ..small(mmu, mode, Workload::Uniform, 11)
+            };
+            let r = migrate(&cfg).unwrap();
+            check(&cfg, &r);
+            assert!(r.rounds.len() >= 2, "the move happened during the rounds");
+        }
+    }
+}
+
+#[test]
 fn many_short_migrations_of_varied_workloads() {
     if vmmu_testing::skip_rerun("many_short_migrations_of_varied_workloads") {
         return;

@@ -124,6 +124,9 @@ pub struct MigrateConfig {
     pub host_events: HostEvents,
     /// Turn logging off and on again at the start of this round.
     pub toggle_logging_at: Option<u32>,
+    /// Move the memslot to another guest-physical address (`KVM_MR_MOVE`: its dirty
+    /// bitmap moves with it) at the start of this round; the vCPUs follow it.
+    pub move_slot_at: Option<u32>,
     /// Seed of the workload and the host events.
     pub seed: u64,
 }
@@ -144,6 +147,7 @@ impl Default for MigrateConfig {
             ring_size: 1024,
             host_events: HostEvents::default(),
             toggle_logging_at: None,
+            move_slot_at: None,
             seed: 1,
         }
     }
@@ -293,6 +297,10 @@ struct Shared {
     pending: Pending,
     writes: AtomicU64,
     reads: AtomicU64,
+    /// Where the slot starts in guest-physical memory now.
+    base: AtomicU64,
+    /// Odd while the slot is being moved (an access may exit as MMIO meanwhile).
+    moving: AtomicU64,
 }
 
 /// Reap this vCPU's own ring into the pending set, then reset (the ring-full exit).
@@ -336,10 +344,12 @@ fn vcpu_thread(
             }
         }
         let (page, write) = stream.next_access();
-        let gpa = Gpa(page * PAGE + rng.below(PAGE / 8) * 8);
+        let offset = page * PAGE + rng.below(PAGE / 8) * 8;
         let value = ((id as u64 + 1) << 48) | (n & ((1 << 48) - 1));
         n += 1;
         loop {
+            let moves = shared.moving.load(Ordering::Acquire);
+            let gpa = Gpa(shared.base.load(Ordering::Acquire) + offset);
             let r = if write {
                 vm.write_u64(&mut cpu, gpa, value).map(|_| ())
             } else {
@@ -348,13 +358,20 @@ fn vcpu_thread(
             match r {
                 Ok(()) => break,
                 Err(DataError::Exit(Exit::DirtyRingFull)) => reap(&vm, id, &shared, &mut ring)?,
-                Err(DataError::StoredRingFull { gpa }) => {
+                Err(DataError::Exit(Exit::Mmio { .. })) if moved(&shared, moves) => {
+                    // The slot moved under the access: run it again at the new address.
+                    std::thread::yield_now();
+                }
+                Err(DataError::StoredRingFull { .. }) => {
                     // Retire the store: translate again once the ring has room.
                     loop {
                         reap(&vm, id, &shared, &mut ring)?;
+                        let moves = shared.moving.load(Ordering::Acquire);
+                        let gpa = Gpa(shared.base.load(Ordering::Acquire) + offset);
                         match vm.write(&mut cpu, gpa) {
                             Ok(_) => break,
                             Err(Exit::DirtyRingFull) => continue,
+                            Err(Exit::Mmio { .. }) if moved(&shared, moves) => continue,
                             Err(e) => return Err(format!("vCPU {id}: write at {gpa}: {e}")),
                         }
                     }
@@ -374,6 +391,12 @@ fn vcpu_thread(
     vm.release_vcpu(cpu).map_err(|e| e.to_string())
 }
 
+/// Whether the slot is moving, or moved since `moves` was read.
+fn moved(shared: &Shared, moves: u64) -> bool {
+    let now = shared.moving.load(Ordering::Acquire);
+    now % 2 == 1 || now != moves
+}
+
 /// The per-page prefill pattern.
 fn pattern(page: u64, out: &mut [u8; 4096]) {
     for (k, c) in out.chunks_exact_mut(8).enumerate() {
@@ -389,6 +412,8 @@ struct Source {
     mode: HarvestMode,
     vcpus: u32,
     bitmap: Vec<u64>,
+    /// The slot's guest-physical address.
+    base: u64,
 }
 
 impl Source {
@@ -401,7 +426,7 @@ impl Source {
                 } else {
                     MemslotFlags::empty()
                 },
-                guest_phys_addr: 0,
+                guest_phys_addr: self.base,
                 memory_size: self.npages * PAGE,
                 userspace_addr: self.mem.base().0,
             })
@@ -518,6 +543,7 @@ pub fn migrate(cfg: &MigrateConfig) -> Result<MigrateReport, String> {
         mode: cfg.mode,
         vcpus: cfg.vcpus,
         bitmap: vec![0u64; npages.div_ceil(64) as usize],
+        base: 0,
     };
     src.set_logging(false)?;
     let shared = Arc::new(Shared {
@@ -525,6 +551,8 @@ pub fn migrate(cfg: &MigrateConfig) -> Result<MigrateReport, String> {
         pending: Pending::new(npages),
         writes: AtomicU64::new(0),
         reads: AtomicU64::new(0),
+        base: AtomicU64::new(0),
+        moving: AtomicU64::new(0),
     });
     // Every vCPU exists before any harvest reads the rings.
     let cpus = (0..cfg.vcpus)
@@ -592,6 +620,16 @@ fn run_rounds(
             &mut report,
         )?;
         for round in 1.. {
+            if cfg.move_slot_at == Some(round) {
+                // KVM_MR_MOVE: same host range and flags, a new guest-physical address
+                // (64 GiB away, beyond any guest this runs).
+                shared.moving.fetch_add(1, Ordering::AcqRel);
+                src.base = if src.base == 0 { 64 << 30 } else { 0 };
+                let moved = src.set_logging(true);
+                shared.base.store(src.base, Ordering::Release);
+                shared.moving.fetch_add(1, Ordering::AcqRel);
+                moved?;
+            }
             if cfg.toggle_logging_at == Some(round) {
                 src.set_logging(false)?;
                 src.set_logging(true)?;
