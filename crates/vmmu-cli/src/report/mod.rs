@@ -35,9 +35,9 @@ mod figures;
 mod html;
 mod kvm;
 mod markdown;
-mod perf_figure;
 #[cfg(target_os = "linux")]
 mod migrate;
+mod perf_figure;
 mod plots;
 mod query;
 mod summary;
