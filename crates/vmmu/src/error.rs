@@ -51,7 +51,12 @@
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
 //! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
 //! | [`InvalidRingSize`](Error::InvalidRingSize) | `Vm::with_allocator`, `Vm::with_guest_memory` (`Vm::new` panics with it) |
-//! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu` |
+//! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu`, `create_run_loop_vcpu` |
+//! | [`NoKick`](Error::NoKick) | `create_run_loop_vcpu` on a VM without a kick |
+//! | [`NotRunLoopVcpu`](Error::NotRunLoopVcpu) | `enter_guest`, `model_run` (as `Exit::Error`) given a vCPU from `create_vcpu` |
+//! | [`InGuestMode`](Error::InGuestMode) | `enter_guest` (as `Exit::Error`), `handle_ept_violation`, `handle_ept_misconfig`, `page_fault`, `access` (as `Exit::Error`) on a vCPU in guest mode |
+//! | [`NotInGuestMode`](Error::NotInGuestMode) | `model_access` on a vCPU not running the guest |
+//! | [`InvalidExitQualification`](Error::InvalidExitQualification) | `EptViolation::decode`, `handle_ept_violation` |
 //! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; `set_paging`, `load_cr3` (CR3 outside every memslot); `gva_read_u64`, `gva_write_u64` of data outside guest memory (as `Exit::Error`). A guest table outside guest memory or the memslots is a guest page fault (`Exit::GuestPageFault`), not this |
 //! | [`NonCanonical`](Error::NonCanonical) | `invlpg`, `gva_*` (as `Exit::Error`) |
 //! | [`Unaligned`](Error::Unaligned) | `gva_read_u64`, `gva_write_u64` (as `Exit::Error`) |
@@ -327,6 +332,36 @@ pub enum Error {
         /// Configured maximum.
         max: u32,
     },
+    /// A vCPU that stays in guest mode across many accesses needs a kick
+    /// ([`Vm::set_kick`](crate::Vm::set_kick)): without one a remote flush would wait
+    /// until the vCPU left guest mode on its own.
+    NoKick,
+    /// The run loop's guest entry was asked of a vCPU created by `create_vcpu` (which
+    /// stays in guest mode for one access only): create it with `create_run_loop_vcpu`.
+    NotRunLoopVcpu {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The vCPU is in guest mode (entered and not yet left with `exit_guest`): the call
+    /// is for a vCPU outside guest mode (an exit handler, an access through the VM, a
+    /// second entry).
+    InGuestMode {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// The CPU model's guest access was asked of a vCPU not running the guest (never
+    /// entered, left, or stopped by a VM exit the embedder has not handled yet).
+    NotInGuestMode {
+        /// The vCPU.
+        vcpu: u32,
+    },
+    /// An exit qualification no processor reports for an EPT violation.
+    InvalidExitQualification {
+        /// The qualification given.
+        qualification: u64,
+        /// What is wrong with it.
+        why: &'static str,
+    },
 }
 
 impl fmt::Display for Error {
@@ -414,6 +449,26 @@ impl fmt::Display for Error {
                 )
             }
             Error::TooManyVcpus { max } => write!(f, "too many vCPUs: at most {max}"),
+            Error::NoKick => write!(
+                f,
+                "a vCPU that stays in guest mode needs a kick: set one with Vm::set_kick first"
+            ),
+            Error::NotRunLoopVcpu { vcpu } => write!(
+                f,
+                "vCPU {vcpu} stays in guest mode for one access only: create it with create_run_loop_vcpu to run the run loop"
+            ),
+            Error::InGuestMode { vcpu } => write!(
+                f,
+                "vCPU {vcpu} is in guest mode: leave it with exit_guest first"
+            ),
+            Error::NotInGuestMode { vcpu } => write!(
+                f,
+                "vCPU {vcpu} is not running the guest: enter it with enter_guest first"
+            ),
+            Error::InvalidExitQualification { qualification, why } => write!(
+                f,
+                "invalid EPT-violation exit qualification {qualification:#x}: {why}"
+            ),
             Error::InvalidConfig(why) => write!(f, "invalid VM configuration: {why}"),
             Error::InvalidRingSize { size } => write!(
                 f,

@@ -149,8 +149,9 @@ pub use shadow::{Algorithms, DirtyWrprot, PageWrprot, RmapDrop, RmapIteration};
 pub use tdp::TdpIteration;
 pub use vm::PreFault;
 pub use vm::{
-    DirtyLogConfig, DirtyRange, DirtyRingView, Exit, HarvestReport, MmuKind, PagingConfig,
-    PagingStats, Vcpu, Vm, VmConfig, VmStats,
+    DirtyLogConfig, DirtyRange, DirtyRingView, EntryState, EptViolation, Eptp, Exit, ExitAction,
+    HarvestReport, InterruptLine, Invept, Kick, MmuKind, ModelKick, ModelRun, PagingConfig,
+    PagingStats, Vcpu, Vm, VmConfig, VmExit, VmStats,
 };
 internal! { pub use flush::Flush; }
 internal! { pub use vm::Mmu; }

@@ -69,6 +69,11 @@ fn name(e: &Error) -> &'static str {
         Error::DirtyWithoutVcpu { .. } => "DirtyWithoutVcpu",
         Error::MemslotsExist => "MemslotsExist",
         Error::ChangePteRemoved => "ChangePteRemoved",
+        Error::NoKick => "NoKick",
+        Error::NotRunLoopVcpu { .. } => "NotRunLoopVcpu",
+        Error::InGuestMode { .. } => "InGuestMode",
+        Error::NotInGuestMode { .. } => "NotInGuestMode",
+        Error::InvalidExitQualification { .. } => "InvalidExitQualification",
     }
 }
 
@@ -153,6 +158,14 @@ fn every_variant_has_a_message() {
         Error::DirtyWithoutVcpu { gpa: Gpa(0x1000) },
         Error::MemslotsExist,
         Error::ChangePteRemoved,
+        Error::NoKick,
+        Error::NotRunLoopVcpu { vcpu: 1 },
+        Error::InGuestMode { vcpu: 1 },
+        Error::NotInGuestMode { vcpu: 1 },
+        Error::InvalidExitQualification {
+            qualification: 0,
+            why: "why",
+        },
     ];
     let mut seen = std::collections::BTreeSet::new();
     for e in &all {

@@ -22,6 +22,10 @@ pub enum WalkExit {
         gpa: Gpa,
         /// KVM-style error code derived from the exit qualification.
         error_code: ErrorCode,
+        /// The permissions of the translation the walk found, ANDed over the levels
+        /// (bit 0 readable, bit 1 writable, bit 2 executable: the exit qualification's
+        /// bits 3 to 5); 0 when an entry on the way was not present.
+        rwx: u8,
     },
     /// EPT misconfiguration: the entry is malformed (MMIO SPTEs are made so on purpose).
     Misconfig {
@@ -118,7 +122,7 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
             return Err(WalkExit::Misconfig { gpa, spte: p.spte });
         }
         if !SpteFormat::EPT.hw_present(p.spte) {
-            return Err(violation(gpa, kind, false));
+            return Err(violation(gpa, kind, 0));
         }
         let (r, w, x) = p.rwx;
         let allowed = match kind {
@@ -127,7 +131,7 @@ pub unsafe fn ept_walk<A: TableAllocator + ?Sized>(
             AccessKind::Fetch => x,
         };
         if !allowed {
-            return Err(violation(gpa, kind, r || w || x));
+            return Err(violation(gpa, kind, r as u8 | (w as u8) << 1 | (x as u8) << 2));
         }
         let mut want = SpteFormat::EPT.accessed();
         if kind == AccessKind::Write {
@@ -187,14 +191,15 @@ pub unsafe fn fast_page_fault<A: TableAllocator + ?Sized>(alloc: &A, root: Pfn, 
 }
 
 #[inline]
-fn violation(gpa: Gpa, kind: AccessKind, present: bool) -> WalkExit {
+fn violation(gpa: Gpa, kind: AccessKind, rwx: u8) -> WalkExit {
     let mut ec = ErrorCode::for_access(kind);
-    if present {
-        ec = ec | ErrorCode::PRESENT;
+    if rwx != 0 {
+        ec = ec.union(ErrorCode::PRESENT);
     }
     WalkExit::Violation {
         gpa,
         error_code: ec,
+        rwx,
     }
 }
 

@@ -27,9 +27,9 @@
 use core::sync::atomic::Ordering;
 
 use crate::error::Error;
-use crate::hw::{ept_walk, fast_page_fault, leaf_pfn, WalkExit};
 
-use super::dirty_log::DirtyRoom;
+use super::qualification::EptViolation;
+use super::run::{ExitAction, VmExit};
 use super::Vcpu;
 use crate::mmu::FaultOutcome;
 use crate::types::{AccessKind, ErrorCode, Gpa, Hpa, PAGE_SHIFT};
@@ -59,23 +59,6 @@ pub(crate) enum Again {
     /// The host is invalidating the page at this gpa: wait for the invalidation to end
     /// (without the lock), then retry.
     Wait(Gpa),
-}
-
-/// What a direct MMU's fault `outcome` means for an access of `kind` to `gpa`: retry, or
-/// the exit the access ends with.
-fn again(outcome: FaultOutcome, gpa: Gpa, kind: AccessKind) -> Result<Again, Exit> {
-    match outcome {
-        FaultOutcome::Mapped(_) | FaultOutcome::Spurious => Ok(Again::Lost),
-        FaultOutcome::Retry => Ok(Again::Wait(gpa)),
-        FaultOutcome::Mmio | FaultOutcome::ReadOnlyWrite => Err(Exit::Mmio {
-            gpa,
-            write: kind == AccessKind::Write,
-        }),
-        FaultOutcome::WriteTracked => Err(Exit::WriteTracked { gpa }),
-        FaultOutcome::GuestFault(_) | FaultOutcome::Emulate => {
-            unreachable!("a direct MMU's fault has no guest tables to fault on or emulate")
-        }
-    }
 }
 
 /// [`wait_for_invalidation`], or [`Error::InvalidationInProgress`] once waited too long.
@@ -125,6 +108,10 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// (it could not have run to take the fault: harvest and reset first).
     pub fn page_fault(&self, vcpu: &Vcpu, gpa: Gpa, ec: ErrorCode) -> Result<FaultOutcome, Error> {
         self.check_vcpu(vcpu)?;
+        if vcpu.in_guest_mode() {
+            // The lock a fault takes may be held by a flusher waiting for this vCPU.
+            return Err(Error::InGuestMode { vcpu: vcpu.id });
+        }
         if self.config.mmu == MmuKind::ShadowPaging {
             return Err(Error::WrongPagingMode(
                 "guest-physical faults need a direct MMU; shadow paging faults by gva",
@@ -139,12 +126,16 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         self.mmu_page_fault(vcpu, gpa, ec)
     }
 
-    /// One guest access through the CPU model: TLB hit, or walk, or exit to the MMU and
-    /// retry. Returns the host-physical address the access reached.
+    /// One guest access through the CPU model: enter guest mode, TLB hit or walk, leave
+    /// guest mode; on an exit, the run loop's handlers and a retry. Returns the
+    /// host-physical address the access reached. A thin use of the run loop (`vm/run.rs`)
+    /// that stays in guest mode for one try, so it needs no kick; a vCPU that stays
+    /// longer runs [`Vm::model_run`].
     ///
     /// A write to a present page that may become writable (dirty-logging protection) is
-    /// first tried on the lockless fast path, still in guest mode, as KVM's
-    /// `fast_page_fault` runs with the shadow walk protected from frees.
+    /// first tried on the lockless fast path, in the lockless-read mode that keeps the
+    /// tables from being freed, as KVM's `fast_page_fault` runs with the shadow walk
+    /// protected from frees.
     ///
     /// An access always completes, however much other threads zap: after
     /// [`LOCKLESS_RETRIES`] faults in a row whose mapping was gone again before the
@@ -152,6 +143,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// guard (see the module docs).
     pub fn access(&self, vcpu: &mut Vcpu, gpa: Gpa, kind: AccessKind) -> Result<Hpa, Exit> {
         self.check_vcpu(vcpu)?;
+        if vcpu.in_guest_mode() {
+            return Err(Exit::Error(Error::InGuestMode { vcpu: vcpu.id }));
+        }
         vcpu.accesses += 1;
         if self.config.mmu == MmuKind::ShadowPaging {
             return Err(Exit::Error(Error::WrongPagingMode(
@@ -217,11 +211,13 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         }
     }
 
-    /// One try of an access: enter guest mode (or reload the root), TLB lookup or walk,
-    /// the fast path, and on an exit the MMU's fault handler. `Ok(Ok(hpa))` when the
-    /// access completed; `Ok(Err(again))` when it must be retried. With `held`
-    /// (the exclusive lock, taken by the caller) nothing else changes the tables, so a
-    /// fault's mapping is still there for the next try.
+    /// One try of an access, through the run loop's protocol (`vm/run.rs`) with the CPU
+    /// model as the hardware: enter guest mode (servicing requests: a reload loads the
+    /// current root), perform the INVEPT the entry owes on the model, TLB lookup or walk,
+    /// leave guest mode, and on an exit the run loop's handlers (the fast path, the MMU's
+    /// fault handler). `Ok(Ok(hpa))` when the access completed; `Ok(Err(again))` when it
+    /// must be retried. With `held` (the exclusive lock, taken by the caller) nothing
+    /// else changes the tables, so a fault's mapping is still there for the next try.
     fn try_access(
         &self,
         vcpu: &mut Vcpu,
@@ -236,71 +232,34 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             // No reload request can be missed here: invalidating a root takes this lock.
             self.reload_root_under(st, vcpu);
         }
-        if !vcpu.cpu.enter_guest() {
-            match held {
-                Some(st) => self.reload_root_under(st, vcpu),
-                None => self.reload_root(vcpu),
-            }
-            return Ok(Err(Again::Lost));
-        }
-        let gfn = gpa.gfn();
-        let mut result = match vcpu.cpu.tlb.lookup(gfn, kind) {
-            Some(pfn) => Ok(pfn),
-            // SAFETY: in guest mode (entered above, left below) on this VM: the vCPU is
-            // this VM's (`check_vcpu` in `access`), so its root is one of this VM's
-            // tables, from `self.alloc`, and this VM's remote flushes wait for its mode.
-            None => unsafe { ept_walk(&*self.alloc, vcpu.cpu.root, gpa, kind) }.map(|e| {
-                vcpu.cpu.tlb.fill(gfn, e);
-                leaf_pfn(&e, gfn)
-            }),
-        };
-        if let Err(WalkExit::Violation { error_code, .. }) = result {
-            if error_code.contains(ErrorCode::PRESENT | ErrorCode::WRITE) {
-                // Room for the page first: without it the fault goes to the locked path,
-                // which refuses (DirtyRingFull) rather than make the page writable
-                // unlogged.
-                if let Ok(room) = DirtyRoom::take(vcpu) {
-                    // SAFETY: still in guest mode.
-                    if unsafe { fast_page_fault(&*self.alloc, vcpu.cpu.root, gpa) } {
-                        // Still a VM exit (an EPT violation), handled without the MMU lock.
-                        self.fast_faults.fetch_add(1, Ordering::Relaxed);
-                        self.dirty_index
-                            .with(gfn, |d, bitmap| room.log(d, Some(bitmap)));
-                        vcpu.exits += 1;
-                        result = Err(WalkExit::Retry);
-                    }
-                }
-            }
-        }
+        let entry = self.enter(vcpu, held.as_deref_mut());
+        vcpu.model_invept(entry.invept);
+        let result = self.model_walk(vcpu, gpa, kind);
         vcpu.cpu.exit_guest();
-        let fault = |vcpu: &mut Vcpu, gpa, ec| match held {
-            Some(st) => {
-                let room = DirtyRoom::take(vcpu)?;
-                self.page_fault_under(st, vcpu, gpa, ec, room)
-            }
-            None => self.page_fault(vcpu, gpa, ec),
-        };
-        let outcome = match result {
-            Ok(pfn) => return Ok(Ok(Hpa((pfn.0 << PAGE_SHIFT) | gpa.page_offset()))),
-            Err(WalkExit::Retry) => FaultOutcome::Spurious,
-            Err(WalkExit::Violation { gpa, error_code }) => {
+        let action = match result {
+            Ok(hpa) => return Ok(Ok(hpa)),
+            Err(VmExit::EptViolation { gpa, qualification }) => {
                 vcpu.exits += 1;
-                fault(vcpu, gpa, error_code)?
+                let v = EptViolation::decode(qualification).expect("the model's qualification");
+                self.ept_violation(vcpu, gpa, v.error_code(), held)
             }
-            Err(WalkExit::Misconfig { gpa, spte }) => {
+            Err(VmExit::EptMisconfig { gpa }) => {
                 vcpu.exits += 1;
-                let gen = self.mmio_generation.load(Ordering::Acquire);
-                if spte.is_mmio() && spte.mmio_generation() == gen & crate::spte::MMIO_GEN_MASK {
-                    // KVM's handle_mmio_page_fault: no memslot lookup needed.
-                    self.fast_mmio.fetch_add(1, Ordering::Relaxed);
-                    FaultOutcome::Mmio
-                } else {
-                    // Stale MMIO SPTE: the fault path replaces it.
-                    fault(vcpu, gpa, ErrorCode::for_access(kind))?
-                }
+                self.ept_misconfig(vcpu, gpa, kind, held)
             }
+            Err(VmExit::ExternalInterrupt) => ExitAction::Resume,
         };
-        again(outcome, gpa, kind).map(Err)
+        match action {
+            ExitAction::Resume => Ok(Err(Again::Lost)),
+            ExitAction::Retry { gpa } => Ok(Err(Again::Wait(gpa))),
+            ExitAction::EmulateMmio { gpa } => Err(Exit::Mmio {
+                gpa,
+                write: kind == AccessKind::Write,
+            }),
+            ExitAction::EmulateWrite { gpa } => Err(Exit::WriteTracked { gpa }),
+            ExitAction::DirtyRingFull => Err(Exit::DirtyRingFull),
+            ExitAction::MemoryFault { error, .. } => Err(Exit::from(error)),
+        }
     }
 
     /// A guest read of `gpa`.

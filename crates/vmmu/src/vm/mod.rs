@@ -4,10 +4,12 @@
 //! `memslots.rs` (KVM_SET_USER_MEMORY_REGION, logging on and off), `fault.rs` (guest
 //! accesses and their faults), `zap.rs`, `track.rs` (write tracking), `dirty_log.rs`
 //! (GET/CLEAR, rings), `notifier.rs` (MMU-notifier operations), `prefault.rs`
-//! (KVM_PRE_FAULT_MEMORY), `paging.rs` (the
-//! shadow-paging API), `vcpu.rs` (vCPUs, the remote flush, root reload) and `lock.rs`
-//! (the MMU lock, the TDP fault gate, their timing); with `std` on Linux, `data.rs` (guest
-//! accesses that move real bytes through `RealHostMemory`).
+//! (KVM_PRE_FAULT_MEMORY), `paging.rs` (the shadow-paging API), `vcpu.rs` (vCPUs, the
+//! remote flush, root reload), `run.rs` (the public run loop: guest entry with its EPTP
+//! and INVEPT, the exit handlers, the kick), `qualification.rs` (the EPT-violation exit
+//! qualification), `model.rs` (the CPU model running the run loop as an embedder does)
+//! and `lock.rs` (the MMU lock, the TDP fault gate, their timing); with `std` on Linux,
+//! `data.rs` (guest accesses that move real bytes through `RealHostMemory`).
 //!
 //! # Locking
 //! `state` is KVM's `mmu_lock` (with `slots_lock` folded in): memslot updates, faults and
@@ -41,9 +43,12 @@ mod fault;
 mod lock;
 mod memslots;
 mod mmu;
+mod model;
 mod notifier;
 mod paging;
 mod prefault;
+mod qualification;
+mod run;
 mod track;
 mod vcpu;
 mod zap;
@@ -56,6 +61,9 @@ pub use prefault::PreFault;
 
 pub use mmu::MmuKind;
 internal! { pub use mmu::Mmu; }
+pub use model::ModelRun;
+pub use qualification::EptViolation;
+pub use run::{EntryState, Eptp, ExitAction, InterruptLine, Invept, Kick, ModelKick, VmExit};
 pub use vcpu::Vcpu;
 
 pub use crate::shadow::{PagingConfig, PagingStats};
@@ -253,6 +261,9 @@ pub struct VmStats {
     pub lock_wait_ns: u64,
     /// Acquisitions of the MMU lock or the fault gate (with [`VmConfig::clock`]).
     pub lock_acquisitions: u64,
+    /// Kicks remote flushes and reload requests sent to vCPUs in guest mode (with a
+    /// kick, [`Vm::set_kick`]).
+    pub kicks: u64,
 }
 
 pub(crate) struct VmState<A: TableAllocator + 'static> {
@@ -288,6 +299,9 @@ pub struct Vm<H: HostMemory, A: TableAllocator + 'static = HeapTableAllocator> {
     mmu_ns: AtomicU64,
     /// See [`VmStats::lock_wait_ns`] and [`VmStats::lock_acquisitions`].
     lock_wait: lock::WaitCounters,
+    /// The embedder's kick (see `run`), called by remote requests for vCPUs in guest mode.
+    kick: Option<Arc<dyn run::Kick>>,
+    kicks: AtomicU64,
     /// Guest memory (shadow paging reads the guest's page tables there).
     pub(crate) guest: Option<Arc<dyn GuestMemory>>,
     /// Tests: run after every lost race of an access (see `Vm::set_lost_race_hook`).
@@ -378,6 +392,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             mmio_generation: AtomicU64::new(0),
             mmu_ns: AtomicU64::new(0),
             lock_wait: lock::WaitCounters::default(),
+            kick: None,
+            kicks: AtomicU64::new(0),
             guest,
             #[cfg(feature = "internals")]
             lost_race_hook: None,
@@ -413,6 +429,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             mmu_ns: self.mmu_ns.load(Ordering::Relaxed),
             lock_wait_ns: self.lock_wait.ns.load(Ordering::Relaxed),
             lock_acquisitions: self.lock_wait.count.load(Ordering::Relaxed),
+            kicks: self.kicks.load(Ordering::Relaxed),
         }
     }
 

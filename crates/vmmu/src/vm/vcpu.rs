@@ -25,7 +25,7 @@ use alloc::vec::Vec;
 
 use crate::dirty::DirtyRing;
 use crate::guest::PagingState;
-use crate::hw::{flush_vcpus, Cpu, CpuShared};
+use crate::hw::{Cpu, CpuShared, REQ_MMU_RELOAD, REQ_TLB_FLUSH};
 use crate::shadow::RootRef;
 use crate::types::Pfn;
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -72,6 +72,12 @@ pub struct Vcpu {
     pub accesses: u64,
     /// Exits to the MMU (EPT violations and misconfigurations).
     pub exits: u64,
+    /// Guest entries (the run loop's `enter_guest`, and one per try of an access).
+    pub entries: u64,
+    /// INVEPTs performed on the CPU model ([`Vcpu::model_invept`]).
+    pub invepts: u64,
+    /// Made for the run loop (`create_run_loop_vcpu`): may stay in guest mode long.
+    pub(crate) run_loop: bool,
     /// Shadow paging: the root for the current CR3, and the previous ones kept for
     /// switching back (most recent first). The vCPU holds a reference on each.
     pub(crate) proot: Option<RootRef>,
@@ -155,7 +161,7 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         // A fast zap between taking the root and joining the list did not reach this
         // vCPU: have it reload before it runs.
         if !self.lock_shared().mmu.is_valid_root(root) {
-            crate::hw::request_vcpus(core::iter::once(&*handle.cpu), crate::hw::REQ_MMU_RELOAD);
+            crate::hw::request_vcpus(core::iter::once((id, &*handle.cpu)), REQ_MMU_RELOAD, None);
         }
         Ok(Vcpu {
             id,
@@ -163,6 +169,9 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
             cpu: Cpu::new(handle.cpu, root),
             accesses: 0,
             exits: 0,
+            entries: 0,
+            invepts: 0,
+            run_loop: false,
             proot: None,
             prev_roots: Vec::new(),
             dirty_ring: handle.dirty_ring,
@@ -177,6 +186,8 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
     /// untouched, and what the vCPU held in its own VM goes when that VM does.
     pub fn release_vcpu(&self, mut vcpu: Vcpu) -> Result<(), Error> {
         self.check_vcpu(&vcpu)?;
+        // Owned here, so run by no one: out of guest mode before the lock.
+        vcpu.cpu.exit_guest();
         let mut guard = self.lock();
         let st = &mut *guard;
         let removed = st.mmu.release_vcpu(&mut vcpu);
@@ -184,19 +195,18 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
         Ok(())
     }
 
-    /// Flush every vCPU's TLB, waiting for vCPUs in guest mode (KVM's
-    /// `kvm_flush_remote_tlbs`).
+    /// Flush every vCPU's TLB (KVM's `kvm_flush_remote_tlbs`): post the request, kick
+    /// every vCPU in guest mode (with the VM's kick) and wait until each has left it.
+    /// Each vCPU's next entry owes an INVEPT (see `vm::run`).
     pub fn flush_remote_tlbs(&self) {
-        flush_vcpus(self.vcpus.read().iter().map(|v| &*v.cpu));
+        self.request_all(REQ_TLB_FLUSH);
         self.remote_flushes.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Ask every vCPU to load the MMU's current root before it runs again.
+    /// Ask every vCPU to load the MMU's current root before it runs again (kicking and
+    /// waiting for those in guest mode, as a flush does).
     pub(crate) fn request_reload(&self) {
-        crate::hw::request_vcpus(
-            self.vcpus.read().iter().map(|v| &*v.cpu),
-            crate::hw::REQ_MMU_RELOAD,
-        );
+        self.request_all(REQ_MMU_RELOAD);
     }
 
     /// Load the current root into `vcpu`, dropping its reference to the old one; zap
