@@ -24,6 +24,10 @@ pub struct SoakArgs {
     /// vCPU threads.
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=256))]
     vcpus: u32,
+    /// Accesses a vCPU makes per guest entry at most (default: its whole round; it
+    /// leaves guest mode only when kicked or when an access exits).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    stretch: Option<u64>,
     /// Print one JSON object on stdout instead of text.
     #[arg(long)]
     json: bool,
@@ -57,6 +61,9 @@ pub fn run(args: &SoakArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut cfg = SoakConfig::new(mmus, args.seconds);
     cfg.vcpus = args.vcpus as usize;
+    if let Some(n) = args.stretch {
+        cfg.stretch = n;
+    }
     if !args.json {
         eprintln!(
             "vmmu soak: {:.0} s on {}, {} vCPU threads + harvester + notifier + memslot thread",

@@ -12,7 +12,9 @@
 //!   re-flags and deletes.
 //!
 //! Threads: `vcpus` vCPU threads fault and write (60%), read and fetch at random pages of
-//! all three; a harvester; a notifier thread unmapping, aging, test-aging and remapping;
+//! all three, through the run loop on the CPU model (`Vm::model_run`): each stays in
+//! guest mode across accesses (its whole round by default, `SoakConfig::stretch`), and
+//! leaves it only when a remote flush kicks it or an access exits; a harvester; a notifier thread unmapping, aging, test-aging and remapping;
 //! a memslot thread changing A's and C's slots and zapping ranges, everything, fast.
 //! Each access is checked as it returns: the host's frame for A, B and C (for a remapped
 //! page of B: one of the frames it had; for C: the frame at one of its bases, or MMIO).
@@ -35,7 +37,7 @@ use vmmu::memslot::MemslotLimits;
 use vmmu::table::HeapTableAllocator;
 use vmmu::types::{AccessKind, Gfn, Gpa, Hpa, Hva, PAGE_SIZE};
 use vmmu::Vcpu;
-use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, Vm, VmConfig};
+use vmmu::{Exit, MemoryRegion, MemslotFlags, MmuKind, ModelKick, Vm, VmConfig};
 
 use crate::model::{DirtyMode, Expect, Model, ModelSlot};
 use crate::view::{self, SimVm};
@@ -75,6 +77,11 @@ pub struct SoakConfig {
     pub round: Duration,
     /// vCPU threads.
     pub vcpus: usize,
+    /// Accesses a vCPU makes per guest entry at most (`u64::MAX`: its whole round). The
+    /// vCPU threads run the run loop on the CPU model (`Vm::model_run`): they stay in
+    /// guest mode across accesses and leave it only when kicked, when an access exits,
+    /// or after this many.
+    pub stretch: u64,
     /// Seed.
     pub seed: u64,
 }
@@ -89,6 +96,7 @@ impl SoakConfig {
             phase: (duration / 8).clamp(Duration::from_millis(500), Duration::from_secs(20)),
             round: Duration::from_millis(150),
             vcpus: 3,
+            stretch: u64::MAX,
             seed: 0x5eed,
         }
     }
@@ -163,6 +171,8 @@ struct Shared {
     partial: bool,
     vcpus: Vec<Mutex<Vcpu>>,
     hva: [u64; 3],
+    /// Accesses per guest entry at most (`SoakConfig::stretch`).
+    stretch: u64,
     /// The frames of A, B and C's pages when the VM started.
     pfns: [Vec<u64>; 3],
     /// Every frame each churn page of B has had.
@@ -284,7 +294,11 @@ fn run_vm(
         clock: Some(now_ns),
         ..VmConfig::default()
     };
-    let vm = Vm::with_allocator(config, host.clone(), alloc.clone()).map_err(|e| e.to_string())?;
+    let mut vm =
+        Vm::with_allocator(config, host.clone(), alloc.clone()).map_err(|e| e.to_string())?;
+    // The vCPUs stay in guest mode: remote flushes kick them through the model's lines.
+    let kick = Arc::new(ModelKick::new());
+    vm.set_kick(kick.clone());
     vm.set_user_memory_region(region(0, A_GPA, A_SIZE, hva[0], false))
         .map_err(|e| e.to_string())?;
     vm.set_user_memory_region(region(1, B_GPA, B_SIZE, hva[1], true))
@@ -292,7 +306,12 @@ fn run_vm(
     vm.set_user_memory_region(region(2, C_BASES[0], C_SIZE, hva[2], false))
         .map_err(|e| e.to_string())?;
     let vcpus = (0..cfg.vcpus)
-        .map(|_| vm.create_vcpu().map(Mutex::new))
+        .map(|_| {
+            vm.create_run_loop_vcpu().map(|v| {
+                kick.register(&v);
+                Mutex::new(v)
+            })
+        })
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| e.to_string())?;
     let hist = (0..CHURN).map(|p| vec![pfns[1][p as usize]]).collect();
@@ -303,6 +322,7 @@ fn run_vm(
         partial,
         vcpus,
         hva,
+        stretch: cfg.stretch,
         pfns,
         hist: Mutex::new(hist),
         written: (0..B_PAGES.div_ceil(64))
@@ -387,6 +407,8 @@ fn run_vm(
         .sum::<u64>();
     report.lock_acquisitions += stats.lock_acquisitions;
     report.lock_wait_ns += stats.lock_wait_ns;
+    // Kicks remote flushes sent to vCPUs they found in guest mode.
+    *report.ops.entry("kick").or_default() += stats.kicks;
     result?;
     // Teardown: after zap_all the MMU holds only its roots; once dropped, nothing.
     sh.vm.zap_all().map_err(|e| e.to_string())?;
@@ -456,6 +478,13 @@ fn check_access(
 
 fn vcpu_round(sh: &Shared, v: usize, rng: &mut Rng, local: &mut BTreeMap<&'static str, u64>) {
     let mut vcpu = sh.vcpus[v].lock().unwrap();
+    // In guest mode across accesses until kicked, an access exits, or `stretch` of them;
+    // the thread takes no lock a VM operation holds while it is (`sh.hist` is held only
+    // around the host's remap, never across a VM call).
+    let mut run = sh
+        .vm
+        .model_run(&mut vcpu, sh.stretch)
+        .expect("a run-loop vCPU");
     while !sh.round_over.load(Ordering::Acquire) {
         let gpa = match rng.below(8) {
             0..=2 => A_GPA + rng.below(A_SIZE / PAGE_SIZE) * PAGE_SIZE,
@@ -475,7 +504,7 @@ fn vcpu_round(sh: &Shared, v: usize, rng: &mut Rng, local: &mut BTreeMap<&'stati
             6..=8 => AccessKind::Read,
             _ => AccessKind::Fetch,
         };
-        let got = sh.vm.access(&mut vcpu, Gpa(gpa), kind);
+        let got = run.access(Gpa(gpa), kind);
         bump(
             local,
             match kind {
@@ -485,11 +514,13 @@ fn vcpu_round(sh: &Shared, v: usize, rng: &mut Rng, local: &mut BTreeMap<&'stati
             },
         );
         if let Err(e) = check_access(sh, gpa, kind, &got) {
+            // Out of guest mode before taking a lock the memslot thread holds across VM
+            // calls.
+            run.exit();
             let st = *sh.slots.lock().unwrap();
-            let again: Vec<_> = (0..3)
-                .map(|_| sh.vm.access(&mut vcpu, Gpa(gpa), kind))
-                .collect();
-            let path = tdp_path(&sh.vm, vcpu.root(), Gfn(gpa >> 12));
+            let again: Vec<_> = (0..3).map(|_| run.access(Gpa(gpa), kind)).collect();
+            run.exit();
+            let path = tdp_path(&sh.vm, run.vcpu().root(), Gfn(gpa >> 12));
             sh.fail(format!(
                 "vCPU {v}: {e}; slots then {st:?}; tried again: {again:?}; stats {:?}; path {path}",
                 sh.vm.stats()
@@ -503,7 +534,8 @@ fn vcpu_round(sh: &Shared, v: usize, rng: &mut Rng, local: &mut BTreeMap<&'stati
         }
         if got == Err(Exit::DirtyRingFull) {
             bump(local, "dirty-ring-full exit");
-            while vcpu.dirty_ring_soft_full() && !sh.round_over.load(Ordering::Acquire) {
+            // The exit left guest mode: the harvester's reset may flush meanwhile.
+            while run.vcpu().dirty_ring_soft_full() && !sh.round_over.load(Ordering::Acquire) {
                 std::thread::yield_now();
             }
         }
