@@ -23,7 +23,13 @@
 //!
 //! # The public API (default features)
 //! What an embedder needs and nothing more, none of it able to reach undefined behaviour
-//! from safe code: [`Vm`] and [`Vcpu`] (a vCPU is tied to the VM that made it), the
+//! from safe code: [`Vm`] and [`Vcpu`] (a vCPU is tied to the VM that made it); the run
+//! loop a hypervisor drives its vCPUs with ([`Vm::enter_guest`] and its [`EntryState`],
+//! [`Eptp`], [`Invept`]; [`Vm::exit_guest`]; [`Vm::handle_ept_violation`] with
+//! [`EptViolation`], [`Vm::handle_ept_misconfig`], [`ExitAction`]; the [`Kick`] remote
+//! flushes call; the guide is [`embedding`]) and the CPU model that stands in for VMX in
+//! it ([`Vm::model_access`], [`VmExit`], [`Vcpu::model_invept`], [`InterruptLine`],
+//! [`ModelKick`], [`ModelRun`]); the
 //! configuration ([`VmConfig`], [`DirtyLogConfig`], [`PagingConfig`], [`MemslotLimits`],
 //! [`Algorithms`] and its choices, [`MmuKind`], [`TdpIteration`]), memory regions
 //! ([`MemoryRegion`], [`MemslotFlags`]), [`Error`] and [`Exit`], the counters ([`VmStats`],
@@ -65,13 +71,17 @@
 //! - `dirty` (*internals*): the lockless index of logging slots and the per-vCPU dirty
 //!   rings
 //! - `hw` (*internals*): the CPU model: EPT walker setting A/D bits, per-CPU TLB (by gfn
-//!   or by virtual page), the vCPU mode protocol
+//!   or by virtual page, flushed only by the INVEPT an entry owes), the vCPU mode
+//!   protocol (requests, kicks, the wait for each vCPU's exit)
 //! - [`audit`]: invariant checks (KVM's `mmu_audit.c`), for both MMUs ([`Vm::audit`] runs
 //!   them; the report types are public, the checks crate-private)
 //! - [`vm`]: the public API: the VM and its vCPUs, one file per mechanism (memslots,
 //!   faults, pre-faulting, zaps, write tracking, dirty log, MMU notifier, shadow paging,
-//!   the lock; with `std` on Linux, guest accesses that move real bytes, `vm/data.rs`), and
-//!   in `vm/mmu.rs` the one place that dispatches between the MMUs
+//!   the lock, the run loop in `vm/run.rs` with the EPT exit qualification in
+//!   `vm/qualification.rs` and the CPU model as its embedder in `vm/model.rs`; with `std`
+//!   on Linux, guest accesses that move real bytes, `vm/data.rs`), and in `vm/mmu.rs` the
+//!   one place that dispatches between the MMUs
+//! - [`embedding`]: the guide for a hypervisor that embeds vmmu (no code)
 //!
 //! ```
 //! use std::sync::Arc;
@@ -119,6 +129,7 @@ macro_rules! internal {
 
 // The embedder's API (see "Features" above).
 pub mod audit;
+pub mod embedding;
 pub mod error;
 pub mod guest;
 pub mod host;

@@ -23,12 +23,12 @@
 //! | `Mmu::fault` | `TdpMmu::map` (`tdp/fault.rs`) then `Vm::log_dirty` and `Vm::commit_tdp` |
 //! | `Mmu::zap_root_entry` | `ExclusiveMmu::zap_spte` (`tdp/zap.rs`) -> `set_spte` + `remove_subtree` + `handle_removed` (`tdp/spte_write.rs`), then `Vm::commit` |
 //! | `Mmu::get_dirty_log` | `Vm::get_dirty_log` (`dirty/mod.rs`) + `TdpMmu::clear_dirty` (`tdp/ops.rs`) -> `ExclusiveMmu::clear_bits` (`tdp/spte_write.rs`) |
-//! | `Mmu::flush_remote_tlbs` | `Vm::flush_remote_tlbs` -> `hw::request_vcpus` (fetch_or, `heavy_fence`, wait) |
+//! | `Mmu::flush_remote_tlbs` | `Vm::flush_remote_tlbs` -> `hw::request_vcpus` (fetch_or, `heavy_fence`, kick, wait for the mode word to change) |
 //! | `Mmu::retire` | `TdpMmu::retire` after the flush (the table's memory is freed) |
-//! | `Vcpu::enter_guest/exit_guest` | `hw::vcpu::Vcpu::enter_guest/exit_guest` (`light_fence`) |
+//! | `Vcpu::enter_guest/exit_guest` | `Vm::enter` (`vm/run.rs`) -> `hw::vcpu::Cpu::service_requests`/`try_enter`, `Cpu::exit_guest` (`light_fence`) |
 //! | `Vcpu::walk` | `hw::walk::lockless_walk` / `ept_walk` (A/D by compare-exchange) |
-//! | `Vcpu::fast_page_fault` | `hw::walk::fast_page_fault`, then the dirty mark in `Vm::access` |
-//! | `Vcpu::write` | `Vm::access`: TLB, walk, fast path, slow fault, retry |
+//! | `Vcpu::fast_page_fault` | `hw::walk::fast_page_fault`, then the dirty mark in `Vm::ept_violation` (`vm/run.rs`) |
+//! | `Vcpu::write` | `Vm::access`: entry, TLB, walk, exit, fast path, slow fault, retry |
 //!
 //! Simplifications, each on the safe side of what it leaves out: the asymmetric fence pair
 //! is modelled as two `SeqCst` fences (what the library uses without membarrier); epoch
@@ -36,7 +36,9 @@
 //! lock, and they are covered by the flush, which is what the model checks; a table's
 //! memory is a cell that `retire` writes and every access reads, so loom reports a use
 //! after free as a race (and the `alive` flag catches a use ordered after the free); the
-//! vCPU has a one-entry TLB.
+//! vCPU has a one-entry TLB; the mode is a flag (the library's mode word also counts its
+//! changes, so a flusher can tell a later entry from the one it saw, and kicks a vCPU it
+//! finds in guest mode: with one access per entry, as here, the kick changes nothing).
 //!
 //! # What is checked, in every interleaving
 //! - no use of a freed table (by a vCPU's walk, a fault, a zap or a write-protect);

@@ -61,7 +61,7 @@ pub use prefault::PreFault;
 
 pub use mmu::MmuKind;
 internal! { pub use mmu::Mmu; }
-pub use model::ModelRun;
+pub use model::{ModelRun, MODEL_MAX_RESUMES};
 pub use qualification::EptViolation;
 pub use run::{EntryState, Eptp, ExitAction, InterruptLine, Invept, Kick, ModelKick, VmExit};
 pub use vcpu::Vcpu;
