@@ -1,7 +1,8 @@
 //! Concurrency smoke test: two vCPU threads access random pages of a shared 16 MiB slot
 //! while a third thread zaps ranges (and toggles dirty logging). Every access must return
 //! the host's translation; afterwards the audit passes and every translation is correct.
-//! Bounded by iteration counts, not time. Runs against the MMU under test (see
+//! The vCPU threads run the run loop on the CPU model (`Vm::model_run`) and stay in guest
+//! mode across their accesses, so every zap's flush kicks them. Bounded by iteration counts, not time. Runs against the MMU under test (see
 //! `common::test_mmu`); `tdp_stress.rs` has the TDP MMU's own stress tests.
 
 mod common;
@@ -18,7 +19,11 @@ const ACCESSES_PER_VCPU: u64 = 20_000;
 const ZAPS: u64 = 1_500;
 
 fn run(backing: Backing, toggle_logging: bool) {
-    let (host, vm) = new_vm(VmConfig::default());
+    let (host, mut vm) = new_vm(VmConfig::default());
+    // The vCPU threads stay in guest mode for the whole run (the run loop on the CPU
+    // model): every zap's flush kicks them.
+    let kick = std::sync::Arc::new(vmmu::ModelKick::new());
+    vm.set_kick(kick.clone());
     let h = mmap(&host, 16 * M1, backing);
     let spec = add_slot(
         &vm,
@@ -34,7 +39,13 @@ fn run(backing: Backing, toggle_logging: bool) {
     let pfns: Vec<u64> = (0..spec.pages())
         .map(|i| host.translate(Hva(h + i * PAGE_SIZE)).unwrap().pfn.0)
         .collect();
-    let mut vcpus: Vec<_> = (0..2).map(|_| vm.create_vcpu().unwrap()).collect();
+    let mut vcpus: Vec<_> = (0..2)
+        .map(|_| {
+            let v = vm.create_run_loop_vcpu().unwrap();
+            kick.register(&v);
+            v
+        })
+        .collect();
     let failed = AtomicBool::new(false);
     // Progress of each thread (accesses or zaps done): each side waits for the other to
     // keep up, so the zaps spread over the whole run instead of finishing before (or
@@ -50,10 +61,16 @@ fn run(backing: Backing, toggle_logging: bool) {
                 (&vm, &pfns, &failed, &progress, &start, &zapped);
             sc.spawn(move || {
                 let mut rng = Rng::new(0x1234 + t as u64);
+                let mut run = vm.model_run(vcpu, u64::MAX).unwrap();
                 start.wait();
                 for n in 0..ACCESSES_PER_VCPU {
                     progress[t].store(n, Ordering::Relaxed);
                     let due = (n * ZAPS / ACCESSES_PER_VCPU).saturating_sub(2);
+                    if zapped.load(Ordering::Relaxed) < due {
+                        // Out of guest mode to wait for the zapper (whose flush would
+                        // otherwise wait for this vCPU).
+                        run.exit();
+                    }
                     while zapped.load(Ordering::Relaxed) < due && !failed.load(Ordering::Relaxed) {
                         std::thread::yield_now();
                     }
@@ -65,14 +82,16 @@ fn run(backing: Backing, toggle_logging: bool) {
                     } else {
                         AccessKind::Write
                     };
-                    match vm.access(vcpu, Gpa(gpa), kind) {
+                    match run.access(Gpa(gpa), kind) {
                         Ok(hpa) if hpa.0 == pfns[page as usize] * PAGE_SIZE + off => {}
                         other => {
+                            run.exit();
                             failed.store(true, Ordering::Relaxed);
                             panic!("vCPU {t}: {kind:?} gpa {gpa:#x} gave {other:?}");
                         }
                     }
                 }
+                drop(run);
                 progress[t].store(ACCESSES_PER_VCPU, Ordering::Relaxed);
             });
         }

@@ -446,11 +446,12 @@ fn long_stretches_under_concurrent_zaps() {
     let e = env(default_config());
     let stop = AtomicBool::new(false);
     let rounds = std::sync::atomic::AtomicU64::new(0);
+    let done = std::sync::atomic::AtomicU64::new(0);
     let pages = 64;
     std::thread::scope(|s| {
         for t in 0..3u64 {
             let mut vcpu = e.vcpu();
-            let (e, stop, rounds) = (&e, &stop, &rounds);
+            let (e, stop, rounds, done) = (&e, &stop, &rounds, &done);
             s.spawn(move || {
                 let mut run = e.vm.model_run(&mut vcpu, u64::MAX).unwrap();
                 let mut i = t;
@@ -471,6 +472,7 @@ fn long_stretches_under_concurrent_zaps() {
                     };
                     let hpa = run.access(Gpa(gpa), kind).unwrap();
                     assert_eq!(hpa, expected_hpa(&e.host, &e.slot, gpa));
+                    done.fetch_add(1, Ordering::Relaxed);
                     i = i
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407)
@@ -481,6 +483,12 @@ fn long_stretches_under_concurrent_zaps() {
             });
         }
         for round in 0..200u64 {
+            // Let the vCPUs run between operations, so they are in guest mode for them.
+            let seen = done.load(Ordering::Relaxed);
+            let t0 = Instant::now();
+            while done.load(Ordering::Relaxed) < seen + 16 && t0.elapsed() < WATCHDOG {
+                std::thread::yield_now();
+            }
             let g = Gpa(e.slot.gpa + (round % pages) * K4).gfn();
             match round % 4 {
                 0 | 1 => e.vm.zap_gfn_range(g, vmmu::types::Gfn(g.0 + 8)).unwrap(),

@@ -47,6 +47,9 @@ const MODE_MASK: u64 = 3;
 /// One change of the mode word.
 const STEP: u64 = 4;
 
+/// Spins a flusher waits for a vCPU's acknowledgement before it starts yielding its CPU.
+const WAIT_SPINS: u32 = 1 << 10;
+
 /// Request: flush the TLB before the next guest access.
 pub const REQ_TLB_FLUSH: u32 = 1;
 /// Request: load the MMU's current root before running (the old one was invalidated).
@@ -116,8 +119,20 @@ pub fn request_vcpus<'a>(
                 kick(id);
             }
         }
+        let mut spins = 0u32;
         while v.state.load(Ordering::Acquire) == s {
-            core::hint::spin_loop();
+            spins = spins.saturating_add(1);
+            if spins < WAIT_SPINS {
+                core::hint::spin_loop();
+            } else {
+                // The vCPU's thread may need this CPU to run (more threads than CPUs):
+                // let it, with `std`; without, keep spinning (an embedder's vCPUs own
+                // their physical CPUs).
+                #[cfg(feature = "std")]
+                std::thread::yield_now();
+                #[cfg(not(feature = "std"))]
+                core::hint::spin_loop();
+            }
         }
     }
 }

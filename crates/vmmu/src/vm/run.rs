@@ -542,15 +542,15 @@ impl<H: HostMemory, A: TableAllocator + 'static> Vm<H, A> {
                 end: gpa.gfn().0 + 1,
             });
         }
-        vcpu.accesses += 1;
         let line = &vcpu.cpu.shared.interrupt;
         let r = if line.load(Ordering::Relaxed) && line.swap(false, Ordering::Acquire) {
             Err(VmExit::ExternalInterrupt)
         } else {
             self.model_walk(vcpu, gpa, kind)
         };
-        if r.is_err() {
-            vcpu.cpu.guest = GuestState::Exited;
+        match r {
+            Ok(_) => vcpu.accesses += 1,
+            Err(_) => vcpu.cpu.guest = GuestState::Exited,
         }
         Ok(r)
     }

@@ -68,7 +68,8 @@ pub struct Vcpu {
     /// The VM that created this vCPU (private: safe code cannot move a vCPU to another VM).
     vm: VmId,
     pub(crate) cpu: Cpu,
-    /// Guest accesses made.
+    /// Guest accesses made: [`Vm::access`] calls, and accesses the CPU model completed
+    /// in guest mode ([`Vm::model_access`]; one that exits is counted when it completes).
     pub accesses: u64,
     /// Exits to the MMU (EPT violations and misconfigurations).
     pub exits: u64,
