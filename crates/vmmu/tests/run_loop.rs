@@ -438,6 +438,17 @@ fn run_loop_misuse_is_refused() {
     e.vm.audit().unwrap();
 }
 
+/// Sets its flag if the thread unwinds past it (so the other side stops waiting).
+struct FailOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for FailOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+}
+
 /// Many vCPU threads in long guest-mode stretches while another thread zaps, moves and
 /// deletes what they use: every access returns the translation the host gives now, or
 /// one the operation in progress may still leave (checked after each operation returns).
@@ -447,12 +458,14 @@ fn long_stretches_under_concurrent_zaps() {
     let stop = AtomicBool::new(false);
     let rounds = std::sync::atomic::AtomicU64::new(0);
     let done = std::sync::atomic::AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
     let pages = 64;
     std::thread::scope(|s| {
         for t in 0..3u64 {
             let mut vcpu = e.vcpu();
-            let (e, stop, rounds, done) = (&e, &stop, &rounds, &done);
+            let (e, stop, rounds, done, failed) = (&e, &stop, &rounds, &done, &failed);
             s.spawn(move || {
+                let _flag = FailOnPanic(failed);
                 let mut run = e.vm.model_run(&mut vcpu, u64::MAX).unwrap();
                 let mut i = t;
                 let mut seen = (0, Instant::now());
@@ -485,9 +498,14 @@ fn long_stretches_under_concurrent_zaps() {
         for round in 0..200u64 {
             // Let the vCPUs run between operations, so they are in guest mode for them.
             let seen = done.load(Ordering::Relaxed);
-            let t0 = Instant::now();
-            while done.load(Ordering::Relaxed) < seen + 16 && t0.elapsed() < WATCHDOG {
+            while done.load(Ordering::Relaxed) < seen + 16 {
+                if failed.load(Ordering::Acquire) {
+                    break;
+                }
                 std::thread::yield_now();
+            }
+            if failed.load(Ordering::Acquire) {
+                break;
             }
             let g = Gpa(e.slot.gpa + (round % pages) * K4).gfn();
             match round % 4 {
