@@ -106,7 +106,7 @@
 //! vm.audit().unwrap();
 //! ```
 #![no_std]
-#![warn(missing_docs)]
+#![deny(missing_docs)]
 
 extern crate alloc;
 #[cfg(feature = "std")]

@@ -503,7 +503,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
     ///
     /// Under the MMU lock (taken before the rings', the order locked faults log in), the
     /// entries go straight from the rings into the VM's zeroed scratch masks
-    /// ([`RingScatter`]), with no copy of them and no allocation per call.
+    /// (`RingScatter`, in `vm/dirty_log.rs`), with no copy of them and no allocation per call.
     pub fn reset_dirty_rings(&self) -> Result<usize, Error> {
         if self.config().dirty_log.ring_size.is_none() {
             return Err(Error::WrongDirtyLogMode(
