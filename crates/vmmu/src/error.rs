@@ -23,7 +23,7 @@
 //! | [`SlotHvaChange`](Error::SlotHvaChange) | `set_user_memory_region` |
 //! | [`ReadonlyFlagChange`](Error::ReadonlyFlagChange) | `set_user_memory_region` |
 //! | [`NoSuchSlot`](Error::NoSuchSlot) | `zap_memslot`, `get_dirty_log`, `clear_dirty_log` |
-//! | [`InvalidRange`](Error::InvalidRange) | `zap_gfn_range`, `track_write`, `untrack_write`, `page_fault`, `access` (as `Exit::Error`) |
+//! | [`InvalidRange`](Error::InvalidRange) | `zap_gfn_range`, `track_write`, `untrack_write`, `page_fault`, `access` (as `Exit::Error`), `handle_ept_violation`, `handle_ept_misconfig`, `model_access` (a gpa beyond the guest-physical width) |
 //! | [`InvalidPreFaultRange`](Error::InvalidPreFaultRange) | `pre_fault_memory` |
 //! | [`PreFaultNoMemslot`](Error::PreFaultNoMemslot) | `pre_fault_memory` |
 //! | [`PreFaultRetry`](Error::PreFaultRetry) | `pre_fault_memory` |
@@ -44,23 +44,23 @@
 //! | [`DirtyWithoutVcpu`](Error::DirtyWithoutVcpu) | `mark_page_dirty` (a ring VM without the backup bitmap) |
 //! | [`MemslotsExist`](Error::MemslotsExist) | `enable_dirty_ring_with_bitmap` |
 //! | [`ChangePteRemoved`](Error::ChangePteRemoved) | `change_pte` (without `VmConfig::change_pte`) |
-//! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`; as `Exit::Error` for the accesses) given a vCPU another VM created |
+//! | [`ForeignVcpu`](Error::ForeignVcpu) | every call that takes a `Vcpu` (`access`, `read`, `write`, `page_fault`, `release_vcpu`, `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*`, the run loop's `enter_guest`, `exit_guest`, `handle_ept_violation`, `handle_ept_misconfig`, `model_access`, `model_run`; as `Exit::Error` for the accesses and `enter_guest`) given a vCPU another VM created |
 //! | [`DirtyRingFull`](Error::DirtyRingFull) | `page_fault` (an access exits with `Exit::DirtyRingFull` instead) |
 //! | [`InvalidHvaRange`](Error::InvalidHvaRange) | `invalidate_range_start`, `unmap_hva_range`, `age_hva_range`, `test_age_hva_range`, `change_pte` |
 //! | [`WriteTrackCount`](Error::WriteTrackCount) | `track_write`, `untrack_write`; shadow paging's `set_paging`, `load_cr3` and `gva_*` (as `Exit::Error`) when a guest table to shadow has 65535 trackers already |
 //! | [`NoInvalidationInProgress`](Error::NoInvalidationInProgress) | `invalidate_range_end` |
-//! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it) |
+//! | [`InvalidConfig`](Error::InvalidConfig) | `Vm::with_allocator` (`Vm::new` panics with it); `model_run` (a stretch of 0) |
 //! | [`InvalidRingSize`](Error::InvalidRingSize) | `Vm::with_allocator`, `Vm::with_guest_memory` (`Vm::new` panics with it) |
 //! | [`TooManyVcpus`](Error::TooManyVcpus) | `create_vcpu`, `create_run_loop_vcpu` |
 //! | [`NoKick`](Error::NoKick) | `create_run_loop_vcpu` on a VM without a kick |
-//! | [`NotRunLoopVcpu`](Error::NotRunLoopVcpu) | `enter_guest`, `model_run` (as `Exit::Error`) given a vCPU from `create_vcpu` |
+//! | [`NotRunLoopVcpu`](Error::NotRunLoopVcpu) | `enter_guest` (as `Exit::Error`), `model_run`, given a vCPU from `create_vcpu` |
 //! | [`InGuestMode`](Error::InGuestMode) | `enter_guest` (as `Exit::Error`), `handle_ept_violation`, `handle_ept_misconfig`, `page_fault`, `access` (as `Exit::Error`) on a vCPU in guest mode |
 //! | [`NotInGuestMode`](Error::NotInGuestMode) | `model_access` on a vCPU not running the guest |
 //! | [`InvalidExitQualification`](Error::InvalidExitQualification) | `EptViolation::decode`, `handle_ept_violation` |
 //! | [`GuestMemory`](Error::GuestMemory) | `GuestMemory` accesses; `set_paging`, `load_cr3` (CR3 outside every memslot); `gva_read_u64`, `gva_write_u64` of data outside guest memory (as `Exit::Error`). A guest table outside guest memory or the memslots is a guest page fault (`Exit::GuestPageFault`), not this |
 //! | [`NonCanonical`](Error::NonCanonical) | `invlpg`, `gva_*` (as `Exit::Error`) |
 //! | [`Unaligned`](Error::Unaligned) | `gva_read_u64`, `gva_write_u64` (as `Exit::Error`) |
-//! | [`WrongPagingMode`](Error::WrongPagingMode) | `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*` (on a VM without shadow paging); `access` (on one with it) |
+//! | [`WrongPagingMode`](Error::WrongPagingMode) | `set_paging`, `load_cr3`, `invlpg`, `flush_guest_tlb`, `gva_*` (on a VM without shadow paging); `access`, `create_run_loop_vcpu`, `handle_ept_violation`, `handle_ept_misconfig` (on one with it) |
 //!
 //! The differential tests (`tests/proptest_ops.rs`), the fuzz target (`fuzz/`) and
 //! `tests/errors.rs` check that each rejected call returns the variant the reference

@@ -21,8 +21,9 @@
 //! A vCPU may stay in guest mode for as long as it likes (a real one stays for
 //! milliseconds) provided the VM has a kick: without one the flusher waits until the vCPU
 //! leaves on its own, so a VM without a kick has only vCPUs that stay for one access.
-//! Leaving is a `Release` store that the flusher's `Acquire` load pairs with, so the
-//! vCPU's table reads happen before the tables are freed.
+//! Every store of the mode word is a `Release` store that the flusher's `Acquire` load
+//! pairs with, so the vCPU's table reads happen before the tables are freed, whichever
+//! later value of the word the flusher reads first (a later entry's included).
 //!
 //! The TLB is not flushed by this protocol: a pending [`REQ_TLB_FLUSH`] becomes an owed
 //! flush, which the entry reports (the INVEPT the embedder executes, `vm/run.rs`), and the
@@ -213,7 +214,10 @@ impl Cpu {
     #[inline]
     pub(crate) fn try_enter(&mut self) -> bool {
         debug_assert_eq!(self.guest, GuestState::Outside);
-        self.set_mode(IN_GUEST, Ordering::Relaxed);
+        // Release, not Relaxed: a flusher that waited on an earlier value of the word may
+        // read this one first, and must then see every table read made before it (a
+        // relaxed store would break that chain; found by tests/loom_kick.rs).
+        self.set_mode(IN_GUEST, Ordering::Release);
         light_fence();
         if self.shared.requests.load(Ordering::Relaxed) == 0 {
             self.guest = GuestState::InGuest;
@@ -256,7 +260,7 @@ impl Cpu {
     #[inline]
     pub(crate) fn begin_lockless(&mut self) {
         debug_assert_eq!(self.guest, GuestState::Outside);
-        self.set_mode(READING, Ordering::Relaxed);
+        self.set_mode(READING, Ordering::Release);
         light_fence();
     }
 
