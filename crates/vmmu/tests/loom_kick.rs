@@ -138,7 +138,12 @@ fn flush_and_free(sh: &Shared) {
 
 #[test]
 fn kicked_vcpu_leaves_guest_mode_and_flushes_before_reuse() {
-    loom::model(|| {
+    // Three preemptions cover every interleaving the properties need (the kick seen by
+    // either access, the flusher's load before, between or after the entry's stores) and
+    // keep a debug run, as CI does, to seconds.
+    let mut model = loom::model::Builder::new();
+    model.preemption_bound = Some(3);
+    model.check(|| {
         let sh = Arc::new(Shared {
             state: AtomicU64::new(OUTSIDE),
             requests: AtomicU32::new(0),
