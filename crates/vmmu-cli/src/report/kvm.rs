@@ -175,6 +175,12 @@ pub struct Outcome {
 
 /// Runs `exe kvm compare --json ...` and collects its records.
 pub fn run(exe: &Path, args: &[String]) -> Outcome {
+    run_child(exe, args, "vmmu kvm compare")
+}
+
+/// Runs `exe` with `args` (a `--json` command of this binary, named `what` in errors) and
+/// collects the records it prints; its last stderr line says why when it fails.
+pub fn run_child(exe: &Path, args: &[String], what: &str) -> Outcome {
     let out = match Command::new(exe)
         .args(args)
         .stdin(Stdio::null())
@@ -196,7 +202,7 @@ pub fn run(exe: &Path, args: &[String]) -> Outcome {
         let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
         let why = last.unwrap_or("no message").trim();
         let why = why.strip_prefix("vmmu: error: ").unwrap_or(why);
-        outcome.error = Some(format!("`vmmu kvm compare` failed ({}): {why}", out.status));
+        outcome.error = Some(format!("`{what}` failed ({}): {why}", out.status));
     }
     outcome
 }

@@ -5,9 +5,8 @@
 //! Where it cannot run (not Linux), the report says why.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 
-use super::kvm::{parse, Outcome};
+use super::kvm::Outcome;
 
 /// The scenario name of the records `vmmu migrate --json` prints.
 pub const NAME: &str = "migrate";
@@ -50,30 +49,7 @@ pub fn args(quick: bool, kvm: bool) -> Vec<String> {
 
 /// Runs `exe migrate --json ...` and collects its records.
 pub fn run(exe: &Path, args: &[String]) -> Outcome {
-    let out = match Command::new(exe)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-    {
-        Ok(out) => out,
-        Err(e) => {
-            return Outcome {
-                records: Vec::new(),
-                error: Some(format!("cannot run {}: {e}", exe.display())),
-            }
-        }
-    };
-    let mut outcome = parse(&String::from_utf8_lossy(&out.stdout));
-    if !out.status.success() {
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let last = stderr.lines().rev().find(|l| !l.trim().is_empty());
-        let why = last.unwrap_or("no message").trim();
-        let why = why.strip_prefix("vmmu: error: ").unwrap_or(why);
-        outcome.error = Some(format!("`vmmu migrate` failed ({}): {why}", out.status));
-    }
-    outcome
+    super::kvm::run_child(exe, args, "vmmu migrate")
 }
 
 #[cfg(test)]
