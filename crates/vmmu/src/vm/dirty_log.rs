@@ -335,7 +335,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
             scratch.or(k, dirty.clear_word(first_word + k, user));
         }
         let base = Gfn(s.base_gfn.0 + first_page);
-        Ok(self.protect_scratch(st, slot, base, nwords))
+        Ok(self.protect_scratch(st, slot, base, nwords).dirty_pages)
     }
 
     /// `KVM_GET_DIRTY_LOG` in the form a VMM uses it: the dirty pages of slot `slot` as
@@ -391,17 +391,7 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 wrprot: None,
             });
         }
-        let nr = st.scratch.nr();
-        let (removed, how) = {
-            let masks = st.scratch.masks(base, nwords);
-            st.mmu.write_protect_dirty(&st.slots, slot, &masks)
-        };
-        st.scratch.reset();
-        self.commit(st, removed);
-        Ok(HarvestReport {
-            dirty_pages: nr,
-            wrprot: how,
-        })
+        Ok(self.protect_scratch(st, slot, base, nwords))
     }
 
     /// `KVM_CLEAR_DIRTY_LOG` by page ranges (manual-protect mode): clear the pages of every
@@ -444,26 +434,30 @@ impl<H: HostMemory, A: TableAllocator> Vm<H, A> {
                 scratch.or(w as usize, dirty.clear_word(w as usize, user));
             }
         }
-        Ok(self.protect_scratch(st, slot, base, nwords))
+        Ok(self.protect_scratch(st, slot, base, nwords).dirty_pages)
     }
 
     /// Write-protect the pages gathered in the VM's scratch masks (slot `slot`, `nwords`
-    /// words from `base`), commit the flush and reset the scratch. Returns the pages.
+    /// words from `base`), commit the flush and reset the scratch. Returns the pages and
+    /// how they were protected.
     fn protect_scratch(
         &self,
         st: &mut super::VmState<A>,
         slot: u32,
         base: Gfn,
         nwords: usize,
-    ) -> u64 {
+    ) -> HarvestReport {
         let nr = st.scratch.nr();
-        let (removed, _) = {
+        let (removed, how) = {
             let masks = st.scratch.masks(base, nwords);
             st.mmu.write_protect_dirty(&st.slots, slot, &masks)
         };
         st.scratch.reset();
         self.commit(st, removed);
-        nr
+        HarvestReport {
+            dirty_pages: nr,
+            wrprot: how,
+        }
     }
 
     fn ring_of(&self, vcpu: u32) -> Result<Arc<DirtyRing>, Error> {
